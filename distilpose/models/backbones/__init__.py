@@ -1,0 +1,4 @@
+from .hrnet import HRNet
+from .stemnet import StemNet
+
+__all__ = ["HRNet", "StemNet"]

@@ -1,0 +1,163 @@
+"""Token-distilling Encoder (TDE): patch tokens + keypoint tokens through a pre-norm transformer."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+import distilpose_kernels as dk
+from distilpose_kernels import annotate
+
+POS_MODES = ("sine-full", "sine", "none")
+
+
+def sine_position_table(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """DETR-style 2-D sine table (1, grid_h*grid_w, dim): dim/2 y-features then dim/2 x-features."""
+    if dim % 4 != 0:
+        raise ValueError(f"dim: the sine table needs a multiple of 4, got {dim}")
+    half = dim // 2
+    scale, eps = 2 * math.pi, 1e-6
+    y = torch.arange(1, grid_h + 1, dtype=torch.float64).view(grid_h, 1).expand(grid_h, grid_w)
+    x = torch.arange(1, grid_w + 1, dtype=torch.float64).view(1, grid_w).expand(grid_h, grid_w)
+    y = y / (grid_h + eps) * scale
+    x = x / (grid_w + eps) * scale
+    i = torch.arange(half, dtype=torch.float64)
+    t = temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / half)
+
+    def feats(c: torch.Tensor) -> torch.Tensor:
+        p = c[..., None] / t  # (gh, gw, half)
+        return torch.stack((p[..., 0::2].sin(), p[..., 1::2].cos()), dim=-1).flatten(-2)
+
+    table = torch.cat((feats(y), feats(x)), dim=-1)  # (gh, gw, dim)
+    return table.reshape(1, grid_h * grid_w, dim).float()
+
+
+class TokenAttentionBlock(nn.Module):
+    """Multi-head self-attention on (N, L, C): qkv Linear (no bias) -> token_attention -> proj."""
+
+    def __init__(self, dim: int, num_heads: int, backend: Optional[str] = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads: {num_heads} does not divide dim {dim}")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = dk.token_attention(self.qkv(x), self.num_heads, self.scale, backend=self.backend)
+        return self.proj(out)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm layer: x = x + Attn(LN(x)); x = x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, attention_backend: Optional[str] = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = TokenAttentionBlock(dim, num_heads, attention_backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, mlp_dim)
+
+    @annotate("distilpose.tde.layer")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TokenDistillingEncoder(nn.Module):
+    """(N, C, H, W) feature map -> (keypoint tokens (N, K, D), visual tokens (N, P, D)).
+
+    Patchify into ``patch_size`` (ph, pw) patches flattened in (row, col, channel) order,
+    Linear to D, prepend K learnable keypoint tokens, add the fixed sine table to the
+    visual tokens (again before every layer after the first in "sine-full" mode), then
+    ``depth`` pre-norm transformer layers.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        feature_size: Tuple[int, int] = (64, 48),
+        patch_size: Tuple[int, int] = (4, 3),
+        num_keypoints: int = 17,
+        dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 8,
+        mlp_dim: int = 576,
+        pos_mode: str = "sine-full",
+        attention_backend: Optional[str] = None,
+    ):
+        super().__init__()
+        if pos_mode not in POS_MODES:
+            raise ValueError(f"pos_mode: expected one of {POS_MODES}, got {pos_mode!r}")
+        fh, fw = feature_size
+        ph, pw = patch_size
+        if fh % ph or fw % pw:
+            raise ValueError(f"feature_size {feature_size} is not divisible by patch_size {patch_size}")
+        self.in_channels = in_channels
+        self.feature_size = (fh, fw)
+        self.patch_size = (ph, pw)
+        self.grid = (fh // ph, fw // pw)
+        self.num_keypoints = num_keypoints
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.dim = dim
+        self.pos_mode = pos_mode
+        self.patch_embed = nn.Linear(ph * pw * in_channels, dim)
+        self.keypoint_token = nn.Parameter(torch.zeros(1, num_keypoints, dim))
+        self.register_buffer("pos_embedding", sine_position_table(self.grid[0], self.grid[1], dim))
+        self.layers = nn.ModuleList(
+            TransformerLayer(dim, num_heads, mlp_dim, attention_backend) for _ in range(depth)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.keypoint_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def patchify(self, feat: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, P, ph*pw*C), patches row-major, values in (row, col, channel) order."""
+        n, c, h, w = feat.shape
+        ph, pw = self.patch_size
+        gh, gw = self.grid
+        x = feat.reshape(n, c, gh, ph, gw, pw).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(n, gh * gw, ph * pw * c)
+
+    @annotate("distilpose.tde")
+    def forward(self, feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if feat.dim() != 4 or tuple(feat.shape[1:]) != (self.in_channels, *self.feature_size):
+            raise ValueError(
+                f"feat: expected (N, {self.in_channels}, {self.feature_size[0]}, {self.feature_size[1]}), "
+                f"got {tuple(feat.shape)}"
+            )
+        k = self.num_keypoints
+        vis = self.patch_embed(self.patchify(feat))
+        pos = self.pos_embedding.to(vis.dtype)
+        if self.pos_mode != "none":
+            vis = vis + pos
+        x = torch.cat((self.keypoint_token.expand(vis.shape[0], -1, -1).to(vis.dtype), vis), dim=1)
+        for i, layer in enumerate(self.layers):
+            if i > 0 and self.pos_mode == "sine-full":
+                x = torch.cat((x[:, :k], x[:, k:] + pos), dim=1)
+            x = layer(x)
+        return x[:, :k], x[:, k:]

@@ -1,0 +1,49 @@
+"""distilpose_kernels: fused ops for pose estimation (token attention, simulated heatmaps, decoding).
+
+Importing this package never imports Triton, never queries a GPU and never loads the
+compiled extension: every public op is resolved lazily on first attribute access.
+It does not depend on the `distilpose` model package.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_LAZY = {
+    "token_attention": "attention",
+    "token_attention_reference": "attention",
+    "TokenAttention": "attention",
+    "simulated_heatmap_loss": "heatmap",
+    "simulated_heatmap_loss_reference": "heatmap",
+    "reg2hm_loss_reference": "heatmap",
+    "score_loss_reference": "heatmap",
+    "joint_mse_loss": "heatmap",
+    "render_gaussian_heatmaps": "heatmap",
+    "gaussian_heatmap_targets": "heatmap",
+    "SimulatedHeatmapLoss": "heatmap",
+    "soft_argmax": "decode",
+    "decode_heatmaps": "decode",
+    "info": "info",
+    "annotate": "_utils",
+    "force_reference": "_utils",
+    "FORCE_REFERENCE_ENV": "_utils",
+    "NVTX_ENV": "_utils",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'distilpose_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

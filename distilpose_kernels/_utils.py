@@ -1,0 +1,153 @@
+"""Shared plumbing for the op library: backend selection, input checks, NVTX.
+
+Nothing here touches the GPU or imports Triton at import time.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Callable, Iterable, Optional, Sequence, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable)
+
+#: Set to 1 to make every op use its pure-PyTorch reference, on any device.
+FORCE_REFERENCE_ENV = "DISTILPOSE_FORCE_REFERENCE"
+#: Set to 1 (before import) to wrap ops and model stages in NVTX ranges.
+NVTX_ENV = "DISTILPOSE_NVTX"
+
+BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def force_reference() -> bool:
+    """True when DISTILPOSE_FORCE_REFERENCE asks for the reference paths (read per call)."""
+    return _env_flag(FORCE_REFERENCE_ENV)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether `import triton` would work (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
+    return _env_flag("TRITON_INTERPRET")
+
+
+def select_triton_backend(op: str, tensors: Sequence[torch.Tensor], backend: Optional[str]) -> str:
+    """Resolve ``backend`` to "triton" or "reference" for a Triton-backed op.
+
+    ``None``/"auto": Triton when every tensor is on CUDA, Triton is installed and
+    the force-reference variable is unset; otherwise the reference.
+    "triton": always the Triton kernel (on CPU tensors only under TRITON_INTERPRET=1).
+    """
+    backend = "auto" if backend is None else backend
+    if backend not in ("auto", "reference", "triton"):
+        raise ValueError(f"{op}: backend must be 'auto', 'reference' or 'triton', got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}: backend='triton' requested but Triton is not installed")
+        if any(t.device.type != "cuda" for t in tensors) and not triton_interpret():
+            raise RuntimeError(
+                f"{op}: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before the "
+                "kernels are first used"
+            )
+        return "triton"
+    if force_reference() or not triton_available():
+        return "reference"
+    if all(t.device.type == "cuda" for t in tensors):
+        return "triton"
+    return "reference"
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: Optional[int] = None,
+    shape: Optional[Sequence[Optional[int]]] = None,
+    floating: bool = False,
+    dtypes: Optional[Iterable[torch.dtype]] = None,
+    device: Optional[torch.device] = None,
+    finite: bool = False,
+) -> torch.Tensor:
+    """Validate one argument and raise a clear error naming it.
+
+    ``shape`` entries of ``None`` match any size. ``device`` must match exactly
+    (type and index). ``finite`` rejects NaN/inf (costs a reduction: use it only
+    where the NaN policy says so).
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+    if finite and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or inf")
+    return t
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    """All named tensors must share one device; returns it."""
+    items = list(tensors.items())
+    dev = items[0][1].device
+    for n, t in items[1:]:
+        if t.device != dev:
+            raise ValueError(f"{n}: expected a tensor on {dev} (like {items[0][0]}), got one on {t.device}")
+    return dev
+
+
+# ----------------------------------------------------------------------------- NVTX
+
+
+def nvtx_enabled() -> bool:
+    return _env_flag(NVTX_ENV)
+
+
+def annotate(name: str) -> Callable[[F], F]:
+    """Decorator: wrap ``fn`` in an NVTX range named ``name`` when DISTILPOSE_NVTX=1.
+
+    Evaluated once, at decoration time: when NVTX is off the function is returned
+    unchanged, so the off path costs nothing (no extra Python call).
+    """
+
+    def deco(fn: F) -> F:
+        if not nvtx_enabled():
+            return fn
+        try:
+            import nvtx  # type: ignore
+        except ImportError:  # pragma: no cover - nvtx is a declared dependency
+            return fn
+
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            with nvtx.annotate(name, domain="distilpose"):
+                return fn(*args, **kwargs)
+
+        wrapped.__nvtx_name__ = name  # type: ignore[attr-defined]
+        return wrapped  # type: ignore[return-value]
+
+    return deco
