@@ -10,6 +10,12 @@ from .heads import HeatmapHead, RegressionHead
 from .tde import TokenDistillingEncoder
 
 
+def _tracing() -> bool:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or getattr(torch.compiler, "is_exporting", bool)():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class TokenPoseModel(nn.Module):
     """Backbone + Token-distilling Encoder + head.
 
@@ -36,6 +42,9 @@ class TokenPoseModel(nn.Module):
         self.num_keypoints = tde.num_keypoints
         self.name = name
         self.kind = "teacher" if isinstance(head, HeatmapHead) else "student"
+        #: Reject NaN/inf inputs with a clear error (one reduction per forward; skipped while
+        #: compiling, exporting or capturing a CUDA graph). Speed-critical callers may turn it off.
+        self.check_finite = True
 
     def check_input(self, img: torch.Tensor) -> None:
         if not isinstance(img, torch.Tensor):
@@ -47,6 +56,8 @@ class TokenPoseModel(nn.Module):
             )
         if not img.is_floating_point():
             raise TypeError(f"img: expected a floating-point tensor (normalised crops), got {img.dtype}")
+        if self.check_finite and not _tracing() and not bool(torch.isfinite(img).all()):
+            raise ValueError("img: contains NaN or inf (set model.check_finite = False to skip this check)")
 
     def forward(self, img: torch.Tensor) -> Dict[str, torch.Tensor]:
         self.check_input(img)

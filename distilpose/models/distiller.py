@@ -1,0 +1,136 @@
+"""Distiller: a regression student trained from a frozen heatmap teacher (the spec's five losses)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+import distilpose_kernels as dk
+
+from ..losses import keypoint_regression_loss, token_mse_loss
+from .pose import TokenPoseModel
+
+PARTS = ("token", "reg2hm", "score")
+
+
+@dataclass
+class LossWeights:
+    """Loss weights as released (spec, 'Losses of the student')."""
+
+    kpt: float = 1.0
+    vis_token: float = 0.0005
+    kpt_token: float = 0.0005
+    reg2hm: float = 1.0
+    score: float = 0.01
+
+
+class Distiller(nn.Module):
+    """Student + frozen teacher. ``forward(batch)`` returns the dict of weighted loss terms.
+
+    The teacher is held outside the module tree: it is not in ``parameters()`` or
+    ``state_dict()``, always stays in eval mode, and runs under ``torch.no_grad()``.
+    ``disable`` switches parts off: "token" (both token MSEs), "reg2hm", "score".
+    Without a teacher only the keypoint regression term is computed.
+    """
+
+    def __init__(
+        self,
+        student: TokenPoseModel,
+        teacher: Optional[TokenPoseModel] = None,
+        weights: Optional[LossWeights] = None,
+        reg2hm_mode: str = "released",
+        disable: Iterable[str] = (),
+        loss_backend: Optional[str] = None,
+    ):
+        super().__init__()
+        if getattr(student, "kind", None) != "student":
+            raise ValueError("student: expected a regression model (kind 'student')")
+        if teacher is not None and getattr(teacher, "kind", None) != "teacher":
+            raise ValueError("teacher: expected a heatmap model (kind 'teacher')")
+        disable = set(disable)
+        unknown = disable - set(PARTS)
+        if unknown:
+            raise ValueError(f"disable: unknown parts {sorted(unknown)}; choose from {PARTS}")
+        if reg2hm_mode not in ("released", "per_sample"):
+            raise ValueError(f"reg2hm_mode: expected 'released' or 'per_sample', got {reg2hm_mode!r}")
+        self.student = student
+        self.weights = weights or LossWeights()
+        self.reg2hm_mode = reg2hm_mode
+        self.disable = disable
+        self.loss_backend = loss_backend
+        self.set_teacher(teacher)
+
+    # -- teacher handling: outside the module tree, frozen, eval mode
+    def set_teacher(self, teacher: Optional[TokenPoseModel]) -> None:
+        if teacher is not None:
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            if teacher.num_keypoints != self.student.num_keypoints:
+                raise ValueError("teacher: keypoint count differs from the student's")
+        self.__dict__["_teacher"] = teacher  # bypass nn.Module registration on purpose
+
+    @property
+    def teacher(self) -> Optional[TokenPoseModel]:
+        return self.__dict__["_teacher"]
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.teacher is not None:
+            self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def active_weights(self) -> Dict[str, float]:
+        w = asdict(self.weights)
+        if self.teacher is None:
+            return {"kpt": w["kpt"]}
+        if "token" in self.disable:
+            w["vis_token"] = w["kpt_token"] = 0.0
+        if "reg2hm" in self.disable:
+            w["reg2hm"] = 0.0
+        if "score" in self.disable:
+            w["score"] = 0.0
+        return {k: v for k, v in w.items() if v != 0.0}
+
+    def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        img = batch["img"]
+        out = self.student(img)
+        w = self.active_weights()
+        losses: Dict[str, torch.Tensor] = {}
+        losses["loss_kpt"] = w.get("kpt", 0.0) * keypoint_regression_loss(
+            out["coords"], batch["target_coords"], batch["target_weight"]
+        )
+        if self.teacher is not None and len(w) > 1:
+            with torch.no_grad():
+                t = self.teacher(img)
+            if "vis_token" in w:
+                losses["loss_vis_token"] = w["vis_token"] * token_mse_loss(out["vis_tokens"], t["vis_tokens"])
+            if "kpt_token" in w:
+                losses["loss_kpt_token"] = w["kpt_token"] * token_mse_loss(out["kpt_tokens"], t["kpt_tokens"])
+            if "reg2hm" in w or "score" in w:
+                reg2hm, score = dk.simulated_heatmap_loss(
+                    out["coords"],
+                    out["sigma"],
+                    out["score"],
+                    t["heatmaps"],
+                    batch["target_weight"],
+                    mode=self.reg2hm_mode,
+                    backend=self.loss_backend,
+                )
+                if "reg2hm" in w:
+                    losses["loss_reg2hm"] = w["reg2hm"] * reg2hm
+                if "score" in w:
+                    losses["loss_score"] = w["score"] * score
+        losses["loss"] = torch.stack(list(losses.values())).sum()
+        return losses
+
+    def parameters_student(self) -> Iterator[nn.Parameter]:
+        return self.student.parameters()

@@ -1,0 +1,88 @@
+"""Distiller: frozen teacher outside the student's parameters, the five weighted terms, switches."""
+import pytest
+import torch
+
+from distilpose.losses import keypoint_regression_loss, token_mse_loss
+from distilpose.models import build_model
+from distilpose.models.distiller import Distiller, LossWeights
+import distilpose_kernels as dk
+
+
+def _batch(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "img": torch.randn(n, 3, 256, 192, generator=g),
+        "target_coords": torch.rand(n, 17, 2, generator=g),
+        "target_weight": (torch.rand(n, 17, 1, generator=g) > 0.3).float(),
+    }
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    return build_model("distilpose_tiny"), build_model("tokenpose_tiny")
+
+
+def test_teacher_outside_parameters_and_state_dict(pair):
+    student, teacher = pair
+    d = Distiller(student, teacher)
+    assert {id(p) for p in d.parameters()} == {id(p) for p in student.parameters()}
+    assert all(k.startswith("student.") for k in d.state_dict())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    d.train()
+    assert student.training and not teacher.training
+
+
+def test_weighted_terms_match_spec_and_gradients(pair):
+    student, teacher = pair
+    d = Distiller(student, teacher).train()
+    batch = _batch()
+    student.zero_grad(set_to_none=True)
+    losses = d(batch)
+    assert set(losses) == {"loss", "loss_kpt", "loss_vis_token", "loss_kpt_token", "loss_reg2hm", "loss_score"}
+    # recompute every term independently from the two models' outputs
+    with torch.no_grad():
+        s = student(batch["img"])
+        t = teacher(batch["img"])
+    w = LossWeights()
+    assert w == LossWeights(kpt=1.0, vis_token=0.0005, kpt_token=0.0005, reg2hm=1.0, score=0.01)
+    reg, sc = dk.simulated_heatmap_loss_reference(s["coords"], s["sigma"], s["score"], t["heatmaps"], batch["target_weight"])
+    expect = {
+        "loss_kpt": keypoint_regression_loss(s["coords"], batch["target_coords"], batch["target_weight"]),
+        "loss_vis_token": 0.0005 * token_mse_loss(s["vis_tokens"], t["vis_tokens"]),
+        "loss_kpt_token": 0.0005 * token_mse_loss(s["kpt_tokens"], t["kpt_tokens"]),
+        "loss_reg2hm": reg,
+        "loss_score": 0.01 * sc,
+    }
+    for k, v in expect.items():
+        torch.testing.assert_close(losses[k].detach(), v, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(losses["loss"].detach(), sum(expect.values()), rtol=1e-4, atol=1e-7)
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize(
+    "disable, gone",
+    [
+        ({"token"}, {"loss_vis_token", "loss_kpt_token"}),
+        ({"reg2hm"}, {"loss_reg2hm"}),
+        ({"score"}, {"loss_score"}),
+        ({"token", "reg2hm", "score"}, {"loss_vis_token", "loss_kpt_token", "loss_reg2hm", "loss_score"}),
+    ],
+)
+def test_switches(pair, disable, gone):
+    student, teacher = pair
+    losses = Distiller(student, teacher, disable=disable)(_batch(1))
+    full = {"loss", "loss_kpt", "loss_vis_token", "loss_kpt_token", "loss_reg2hm", "loss_score"}
+    assert set(losses) == full - gone
+
+
+def test_bad_arguments(pair):
+    student, teacher = pair
+    with pytest.raises(ValueError, match="disable"):
+        Distiller(student, teacher, disable={"tokens"})
+    with pytest.raises(ValueError, match="student"):
+        Distiller(teacher, student)
+    with pytest.raises(ValueError, match="reg2hm_mode"):
+        Distiller(student, teacher, reg2hm_mode="mean")
