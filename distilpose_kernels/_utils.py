@@ -30,10 +30,21 @@ def force_reference() -> bool:
     return _env_flag(FORCE_REFERENCE_ENV)
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_FOUND: Optional[bool] = None
+
+
 def triton_available() -> bool:
-    """Whether `import triton` would work (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether `import triton` would work (checked once, without importing it).
+
+    A plain cached global rather than lru_cache, so torch.compile reads a constant.
+    """
+    global _TRITON_FOUND
+    if _TRITON_FOUND is None:
+        try:
+            _TRITON_FOUND = importlib.util.find_spec("triton") is not None
+        except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None to disable it
+            _TRITON_FOUND = False
+    return _TRITON_FOUND
 
 
 def triton_interpret() -> bool:

@@ -1,19 +1,54 @@
 """Token attention for the Token-distilling Encoder: softmax(q k^T * scale) v on a packed qkv.
 
-(Foundation: pure-PyTorch reference only; the fused Triton path lands with the attention issue.)
+Public API
+- ``token_attention(qkv, num_heads, scale=None, backend=None)``: (N, L, 3C) -> (N, L, C).
+- ``token_attention_reference``: the original two-einsum formulation (pure PyTorch).
+- ``TokenAttention``: drop-in multi-head self-attention module (qkv Linear -> op -> proj).
+- ``add_pos_layernorm(x, pos, weight, bias, eps=1e-5, backend=None)``: the TDE's
+  "sine-full" step fused: x_out = x with ``pos`` added to its last P tokens, y = LayerNorm(x_out).
+
+Backends: "auto"/None picks the Triton kernels for CUDA tensors when Triton is installed
+(and DISTILPOSE_FORCE_REFERENCE is unset), else the reference; "triton" forces the kernels
+(CPU tensors need TRITON_INTERPRET=1); "reference" forces PyTorch.
+
+The Triton path goes through ``torch.library`` custom ops (namespace ``distilpose``) with
+fake kernels and registered autograd, so ``torch.compile(fullgraph=True)`` traces through:
+- ``distilpose::token_attention_fwd(qkv, num_heads, scale) -> (out, lse)``
+- ``distilpose::token_attention_bwd(dout, dlse?, qkv, out, lse, num_heads, scale) -> dqkv``
+- ``distilpose::add_pos_layernorm_fwd(x, pos, weight?, bias?, eps) -> (x_out, y, mean, rstd)``
+- ``distilpose::add_pos_layernorm_bwd(dx_out?, dy, x_out, weight?, mean, rstd) -> (dx, dw, db)``
+
+NaN policy: no input scan (it would cost a full read); NaN/inf in the inputs propagate to
+the outputs of the rows/heads they touch, as in ``F.scaled_dot_product_attention``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from ._utils import annotate, check_tensor
+from ._utils import annotate, check_same_device, check_tensor, select_triton_backend
+
+#: dtypes the Triton kernels accept (the reference accepts any floating dtype).
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: largest head dim the Triton kernels accept (BLOCK_D = next power of two, at most 256).
+TRITON_MAX_HEAD_DIM = 256
+
+
+def _triton_module():
+    from . import attention_triton  # imported only on the Triton path
+
+    return attention_triton
+
+
+# ============================================================================ checks
 
 
 def _check_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[int, int]:
     check_tensor("qkv", qkv, ndim=3, floating=True)
-    if not isinstance(num_heads, int) or num_heads <= 0:
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
         raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
     three_c = qkv.shape[-1]
     if three_c % 3 != 0:
@@ -22,6 +57,18 @@ def _check_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[int, int]:
     if c % num_heads != 0:
         raise ValueError(f"num_heads: {num_heads} does not divide the width C={c} of q/k/v")
     return c, c // num_heads
+
+
+def _triton_supports(dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """None when the Triton kernels accept this input, else the reason."""
+    if dtype not in TRITON_DTYPES:
+        return f"dtype {dtype} (the Triton kernels take float32, float16 or bfloat16)"
+    if head_dim > TRITON_MAX_HEAD_DIM:
+        return f"head dim {head_dim} (the Triton kernels take at most {TRITON_MAX_HEAD_DIM})"
+    return None
+
+
+# ============================================================================ reference
 
 
 def token_attention_reference(qkv: torch.Tensor, num_heads: int, scale: Optional[float] = None) -> torch.Tensor:
@@ -33,18 +80,266 @@ def token_attention_reference(qkv: torch.Tensor, num_heads: int, scale: Optional
     c, d = _check_qkv(qkv, num_heads)
     n, l, _ = qkv.shape
     scale = d ** -0.5 if scale is None else scale
-    q, k, v = qkv.view(n, l, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = qkv.reshape(n, l, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
     attn = torch.einsum("bhid,bhjd->bhij", q, k) * scale
     attn = attn.softmax(dim=-1)
     out = torch.einsum("bhij,bhjd->bhid", attn, v)
     return out.transpose(1, 2).reshape(n, l, c)
 
 
+# ============================================================================ custom ops (Triton path)
+
+
+@torch.library.custom_op("distilpose::token_attention_fwd", mutates_args=())
+def _token_attention_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: (out (N, L, C), lse (N, H, L) float32, natural log)."""
+    return _triton_module().attention_forward(qkv, num_heads, scale)
+
+
+@_token_attention_fwd.register_fake
+def _(qkv, num_heads, scale):
+    n, l, three_c = qkv.shape
+    out = qkv.new_empty((n, l, three_c // 3))
+    lse = qkv.new_empty((n, num_heads, l), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("distilpose::token_attention_bwd", mutates_args=())
+def _token_attention_bwd(
+    dout: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    num_heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """Fused backward, recomputing the probabilities from lse: dqkv (N, L, 3C) packed like qkv."""
+    return _triton_module().attention_backward(dout, dlse, qkv, out, lse, num_heads, scale)
+
+
+@_token_attention_bwd.register_fake
+def _(dout, dlse, qkv, out, lse, num_heads, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _attn_setup_context(ctx, inputs, output):
+    qkv, num_heads, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.num_heads = num_heads
+    ctx.scale = scale
+
+
+def _attn_backward(ctx, dout, dlse):
+    qkv, out, lse = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dqkv = _token_attention_bwd(dout.to(qkv.dtype), dlse, qkv, out, lse, ctx.num_heads, ctx.scale)
+    return dqkv, None, None
+
+
+_token_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
+
+
+# ============================================================================ public op
+
+
 @annotate("distilpose.token_attention")
 def token_attention(
     qkv: torch.Tensor, num_heads: int, scale: Optional[float] = None, backend: Optional[str] = None
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v over a packed qkv (N, L, 3*C) -> (N, L, C)."""
-    if backend not in (None, "auto", "reference"):
-        raise ValueError(f"token_attention: backend {backend!r} is not available yet")
-    return token_attention_reference(qkv, num_heads, scale)
+    """softmax(q k^T * scale) v over a packed qkv, heads merged.
+
+    qkv: (N, L, 3*C) [q | k | v] as the qkv Linear produces it (any strides), C = num_heads * D.
+    scale: default D ** -0.5. backend: None/"auto", "triton" or "reference".
+    Returns (N, L, C) in qkv's dtype (fp32 accumulation inside the kernels).
+    """
+    c, d = _check_qkv(qkv, num_heads)
+    scale = float(d ** -0.5 if scale is None else scale)
+    which = select_triton_backend("token_attention", (qkv,), backend)
+    if which == "triton":
+        why = _triton_supports(qkv.dtype, d)
+        if why is not None:
+            if backend == "triton":
+                raise TypeError(f"qkv: backend='triton' does not support {why}; use backend='reference'")
+            which = "reference"
+    if which == "reference":
+        return token_attention_reference(qkv, num_heads, scale)
+    return _token_attention_fwd(qkv, num_heads, scale)[0]
+
+
+class TokenAttention(nn.Module):
+    """Drop-in multi-head self-attention on tokens: qkv Linear -> token_attention -> proj Linear.
+
+    x: (N, L, dim) -> (N, L, dim). Parameter names (``qkv``, ``proj``) match the TDE's
+    attention block and timm's ViT ``Attention``, so state dicts load into either.
+    No attention-probability dropout (the fused kernel never materialises the probabilities);
+    ``proj_drop`` applies to the output.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        scale: Optional[float] = None,
+        proj_drop: float = 0.0,
+        backend: Optional[str] = None,
+    ):
+        super().__init__()
+        if num_heads <= 0 or dim % num_heads:
+            raise ValueError(f"num_heads: {num_heads} does not divide dim {dim}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5 if scale is None else float(scale)
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x, ndim=3, floating=True)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected last dim {self.dim}, got shape {tuple(x.shape)}")
+        if x.device != self.qkv.weight.device:
+            raise ValueError(f"x: expected a tensor on {self.qkv.weight.device} (the module's device), got {x.device}")
+        out = token_attention(self.qkv(x), self.num_heads, self.scale, backend=self.backend)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"
+
+
+# ============================================================================ add position + LayerNorm
+
+
+def _check_apln(x, pos, weight, bias) -> Tuple[int, int, int, int]:
+    check_tensor("x", x, ndim=3, floating=True)
+    n, l, c = x.shape
+    check_tensor("pos", pos, floating=True)
+    if pos.dim() == 3:
+        if pos.shape[0] != 1:
+            raise ValueError(f"pos: expected (P, C) or (1, P, C), got {tuple(pos.shape)}")
+    elif pos.dim() != 2:
+        raise ValueError(f"pos: expected (P, C) or (1, P, C), got {tuple(pos.shape)}")
+    p = pos.shape[-2]
+    if pos.shape[-1] != c or p > l:
+        raise ValueError(f"pos: expected (P, {c}) with P <= L={l}, got {tuple(pos.shape)}")
+    tensors = {"x": x, "pos": pos}
+    if weight is not None:
+        check_tensor("weight", weight, shape=(c,), floating=True)
+        tensors["weight"] = weight
+    if bias is not None:
+        check_tensor("bias", bias, shape=(c,), floating=True)
+        tensors["bias"] = bias
+    check_same_device(**tensors)
+    return n, l, c, p
+
+
+def add_pos_layernorm_reference(
+    x: torch.Tensor,
+    pos: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float = 1e-5,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pure PyTorch: x_out = cat(x[:, :L-P], x[:, L-P:] + pos); y = LayerNorm(x_out)."""
+    n, l, c, p = _check_apln(x, pos, weight, bias)
+    k = l - p
+    x_out = torch.cat((x[:, :k], x[:, k:] + pos.reshape(1, p, c).to(x.dtype)), dim=1)
+    return x_out, F.layer_norm(x_out, (c,), weight, bias, eps)
+
+
+@torch.library.custom_op("distilpose::add_pos_layernorm_fwd", mutates_args=())
+def _apln_fwd(
+    x: torch.Tensor, pos: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_out, y, mean (N*L,) fp32, rstd (N*L,) fp32)."""
+    return _triton_module().add_pos_layernorm_forward(x, pos, weight, bias, eps)
+
+
+@_apln_fwd.register_fake
+def _(x, pos, weight, bias, eps):
+    n, l, c = x.shape
+    stat = x.new_empty((n * l,), dtype=torch.float32)
+    return x.new_empty((n, l, c)), x.new_empty((n, l, c)), stat, stat.new_empty((n * l,))
+
+
+@torch.library.custom_op("distilpose::add_pos_layernorm_bwd", mutates_args=())
+def _apln_bwd(
+    dx_out: Optional[torch.Tensor],
+    dy: torch.Tensor,
+    x_out: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx (N, L, C), dweight (C,) fp32, dbias (C,) fp32)."""
+    return _triton_module().add_pos_layernorm_backward(dx_out, dy, x_out, weight, mean, rstd)
+
+
+@_apln_bwd.register_fake
+def _(dx_out, dy, x_out, weight, mean, rstd):
+    c = x_out.shape[-1]
+    return x_out.new_empty(x_out.shape), x_out.new_empty((c,), dtype=torch.float32), x_out.new_empty((c,), dtype=torch.float32)
+
+
+def _apln_setup_context(ctx, inputs, output):
+    x, pos, weight, bias, eps = inputs
+    x_out, y, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x_out, weight, mean, rstd)
+    ctx.pos_shape = pos.shape
+    ctx.pos_dtype = pos.dtype
+    ctx.has_weight = weight is not None
+    ctx.has_bias = bias is not None
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _apln_backward(ctx, dx_out, dy, dmean, drstd):
+    x_out, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x_out)
+    dx, dw, db = _apln_bwd(dx_out, dy, x_out, weight, mean, rstd)
+    dpos = None
+    if ctx.needs_input_grad[1]:
+        p = ctx.pos_shape[-2]
+        dpos = dx[:, x_out.shape[1] - p:].sum(0, dtype=torch.float32).reshape(ctx.pos_shape).to(ctx.pos_dtype)
+    dweight = dw.to(ctx.weight_dtype) if ctx.has_weight and ctx.needs_input_grad[2] else None
+    dbias = db.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return dx, dpos, dweight, dbias, None
+
+
+_apln_fwd.register_autograd(_apln_backward, setup_context=_apln_setup_context)
+
+
+@annotate("distilpose.add_pos_layernorm")
+def add_pos_layernorm(
+    x: torch.Tensor,
+    pos: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused "add position table to the trailing tokens, then LayerNorm".
+
+    x: (N, L, C); pos: (P, C) or (1, P, C), P <= L, added to tokens L-P..L-1 (the visual
+    tokens after the K = L-P keypoint tokens); weight, bias: (C,) or None.
+    Returns (x_out (N, L, C): the residual stream with the table added, y = LayerNorm(x_out)),
+    both in x's dtype; statistics in float32. Gradients flow to x, pos, weight and bias.
+    """
+    _, _, c, _ = _check_apln(x, pos, weight, bias)
+    tensors = [t for t in (x, pos, weight, bias) if t is not None]
+    which = select_triton_backend("add_pos_layernorm", tensors, backend)
+    if which == "triton" and x.dtype not in TRITON_DTYPES:
+        if backend == "triton":
+            raise TypeError(f"x: backend='triton' does not support dtype {x.dtype}; use backend='reference'")
+        which = "reference"
+    if which == "reference":
+        return add_pos_layernorm_reference(x, pos, weight, bias, eps)
+    x_out, y, _, _ = _apln_fwd(x, pos, weight, bias, float(eps))
+    return x_out, y

@@ -147,3 +147,15 @@ def test_unknown_preset_and_bad_options():
         build_model("nope")
     with pytest.raises(ValueError, match="pos_mode"):
         build_model("distilpose_tiny", tde=dict(pos_mode="learned"))
+
+
+def test_fused_pos_norm_option_gives_the_same_encoder_output():
+    torch.manual_seed(2)
+    a = build_model("distilpose_tiny").eval()
+    b = build_model("distilpose_tiny", tde=dict(fuse_pos_norm=True)).eval()
+    b.load_state_dict(a.state_dict())
+    img = torch.randn(1, 3, 256, 192)
+    with torch.no_grad():
+        oa, ob = a(img), b(img)
+    for k in ("coords", "vis_tokens", "kpt_tokens"):
+        torch.testing.assert_close(oa[k], ob[k], rtol=1e-5, atol=1e-5)

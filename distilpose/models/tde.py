@@ -74,8 +74,13 @@ class TransformerLayer(nn.Module):
         self.mlp = Mlp(dim, mlp_dim)
 
     @annotate("distilpose.tde.layer")
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``pos`` (1, P, C), when given, is first added to the last P tokens (fused with norm1)."""
+        if pos is not None:
+            x, h = dk.add_pos_layernorm(x, pos, self.norm1.weight, self.norm1.bias, self.norm1.eps, backend=self.attn.backend)
+        else:
+            h = self.norm1(x)
+        x = x + self.attn(h)
         return x + self.mlp(self.norm2(x))
 
 
@@ -100,6 +105,7 @@ class TokenDistillingEncoder(nn.Module):
         mlp_dim: int = 576,
         pos_mode: str = "sine-full",
         attention_backend: Optional[str] = None,
+        fuse_pos_norm: bool = False,
     ):
         super().__init__()
         if pos_mode not in POS_MODES:
@@ -116,6 +122,9 @@ class TokenDistillingEncoder(nn.Module):
         self.num_patches = self.grid[0] * self.grid[1]
         self.dim = dim
         self.pos_mode = pos_mode
+        #: Use the fused "add position + LayerNorm" op for the sine-full re-adding (off by
+        #: default until a GPU measurement shows it pays; same result either way).
+        self.fuse_pos_norm = fuse_pos_norm
         self.patch_embed = nn.Linear(ph * pw * in_channels, dim)
         self.keypoint_token = nn.Parameter(torch.zeros(1, num_keypoints, dim))
         self.register_buffer("pos_embedding", sine_position_table(self.grid[0], self.grid[1], dim))
@@ -158,6 +167,9 @@ class TokenDistillingEncoder(nn.Module):
         x = torch.cat((self.keypoint_token.expand(vis.shape[0], -1, -1).to(vis.dtype), vis), dim=1)
         for i, layer in enumerate(self.layers):
             if i > 0 and self.pos_mode == "sine-full":
+                if self.fuse_pos_norm:
+                    x = layer(x, pos)
+                    continue
                 x = torch.cat((x[:, :k], x[:, k:] + pos), dim=1)
             x = layer(x)
         return x[:, :k], x[:, k:]

@@ -1,0 +1,196 @@
+"""Token attention benchmarks: fused Triton op vs eager einsum vs SDPA backends vs torch.compile.
+
+The TDE's shape: L = 273 tokens (17 keypoint + 256 visual), H = 8 heads, D = 24.
+Every implementation takes the packed qkv (N, L, 3C) and returns (N, L, C) heads merged,
+i.e. the rearranges a drop-in user would need are inside the timed region.
+
+FLOPs follow FlashAttention's convention: forward 4*N*H*L^2*D, forward+backward 3.5x that.
+Bytes are the unavoidable HBM traffic: forward reads qkv and writes out; the backward reads
+qkv, out and dout and writes dqkv.
+
+    pytest bench/bench_attention.py --benchmark-only --benchmark-json bench/results/attention-<gpu>.json
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distilpose_kernels as dk
+from benchutils import run_benchmark, synchronize
+
+L, H, D = 273, 8, 24
+C = H * D
+BATCHES = [1, 32, 64, 256]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ["fwd", "fwdbwd"]
+SDPA = ["flash", "efficient", "math", "cudnn"]
+
+
+def attention_flops(n: int, L: int, h: int, d: int, mode: str) -> float:
+    f = 4.0 * n * h * L * L * d
+    return f if mode == "fwd" else 3.5 * f
+
+
+def attention_bytes(n: int, L: int, c: int, elt: int, mode: str) -> float:
+    fwd = n * L * (3 * c + c) * elt
+    return fwd if mode == "fwd" else fwd + n * L * (3 * c + c + c + 3 * c) * elt
+
+
+# ----------------------------------------------------------------------------- implementations
+
+
+def _sdpa_fn(backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    which = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }[backend]
+
+    def fn(qkv: torch.Tensor) -> torch.Tensor:
+        n, l, _ = qkv.shape
+        q, k, v = qkv.view(n, l, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        with sdpa_kernel([which]):
+            out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(n, l, C)
+
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference():
+    return torch.compile(dk.token_attention_reference, dynamic=False)
+
+
+def _impl(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name == "fused":
+        return lambda qkv: dk.token_attention(qkv, H, backend="triton")
+    if name == "eager":
+        return lambda qkv: dk.token_attention_reference(qkv, H)
+    if name == "compile":
+        return lambda qkv: _compiled_reference()(qkv, H)
+    if name.startswith("sdpa_"):
+        return _sdpa_fn(name[5:])
+    raise ValueError(name)
+
+
+def _timed(impl: Callable, qkv: torch.Tensor, mode: str) -> Callable[[], object]:
+    if mode == "fwd":
+        return lambda: impl(qkv)
+    x = qkv.detach().requires_grad_()
+    dout = torch.randn(qkv.shape[0], qkv.shape[1], C, device=qkv.device, dtype=qkv.dtype)
+
+    def step():
+        out = impl(x)
+        return torch.autograd.grad(out, x, dout)[0]
+
+    return step
+
+
+def _check_or_skip(fn: Callable[[], object], name: str) -> None:
+    """Run once: skip (not fail) when an SDPA backend rejects the shape/dtype."""
+    try:
+        fn()
+    except RuntimeError as e:
+        if name.startswith("sdpa_"):
+            pytest.skip(f"{name} does not accept this shape/dtype: {str(e).splitlines()[0][:200]}")
+        raise
+
+
+# ----------------------------------------------------------------------------- GPU suite
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("impl", ["fused", "eager", "compile"] + [f"sdpa_{b}" for b in SDPA])
+def test_token_attention_gpu(benchmark, impl, batch, dtype, mode):
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    qkv = torch.randn(batch, L, 3 * C, device=dev, dtype=DTYPES[dtype])
+    fn = _timed(_impl(impl), qkv, mode)
+    _check_or_skip(fn, impl)
+    synchronize(dev)
+    benchmark.group = f"attention {mode} {dtype} B={batch}"
+    run_benchmark(
+        benchmark, fn, device=dev,
+        flops=attention_flops(batch, L, H, D, mode),
+        bytes_moved=attention_bytes(batch, L, C, qkv.element_size(), mode),
+        impl=impl, batch=batch, L=L, heads=H, head_dim=D, dtype=dtype, mode=mode,
+        tf32=torch.backends.cuda.matmul.allow_tf32,
+    )
+
+
+def _pos_ln_eager(x, pos, w, b):
+    k = x.shape[1] - pos.shape[-2]
+    xo = torch.cat((x[:, :k], x[:, k:] + pos), dim=1)
+    return xo, F.layer_norm(xo, (x.shape[-1],), w, b, 1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def _pos_ln_compiled():
+    return torch.compile(_pos_ln_eager, dynamic=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("batch", [64, 256])
+@pytest.mark.parametrize("impl", ["fused", "eager", "compile"])
+def test_add_pos_layernorm_gpu(benchmark, impl, batch, dtype, mode):
+    """The TDE's sine-full step: visual tokens += table, then LayerNorm (pending: does fusing pay?)."""
+    dev = torch.device("cuda")
+    dt = DTYPES[dtype]
+    x = torch.randn(batch, L, C, device=dev, dtype=dt, requires_grad=mode == "fwdbwd")
+    pos = torch.randn(1, L - 17, C, device=dev, dtype=dt)
+    w = torch.randn(C, device=dev, dtype=dt, requires_grad=mode == "fwdbwd")
+    b = torch.randn(C, device=dev, dtype=dt, requires_grad=mode == "fwdbwd")
+    f = {
+        "fused": lambda *a: dk.add_pos_layernorm(*a, backend="triton"),
+        "eager": _pos_ln_eager,
+        "compile": lambda *a: _pos_ln_compiled()(*a),
+    }[impl]
+    if mode == "fwd":
+        fn = lambda: f(x, pos, w, b)  # noqa: E731
+    else:
+        gxo, gy = torch.randn_like(x), torch.randn_like(x)
+
+        def fn():
+            xo, y = f(x, pos, w, b)
+            return torch.autograd.grad((xo, y), (x, w, b), (gxo, gy))
+
+    benchmark.group = f"add_pos_layernorm {mode} {dtype} B={batch}"
+    elt = x.element_size()
+    nbytes = batch * L * C * elt * (3 if mode == "fwd" else 3 + 4)
+    run_benchmark(benchmark, fn, device=dev, bytes_moved=nbytes, impl=impl, batch=batch, dtype=dtype, mode=mode)
+
+
+# ----------------------------------------------------------------------------- CPU case
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", ["eager", "compile"])
+def test_token_attention_cpu(benchmark, impl, mode):
+    """Small CPU case (reference vs torch.compile of it) so the suite measures something anywhere.
+
+    The fused op runs on CPU only under the Triton interpreter, which is not a speed path.
+    """
+    torch.manual_seed(0)
+    batch = 2
+    qkv = torch.randn(batch, L, 3 * C)
+    fn = _timed(_impl(impl), qkv, mode)
+    fn()  # compile / warm up outside the timed region
+    benchmark.group = f"attention cpu {mode} fp32 B={batch}"
+    run_benchmark(
+        benchmark, fn, device="cpu",
+        flops=attention_flops(batch, L, H, D, mode),
+        bytes_moved=attention_bytes(batch, L, C, 4, mode),
+        impl=impl, batch=batch, L=L, heads=H, head_dim=D, dtype="fp32", mode=mode,
+    )

@@ -1,0 +1,541 @@
+"""Triton kernels for token attention and the fused "add position + LayerNorm" step.
+
+Imported only when a Triton path runs (never by ``import distilpose_kernels``). Under
+``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on the CPU.
+
+Layout conventions (N batch, L tokens, H heads, D head dim, C = H * D):
+- ``qkv``  (N, L, 3C): packed [q | k | v], head h in columns h*D:(h+1)*D of each third;
+  read through its strides (no rearrange or padding copies).
+- ``out``  (N, L, C): heads merged, written directly in that layout.
+- ``lse``  (N, H, L) float32: natural-log log-sum-exp of each row of the scaled scores.
+- ``dqkv`` (N, L, 3C): dq | dk | dv packed like ``qkv``, every element written exactly once.
+
+Head dims that are not a power of two (16 <= BLOCK_D) are handled by masking the
+head-dim lanes inside the kernel; L of any size by masking the last token block.
+All matmuls accumulate in float32.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+#: Set DISTILPOSE_ATTN_AUTOTUNE=0 to use the fixed heuristic block sizes on GPU too.
+_AUTOTUNE = (not _INTERPRET) and os.environ.get("DISTILPOSE_ATTN_AUTOTUNE", "1").strip() not in ("0", "false", "no", "off")
+
+
+def _new_output(shape, device, dtype) -> torch.Tensor:
+    """Allocate an output buffer the kernels fully overwrite (tests swap this to NaN-fill)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+# ============================================================================ attention forward
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation. UPCAST: the Triton 3.9 CPU interpreter multiplies
+    bfloat16 operands wrongly, so under TRITON_INTERPRET bf16 operands are widened first."""
+    if UPCAST:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a, b, input_precision=PRECISION)
+    return r
+
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    QKV, Out, LSE,
+    stride_qn, stride_ql, stride_qc,
+    stride_on, stride_ol, stride_oc,
+    L, H, C, qk_scale,  # qk_scale = softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    n = (pid_nh // H).to(tl.int64)
+    h = pid_nh % H
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < L
+    col = h * HEAD_DIM + offs_d  # column of this head inside q (k and v: + C, + 2C)
+
+    base = QKV + n * stride_qn
+    q = tl.load(base + offs_m[:, None] * stride_ql + col[None, :] * stride_qc,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = base + (C + col)[None, :] * stride_qc
+    v_base = base + (2 * C + col)[None, :] * stride_qc
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < L
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_ql, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_ql, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    out_ptrs = Out + n * stride_on + offs_m[:, None] * stride_ol + col[None, :] * stride_oc
+    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE + pid_nh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
+
+
+# ============================================================================ attention backward
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    Out, DO, DLSE, Delta,
+    stride_on, stride_ol, stride_oc,
+    stride_dn, stride_dl, stride_dc,
+    L, H,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+):
+    """Delta[n, h, l] = sum_d dO * O  (minus dLSE when the lse output has a gradient)."""
+    pid_m = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    n = (pid_nh // H).to(tl.int64)
+    h = pid_nh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < L
+    mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    col = h * HEAD_DIM + offs_d
+    o = tl.load(Out + n * stride_on + offs_m[:, None] * stride_ol + col[None, :] * stride_oc, mask=mask, other=0.0)
+    do = tl.load(DO + n * stride_dn + offs_m[:, None] * stride_dl + col[None, :] * stride_dc, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row = pid_nh.to(tl.int64) * L + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row, mask=m_ok, other=0.0).to(tl.float32)
+    tl.store(Delta + row, delta, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    QKV, DO, LSE, Delta, DQKV,
+    stride_qn, stride_ql, stride_qc,
+    stride_dn, stride_dl, stride_dc,
+    stride_gn, stride_gl, stride_gc,
+    L, H, C, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One program per (key block, n, h): loops over query blocks, writes dk and dv."""
+    pid_n = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    n = (pid_nh // H).to(tl.int64)
+    h = pid_nh % H
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    n_ok = offs_n < L
+    col = h * HEAD_DIM + offs_d
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+
+    base = QKV + n * stride_qn
+    k = tl.load(base + offs_n[:, None] * stride_ql + (C + col)[None, :] * stride_qc, mask=kv_mask, other=0.0)
+    v = tl.load(base + offs_n[:, None] * stride_ql + (2 * C + col)[None, :] * stride_qc, mask=kv_mask, other=0.0)
+    q_base = base + col[None, :] * stride_qc
+    do_base = DO + n * stride_dn + col[None, :] * stride_dc
+    row_base = pid_nh.to(tl.int64) * L
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, L, BLOCK_M):
+        rows = start_m + offs_m
+        m_ok = rows < L
+        mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_ql, mask=mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dl, mask=mask, other=0.0)
+        lse = tl.load(LSE + row_base + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(Delta + row_base + rows, mask=m_ok, other=0.0)
+        # transposed scores: (BLOCK_N keys, BLOCK_M queries)
+        s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
+        p_t = tl.exp2(s_t - lse[None, :])
+        p_t = tl.where(m_ok[None, :], p_t, 0.0)
+        dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)
+        dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
+
+    dk *= sm_scale
+    g_base = DQKV + n * stride_gn + offs_n[:, None] * stride_gl
+    tl.store(g_base + (C + col)[None, :] * stride_gc, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
+    tl.store(g_base + (2 * C + col)[None, :] * stride_gc, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    QKV, DO, LSE, Delta, DQKV,
+    stride_qn, stride_ql, stride_qc,
+    stride_dn, stride_dl, stride_dc,
+    stride_gn, stride_gl, stride_gc,
+    L, H, C, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One program per (query block, n, h): loops over key blocks, writes dq."""
+    pid_m = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    n = (pid_nh // H).to(tl.int64)
+    h = pid_nh % H
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < L
+    col = h * HEAD_DIM + offs_d
+    mask = m_ok[:, None] & d_ok[None, :]
+
+    base = QKV + n * stride_qn
+    q = tl.load(base + offs_m[:, None] * stride_ql + col[None, :] * stride_qc, mask=mask, other=0.0)
+    do = tl.load(DO + n * stride_dn + offs_m[:, None] * stride_dl + col[None, :] * stride_dc, mask=mask, other=0.0)
+    row = pid_nh.to(tl.int64) * L + offs_m
+    lse = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + row, mask=m_ok, other=0.0)
+    k_base = base + (C + col)[None, :] * stride_qc
+    v_base = base + (2 * C + col)[None, :] * stride_qc
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < L
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_ql, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_ql, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(n_ok[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+
+    dq *= sm_scale
+    tl.store(DQKV + n * stride_gn + offs_m[:, None] * stride_gl + col[None, :] * stride_gc,
+             dq.to(DQKV.dtype.element_ty), mask=mask)
+
+
+# ============================================================================ launch configuration
+
+
+def _pow2_at_least(x: int, lo: int) -> int:
+    return max(lo, triton.next_power_of_2(max(1, x)))
+
+
+def _heuristic_blocks(L: int, block_d: int, dtype: torch.dtype) -> Tuple[int, int]:
+    """Fixed (BLOCK_M, BLOCK_N) used in the interpreter and when autotuning is off."""
+    blk = min(64, _pow2_at_least(L, 16))
+    bn = blk
+    if block_d >= 256:
+        blk = bn = min(blk, 32)  # keeps fp32 tiles inside shared memory
+    elif block_d >= 128 and dtype == torch.float32:
+        bn = min(bn, 32)
+    return blk, bn
+
+
+#: Tests may set this to (BLOCK_M, BLOCK_N) to force small blocks (several blocks at small L).
+BLOCK_OVERRIDE: Optional[Tuple[int, int]] = None
+
+
+def _configs():
+    cfgs = []
+    for bm, bn, w, s in [
+        (32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+        (128, 32, 4, 2), (128, 64, 8, 2), (128, 64, 4, 3), (32, 64, 4, 2),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+def _prune(configs, named_args, **kwargs):
+    # No point in blocks much larger than the sequence (L=17 needs no 128-row tiles).
+    L = named_args["L"]
+    cap = _pow2_at_least(L, 16)
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, cap) and c.kwargs["BLOCK_N"] <= max(32, cap)]
+    return kept or configs[:1]
+
+
+_KEY = ["L", "HEAD_DIM", "BLOCK_D", "PRECISION", "UPCAST"]
+_RAW = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+#: which block size tiles the grid's first axis
+_GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
+_TUNED = (
+    {k: triton.autotune(_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(f)
+     for k, f in _RAW.items()}
+    if _AUTOTUNE else {}
+)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: full-precision dots unless the user allowed TF32 for matmuls (torch's own switch).
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+def _launch(which: str, L: int, nh: int, block_d: int, dtype: torch.dtype, *args, **kw) -> None:
+    """Launch an attention kernel: autotuned on GPU, fixed heuristic blocks otherwise."""
+    gb = _GRID_BLOCK[which]
+    if which in _TUNED and BLOCK_OVERRIDE is None:
+        _TUNED[which][lambda meta: (triton.cdiv(L, meta[gb]), nh)](*args, **kw)
+        return
+    bm, bn = BLOCK_OVERRIDE if BLOCK_OVERRIDE is not None else _heuristic_blocks(L, block_d, dtype)
+    grid = (triton.cdiv(L, bm if gb == "BLOCK_M" else bn), nh)
+    _RAW[which][grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, **kw)
+
+
+# ============================================================================ host wrappers
+
+
+def attention_forward(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """qkv (N, L, 3C) -> (out (N, L, C) in qkv's dtype, lse (N, H, L) float32)."""
+    n, L, three_c = qkv.shape
+    c = three_c // 3
+    d = c // num_heads
+    block_d = _pow2_at_least(d, 16)
+    out = _new_output((n, L, c), qkv.device, qkv.dtype)
+    lse = _new_output((n, num_heads, L), qkv.device, torch.float32)
+    if n == 0 or L == 0:
+        return out, lse
+    _launch(
+        "fwd", L, n * num_heads, block_d, qkv.dtype,
+        qkv, out, lse,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        L, num_heads, c, scale * _LOG2E,
+        HEAD_DIM=d, BLOCK_D=block_d, PRECISION=_precision(qkv.dtype), UPCAST=_upcast(qkv.dtype),
+    )
+    return out, lse
+
+
+def attention_backward(
+    dout: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    num_heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """Gradient of (out, lse) w.r.t. qkv, packed like qkv: (N, L, 3C)."""
+    n, L, three_c = qkv.shape
+    c = three_c // 3
+    d = c // num_heads
+    block_d = _pow2_at_least(d, 16)
+    dqkv = _new_output((n, L, three_c), qkv.device, qkv.dtype)
+    if n == 0 or L == 0:
+        return dqkv
+    nh = n * num_heads
+    delta = _new_output((n, num_heads, L), qkv.device, torch.float32)
+    bm_delta = min(64, _pow2_at_least(L, 16))
+    _attn_bwd_delta_kernel[(triton.cdiv(L, bm_delta), nh)](
+        out, dout, dlse.contiguous() if dlse is not None else delta, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        L, num_heads,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm_delta, HAS_DLSE=dlse is not None,
+    )
+    common = (
+        qkv, dout, lse, delta, dqkv,
+        qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
+        L, num_heads, c, scale * _LOG2E, scale,
+    )
+    prec = _precision(qkv.dtype)
+    meta = dict(HEAD_DIM=d, BLOCK_D=block_d, PRECISION=prec, UPCAST=_upcast(qkv.dtype))
+    _launch("dkdv", L, nh, block_d, qkv.dtype, *common, **meta)
+    _launch("dq", L, nh, block_d, qkv.dtype, *common, **meta)
+    return dqkv
+
+
+# ============================================================================ add position + LayerNorm
+
+
+@triton.jit
+def _apln_fwd_kernel(
+    X, POS, W, B, XO, Y, Mean, Rstd,
+    stride_xn, stride_xl, stride_xc,
+    stride_pp, stride_pc,
+    R, L, C, P_START, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """BLOCK_R rows per program: x_out = x + pos (rows l >= P_START), y = LN(x_out)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    r_ok = rows < R
+    c_ok = cols < C
+    mask = r_ok[:, None] & c_ok[None, :]
+    n = (rows // L).to(tl.int64)
+    l = rows % L
+    x = tl.load(X + n[:, None] * stride_xn + l[:, None] * stride_xl + cols[None, :] * stride_xc, mask=mask, other=0.0)
+    pi = l - P_START
+    p_ok = r_ok & (pi >= 0)
+    pos = tl.load(POS + pi[:, None] * stride_pp + cols[None, :] * stride_pc, mask=p_ok[:, None] & c_ok[None, :], other=0.0)
+    # round to the storage dtype first, so y is the LayerNorm of exactly the x_out we return
+    xo = (x.to(tl.float32) + pos.to(tl.float32)).to(XO.dtype.element_ty)
+    out_off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    tl.store(XO + out_off, xo, mask=mask)
+    xf = xo.to(tl.float32)
+    mean = tl.sum(xf, 1) / C
+    xc = tl.where(c_ok[None, :], xf - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, 1) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + out_off, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=r_ok)
+    tl.store(Rstd + rows, rstd, mask=r_ok)
+
+
+@triton.jit
+def _apln_bwd_kernel(
+    DXO, DY, XO, W, Mean, Rstd, DX, DW, DB,
+    stride_an, stride_al, stride_ac,
+    stride_yn, stride_yl, stride_yc,
+    R, L, C, ROWS_PER_PROG,
+    HAS_DXO: tl.constexpr, HAS_W: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx = dx_out + LN'(dy); per-program partial sums of dweight / dbias (reduced on the host)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    if HAS_W:
+        w = tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    row0 = pid * ROWS_PER_PROG
+    for start in range(0, ROWS_PER_PROG, BLOCK_R):
+        rows = row0 + start + tl.arange(0, BLOCK_R)
+        r_ok = (rows < R) & (start + tl.arange(0, BLOCK_R) < ROWS_PER_PROG)
+        mask = r_ok[:, None] & c_ok[None, :]
+        n = (rows // L).to(tl.int64)
+        l = rows % L
+        off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        xo = tl.load(XO + off, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + n[:, None] * stride_yn + l[:, None] * stride_yl + cols[None, :] * stride_yc,
+                     mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=r_ok, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=r_ok, other=0.0)
+        xhat = tl.where(mask, (xo - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_W:
+            wdy = dy * w[None, :]
+        else:
+            wdy = dy
+        c1 = tl.sum(xhat * wdy, 1) / C
+        c2 = tl.sum(wdy, 1) / C
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DXO:
+            dx += tl.load(DXO + n[:, None] * stride_an + l[:, None] * stride_al + cols[None, :] * stride_ac,
+                          mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * xhat, 0)
+        db += tl.sum(dy, 0)
+    tl.store(DW + pid * C + cols, dw, mask=c_ok)
+    tl.store(DB + pid * C + cols, db, mask=c_ok)
+
+
+def _apln_blocks(c: int) -> Tuple[int, int, int]:
+    block_c = _pow2_at_least(c, 16)
+    block_r = max(1, min(16, 4096 // block_c))
+    num_warps = 4 if block_c * block_r <= 4096 else 8
+    return block_r, block_c, num_warps
+
+
+def add_pos_layernorm_forward(
+    x: torch.Tensor, pos: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, L, c = x.shape
+    p = pos.shape[-2]
+    pos2 = pos.reshape(p, c)
+    R = n * L
+    x_out = _new_output((n, L, c), x.device, x.dtype)
+    y = _new_output((n, L, c), x.device, x.dtype)
+    mean = _new_output((R,), x.device, torch.float32)
+    rstd = _new_output((R,), x.device, torch.float32)
+    if R == 0:
+        return x_out, y, mean, rstd
+    block_r, block_c, warps = _apln_blocks(c)
+    _apln_fwd_kernel[(triton.cdiv(R, block_r),)](
+        x, pos2, weight if weight is not None else x, bias if bias is not None else x,
+        x_out, y, mean, rstd,
+        x.stride(0), x.stride(1), x.stride(2),
+        pos2.stride(0), pos2.stride(1),
+        R, L, c, L - p, eps,
+        HAS_W=weight is not None, HAS_B=bias is not None,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+    )
+    return x_out, y, mean, rstd
+
+
+def add_pos_layernorm_backward(
+    dx_out: Optional[torch.Tensor],
+    dy: torch.Tensor,
+    x_out: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, L, c = x_out.shape
+    R = n * L
+    dx = _new_output((n, L, c), x_out.device, x_out.dtype)
+    if R == 0:
+        z = torch.zeros((c,), device=x_out.device, dtype=torch.float32)
+        return dx, z, z.clone()
+    block_r, block_c, warps = _apln_blocks(c)
+    if x_out.device.type == "cuda":
+        n_prog = min(triton.cdiv(R, block_r), 4 * torch.cuda.get_device_properties(x_out.device).multi_processor_count)
+    else:
+        n_prog = min(triton.cdiv(R, block_r), 4)
+    rows_per_prog = triton.cdiv(R, n_prog)
+    n_prog = triton.cdiv(R, rows_per_prog)
+    dw_part = _new_output((n_prog, c), x_out.device, torch.float32)
+    db_part = _new_output((n_prog, c), x_out.device, torch.float32)
+    a = dx_out if dx_out is not None else dy
+    _apln_bwd_kernel[(n_prog,)](
+        a, dy, x_out.contiguous(), weight if weight is not None else x_out, mean, rstd, dx, dw_part, db_part,
+        a.stride(0), a.stride(1), a.stride(2),
+        dy.stride(0), dy.stride(1), dy.stride(2),
+        R, L, c, rows_per_prog,
+        HAS_DXO=dx_out is not None, HAS_W=weight is not None,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+    )
+    return dx, dw_part.sum(0), db_part.sum(0)
