@@ -1,15 +1,32 @@
 """Gaussian simulated heatmaps: Reg2HM and score losses, rendering, teacher targets.
 
-(Foundation: pure-PyTorch references; the fused Triton kernels land with the heatmap issue.)
+Public ops (each with a pure-PyTorch reference; the fused path is Triton, in heatmap_triton.py):
+
+- ``simulated_heatmap_loss(coords, sigma, score, teacher_heatmaps, keypoint_weight, mode)``
+  -> (reg2hm_loss, score_loss): the student's losses 4 and 5 of the spec. The fused path reads
+  the teacher heatmaps once in forward, never stores the Gaussians, and its backward reads
+  only (N, K)-sized statistics saved by the forward.
+- ``render_gaussian_heatmaps(mu, sigma, height, width)`` -> (N, K, H, W) Gaussian maps.
+- ``gaussian_heatmap_targets(keypoints, visibility, input_size, heatmap_size, sigma, encoding)``
+  -> (heatmaps, weights): the teacher's training targets (defined in targets.py).
+
+Dispatch (``backend``): None/"auto" runs the Triton kernels on CUDA and the reference elsewhere
+(DISTILPOSE_FORCE_REFERENCE=1 forces the reference); "triton" forces the kernels (on CPU only
+under TRITON_INTERPRET=1); "reference" forces the reference. The kernels are registered as
+``torch.library`` custom ops (distilpose::simhm_loss_fwd/_bwd, simhm_render_fwd/_bwd,
+simhm_targets) with fake kernels and autograd, used under torch.compile (fullgraph, no graph
+break); eager calls launch the same kernels through a torch.autograd.Function, which skips the
+custom-op dispatch overhead (comparable to the kernels' own run time at the spec's sizes).
 Shapes: N batch, K keypoints, H x W heatmap.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+from torch import nn
 
-from ._utils import check_same_device, check_tensor
+from ._utils import annotate, check_same_device, check_tensor, select_triton_backend
 
 REG2HM_MODES = ("released", "per_sample")
 
@@ -116,6 +133,126 @@ def simulated_heatmap_loss_reference(
     )
 
 
+
+# ============================================================================ fused path
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _kernels():
+    from . import heatmap_triton  # imports triton: only on the Triton path
+
+    return heatmap_triton
+
+
+# --------------------------------------------------------------- loss: custom ops
+
+
+@torch.library.custom_op("distilpose::simhm_loss_fwd", mutates_args=())
+def _simhm_loss_fwd(
+    coords: torch.Tensor,
+    sigma: torch.Tensor,
+    score: torch.Tensor,
+    teacher_heatmaps: torch.Tensor,
+    keypoint_weight: torch.Tensor,
+    released: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (reg2hm (), score_loss (), stats (8, N, K) fp32, per-joint sum_i w_ik^2 (K,) fp32)."""
+    return _kernels().simhm_loss_fwd(coords, sigma, score, teacher_heatmaps, keypoint_weight, released)
+
+
+@_simhm_loss_fwd.register_fake
+def _(coords, sigma, score, teacher_heatmaps, keypoint_weight, released):
+    n, k = teacher_heatmaps.shape[:2]
+    return (
+        coords.new_empty(()),
+        score.new_empty(()),
+        coords.new_empty((8, n, k), dtype=torch.float32),
+        coords.new_empty((k,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("distilpose::simhm_loss_bwd", mutates_args=())
+def _simhm_loss_bwd(
+    grad_reg2hm: torch.Tensor,
+    grad_score_loss: torch.Tensor,
+    stats: torch.Tensor,
+    joint_w2: torch.Tensor,
+    coords_dtype: torch.dtype,
+    sigma_dtype: torch.dtype,
+    score_dtype: torch.dtype,
+    hw: int,
+    released: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (grad_coords (N, K, 2), grad_sigma (N, K, 2), grad_score (N, K, 1))."""
+    return _kernels().simhm_loss_bwd(
+        grad_reg2hm, grad_score_loss, stats, joint_w2, coords_dtype, sigma_dtype, score_dtype, hw, released
+    )
+
+
+@_simhm_loss_bwd.register_fake
+def _(grad_reg2hm, grad_score_loss, stats, joint_w2, coords_dtype, sigma_dtype, score_dtype, hw, released):
+    _, n, k = stats.shape
+    return (
+        stats.new_empty((n, k, 2), dtype=coords_dtype),
+        stats.new_empty((n, k, 2), dtype=sigma_dtype),
+        stats.new_empty((n, k, 1), dtype=score_dtype),
+    )
+
+
+def _simhm_loss_setup(ctx, inputs, output):
+    coords, sigma, score, teacher, _, released = inputs
+    _, _, stats, joint_w2 = output
+    ctx.save_for_backward(stats, joint_w2)
+    ctx.dtypes = (coords.dtype, sigma.dtype, score.dtype)
+    ctx.hw = teacher.shape[-2] * teacher.shape[-1]
+    ctx.released = released
+
+
+def _simhm_loss_grads(ctx, grad_reg, grad_score, bwd):
+    stats, joint_w2 = ctx.saved_tensors
+    if grad_reg is None:
+        grad_reg = stats.new_zeros(())
+    if grad_score is None:
+        grad_score = stats.new_zeros(())
+    g_coords, g_sigma, g_score = bwd(grad_reg, grad_score, stats, joint_w2, *ctx.dtypes, ctx.hw, ctx.released)
+    need = ctx.needs_input_grad
+    return (
+        g_coords if need[0] else None,
+        g_sigma if need[1] else None,
+        g_score if need[2] else None,
+        None,
+        None,
+        None,
+    )
+
+
+def _simhm_loss_backward(ctx, grad_reg, grad_score, _grad_stats, _grad_w2):
+    return _simhm_loss_grads(ctx, grad_reg, grad_score, _simhm_loss_bwd)
+
+
+_simhm_loss_fwd.register_autograd(_simhm_loss_backward, setup_context=_simhm_loss_setup)
+
+
+class _SimHMLossFunction(torch.autograd.Function):
+    """Eager fast path: the same kernels without the custom-op dispatch overhead (tens of us per
+    call, comparable to the kernels themselves). Under torch.compile the custom op is used."""
+
+    @staticmethod
+    def forward(ctx, coords, sigma, score, teacher_heatmaps, keypoint_weight, released):
+        out = _kernels().simhm_loss_fwd(coords, sigma, score, teacher_heatmaps, keypoint_weight, released)
+        _simhm_loss_setup(ctx, (coords, sigma, score, teacher_heatmaps, keypoint_weight, released), out)
+        return out[0], out[1]
+
+    @staticmethod
+    def backward(ctx, grad_reg, grad_score):
+        return _simhm_loss_grads(ctx, grad_reg, grad_score, _kernels().simhm_loss_bwd)
+
+
+# --------------------------------------------------------------- loss: public API
+
+
+@annotate("distilpose.simulated_heatmap_loss")
 def simulated_heatmap_loss(
     coords: torch.Tensor,
     sigma: torch.Tensor,
@@ -123,10 +260,200 @@ def simulated_heatmap_loss(
     teacher_heatmaps: torch.Tensor,
     keypoint_weight: torch.Tensor,
     mode: str = "released",
-    backend=None,
+    backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Public entry (reference for now)."""
-    return simulated_heatmap_loss_reference(coords, sigma, score, teacher_heatmaps, keypoint_weight, mode)
+    """Reg2HM and score losses of DistilPose (spec, student losses 4 and 5), unweighted scalars.
+
+    coords: (N, K, 2) normalised (x / W_in, y / H_in), sigma: (N, K, 2) heatmap pixels,
+    score: (N, K, 1), teacher_heatmaps: (N, K, H, W) (fp32/fp16/bf16, never differentiated),
+    keypoint_weight: (N, K, 1) (a target: no gradient is returned for it on the fused path).
+    mode: "released" (default, the authors' broadcast form that produced the paper's numbers)
+    or "per_sample" (the evidently intended form); see ``reg2hm_loss_reference``.
+    Returns (reg2hm_loss in coords.dtype, score_loss in score.dtype). Gradients flow to coords,
+    sigma and score; the 3-sigma off-grid mask and the score's gather index are constants.
+    The fused path accumulates in fp32; NaN/inf inputs propagate into the losses (not checked).
+    """
+    if mode not in REG2HM_MODES:
+        raise ValueError(f"mode: expected one of {REG2HM_MODES}, got {mode!r}")
+    _check_loss_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight)
+    check_same_device(coords=coords, score=score)
+    n, k, h, w = teacher_heatmaps.shape
+    if n * k * h * w == 0:
+        raise ValueError(f"teacher_heatmaps: expected a non-empty (N, K, H, W) tensor, got {tuple(teacher_heatmaps.shape)}")
+    be = select_triton_backend(
+        "simulated_heatmap_loss", (coords, sigma, score, teacher_heatmaps, keypoint_weight), backend
+    )
+    if be == "reference":
+        return simulated_heatmap_loss_reference(coords, sigma, score, teacher_heatmaps, keypoint_weight, mode)
+    for name, t in (("coords", coords), ("sigma", sigma), ("score", score), ("teacher_heatmaps", teacher_heatmaps)):
+        check_tensor(name, t, dtypes=_FLOATS)
+    kw = keypoint_weight.detach()
+    if kw.dtype not in _FLOATS:
+        kw = kw.to(torch.float32)
+    args = (
+        coords.contiguous(),
+        sigma.contiguous(),
+        score.contiguous(),
+        teacher_heatmaps.detach().contiguous(),
+        kw.contiguous(),
+        mode == "released",
+    )
+    if torch.compiler.is_compiling():
+        reg, sl, _, _ = _simhm_loss_fwd(*args)
+        return reg, sl
+    return _SimHMLossFunction.apply(*args)
+
+
+class SimulatedHeatmapLoss(nn.Module):
+    """Module form of ``simulated_heatmap_loss``: forward(coords, sigma, score, teacher, weight) -> (reg2hm, score)."""
+
+    def __init__(self, mode: str = "released", backend: Optional[str] = None):
+        super().__init__()
+        if mode not in REG2HM_MODES:
+            raise ValueError(f"mode: expected one of {REG2HM_MODES}, got {mode!r}")
+        self.mode = mode
+        self.backend = backend
+
+    def forward(self, coords, sigma, score, teacher_heatmaps, keypoint_weight):
+        return simulated_heatmap_loss(
+            coords, sigma, score, teacher_heatmaps, keypoint_weight, mode=self.mode, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, backend={self.backend!r}"
+
+
+# --------------------------------------------------------------- rendering
+
+
+def render_gaussian_heatmaps_reference(
+    mu: torch.Tensor, sigma: torch.Tensor, height: int, width: int, mask_off_grid: bool = False
+) -> torch.Tensor:
+    """Pure-PyTorch rendering (see ``render_gaussian_heatmaps``); differentiable by autograd."""
+    mu_x, mu_y = mu[..., 0], mu[..., 1]
+    sx, sy = sigma[..., 0], sigma[..., 1]
+    xs = torch.arange(width, device=mu.device, dtype=mu.dtype)
+    ys = torch.arange(height, device=mu.device, dtype=mu.dtype)
+    dx2 = (xs.view(1, 1, 1, width) - mu_x[..., None, None]) ** 2 / (sx[..., None, None] ** 2 + 1e-9)
+    dy2 = (ys.view(1, 1, height, 1) - mu_y[..., None, None]) ** 2 / (sy[..., None, None] ** 2 + 1e-9)
+    maps = torch.exp(-(dx2 + dy2) / 2)
+    if mask_off_grid:
+        with torch.no_grad():
+            off = (
+                (mu_x - 3 * sx >= width) | (mu_y - 3 * sy >= height) | (mu_x + 3 * sx + 1 < 0) | (mu_y + 3 * sy + 1 < 0)
+            )
+        maps = maps * (~off).to(maps.dtype)[..., None, None]
+    return maps
+
+
+@torch.library.custom_op("distilpose::simhm_render_fwd", mutates_args=())
+def _simhm_render_fwd(mu: torch.Tensor, sigma: torch.Tensor, height: int, width: int, mask_off_grid: bool) -> torch.Tensor:
+    return _kernels().render_fwd(mu, sigma, height, width, mask_off_grid)
+
+
+@_simhm_render_fwd.register_fake
+def _(mu, sigma, height, width, mask_off_grid):
+    return mu.new_empty((mu.shape[0], mu.shape[1], height, width))
+
+
+@torch.library.custom_op("distilpose::simhm_render_bwd", mutates_args=())
+def _simhm_render_bwd(
+    grad: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, mask_off_grid: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().render_bwd(grad, mu, sigma, mask_off_grid)
+
+
+@_simhm_render_bwd.register_fake
+def _(grad, mu, sigma, mask_off_grid):
+    return torch.empty_like(mu), torch.empty_like(sigma)
+
+
+def _render_setup(ctx, inputs, output):
+    mu, sigma, _, _, mask_off_grid = inputs
+    ctx.save_for_backward(mu, sigma)
+    ctx.mask_off_grid = mask_off_grid
+
+
+def _render_backward(ctx, grad):
+    mu, sigma = ctx.saved_tensors
+    g_mu, g_sigma = _simhm_render_bwd(grad.contiguous(), mu, sigma, ctx.mask_off_grid)
+    need = ctx.needs_input_grad
+    return (g_mu if need[0] else None, g_sigma if need[1] else None, None, None, None)
+
+
+_simhm_render_fwd.register_autograd(_render_backward, setup_context=_render_setup)
+
+
+class _RenderFunction(torch.autograd.Function):
+    """Eager fast path of the rendering op (see _SimHMLossFunction)."""
+
+    @staticmethod
+    def forward(ctx, mu, sigma, height, width, mask_off_grid):
+        ctx.save_for_backward(mu, sigma)
+        ctx.mask_off_grid = mask_off_grid
+        return _kernels().render_fwd(mu, sigma, height, width, mask_off_grid)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mu, sigma = ctx.saved_tensors
+        g_mu, g_sigma = _kernels().render_bwd(grad.contiguous(), mu, sigma, ctx.mask_off_grid)
+        need = ctx.needs_input_grad
+        return (g_mu if need[0] else None, g_sigma if need[1] else None, None, None, None)
+
+
+@annotate("distilpose.render_gaussian_heatmaps")
+def render_gaussian_heatmaps(
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+    height: int,
+    width: int,
+    mask_off_grid: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Unnormalised 2-D Gaussian maps, the spec's simulated-heatmap formula.
+
+    mu: (N, K, 2) centres (x, y) in HEATMAP PIXELS (pixel (i, j) is at x = j, y = i, no half-pixel
+    shift); sigma: (N, K, 2) (sigma_x, sigma_y) in heatmap pixels.
+    Returns (N, K, height, width) in mu.dtype (fp32 math) with
+    ``g = exp(-((x - mu_x)^2 / (sigma_x^2 + 1e-9) + (y - mu_y)^2 / (sigma_y^2 + 1e-9)) / 2)``,
+    peak 1, on the whole grid (no truncation). ``mask_off_grid=True`` zeroes the maps whose
+    3-sigma box [mu - 3 sigma, mu + 3 sigma + 1] lies wholly outside the grid, as the
+    Reg2HM loss does (the mask carries no gradient). Differentiable w.r.t. mu and sigma.
+    From the student's normalised coords: ``mu = coords * coords.new_tensor([width, height])``.
+    """
+    check_tensor("mu", mu, ndim=3, floating=True)
+    check_tensor("sigma", sigma, shape=tuple(mu.shape), floating=True)
+    if mu.shape[-1] != 2:
+        raise ValueError(f"mu: expected shape (N, K, 2), got {tuple(mu.shape)}")
+    check_same_device(mu=mu, sigma=sigma)
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    be = select_triton_backend("render_gaussian_heatmaps", (mu, sigma), backend)
+    if be == "reference":
+        return render_gaussian_heatmaps_reference(mu, sigma, height, width, mask_off_grid)
+    check_tensor("mu", mu, dtypes=_FLOATS)
+    check_tensor("sigma", sigma, dtypes=_FLOATS)
+    args = (mu.contiguous(), sigma.contiguous(), height, width, bool(mask_off_grid))
+    if torch.compiler.is_compiling():
+        return _simhm_render_fwd(*args)
+    return _RenderFunction.apply(*args)
+
+
+class GaussianHeatmapRenderer(nn.Module):
+    """Module form of ``render_gaussian_heatmaps`` for a fixed (height, width)."""
+
+    def __init__(self, height: int, width: int, mask_off_grid: bool = False, backend: Optional[str] = None):
+        super().__init__()
+        self.height, self.width = int(height), int(width)
+        self.mask_off_grid = bool(mask_off_grid)
+        self.backend = backend
+
+    def forward(self, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return render_gaussian_heatmaps(mu, sigma, self.height, self.width, self.mask_off_grid, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"height={self.height}, width={self.width}, mask_off_grid={self.mask_off_grid}"
 
 
 def joint_mse_loss(pred: torch.Tensor, target: torch.Tensor, target_weight: torch.Tensor) -> torch.Tensor:
@@ -140,3 +467,12 @@ def joint_mse_loss(pred: torch.Tensor, target: torch.Tensor, target_weight: torc
     check_tensor("target_weight", target_weight, shape=(pred.shape[0], pred.shape[1], 1))
     w = target_weight.to(pred.dtype)[..., None]
     return ((w * (pred - target.to(pred.dtype))) ** 2).mean()
+
+
+# Teacher training targets live in targets.py; re-exported here (public name: heatmap module).
+from .targets import (  # noqa: E402
+    TARGET_ENCODINGS,
+    GaussianHeatmapTargets,
+    gaussian_heatmap_targets,
+    gaussian_heatmap_targets_reference,
+)

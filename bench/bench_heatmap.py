@@ -1,0 +1,190 @@
+"""Simulated-heatmap benchmarks: Reg2HM + score loss (forward + backward) and teacher targets.
+
+Loss, shapes of the spec (K = 17, 64 x 48 heatmaps), N in {32, 256}:
+  fused (Triton, one pass over the teacher) vs eager reference vs torch.compile of the reference;
+  "*_cudagraph" variants replay forward + backward from a CUDA graph (kernel time without the
+  Python and launch overhead, which is of the order of the fused kernels' ~20 us at N = 256).
+  Bytes = the unavoidable traffic: the teacher heatmaps read once, plus coords, sigma, score and
+  weights read and their gradients written; "gbps" in extra_info is that over the median time.
+Targets, N = 64: Triton kernel (GPU) vs the vectorised PyTorch path vs a per-sample numpy loop
+  (mmpose style). Bytes = the heatmaps written.
+
+GPU cases carry @pytest.mark.gpu and skip without CUDA; the CPU cases (eager vs compile for the
+loss at N = 32, torch vs numpy for the targets) always run.
+
+    pytest bench/bench_heatmap.py --benchmark-only --benchmark-json bench/results/heatmap-<gpu>.json
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+import distilpose_kernels as dk
+from benchutils import run_benchmark
+
+K, H, W = 17, 64, 48
+INPUT = (256, 192)
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def loss_bytes(n: int, k: int, h: int, w: int, teacher_elt: int) -> float:
+    """Teacher read once + (coords 2, sigma 2, score 1, weight 1) fp32 read + 5 fp32 gradients written."""
+    return n * k * h * w * teacher_elt + n * k * (6 + 5) * 4
+
+
+def _loss_inputs(n: int, device, teacher_dtype=torch.float32):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    coords = (torch.rand(n, K, 2, generator=g) * 1.2 - 0.1).to(device).requires_grad_()
+    sigma = (torch.rand(n, K, 2, generator=g) * 3 + 0.5).to(device).requires_grad_()
+    score = torch.rand(n, K, 1, generator=g).to(device).requires_grad_()
+    teacher = torch.rand(n, K, H, W, generator=g).to(device=device, dtype=teacher_dtype)
+    weight = (torch.rand(n, K, 1, generator=g) > 0.2).float().to(device)
+    return coords, sigma, score, teacher, weight
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference():
+    return torch.compile(dk.simulated_heatmap_loss_reference, dynamic=False)
+
+
+def _loss_fn(impl: str):
+    if impl == "fused":
+        return lambda *a: dk.simulated_heatmap_loss(*a, backend="triton")
+    if impl == "eager":
+        return dk.simulated_heatmap_loss_reference
+    if impl == "compile":
+        return lambda *a: _compiled_reference()(*a)
+    raise ValueError(impl)
+
+
+def _fwd_bwd(fn, coords, sigma, score, teacher, weight):
+    def step():
+        reg, sl = fn(coords, sigma, score, teacher, weight)
+        return torch.autograd.grad(reg + 0.01 * sl, (coords, sigma, score))
+
+    return step
+
+
+def _cuda_graph(step):
+    """Capture ``step`` (forward + backward) in a CUDA graph: times the kernels without the
+    Python/launch overhead, which at N = 256 is comparable to the fused kernels' run time."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32"):
+    inputs = _loss_inputs(n, device, TEACHER_DTYPES[teacher_dtype])
+    graphed = impl.endswith("_cudagraph")
+    step = _fwd_bwd(_loss_fn(impl.removesuffix("_cudagraph")), *inputs)
+    if graphed:
+        step = _cuda_graph(step)
+    elt = torch.empty((), dtype=TEACHER_DTYPES[teacher_dtype]).element_size()
+    run_benchmark(
+        benchmark, step, device=device, bytes_moved=loss_bytes(n, K, H, W, elt),
+        op="simulated_heatmap_loss fwd+bwd", impl=impl, n=n, teacher_dtype=teacher_dtype,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("teacher_dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["fused", "eager", "compile", "fused_cudagraph", "compile_cudagraph"])
+@pytest.mark.parametrize("n", [32, 256])
+def test_loss_fwd_bwd_gpu(benchmark, impl, n, teacher_dtype):
+    if teacher_dtype != "fp32" and not impl.startswith("fused"):
+        pytest.skip("the references run with an fp32 teacher only")
+    _bench_loss(benchmark, impl, n, "cuda", teacher_dtype)
+
+
+@pytest.mark.parametrize("impl", ["eager", "compile"])
+def test_loss_fwd_bwd_cpu(benchmark, impl):
+    _bench_loss(benchmark, impl, 32, "cpu")
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def numpy_loop_targets(kp: np.ndarray, vis: np.ndarray, input_size, heatmap_size, sigma: float, encoding: str):
+    """mmpose-style per-sample, per-keypoint numpy loop (the baseline the kernel replaces)."""
+    n, k, _ = kp.shape
+    (ih, iw), (h, w) = input_size, heatmap_size
+    target = np.zeros((n, k, h, w), dtype=np.float32)
+    weight = np.zeros((n, k, 1), dtype=np.float32)
+    tmp = 3 * sigma
+    size = 2 * tmp + 1
+    gx = np.arange(0, size, 1, np.float32)
+    gy = gx[:, None]
+    xs = np.arange(0, w, 1, np.float32)
+    ys = np.arange(0, h, 1, np.float32)[:, None]
+    stride = np.array([(iw - 1) / (w - 1), (ih - 1) / (h - 1)]) if encoding == "udp" else np.array([iw / w, ih / h])
+    for i in range(n):
+        for j in range(k):
+            weight[i, j] = vis[i, j]
+            f = kp[i, j] / stride
+            if encoding == "unbiased":
+                if f[0] - tmp >= w or f[1] - tmp >= h or f[0] + tmp + 1 < 0 or f[1] + tmp + 1 < 0:
+                    weight[i, j] = 0
+                if weight[i, j] > 0.5:
+                    target[i, j] = np.exp(-((xs - f[0]) ** 2 + (ys - f[1]) ** 2) / (2 * sigma**2))
+                continue
+            mx, my = int(f[0] + 0.5), int(f[1] + 0.5)
+            ul = [int(mx - tmp), int(my - tmp)]
+            br = [int(mx + tmp + 1), int(my + tmp + 1)]
+            if ul[0] >= w or ul[1] >= h or br[0] < 0 or br[1] < 0:
+                weight[i, j] = 0
+                continue
+            x0 = y0 = size // 2
+            if encoding == "udp":
+                x0, y0 = x0 + f[0] - mx, y0 + f[1] - my
+            g = np.exp(-((gx - x0) ** 2 + (gy - y0) ** 2) / (2 * sigma**2))
+            if weight[i, j] > 0.5:
+                target[i, j, max(0, ul[1]) : min(br[1], h), max(0, ul[0]) : min(br[0], w)] = g[
+                    max(0, -ul[1]) : min(br[1], h) - ul[1], max(0, -ul[0]) : min(br[0], w) - ul[0]
+                ]
+    return target, weight
+
+
+def _target_inputs(n: int, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    kp = torch.rand(n, K, 2, generator=g) * torch.tensor([INPUT[1] * 1.2, INPUT[0] * 1.2]) - 10
+    vis = (torch.rand(n, K, generator=g) > 0.2).float()
+    return kp.to(device), vis.to(device)
+
+
+def _bench_targets(benchmark, impl, encoding, device, n=64):
+    kp, vis = _target_inputs(n, device)
+    if impl == "numpy_loop":
+        kpn, visn = kp.cpu().numpy(), vis.cpu().numpy()
+        fn = lambda: numpy_loop_targets(kpn, visn, INPUT, (H, W), 2.0, encoding)  # noqa: E731
+        ours = dk.gaussian_heatmap_targets(kp.cpu(), vis.cpu(), INPUT, (H, W), 2.0, encoding, backend="reference")[0]
+        np.testing.assert_allclose(fn()[0], ours.numpy(), atol=2e-5)  # the baseline computes the same thing
+    else:
+        backend = "triton" if impl == "triton" else "reference"
+        fn = lambda: dk.gaussian_heatmap_targets(kp, vis, INPUT, (H, W), 2.0, encoding, backend=backend)  # noqa: E731
+    run_benchmark(
+        benchmark, fn, device=device, bytes_moved=n * K * H * W * 4,
+        op="gaussian_heatmap_targets", impl=impl, n=n, encoding=encoding,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("encoding", ["unbiased", "msra", "udp"])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_targets_gpu(benchmark, impl, encoding):
+    _bench_targets(benchmark, impl, encoding, "cuda")
+
+
+@pytest.mark.parametrize("encoding", ["unbiased", "msra", "udp"])
+@pytest.mark.parametrize("impl", ["torch", "numpy_loop"])
+def test_targets_cpu(benchmark, impl, encoding):
+    _bench_targets(benchmark, impl, encoding, "cpu")
