@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import distilpose_kernels as dk
+from distilpose_kernels import annotate
 
 
 def keypoint_regression_loss(coords: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -31,6 +32,7 @@ def token_mse_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -
     return F.mse_loss(student_tokens, teacher_tokens.detach().to(student_tokens.dtype))
 
 
+@annotate("distilpose.teacher_loss")
 def teacher_loss(out: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Heatmap teacher loss: per-joint weighted MSE on the Gaussian targets."""
     loss = dk.joint_mse_loss(out["heatmaps"], batch["heatmaps"], batch["heatmap_weight"])

@@ -456,6 +456,7 @@ class GaussianHeatmapRenderer(nn.Module):
         return f"height={self.height}, width={self.width}, mask_off_grid={self.mask_off_grid}"
 
 
+@annotate("distilpose.joint_mse_loss")
 def joint_mse_loss(pred: torch.Tensor, target: torch.Tensor, target_weight: torch.Tensor) -> torch.Tensor:
     """Per-joint weighted heatmap MSE (the teacher's loss, mmpose JointsMSELoss with target weight).
 

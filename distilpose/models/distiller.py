@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import distilpose_kernels as dk
+from distilpose_kernels import annotate
 
 from ..losses import keypoint_regression_loss, token_mse_loss
 from .pose import TokenPoseModel
@@ -100,6 +101,7 @@ class Distiller(nn.Module):
             w["score"] = 0.0
         return {k: v for k, v in w.items() if v != 0.0}
 
+    @annotate("distilpose.distiller")
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         img = batch["img"]
         out = self.student(img)

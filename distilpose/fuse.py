@@ -1,0 +1,147 @@
+"""Conv + BatchNorm folding for inference.
+
+An eval-mode BatchNorm after a convolution is an affine map per output channel, so it
+can be folded into the convolution's weight and bias:
+
+    w' = w * gamma / sqrt(var + eps)        b' = (b - mean) * gamma / sqrt(var + eps) + beta
+
+Pairs are found with ``torch.fx`` (a conv whose only user is a BatchNorm), on the largest
+submodules that trace; the model keeps its own classes and forward code (NVTX ranges
+included): each folded BatchNorm is replaced by ``nn.Identity`` and its conv gets the
+folded weights. The fold is computed in float64 and cast back to the conv's dtype.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["fold_conv_bn", "fold_conv_bn_weights", "find_conv_bn_pairs", "fuse_conv_bn_model"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def fold_conv_bn_weights(
+    conv_w: torch.Tensor,
+    conv_b: torch.Tensor | None,
+    bn_mean: torch.Tensor,
+    bn_var: torch.Tensor,
+    bn_eps: float,
+    bn_w: torch.Tensor | None,
+    bn_b: torch.Tensor | None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Folded (weight (Cout, Cin/g, *k), bias (Cout,)) of conv followed by eval-mode BN."""
+    dtype = conv_w.dtype
+    w = conv_w.detach().double()
+    cout = w.shape[0]
+    b = conv_b.detach().double() if conv_b is not None else torch.zeros(cout, dtype=torch.float64, device=w.device)
+    gamma = bn_w.detach().double() if bn_w is not None else torch.ones_like(b)
+    beta = bn_b.detach().double() if bn_b is not None else torch.zeros_like(b)
+    inv_std = torch.rsqrt(bn_var.detach().double() + bn_eps)
+    factor = gamma * inv_std
+    w_f = w * factor.reshape(-1, *([1] * (w.dim() - 1)))
+    b_f = (b - bn_mean.detach().double()) * factor + beta
+    return w_f.to(dtype), b_f.to(dtype)
+
+
+def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    """A new conv (same class and hyper-parameters) equal to ``bn(conv(x))`` in eval mode."""
+    if not isinstance(conv, _CONVS):
+        raise TypeError(f"conv: expected nn.Conv1d/2d/3d, got {type(conv).__name__}")
+    if not isinstance(bn, _BNS):
+        raise TypeError(f"bn: expected nn.BatchNorm1d/2d/3d, got {type(bn).__name__}")
+    if not bn.track_running_stats or bn.running_mean is None:
+        raise ValueError("bn: has no running statistics (track_running_stats=False): it cannot be folded")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"bn: {bn.num_features} features, but the conv has {conv.out_channels} output channels")
+    fused = copy.deepcopy(conv)
+    _fold_into(fused, bn)
+    return fused
+
+
+def _fold_into(conv: nn.Module, bn: nn.Module) -> None:
+    w, b = fold_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    requires_grad = conv.weight.requires_grad
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(b, requires_grad=requires_grad)
+        else:
+            conv.bias.copy_(b)
+
+
+def _pairs_in_graph(gm: fx.GraphModule) -> List[Tuple[str, str]]:
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BNS):
+            continue
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        src = node.args[0]
+        if src.op != "call_module" or not isinstance(gm.get_submodule(src.target), _CONVS):
+            continue
+        # the conv output must feed only this BN, and neither module may be shared
+        if len(src.users) != 1 or calls[src.target] != 1 or calls[node.target] != 1:
+            continue
+        bn = gm.get_submodule(node.target)
+        if not bn.track_running_stats or bn.running_mean is None:
+            continue
+        if bn.num_features != gm.get_submodule(src.target).out_channels:
+            continue
+        pairs.append((src.target, node.target))
+    return pairs
+
+
+def find_conv_bn_pairs(module: nn.Module) -> List[Tuple[str, str]]:
+    """Qualified names (conv, bn) of every foldable pair in ``module``.
+
+    Traces ``module`` with torch.fx; where tracing fails (data-dependent checks, for
+    instance), its children are traced instead, recursively.
+    """
+
+    def visit(mod: nn.Module, prefix: str) -> List[Tuple[str, str]]:
+        if not any(isinstance(m, _BNS) for m in mod.modules()):
+            return []
+        try:
+            gm = fx.symbolic_trace(mod)
+        except Exception:  # noqa: BLE001 - any trace failure: look one level down
+            out = []
+            for name, child in mod.named_children():
+                out += visit(child, f"{prefix}{name}.")
+            return out
+        return [(prefix + c, prefix + b) for c, b in _pairs_in_graph(gm)]
+
+    return visit(module, "")
+
+
+def _set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
+    parent_name, _, attr = qualname.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def fuse_conv_bn_model(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Fold every conv -> BatchNorm pair of an eval-mode ``model``; the BNs become ``nn.Identity``.
+
+    Returns the fused model (a deep copy unless ``inplace``). The number of folded pairs
+    is stored as ``model._distilpose_folded_bn``. The result is for inference only:
+    training it would train without BatchNorm.
+    """
+    if model.training:
+        raise RuntimeError("model: conv+BN folding needs eval mode (call model.eval() first)")
+    if not inplace:
+        model = copy.deepcopy(model)
+    pairs = find_conv_bn_pairs(model)
+    for conv_name, bn_name in pairs:
+        _fold_into(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        _set_submodule(model, bn_name, nn.Identity())
+    model._distilpose_folded_bn = len(pairs)  # type: ignore[attr-defined]
+    return model

@@ -1,0 +1,398 @@
+"""Low-level inference engine: preprocessed crops in, keypoints in image pixels out.
+
+``InferenceEngine`` wraps a DistilPose student (regression) or TokenPose teacher (heatmaps)
+for fast inference:
+
+- eval mode, optional conv+BN folding (:mod:`distilpose.fuse`), optional channels-last;
+- fp32, or bf16/fp16 through autocast;
+- flip test (mirror the crop, swap left/right keypoints; regression: ``x' = 1 - x``;
+  heatmaps: mirror back with the one-pixel shift), the two passes batched into one forward
+  by default (``flip_batched=False`` runs two forwards, the paper's setting);
+- decoding: student coordinates are crop-normalised; teacher heatmaps go through
+  ``distilpose_kernels.decode_heatmaps`` (argmax + DARK by default); then crop pixels ->
+  image pixels with the data pipeline's convention
+  (``x_img = center + R(rot) ((x_crop - crop_size / 2) * scale / crop_size)``);
+- optional ``torch.compile`` of the whole step and optional CUDA-graph capture per input
+  shape (static input buffers, replayed; the whole step, decoding included, is one graph).
+
+The engine is image-agnostic: cropping images into normalised tensors is the job of the
+data pipeline / :mod:`distilpose.inference`.
+
+Example::
+
+    engine = InferenceEngine(build_model("distilpose_s"), device="cuda", cuda_graph=True)
+    out = engine(crops, center, scale)          # crops (N, 3, 256, 192) normalised
+    out["keypoints"], out["scores"]             # (N, K, 2) image px, (N, K)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+import distilpose_kernels as dk
+from distilpose_kernels import annotate
+
+__all__ = [
+    "COCO_FLIP_PAIRS",
+    "InferenceEngine",
+    "crop_to_image",
+    "flip_back_heatmaps",
+    "flip_back_regression",
+    "flip_index",
+]
+
+#: Left/right keypoint pairs of COCO-17 (swapped by a horizontal flip).
+COCO_FLIP_PAIRS: Tuple[Tuple[int, int], ...] = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def flip_index(num_keypoints: int, flip_pairs: Sequence[Tuple[int, int]] = COCO_FLIP_PAIRS) -> list:
+    """Permutation ``perm`` with ``x[:, perm]`` swapping every left/right pair."""
+    perm = list(range(num_keypoints))
+    for a, b in flip_pairs:
+        if not (0 <= a < num_keypoints and 0 <= b < num_keypoints):
+            raise ValueError(f"flip_pairs: pair {(a, b)} out of range for {num_keypoints} keypoints")
+        perm[a], perm[b] = b, a
+    return perm
+
+
+def _perm_index(perm: Union[Sequence[int], torch.Tensor], device: torch.device) -> torch.Tensor:
+    if isinstance(perm, torch.Tensor):
+        return perm if perm.device == device else perm.to(device)
+    return torch.tensor(list(perm), dtype=torch.long, device=device)
+
+
+@annotate("distilpose.decode.flip_back")
+def flip_back_regression(coords: torch.Tensor, perm: Union[Sequence[int], torch.Tensor]) -> torch.Tensor:
+    """Crop-normalised coords (N, K, 2) predicted on a mirrored crop -> the original crop.
+
+    ``perm``: the left/right permutation (a list, or a long tensor on the coords' device,
+    which keeps the function free of host-to-device copies, e.g. inside a CUDA graph).
+    """
+    x = coords.index_select(1, _perm_index(perm, coords.device))
+    return torch.stack((1.0 - x[..., 0], x[..., 1]), dim=-1)
+
+
+@annotate("distilpose.decode.flip_back")
+def flip_back_heatmaps(
+    heatmaps: torch.Tensor, perm: Union[Sequence[int], torch.Tensor], shift: bool = True
+) -> torch.Tensor:
+    """Heatmaps (N, K, H, W) of a mirrored crop -> the original crop (mmpose ``flip_back``).
+
+    ``shift``: move the mirrored maps one pixel to the right (mmpose's ``shift_heatmap``),
+    which compensates the pixel-centre offset of the mirror.
+    """
+    hm = heatmaps.flip(-1).index_select(1, _perm_index(perm, heatmaps.device))
+    if shift:
+        hm = torch.cat((hm[..., :1], hm[..., :-1]), dim=-1)
+    return hm
+
+
+def _scale_xy(coords: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
+    return torch.stack((coords[..., 0] * sx, coords[..., 1] * sy), dim=-1)
+
+
+@annotate("distilpose.decode.to_image")
+def crop_to_image(
+    coords: torch.Tensor,
+    center: torch.Tensor,
+    scale: torch.Tensor,
+    rotation: Optional[torch.Tensor],
+    crop_size: Tuple[int, int],
+) -> torch.Tensor:
+    """Crop pixels (N, K, 2) -> image pixels, inverting the data pipeline's affine crop.
+
+    center (N, 2) image px; scale (N, 2) box w, h in px (the crop's full extent);
+    rotation (N,) degrees or None (no rotation); crop_size (H, W). Computed in the coords'
+    dtype, with no host-to-device copies (CUDA-graph safe).
+    """
+    h, w = crop_size
+    scale = scale.to(coords.dtype)
+    vx = (coords[..., 0] - w / 2.0) * (scale[:, 0:1] / w)
+    vy = (coords[..., 1] - h / 2.0) * (scale[:, 1:2] / h)
+    if rotation is not None:
+        r = torch.deg2rad(rotation.to(coords.dtype))[:, None]
+        cos, sin = torch.cos(r), torch.sin(r)
+        vx, vy = cos * vx - sin * vy, sin * vx + cos * vy
+    center = center.to(coords.dtype)
+    return torch.stack((vx + center[:, 0:1], vy + center[:, 1:2]), dim=-1)
+
+
+def _set_attention_backend(model: nn.Module, backend: Optional[str]) -> None:
+    for m in model.modules():
+        if hasattr(m, "backend") and (m.backend is None or isinstance(m.backend, str)):
+            m.backend = backend
+
+
+class InferenceEngine:
+    """Fast batched inference for a :class:`~distilpose.models.TokenPoseModel`.
+
+    Args:
+        model: a student (``kind == "student"``) or teacher model; it is deep-copied when
+            BN folding or a device/layout change would otherwise modify it.
+        device: where to run (default: the model's device).
+        precision: "fp32", "bf16" or "fp16" (autocast; inputs and outputs stay fp32).
+        flip_test: average with the mirrored crop.
+        flip_batched: run the crop and its mirror as one batch of 2N (else two forwards).
+        flip_pairs: left/right keypoint pairs (COCO-17 by default).
+        fold_bn: fold conv+BN pairs (the paper's speed was measured without folding).
+        channels_last: convert the model and inputs to channels-last memory format.
+        attention_backend: set on every module with a ``backend`` attribute (the TDE's
+            attention): None/"auto", "reference" or "triton".
+        compile: ``torch.compile`` the step (``compile_mode``, e.g. "default", "max-autotune-no-cudagraphs").
+        cuda_graph: capture the step as a CUDA graph per input shape and replay it
+            (CUDA only; the model must be capturable: no host syncs in forward).
+        decode: teacher heatmap decoding method for ``distilpose_kernels.decode_heatmaps``
+            ("dark" or "argmax"); ``dark_kernel`` its Gaussian kernel size.
+        heatmap_shift: the one-pixel shift of flipped heatmaps (teacher flip test).
+        clone_outputs: copy graph outputs out of the static buffers (set False to save a
+            copy when each result is consumed before the next call).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: Optional[Union[str, torch.device]] = None,
+        precision: str = "fp32",
+        flip_test: bool = True,
+        flip_batched: bool = True,
+        flip_pairs: Sequence[Tuple[int, int]] = COCO_FLIP_PAIRS,
+        fold_bn: bool = False,
+        channels_last: bool = False,
+        attention_backend: Optional[str] = None,
+        compile: bool = False,
+        compile_mode: Optional[str] = None,
+        cuda_graph: bool = False,
+        decode: str = "dark",
+        dark_kernel: int = 11,
+        heatmap_shift: bool = True,
+        clone_outputs: bool = True,
+    ):
+        if precision not in _DTYPES:
+            raise ValueError(f"precision: expected one of {sorted(_DTYPES)}, got {precision!r}")
+        kind = getattr(model, "kind", None)
+        if kind not in ("student", "teacher"):
+            raise ValueError("model: expected a TokenPoseModel (kind 'student' or 'teacher')")
+        if decode not in ("dark", "argmax"):
+            raise ValueError(f"decode: expected 'dark' or 'argmax', got {decode!r}")
+        if device is None:
+            p = next(model.parameters(), None)
+            device = p.device if p is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph: needs a CUDA device, the engine runs on {self.device}")
+
+        model = copy.deepcopy(model)  # never modify the caller's model (eval, folding, backend, layout)
+        model.eval()
+        if fold_bn:
+            from .fuse import fuse_conv_bn_model
+
+            model = fuse_conv_bn_model(model, inplace=True)
+        if attention_backend is not None:
+            _set_attention_backend(model, None if attention_backend == "auto" else attention_backend)
+        if hasattr(model, "check_finite"):
+            model.check_finite = False  # a host sync per call; inputs come from our own pipeline
+        model.to(self.device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+        self.model = model
+        self.kind = kind
+        self.input_size: Tuple[int, int] = tuple(getattr(model, "input_size", (256, 192)))  # type: ignore[assignment]
+        self.heatmap_size: Tuple[int, int] = tuple(getattr(model, "heatmap_size", (64, 48)))  # type: ignore[assignment]
+        self.num_keypoints = int(getattr(model, "num_keypoints", 17))
+        self.precision = precision
+        self.dtype = _DTYPES[precision]
+        self.flip_test = flip_test
+        self.flip_batched = flip_batched
+        self.perm = flip_index(self.num_keypoints, flip_pairs)
+        self._perm_t = torch.tensor(self.perm, dtype=torch.long, device=self.device)
+        self._defaults: Dict[tuple, torch.Tensor] = {}
+        self.channels_last = channels_last
+        self.decode = decode
+        self.dark_kernel = dark_kernel
+        self.heatmap_shift = heatmap_shift
+        self.fold_bn = fold_bn
+        self.cuda_graph = cuda_graph
+        self.clone_outputs = clone_outputs
+        self.compiled = bool(compile)
+        self._step: Callable = self._forward_decode
+        if compile:
+            kwargs = {} if compile_mode is None else {"mode": compile_mode}
+            self._step = torch.compile(self._forward_decode, dynamic=False, **kwargs)
+        self._graphs: Dict[tuple, tuple] = {}
+        self._pool = None
+
+    # ------------------------------------------------------------------ the step
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _model_out(self, img: torch.Tensor) -> Dict[str, torch.Tensor]:
+        with self._autocast():
+            return self.model(img)
+
+    def _forward_decode(
+        self, img: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, rotation: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """crops (N, 3, H, W) -> (keypoints (N, K, 2) image px fp32, scores (N, K) fp32)."""
+        n = img.shape[0]
+        key = "coords" if self.kind == "student" else "heatmaps"
+        if self.flip_test:
+            flipped = img.flip(-1)
+            if self.flip_batched:
+                both = self._model_out(torch.cat((img, flipped), dim=0))
+                out, out_f = both[key][:n], both[key][n:]
+                extra = both["score"] if self.kind == "student" else None
+                s, s_f = (extra[:n], extra[n:]) if extra is not None else (None, None)
+            else:
+                o1, o2 = self._model_out(img), self._model_out(flipped)
+                out, out_f = o1[key], o2[key]
+                s, s_f = (o1["score"], o2["score"]) if self.kind == "student" else (None, None)
+        else:
+            o = self._model_out(img)
+            out, out_f = o[key], None
+            s, s_f = (o["score"], None) if self.kind == "student" else (None, None)
+
+        h, w = self.input_size
+        if self.kind == "student":
+            coords = out.float()
+            scores = s.float()[..., 0]
+            if out_f is not None:
+                coords = (coords + flip_back_regression(out_f.float(), self._perm_t)) * 0.5
+                scores = (scores + s_f.float()[..., 0].index_select(1, self._perm_t)) * 0.5
+            crop_px = _scale_xy(coords, float(w), float(h))
+        else:
+            hm = out.float()
+            if out_f is not None:
+                hm = (hm + flip_back_heatmaps(out_f.float(), self._perm_t, self.heatmap_shift)) * 0.5
+            crop_px, scores = self._decode_heatmaps(hm)
+        return crop_to_image(crop_px, center, scale, rotation, self.input_size), scores
+
+    def _decode_heatmaps(self, hm: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        kwargs = {"method": self.decode}
+        if self.decode == "dark":
+            kwargs["kernel"] = self.dark_kernel
+        coords, maxvals = dk.decode_heatmaps(hm, **kwargs)
+        hh, hw = hm.shape[-2:]
+        h, w = self.input_size
+        crop_px = _scale_xy(coords.float(), w / hw, h / hh)
+        return crop_px, maxvals.float().reshape(hm.shape[0], hm.shape[1])
+
+    # ------------------------------------------------------------------ public API
+
+    def _prepare(self, crops, center, scale, rotation):
+        if not isinstance(crops, torch.Tensor):
+            raise TypeError(f"crops: expected a torch.Tensor, got {type(crops).__name__}")
+        h, w = self.input_size
+        if crops.dim() != 4 or crops.shape[1] != 3 or tuple(crops.shape[2:]) != (h, w):
+            raise ValueError(f"crops: expected (N, 3, {h}, {w}) normalised crops, got {tuple(crops.shape)}")
+        if not crops.is_floating_point():
+            raise TypeError(f"crops: expected a floating-point tensor, got {crops.dtype}")
+        n = crops.shape[0]
+        dev = self.device
+        img = crops.to(dev, torch.float32, non_blocking=True)
+        if self.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+
+        def as_t(name, v, default, shape):
+            if v is None:
+                key = (name, n)
+                t = self._defaults.get(key)
+                if t is None:  # cached on the device: no host-to-device copy per call
+                    t = torch.tensor(default, dtype=torch.float32, device=dev).expand(shape).contiguous()
+                    self._defaults[key] = t
+                return t
+            t = torch.as_tensor(v, dtype=torch.float32).to(dev, non_blocking=True)
+            if t.shape == shape[1:]:
+                t = t.expand(shape).contiguous()
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape} (or {shape[1:]}), got {tuple(t.shape)}")
+            return t
+
+        c = as_t("center", center, [w / 2.0, h / 2.0], (n, 2))
+        s = as_t("scale", scale, [float(w), float(h)], (n, 2))
+        r = None if rotation is None else as_t("rotation", rotation, 0.0, (n,))
+        return img, c, s, r
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        crops: torch.Tensor,
+        center: Optional[torch.Tensor] = None,
+        scale: Optional[torch.Tensor] = None,
+        rotation: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """Keypoints of normalised crops.
+
+        crops (N, 3, H, W); center (N, 2) / scale (N, 2) image px (box centre and padded
+        box size, as the dataset's meta gives them) and rotation (N,) degrees; a (2,) or
+        scalar value is broadcast. Without center/scale the keypoints are in crop pixels.
+        Returns {"keypoints": (N, K, 2) fp32, "scores": (N, K) fp32} on the engine's device.
+        """
+        img, c, s, r = self._prepare(crops, center, scale, rotation)
+        if self.cuda_graph:
+            kp, sc = self._replay(img, c, s, r)
+        else:
+            kp, sc = self._step(img, c, s, r)
+        return {"keypoints": kp, "scores": sc}
+
+    def predict(self, crops, center=None, scale=None, rotation=None) -> torch.Tensor:
+        """Like ``__call__`` but returns one (N, K, 3) [x, y, score] tensor."""
+        out = self(crops, center, scale, rotation)
+        return torch.cat((out["keypoints"], out["scores"][..., None]), dim=-1)
+
+    # ------------------------------------------------------------------ CUDA graphs
+
+    def _replay(self, img, c, s, r):
+        key = (tuple(img.shape), img.stride(), r is None)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(img, c, s, r)
+            self._graphs[key] = entry
+        graph, static_in, static_out = entry
+        for dst, src in zip(static_in, (img, c, s, r)):
+            if dst is not None:
+                dst.copy_(src, non_blocking=True)
+        graph.replay()
+        if self.clone_outputs:
+            return tuple(o.clone() for o in static_out)
+        return static_out
+
+    def _capture(self, img, c, s, r):
+        static_in = tuple(None if t is None else t.clone() for t in (img, c, s, r))
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up: compilation, autotuning, cuDNN/cuBLAS handles
+                self._step(*static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_out = self._step(*static_in)
+        return graph, static_in, static_out
+
+    def reset_graphs(self) -> None:
+        """Drop the captured graphs (e.g. to free their memory)."""
+        self._graphs.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"InferenceEngine({getattr(self.model, 'name', 'model')}, kind={self.kind}, device={self.device}, "
+            f"precision={self.precision}, flip_test={self.flip_test}, fold_bn={self.fold_bn}, "
+            f"compile={self.compiled}, cuda_graph={self.cuda_graph})"
+        )
+

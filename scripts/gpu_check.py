@@ -1,0 +1,742 @@
+#!/usr/bin/env python3
+"""The one GPU check: build with CUDA, run the GPU tests, compute-sanitizer, the speed-goal
+benchmarks, and print a goal-vs-measured table LAST.
+
+    bash scripts/gpu_check.sh                 # on a CUDA machine (installs carried wheels first)
+    python scripts/gpu_check.py --dry-run     # list the stages and their time limits
+    python scripts/gpu_check.py --list-goals  # the goals and how each is found
+
+Stages run in priority order, each in its own subprocess with a time limit; a failing or
+timed-out stage never stops the rest. A global budget (``--budget``, default 465 s) keeps the
+whole run under 8 minutes on an H100: every stage gets at most what is left after reserving
+a minimum slice for the stages after it. Nothing here changes GPU settings (no clocks, power,
+persistence or compute mode; ``nvidia-smi`` is only queried).
+
+Output: ``gpu_check-<device>.json`` (every stage: command, status, duration, output tail;
+the ceilings; the goal table) and ``gpu_check-<device>.log`` (full output), plus one
+pytest-benchmark JSON per benchmark stage (``<stage>-<device>.json``), all under ``$OUT``
+when set, else ``bench/results/``.
+
+On a machine without a CUDA GPU it says so, checks what it can (every benchmark selection
+below still matches cases: ``--collect-only``), and exits 0.
+
+How goal cases are found: each benchmark stage runs ONE file with a ``-k`` expression
+(``BENCH_SELECTIONS``); the goal table then reads the pytest-benchmark JSON and matches
+cases on their ``extra_info`` fields (``impl``, ``batch``/``n``, ``dtype``, ``mode``, ...,
+``median_s``, ``gbps``), so test names only matter for the ``-k`` selection.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+PYTEST = [PY, "-m", "pytest", "-p", "no:cacheprovider"]
+
+#: The paper's DistilPose-S speed (batch 1, fp32, flip test, one GPU).
+PAPER_FPS_S = 40.2
+
+# ----------------------------------------------------------------------------- selections
+#: stage -> (benchmark file, -k expression). Keep these in step with the benchmark files:
+#: the keywords are parts of their test names / parameter ids.
+BENCH_SELECTIONS: Dict[str, tuple] = {
+    # token attention: B=64 bf16, fwd and fwdbwd; fused vs eager einsum vs every SDPA backend
+    "bench-attention": ("bench/bench_attention.py",
+                        "test_token_attention_gpu and 64 and bf16 and (fused or eager or sdpa)"),
+    # Reg2HM + score loss fwd+bwd N=256 (fused / eager / compile, fp32 teacher); targets N=64
+    "bench-heatmap": ("bench/bench_heatmap.py",
+                      "(test_loss_fwd_bwd_gpu and 256 and fp32) or (test_targets and unbiased)"),
+    # soft-argmax forward N=256 (GB/s) and decode
+    "bench-decode": ("bench/bench_decode.py", "test_soft_argmax_forward and 256 and cuda and not backward"),
+    # end to end: S batch 1 fp32 with/without flip; S batch 256 bf16; the distillation step
+    "bench-e2e": ("bench/bench_e2e.py",
+                  "(test_e2e_infer_b1_fp32 and distilpose_s and not compile) or "
+                  "(test_e2e_infer_b256_bf16 and distilpose_s and noflip and not compile) or "
+                  "test_e2e_train_distill"),
+    # lower priority: torch.compile variants of the S batch-1 case (compiles take a while)
+    "bench-e2e-compile": ("bench/bench_e2e.py",
+                          "test_e2e_infer_b1_fp32 and distilpose_s and withflip and compile"),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_")[:60] or "unknown"
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def device_label() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001
+        pass
+    return "cpu-" + (platform.processor() or platform.machine())
+
+
+def parse_pytest_summary(text: str) -> Dict[str, int]:
+    """Counts from pytest's final line ('3 passed, 1 failed, 2 skipped in 4.5s')."""
+    counts: Dict[str, int] = {}
+    lines = [ln for ln in text.splitlines() if re.search(r"\b(passed|failed|error|skipped|deselected|no tests ran)\b", ln)]
+    if not lines:
+        return counts
+    for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)", lines[-1]):
+        counts[what.rstrip("s") if what.startswith("error") else what] = int(n)
+    return counts
+
+
+@dataclass
+class Stage:
+    name: str
+    what: str
+    max_s: float
+    min_s: float = 20.0  # reserved for this stage while earlier stages run
+    needs_gpu: bool = True
+    run: Optional[Callable[["Runner", "Stage", float], Dict[str, Any]]] = None
+    result: Dict[str, Any] = field(default_factory=dict)
+
+
+class Runner:
+    def __init__(self, out_dir: Path, budget: float, dry_run: bool, has_gpu: bool):
+        self.out_dir = out_dir
+        self.budget = budget
+        self.dry_run = dry_run
+        self.has_gpu = has_gpu
+        self.t0 = time.monotonic()
+        self.device = device_label()
+        self.tag = slug(self.device)
+        self.log_path = out_dir / f"gpu_check-{self.tag}.log"
+        self.log = None if dry_run else open(self.log_path, "w", encoding="utf-8")
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.ceilings: Dict[str, float] = {}
+        self.bench_files: Dict[str, str] = {}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def say(self, msg: str) -> None:
+        print(msg, flush=True)
+        if self.log:
+            self.log.write(msg + "\n")
+            self.log.flush()
+
+    def sh(self, cmd: List[str], timeout: float, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """Run ``cmd`` in its own process group; on timeout kill that group. Output goes to the log."""
+        self.say(f"$ {' '.join(cmd)}   (limit {timeout:.0f} s)")
+        t = time.monotonic()
+        with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as buf:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env or self.env, stdout=buf, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            timed_out = False
+            # at the limit: SIGINT first, so pytest finishes its session and pytest-benchmark
+            # still writes the JSON of the cases that completed; then SIGTERM, then SIGKILL
+            grace = min(15.0, 0.2 * timeout)
+            try:
+                rc = proc.wait(timeout=max(1.0, timeout - grace))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                for sig, wait_s in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
+                    try:
+                        os.killpg(proc.pid, sig)
+                    except ProcessLookupError:
+                        break
+                    try:
+                        proc.wait(timeout=wait_s)
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
+                proc.wait()
+                rc = proc.returncode
+            buf.seek(0)
+            text = buf.read()
+        if self.log:
+            self.log.write(text)
+            self.log.write(f"\n[rc={rc} timed_out={timed_out} {time.monotonic() - t:.1f} s]\n")
+            self.log.flush()
+        return {"cmd": cmd, "rc": rc, "timed_out": timed_out, "seconds": round(time.monotonic() - t, 1),
+                "tail": text[-4000:], "text": text}
+
+
+# ----------------------------------------------------------------------------- stages
+
+_ENV_PROBE = textwrap.dedent(
+    """
+    import json, platform, sys
+    info = {"python": platform.python_version(), "executable": sys.executable}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["torch_cuda"] = torch.version.cuda
+        info["cuda_available"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            info.update(gpu=p.name, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,
+                        memory_gib=round(p.total_memory / 2**30, 1), l2_mb=round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
+    except Exception as e:
+        info["torch_error"] = repr(e)
+    for mod in ("triton", "onnxruntime", "pytest_benchmark", "nvtx", "pycocotools"):
+        try:
+            m = __import__(mod)
+            info[mod] = getattr(m, "__version__", "present")
+        except Exception as e:
+            info[mod] = None
+    print("ENVJSON" + json.dumps(info))
+    """
+)
+
+_CEILINGS_PROBE = textwrap.dedent(
+    """
+    import json, torch
+    dev = torch.device("cuda")
+    def med(fn, n=20):
+        for _ in range(3): fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(n):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(); fn(); b.record(); torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b) / 1e3)
+        ts.sort(); return ts[len(ts) // 2]
+    out = {}
+    # device-to-device copy, 2 GiB, rotating between two sources (bytes read + written)
+    src = [torch.rand(2**29, device=dev) for _ in range(2)]
+    dst = torch.empty_like(src[0]); i = [0]
+    def cp():
+        i[0] ^= 1; dst.copy_(src[i[0]])
+    out["copy_gbps"] = 2 * src[0].numel() * 4 / med(cp) / 1e9
+    del src, dst
+    for name, dt, n in (("bf16_tflops", torch.bfloat16, 8192), ("fp32_tflops", torch.float32, 8192), ("tf32_tflops", torch.float32, 8192)):
+        torch.backends.cuda.matmul.allow_tf32 = name == "tf32_tflops"
+        a = torch.randn(n, n, device=dev, dtype=dt); b = torch.randn(n, n, device=dev, dtype=dt)
+        out[name] = 2 * n**3 / med(lambda: a @ b, n=10) / 1e12
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print("CEILJSON" + json.dumps(out))
+    """
+)
+
+
+def _grab_json(text: str, marker: str) -> Optional[dict]:
+    for ln in reversed(text.splitlines()):
+        if ln.startswith(marker):
+            try:
+                return json.loads(ln[len(marker):])
+            except ValueError:
+                return None
+    return None
+
+
+def stage_env(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
+    res = r.sh([PY, "-c", _ENV_PROBE], limit)
+    info = _grab_json(res["text"], "ENVJSON") or {}
+    smi = shutil.which("nvidia-smi")
+    if smi:  # read-only query
+        q = r.sh([smi, "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit",
+                  "--format=csv,noheader"], 15)
+        info["nvidia_smi"] = q["text"].strip()
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                            text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = "unknown"
+    ok = res["rc"] == 0 and "torch" in info
+    return {"status": "ok" if ok else "fail", "info": info, **_strip(res)}
+
+
+def stage_ceilings(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
+    res = r.sh([PY, "-c", _CEILINGS_PROBE], limit)
+    ceil = _grab_json(res["text"], "CEILJSON")
+    if ceil:
+        r.ceilings.update(ceil)
+    return {"status": "ok" if ceil else "fail", "ceilings": ceil, **_strip(res)}
+
+
+def _arch_list() -> Optional[str]:
+    try:
+        import torch
+
+        caps = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(caps) or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def stage_build(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
+    env = dict(r.env, FORCE_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", str(min(16, os.cpu_count() or 4))))
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or _arch_list()
+    if arch:
+        env["TORCH_CUDA_ARCH_LIST"] = arch  # only the GPU(s) present: a shorter build
+    res = r.sh([PY, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."], limit, env=env)
+    if res["rc"] != 0:
+        return {"status": "fail", **_strip(res)}
+    chk = r.sh([PY, "-c", "import distilpose_kernels._C as c, sys; print('extension:', c.__file__)"], 60)
+    ok = chk["rc"] == 0
+    return {"status": "ok" if ok else "fail", "extension_import": chk["tail"][-500:], **_strip(res)}
+
+
+def stage_info(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
+    res = r.sh([PY, "-m", "distilpose_kernels.info"], limit)
+    return {"status": "ok" if res["rc"] == 0 else "fail", **_strip(res)}
+
+
+def _pytest_stage(r: Runner, args: List[str], limit: float, env=None) -> Dict[str, Any]:
+    res = r.sh(PYTEST + args, limit, env=env)
+    counts = parse_pytest_summary(res["text"])
+    if res["timed_out"]:
+        status = "timeout"
+    elif res["rc"] == 0:
+        status = "ok"
+    elif res["rc"] == 5:
+        status = "no tests"
+    else:
+        status = "fail"
+    return {"status": status, "counts": counts, **_strip(res)}
+
+
+def stage_tests_gpu(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
+    return _pytest_stage(r, ["tests", "-m", "gpu", "-q", "-rfEs", "--timeout=120"] if _has_plugin("pytest_timeout")
+                         else ["tests", "-m", "gpu", "-q", "-rfEs"], limit)
+
+
+def stage_tests_rest(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
+    args = ["tests", "-m", "not gpu", "-q", "-rfE"]
+    if _has_plugin("xdist"):
+        args += ["-n", str(min(8, os.cpu_count() or 2))]
+    return _pytest_stage(r, args, limit)
+
+
+def _find_sanitizer() -> Optional[str]:
+    cands = [shutil.which("compute-sanitizer")]
+    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if base:
+            cands.append(os.path.join(base, "bin", "compute-sanitizer"))
+    return next((c for c in cands if c and os.path.exists(c)), None)
+
+
+def stage_sanitizer(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
+    cs = _find_sanitizer()
+    if cs is None:
+        return {"status": "skipped", "why": "compute-sanitizer not found"}
+    # no caching allocator: out-of-bounds accesses inside cached blocks would go unseen
+    env = dict(r.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    res = r.sh([cs, "--tool", "memcheck", "--error-exitcode", "86", "--target-processes", "all",
+                *PYTEST, "tests/test_decode.py", "-m", "gpu", "-q", "-rfEs"], limit, env=env)
+    counts = parse_pytest_summary(res["text"])
+    m = re.search(r"ERROR SUMMARY: (\d+) error", res["text"])
+    errors = int(m.group(1)) if m else None
+    if res["timed_out"]:
+        status = "timeout"
+    elif res["rc"] == 0 and counts.get("passed", 0) > 0:
+        status = "ok"
+    elif res["rc"] == 5 or (res["rc"] == 0 and not counts.get("passed")):
+        status = "no tests"
+    else:
+        status = "fail"
+    return {"status": status, "counts": counts, "sanitizer_errors": errors, **_strip(res)}
+
+
+def make_bench_stage(stage_name: str) -> Callable:
+    def run(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
+        path, kexpr = BENCH_SELECTIONS[stage_name]
+        if not (REPO / path).exists():
+            return {"status": "missing", "why": f"{path} does not exist"}
+        if not r.has_gpu:  # check that the selection still matches GPU cases
+            res = r.sh(PYTEST + [path, "--collect-only", "-q", "-k", kexpr], limit)
+            ids = [ln.strip() for ln in res["text"].splitlines() if "::" in ln]
+            r.say("   selected: " + (", ".join(i.split("::")[-1] for i in ids) or "NOTHING"))
+            return {"status": "selection ok" if ids else ("selection EMPTY" if res["rc"] in (0, 5) else "fail"),
+                    "collected": len(ids), "selected": ids, **_strip(res)}
+        out = r.out_dir / f"{stage_name.replace('bench-', '')}-{r.tag}.json"
+        res = _pytest_stage(r, [path, "--benchmark-only", "-k", kexpr, "-q", "-rfEs", "--benchmark-json", str(out),
+                                "--benchmark-columns=median,iqr,rounds,iterations", "--benchmark-sort=name"], limit)
+        if out.exists():
+            r.bench_files[stage_name] = str(out)
+            res["json"] = str(out)
+        return res
+
+    return run
+
+
+def _has_plugin(mod: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(mod) is not None
+
+
+def _strip(res: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in res.items() if k != "text"}
+
+
+STAGES: List[Stage] = [
+    Stage("env", "versions, GPU name (nvidia-smi query only)", 30, 5, needs_gpu=False, run=stage_env),
+    Stage("ceilings", "measured ceilings: D2D copy GB/s, bf16/fp32/tf32 matmul TFLOP/s", 45, 10, run=stage_ceilings),
+    Stage("build", "FORCE_CUDA=1 MAX_JOBS=16 pip install --no-build-isolation --no-deps -e .", 210, 60, run=stage_build),
+    Stage("info", "python -m distilpose_kernels.info (what each op dispatches to)", 30, 5, run=stage_info),
+    Stage("tests-gpu", "pytest tests -m gpu", 100, 20, run=stage_tests_gpu),
+    Stage("sanitizer", "compute-sanitizer memcheck: pytest tests/test_decode.py -m gpu", 90, 20, run=stage_sanitizer),
+    Stage("bench-attention", "token attention B=64 bf16 fwd / fwd+bwd: fused vs einsum vs SDPA", 60, 20,
+          run=make_bench_stage("bench-attention")),
+    Stage("bench-heatmap", "Reg2HM+score loss N=256 fwd+bwd; targets N=64", 75, 20, run=make_bench_stage("bench-heatmap")),
+    Stage("bench-decode", "soft-argmax N=256 GB/s", 45, 15, run=make_bench_stage("bench-decode")),
+    Stage("bench-e2e", "S batch-1 fp32 flip/no flip; S batch-256 bf16; distillation step", 150, 45,
+          run=make_bench_stage("bench-e2e")),
+    Stage("tests-rest", "the rest of the test suite on the GPU machine (pytest tests -m 'not gpu')", 180, 20,
+          run=stage_tests_rest),
+    Stage("bench-e2e-compile", "S batch-1 flip fp32 with torch.compile (+ CUDA graph)", 120, 20,
+          run=make_bench_stage("bench-e2e-compile")),
+]
+
+
+# ----------------------------------------------------------------------------- goals
+
+
+def _load_benchmarks(files: List[str]) -> List[dict]:
+    out = []
+    for f in files:
+        try:
+            data = json.loads(Path(f).read_text())
+        except (OSError, ValueError):
+            continue
+        for b in data.get("benchmarks", []):
+            b = dict(b)
+            b["_file"] = os.path.basename(f)
+            out.append(b)
+    return out
+
+
+def _info(b: dict, *keys: str):
+    ei = b.get("extra_info", {})
+    for k in keys:
+        if k in ei:
+            return ei[k]
+    return None
+
+
+def _median(b: dict) -> Optional[float]:
+    m = _info(b, "median_s")
+    if m is None:
+        m = (b.get("stats") or {}).get("median")
+    return float(m) if m else None
+
+
+def _eq(v, want) -> bool:
+    if isinstance(want, (list, tuple, set)):
+        return any(_eq(v, w) for w in want)
+    if v is None:
+        return False
+    return str(v).lower() == str(want).lower()
+
+
+def select(benchmarks: List[dict], name_has: tuple = (), **fields) -> List[dict]:
+    """Cases whose extra_info fields match (a field given as tuple of keys: any of them;
+    a value given as list: any of them) and whose name contains every ``name_has``."""
+    out = []
+    for b in benchmarks:
+        name = (b.get("fullname") or b.get("name") or "").lower()
+        if any(s.lower() not in name for s in name_has):
+            continue
+        ok = True
+        for key, want in fields.items():
+            keys = key.split("__or__")
+            if callable(want):
+                ok = want(_info(b, *keys))
+            else:
+                ok = _eq(_info(b, *keys), want)
+            if not ok:
+                break
+        if ok and _median(b):
+            out.append(b)
+    return out
+
+
+def _fastest(cases: List[dict]) -> Optional[dict]:
+    return min(cases, key=_median) if cases else None
+
+
+def _fmt_t(s: Optional[float]) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def evaluate_goals(benchmarks: List[dict], ceilings: Dict[str, float]) -> List[Dict[str, Any]]:
+    rows: List[Dict[str, Any]] = []
+    bw = ceilings.get("copy_gbps")
+
+    def row(goal, target, measured, ok, detail="", floor=""):
+        status = "NOT RUN" if ok is None else ("info" if ok == "info" else ("PASS" if ok else "MISS"))
+        rows.append({"goal": goal, "target": target, "measured": measured, "status": status, "detail": detail,
+                     "floor": floor})
+
+    def floor_of(b: Optional[dict], peak_key: str) -> str:
+        if not b:
+            return ""
+        fl, by = _info(b, "flops"), _info(b, "bytes")
+        parts = []
+        tf = (fl / (ceilings[peak_key] * 1e12)) if fl and ceilings.get(peak_key) else None
+        tb = (by / (bw * 1e9)) if by and bw else None
+        if tf:
+            parts.append(f"FLOPs/{peak_key.split('_')[0]} peak {_fmt_t(tf)}")
+        if tb:
+            parts.append(f"bytes/copy BW {_fmt_t(tb)}")
+        m = _median(b)
+        if (tf or tb) and m:
+            fl_t = max(tf or 0, tb or 0)
+            parts.append(f"measured {m / fl_t:.1f}x the floor ({'compute' if (tf or 0) >= (tb or 0) else 'memory'} side)")
+        return ", ".join(parts)
+
+    # --- attention
+    att = [b for b in benchmarks if "attention" in b["_file"] and _eq(_info(b, "batch"), 64) and _eq(_info(b, "dtype"), "bf16")]
+    for mode, base_label, base_sel, target in (("fwdbwd", "best SDPA", lambda v: str(v).startswith("sdpa"), 1.5),
+                                               ("fwd", "eager einsum", lambda v: _eq(v, "eager"), 4.0)):
+        fused = _fastest(select(att, impl="fused", mode=mode))
+        base = _fastest(select(att, impl=base_sel, mode=mode))
+        goal = f"attention B=64 bf16 {'fwd+bwd' if mode == 'fwdbwd' else 'fwd'} vs {base_label}"
+        if fused and base:
+            sp = _median(base) / _median(fused)
+            row(goal, f">= {target}x", f"{sp:.2f}x ({_fmt_t(_median(fused))} vs {_info(base, 'impl')} {_fmt_t(_median(base))})",
+                sp >= target, floor=floor_of(fused, "bf16_tflops"))
+        else:
+            row(goal, f">= {target}x", "-", None)
+
+    # --- heatmap loss
+    hl = [b for b in benchmarks if "heatmap" in b["_file"] and _eq(_info(b, "n", "batch"), 256)
+          and _eq(_info(b, "teacher_dtype", "dtype"), "fp32")]
+    fused = _fastest(select(hl, impl="fused"))
+    for base_impl, target in (("eager", 8.0), ("compile", 2.0)):
+        base = _fastest(select(hl, impl=base_impl))
+        goal = f"sim. heatmap loss N=256 fwd+bwd vs {base_impl}"
+        if fused and base:
+            sp = _median(base) / _median(fused)
+            row(goal, f">= {target}x", f"{sp:.2f}x ({_fmt_t(_median(fused))} vs {_fmt_t(_median(base))})", sp >= target)
+        else:
+            row(goal, f">= {target}x", "-", None)
+    g = _info(fused, "gbps") if fused else None
+    if g and bw:
+        row("sim. heatmap loss N=256 bandwidth", ">= 60% of HBM", f"{g:.0f} GB/s = {g / bw:.0%} of {bw:.0f} GB/s copy", g / bw >= 0.6)
+    else:
+        row("sim. heatmap loss N=256 bandwidth", ">= 60% of HBM", "-", None)
+    tg = [b for b in benchmarks if "heatmap" in b["_file"] and _eq(_info(b, "op"), "gaussian_heatmap_targets")
+          and _eq(_info(b, "encoding"), "unbiased")]
+    t_gpu, t_np = _fastest(select(tg, impl="triton")), _fastest(select(tg, impl="numpy_loop"))
+    if t_gpu and t_np:
+        sp = _median(t_np) / _median(t_gpu)
+        row("heatmap targets N=64 GPU vs numpy loop", ">= 500x", f"{sp:.0f}x", sp >= 500)
+    else:
+        row("heatmap targets N=64 GPU vs numpy loop", ">= 500x", "-", None)
+
+    # --- soft-argmax
+    def is_soft_fwd(b: dict) -> bool:
+        op = _info(b, "op")
+        if op is not None:
+            return _eq(op, ["soft_argmax_fwd", "soft_argmax", "soft_argmax_forward"])
+        name = b.get("name", "").lower()
+        return "soft_argmax" in name and "backward" not in name and "bwd" not in name
+
+    sa = [b for b in benchmarks if "decode" in b["_file"] and _eq(_info(b, "n", "batch", "N"), 256) and is_soft_fwd(b)
+          and not str(_info(b, "device") or "").startswith("CPU")]
+    ext = [b for b in sa if not _eq(_info(b, "impl"), ["reference", "eager", "torch", "compile", "pytorch"])]
+    best = max(ext, key=lambda b: _info(b, "gbps") or 0, default=None)
+    g = _info(best, "gbps") if best else None
+    if g and bw:
+        row("soft-argmax N=256 fwd bandwidth", ">= 70% of HBM", f"{g:.0f} GB/s = {g / bw:.0%} ({_info(best, 'impl')})", g / bw >= 0.7)
+    else:
+        row("soft-argmax N=256 fwd bandwidth", ">= 70% of HBM", "-", None)
+
+    # --- end to end
+    e2e = [b for b in benchmarks if "e2e" in b["_file"] and _eq(_info(b, "preset"), "distilpose_s")]
+    for flip, target in ((True, 1000.0), (False, None)):
+        cases = select(e2e, batch=1, precision="fp32", flip_test=lambda v, f=flip: v is f)
+        best = _fastest([b for b in cases if not _eq(_info(b, "path"), "reference")])
+        goal = f"DistilPose-S b1 fp32 {'flip test' if flip else 'no flip'} FPS"
+        tgt = f">= {target:.0f} ({target / PAPER_FPS_S:.0f}x paper {PAPER_FPS_S})" if target else "(report)"
+        if best:
+            fps = 1.0 / _median(best)
+            others = ", ".join(f"{_info(b, 'path')} {1.0 / _median(b):.0f}" for b in sorted(cases, key=_median) if b is not best)
+            detail = f"{fps:.0f} FPS via {_info(best, 'path')}" + (f" (others: {others})" if others else "")
+            row(goal, tgt, detail, (fps >= target) if target else "info", floor=floor_of(best, "fp32_tflops"))
+        else:
+            row(goal, tgt, "-", None)
+    cases = select(e2e, batch=256, precision="bf16", flip_test=lambda v: v is False)
+    best = _fastest([b for b in cases if not _eq(_info(b, "path"), "reference")])
+    if best:
+        ips = 256 / _median(best)
+        others = ", ".join(f"{_info(b, 'path')} {256 / _median(b):.0f}" for b in sorted(cases, key=_median) if b is not best)
+        row("DistilPose-S b256 bf16 images/s (no flip)", ">= 20000",
+            f"{ips:.0f} img/s via {_info(best, 'path')}" + (f" (others: {others})" if others else ""),
+            ips >= 20000, floor=floor_of(best, "bf16_tflops"))
+    else:
+        row("DistilPose-S b256 bf16 images/s (no flip)", ">= 20000", "-", None)
+    tr = [b for b in benchmarks if "e2e" in b["_file"] and _info(b, "teacher") and _eq(_info(b, "batch"), 64)]
+    fused, ref = _fastest(select(tr, path="fused")), _fastest(select(tr, path="reference"))
+    if fused and ref:
+        sp = _median(ref) / _median(fused)
+        mem = _info(fused, "peak_mem_mb"), _info(ref, "peak_mem_mb")
+        row("distillation step b64 bf16 vs reference", ">= 1.5x",
+            f"{sp:.2f}x ({64 / _median(fused):.0f} vs {64 / _median(ref):.0f} img/s; peak "
+            f"{(mem[0] or 0) / 1024:.1f} vs {(mem[1] or 0) / 1024:.1f} GiB)", sp >= 1.5, floor=floor_of(fused, "bf16_tflops"))
+    else:
+        row("distillation step b64 bf16 vs reference", ">= 1.5x", "-", None)
+    return rows
+
+
+def print_table(rows: List[Dict[str, Any]], stages: List[Stage], device: str) -> str:
+    lines = [f"GPU check on {device}: stages"]
+    for st in stages:
+        res = st.result
+        c = res.get("counts") or {}
+        cs = " ".join(f"{k}={v}" for k, v in c.items())
+        lines.append(f"  {st.name:<18} {res.get('status', 'not run'):<14} {res.get('seconds', 0):>6.1f} s  {cs}")
+    w = max([len(r["goal"]) for r in rows] + [4])
+    lines.append("")
+    lines.append(f"{'goal':<{w}}  {'target':<24} {'status':<7} measured")
+    lines.append("-" * (w + 60))
+    for r in rows:
+        lines.append(f"{r['goal']:<{w}}  {r['target']:<24} {r['status']:<7} {r['measured']}")
+        if r.get("floor"):
+            lines.append(f"{'':<{w}}  {'':<24} {'':<7} floor: {r['floor']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dry-run", action="store_true", help="list the stages and their limits; run nothing")
+    ap.add_argument("--list-goals", action="store_true", help="print the benchmark selections and exit")
+    ap.add_argument("--budget", type=float, default=465.0, help="total seconds for all stages (default 465)")
+    ap.add_argument("--out", default=None, help="output folder (default: $OUT, else bench/results)")
+    ap.add_argument("--only", default=None, help="comma-separated stage names to run")
+    ap.add_argument("--skip", default="", help="comma-separated stage names to skip (e.g. build)")
+    ap.add_argument("--from-json", nargs="*", default=None,
+                    help="recompute the goal table from existing benchmark JSON files (no runs)")
+    args = ap.parse_args(argv)
+
+    if args.list_goals:
+        for name, (path, k) in BENCH_SELECTIONS.items():
+            print(f"{name:<18} {path}\n{'':<18} -k {k!r}")
+        return 0
+    if args.from_json is not None:
+        ceil = {}
+        files = []
+        for f in args.from_json:
+            try:
+                d = json.loads(Path(f).read_text())
+            except (OSError, ValueError):
+                continue
+            if "ceilings" in d:
+                ceil.update(d.get("ceilings") or {})
+            else:
+                files.append(f)
+        print(print_table(evaluate_goals(_load_benchmarks(files), ceil), [], "(from JSON)"))
+        return 0
+
+    has_gpu = cuda_available()
+    if args.out or os.environ.get("OUT"):
+        out_dir = Path(args.out or os.environ["OUT"])
+    elif has_gpu:
+        out_dir = REPO / "bench" / "results"
+    else:  # nothing is measured without a GPU: keep bench/results clean
+        out_dir = Path(tempfile.mkdtemp(prefix="distilpose-gpu-check-"))
+    stages = list(STAGES)
+    if args.only:
+        keep = set(args.only.split(","))
+        stages = [s for s in stages if s.name in keep]
+    skip = set(filter(None, args.skip.split(",")))
+    stages = [s for s in stages if s.name not in skip]
+
+    if args.dry_run:
+        print(f"GPU check stages (budget {args.budget:.0f} s; CUDA GPU here: {'yes' if has_gpu else 'no'}):")
+        for s in stages:
+            sel = BENCH_SELECTIONS.get(s.name)
+            print(f"  {s.name:<18} max {s.max_s:>4.0f} s (reserved {s.min_s:>3.0f} s)  {s.what}")
+            if sel:
+                print(f"  {'':<18} {sel[0]} -k {sel[1]!r}")
+        print(f"outputs: {out_dir}/gpu_check-<device>.json, .log, and <stage>-<device>.json per benchmark stage")
+        return 0
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    r = Runner(out_dir, args.budget, dry_run=False, has_gpu=has_gpu)
+    r.say(f"distilpose GPU check: {r.device}; budget {args.budget:.0f} s; output {out_dir}")
+    if not has_gpu:
+        r.say("NO CUDA GPU on this machine: building with CUDA, GPU tests, compute-sanitizer and the GPU "
+              "benchmarks are skipped; checking that every benchmark selection still matches cases.")
+
+    for i, st in enumerate(stages):
+        later = [s for s in stages[i + 1:] if has_gpu or not s.needs_gpu or s.name.startswith("bench")]
+        reserve = sum(s.min_s for s in later)
+        left = args.budget - r.elapsed()
+        limit = min(st.max_s, left - reserve)
+        if st.needs_gpu and not has_gpu and not st.name.startswith("bench"):
+            st.result = {"status": "skipped", "why": "no CUDA GPU"}
+            r.say(f"== {st.name}: skipped (no CUDA GPU)")
+            continue
+        if limit < min(st.min_s, 10):
+            st.result = {"status": "no time", "why": f"{left:.0f} s left, {reserve:.0f} s reserved for later stages"}
+            r.say(f"== {st.name}: skipped, no time left")
+            continue
+        r.say(f"== {st.name}: {st.what} (limit {limit:.0f} s, {r.elapsed():.0f} s elapsed)")
+        try:
+            st.result = st.run(r, st, limit)
+        except Exception as e:  # noqa: BLE001 - one stage never stops the rest
+            st.result = {"status": "error", "why": f"{type(e).__name__}: {e}"}
+        r.say(f"   -> {st.result.get('status')} ({st.result.get('seconds', 0)} s)")
+
+    benchmarks = _load_benchmarks(list(r.bench_files.values()))
+    rows = evaluate_goals(benchmarks, r.ceilings)
+    summary = {
+        "device": r.device,
+        "has_gpu": has_gpu,
+        "elapsed_s": round(r.elapsed(), 1),
+        "budget_s": args.budget,
+        "ceilings": r.ceilings,
+        "env": next((s.result.get("info") for s in stages if s.name == "env"), None),
+        "stages": {s.name: s.result for s in stages},
+        "bench_files": {k: os.path.basename(v) for k, v in r.bench_files.items()},
+        "goals": rows,
+        "selections": {k: {"file": v[0], "k": v[1]} for k, v in BENCH_SELECTIONS.items()},
+    }
+    summary_path = out_dir / f"gpu_check-{r.tag}.json"
+    tmp = summary_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    os.replace(tmp, summary_path)
+    table = print_table(rows, stages, r.device)
+    if r.log:
+        r.log.write("\n" + table + "\n")
+        r.log.close()
+    print(f"\nfull results: {summary_path} (+ {r.log_path.name}"
+          + "".join(f", {os.path.basename(v)}" for v in r.bench_files.values()) + f"); {r.elapsed():.0f} s in all")
+    if not has_gpu:
+        print("NO CUDA GPU: nothing was measured; the goal table below is empty by construction.")
+    print(table, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
