@@ -1,0 +1,150 @@
+"""What was built, and what each op of distilpose_kernels dispatches to on this machine.
+
+    python -m distilpose_kernels.info [--json]
+
+or ``distilpose_kernels.info()`` (returns a dict and, with ``verbose=True``, prints it).
+Loads the compiled extension (``_C``) but never imports Triton or the Triton kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import types
+from typing import Any, Optional
+
+import torch
+
+from . import _ext
+from ._utils import FORCE_REFERENCE_ENV, force_reference, select_triton_backend, triton_available, triton_interpret
+
+#: Triton-backed ops of the library (dispatch: distilpose_kernels._utils.select_triton_backend).
+TRITON_OPS = (
+    "token_attention",
+    "add_pos_layernorm",
+    "simulated_heatmap_loss",
+    "render_gaussian_heatmaps",
+    "gaussian_heatmap_targets",
+)
+#: Ops backed by the compiled extension (distilpose_kernels/decode.py).
+EXTENSION_OPS = ("soft_argmax", "decode_heatmaps")
+
+
+def _devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _extension_dispatch(device: str) -> tuple[str, str]:
+    st = _ext.load()
+    if force_reference():
+        return "reference", f"{FORCE_REFERENCE_ENV}=1"
+    if _ext.available(device):
+        return ("cpp" if device == "cpu" else "cuda"), f"compiled kernels in {os.path.basename(st.path or '_C')}"
+    if not st.loaded:
+        return "reference", f"extension not loaded: {st.error}"
+    return "reference", "extension built without CUDA (rebuild with FORCE_CUDA=1 on a CUDA machine)"
+
+
+def _triton_dispatch(op: str, device: str) -> tuple[str, str]:
+    probe = torch.empty(0, device=device)
+    backend = select_triton_backend(op, [probe], None)
+    if backend == "triton":
+        return "triton", "CUDA tensors and Triton is installed (within the op's own dtype/shape limits)"
+    if force_reference():
+        why = f"{FORCE_REFERENCE_ENV}=1"
+    elif not triton_available():
+        why = "Triton is not installed"
+    elif device != "cuda":
+        state = "set" if triton_interpret() else "not set"
+        why = f"CPU tensors (backend='triton' runs the kernels under TRITON_INTERPRET=1, which is {state})"
+    else:
+        why = "reference selected"
+    return backend, why
+
+
+def info(verbose: bool = False) -> dict[str, Any]:
+    """Build and dispatch report (see module docstring)."""
+    st = _ext.load()
+    built_cmp = None
+    if st.built_with_torch is not None:
+        runtime = torch.__version__.split("+")[0]
+        built_cmp = "same" if runtime == st.built_with_torch else f"MISMATCH (runtime {runtime})"
+    report: dict[str, Any] = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else [],
+        "triton_installed": triton_available(),
+        "triton_interpret": triton_interpret(),
+        "force_reference": force_reference(),
+        "extension": {
+            "loaded": st.loaded,
+            "path": st.path,
+            "error": st.error,
+            "kernels": list(st.dispatch_keys),
+            "cuda_built": st.cuda_built,
+            "cuda_archs": st.cuda_archs,
+            "built_with_torch": st.built_with_torch,
+            "torch_match": built_cmp,
+        },
+        "dispatch": {},
+    }
+    for dev in _devices():
+        table = {}
+        for op in EXTENSION_OPS:
+            table[op] = dict(zip(("backend", "why"), _extension_dispatch(dev)))
+        table["flip_heatmaps"] = {"backend": "pytorch", "why": "indexing only (no kernel needed)"}
+        for op in TRITON_OPS:
+            table[op] = dict(zip(("backend", "why"), _triton_dispatch(op, dev)))
+        report["dispatch"][dev] = table
+    if verbose:
+        print(format_info(report))
+    return report
+
+
+def format_info(report: dict[str, Any]) -> str:
+    ext = report["extension"]
+    lines = [
+        f"torch {report['torch']} (CUDA {report['torch_cuda']}), cuda available: {report['cuda_available']}"
+        + (f" {report['devices']}" if report["devices"] else ""),
+        f"triton installed: {report['triton_installed']}, TRITON_INTERPRET: {report['triton_interpret']}, "
+        f"{FORCE_REFERENCE_ENV}: {report['force_reference']}",
+    ]
+    if ext["loaded"]:
+        lines.append(f"extension distilpose_kernels._C: built, kernels for {', '.join(ext['kernels'])}"
+                     + (f" (archs {ext['cuda_archs']})" if ext["cuda_archs"] else "")
+                     + f"; built with torch {ext['built_with_torch']} ({ext['torch_match']})")
+        lines.append(f"  {ext['path']}")
+    else:
+        lines.append(f"extension distilpose_kernels._C: not available: {ext['error']}")
+    for dev, table in report["dispatch"].items():
+        lines.append(f"dispatch for {dev} tensors:")
+        width = max(len(op) for op in table)
+        for op, d in table.items():
+            lines.append(f"  {op:<{width}}  {d['backend']:<9}  {d['why']}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m distilpose_kernels.info", description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = p.parse_args(argv)
+    report = info()
+    print(json.dumps(report, indent=2) if args.json else format_info(report))
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """``distilpose_kernels.info`` names both this module and the function (lazy export):
+    make the module callable so ``distilpose_kernels.info()`` works either way."""
+
+    def __call__(self, verbose: bool = False) -> dict[str, Any]:
+        return info(verbose)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    sys.exit(main())
