@@ -1,0 +1,756 @@
+"""The training loop shared by teacher training and student distillation.
+
+- Single process or DDP under ``torchrun`` (process group from the environment; gloo on CPU,
+  nccl on CUDA), a DistributedSampler, rank-0 logging and checkpointing, evaluation gathered
+  across ranks.
+- AMP (bf16 / fp16 autocast; a GradScaler for fp16), gradient clipping, channels-last.
+- Exact resume: ``last.pth`` holds model, optimizer, scheduler, scaler, epoch and step inside
+  the epoch, and the RNG states of every rank. Augmentation randomness is a pure function of
+  (seed, epoch, sample index): every sample is fetched under its own seed, so a resumed run sees
+  exactly the batches of an uninterrupted one, whatever the number of loader workers.
+- tqdm bars with the loss terms and images/s, ``metrics.jsonl``, optional TensorBoard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..losses import teacher_loss
+from ..models import build_model
+from ..models.distiller import Distiller, LossWeights
+from .config import TrainConfig, atomic_write_text, save_config, validate
+from .optim import build_optimizer, build_scheduler
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device: {device!r} asked for but CUDA is not available")
+        torch.cuda.set_device(dev)
+    here = False
+    if world > 1 and not (dist.is_available() and dist.is_initialized()):
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        here = True
+    return DistInfo(rank, world, local_rank, dev, here)
+
+
+def _all_gather_object(obj: Any, info: DistInfo) -> List[Any]:
+    if not info.distributed:
+        return [obj]
+    out: List[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast_object(obj: Any, info: DistInfo) -> Any:
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class SeededDataset(Dataset):
+    """Fetches ``dataset[index]`` for a key (epoch, index) under the seed (seed, epoch, index).
+
+    Python's, NumPy's and torch's global RNGs are seeded for the call and restored afterwards,
+    so augmentation is reproducible and the caller's RNG streams are untouched. Datasets that
+    take a seed themselves (``reseed(seed)``, as TopDownCocoDataset) get it as well.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        epoch, index = key
+        s = sample_seed(self.seed, epoch, index)
+        py_state, np_state, t_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+        try:
+            random.seed(s)
+            np.random.seed(s & 0xFFFFFFFF)
+            torch.random.default_generator.manual_seed(s)
+            hook = getattr(self.dataset, "reseed", None) or getattr(self.dataset, "set_sample_seed", None)
+            if hook is not None:  # datasets with their own augmentation generator (distilpose.data)
+                hook(s)
+            return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            torch.random.set_rng_state(t_state)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start inside an epoch and yields (epoch, index) keys."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int, drop_last: bool):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.start_index = 0
+
+    def set_start(self, start_index: int) -> None:
+        self.start_index = int(start_index)
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start_index :]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start_index)
+
+
+def _topdown_kwargs(cls: Any, input_size: Tuple[int, int]) -> Dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    if "input_size" in params:
+        kw: Dict[str, Any] = {"input_size": tuple(input_size)}
+        if "heatmap_size" in params:
+            kw["heatmap_size"] = (input_size[0] // 4, input_size[1] // 4)
+        return kw
+    if tuple(input_size) != (256, 192):
+        raise ValueError(
+            f"model.input_size {tuple(input_size)}: {cls.__name__} does not take an input size; use (256, 192)"
+        )
+    return {}
+
+
+def build_datasets(cfg: TrainConfig, with_heatmaps: bool) -> Tuple[Dataset, Optional[Dataset]]:
+    """(train, val) datasets for ``cfg.data``."""
+    d = cfg.data
+    if d.kind == "synthetic":
+        from .synthetic import SyntheticPoseDataset
+
+        kw = dict(input_size=cfg.model.input_size, num_keypoints=cfg.model.num_keypoints, seed=d.demo_seed)
+        # no COCO annotations behind it: nothing to evaluate with COCOeval
+        return SyntheticPoseDataset(d.demo_num_train, train=True, with_heatmaps=with_heatmaps, **kw), None
+    from ..data import TopDownCocoDataset
+
+    if d.kind == "demo":
+        from ..data import demo as demo_data
+
+        root = d.root or demo_data.default_demo_root()
+        paths = ensure_demo_dataset(root, d.demo_num_train, d.demo_num_val, d.demo_seed)
+        train_ann, train_img, val_ann, val_img = (
+            paths["train_ann"], paths["train_img"], paths["val_ann"], paths["val_img"],
+        )
+    else:
+        if not d.root:
+            raise ValueError("data.root: the COCO root is required for data.kind=coco (e.g. --data-root /data/coco)")
+        j = lambda p: p if os.path.isabs(p) else os.path.join(d.root, p)  # noqa: E731
+        train_ann, train_img, val_ann, val_img = j(d.train_ann), j(d.train_img), j(d.val_ann), j(d.val_img)
+    aug = d.aug or ("teacher" if cfg.mode == "teacher" else "student")
+    aug = None if aug == "none" else aug
+    kw = _topdown_kwargs(TopDownCocoDataset, cfg.model.input_size)
+    # the spec's sigma 2 is for 64 x 48 heatmaps; smaller crops scale it so the Gaussians stay as sharp
+    sigma = d.heatmap_sigma if d.heatmap_sigma is not None else 2.0 * cfg.model.input_size[0] / 256
+    train = TopDownCocoDataset(
+        train_ann, train_img, train=True, aug=aug, with_heatmaps=with_heatmaps,
+        heatmap_encoding=d.heatmap_encoding, heatmap_sigma=sigma, bad_sample=d.bad_sample, **kw,
+    )
+    val = TopDownCocoDataset(
+        val_ann, val_img, train=False, aug=None, with_heatmaps=False, det_file=d.det_file,
+        det_score_thr=d.det_score_thr, bad_sample=d.bad_sample, **kw,
+    )
+    return train, val
+
+
+def ensure_demo_dataset(root: str, num_train: int, num_val: int, seed: int, progress: bool = False) -> Dict[str, str]:
+    """Generate the embedded dataset under ``root`` unless a matching one is already there."""
+    from ..data import demo as demo_data
+
+    paths = demo_data.generate_demo_dataset(root, num_train=num_train, num_val=num_val, seed=seed, progress=progress)
+    return _demo_paths(root, paths)
+
+
+def _demo_paths(root: str, paths: Dict[str, Any]) -> Dict[str, str]:
+    def pick(*names: str, default: str) -> str:
+        for n in names:
+            if n in paths:
+                return str(paths[n])
+        return os.path.join(root, default)
+
+    return {
+        "train_ann": pick("train_ann", "ann_train", "train_ann_file", default="annotations/person_keypoints_train.json"),
+        "train_img": pick("train_img", "img_train", "train_img_prefix", "train_images", default="images/train"),
+        "val_ann": pick("val_ann", "ann_val", "val_ann_file", default="annotations/person_keypoints_val.json"),
+        "val_img": pick("val_img", "img_val", "val_img_prefix", "val_images", default="images/val"),
+    }
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def model_meta(model: nn.Module, cfg_model: Any) -> Dict[str, Any]:
+    return {
+        "preset": model.name,
+        "kind": model.kind,
+        "input_size": list(model.input_size),
+        "num_keypoints": model.num_keypoints,
+        "model_overrides": dict(getattr(cfg_model, "overrides", {}) or {}),
+    }
+
+
+def build_model_from_meta(meta: Dict[str, Any], attention_backend: Optional[str] = None) -> nn.Module:
+    """Rebuild the architecture a checkpoint's ``meta`` describes (preset, input size, overrides)."""
+    if "preset" not in meta or not meta["preset"]:
+        raise ValueError("checkpoint meta: no 'preset'; cannot rebuild the model")
+    kw = dict(meta.get("model_overrides") or {})
+    if meta.get("input_size"):
+        kw["input_size"] = tuple(meta["input_size"])
+    return build_model(meta["preset"], num_keypoints=int(meta.get("num_keypoints", 17)), attention_backend=attention_backend, **kw)
+
+
+def model_from_checkpoint(path: str, device: Any = "cpu", attention_backend: Optional[str] = None) -> nn.Module:
+    """Build the model a checkpoint describes and load its weights (strict)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "meta" not in ckpt:
+        raise ValueError(f"checkpoint {path!r}: no 'meta' (preset) to rebuild the model from")
+    model = build_model_from_meta(ckpt["meta"], attention_backend)
+    load_checkpoint(path, model, strict=True)
+    return model.to(device).eval()
+
+
+class TeacherObjective(nn.Module):
+    """Wraps a heatmap model so forward(batch) returns the loss dict, like the Distiller."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return teacher_loss(self.model(batch["img"]), batch)
+
+
+# ----------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> Dict[str, Any]:
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: Dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.random.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    torch.manual_seed(seed)
+
+
+def params_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class StopTraining(Exception):
+    """Raised by a hook to end a run early (the trainer does not save on it: a simulated kill)."""
+
+
+class Trainer:
+    """Builds everything from a TrainConfig and runs ``fit()``.
+
+    ``train_dataset`` / ``val_dataset`` replace the datasets of ``cfg.data`` (tests, custom data).
+    ``hooks``: callables ``hook(trainer)`` run after every optimizer step (may raise to stop).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        train_dataset: Optional[Dataset] = None,
+        val_dataset: Optional[Dataset] = None,
+        hooks: Sequence[Callable[["Trainer"], None]] = (),
+        teacher: Optional[nn.Module] = None,
+    ):
+        validate(cfg)
+        self.cfg = cfg
+        self.hooks = list(hooks)
+        self.info = setup_distributed(cfg.device)
+        self.device = self.info.device
+        self.work_dir = cfg.work_dir
+        seed_everything(cfg.seed)
+
+        # model and objective
+        self.model = build_model(
+            cfg.model.preset,
+            num_keypoints=cfg.model.num_keypoints,
+            attention_backend=cfg.model.attention_backend,
+            input_size=tuple(cfg.model.input_size),
+            **cfg.model.overrides,
+        )
+        if cfg.mode == "teacher":
+            if self.model.kind != "teacher":
+                raise ValueError(f"model.preset {cfg.model.preset!r} is a student; mode 'teacher' needs a heatmap model")
+            self.teacher = None
+            self.objective: nn.Module = TeacherObjective(self.model)
+        else:
+            if self.model.kind != "student":
+                raise ValueError(f"model.preset {cfg.model.preset!r} is a teacher; mode 'distill' needs a student")
+            self.teacher = teacher if teacher is not None else self._load_teacher()
+            lw = cfg.loss
+            weights = LossWeights(kpt=lw.kpt, vis_token=lw.vis_token, kpt_token=lw.kpt_token, reg2hm=lw.reg2hm, score=lw.score)
+            self.objective = Distiller(
+                self.model, self.teacher, weights=weights, reg2hm_mode=lw.reg2hm_mode, disable=lw.disable, loss_backend=lw.backend
+            )
+        if cfg.sync_bn and self.info.distributed and self.device.type == "cuda":
+            self.objective = nn.SyncBatchNorm.convert_sync_batchnorm(self.objective)
+            self.model = self.objective.model if cfg.mode == "teacher" else self.objective.student
+        mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.objective.to(self.device, memory_format=mf)
+        self.ddp: nn.Module = self.objective
+        if self.info.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(self.objective, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters)
+
+        # data
+        if train_dataset is None:
+            train_dataset, built_val = build_datasets(cfg, with_heatmaps=cfg.mode == "teacher")
+            val_dataset = val_dataset if val_dataset is not None else built_val
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self.sampler = ResumableSampler(
+            SeededDataset(train_dataset, cfg.seed), self.info.world_size, self.info.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
+        self.iters_per_epoch = self.sampler.num_samples // cfg.data.batch_size
+        if self.iters_per_epoch < 1:
+            raise ValueError(
+                f"data.batch_size {cfg.data.batch_size} x {self.info.world_size} process(es) is larger than the "
+                f"training set ({len(train_dataset)} samples)"
+            )
+        self.total_steps = cfg.optim.epochs * self.iters_per_epoch
+
+        # optimisation
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.iters_per_epoch)
+        self.amp_dtype = self._resolve_amp()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        # progress state
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best_metric: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.last_eval: Dict[str, float] = {}
+        self.stop_reason: Optional[str] = None
+        self._tb = None
+        self._last_log_time = time.perf_counter()
+        self._last_log_step = 0
+
+    # -- setup helpers
+    def _load_teacher(self) -> Optional[nn.Module]:
+        t = self.cfg.teacher
+        if t.preset is None:
+            return None
+        if not t.checkpoint:
+            raise ValueError(
+                "teacher.checkpoint: distillation needs a trained teacher (--teacher-checkpoint PATH), "
+                "or teacher.preset=null for the plain regression baseline"
+            )
+        ckpt = torch.load(t.checkpoint, map_location="cpu", weights_only=False)
+        meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
+        if meta.get("preset") and meta.get("preset") != t.preset:
+            raise ValueError(f"teacher.checkpoint {t.checkpoint!r} holds preset {meta['preset']!r}, not teacher.preset {t.preset!r}")
+        kw = dict(meta.get("model_overrides") or t.overrides or {})
+        size = tuple(meta.get("input_size") or self.cfg.model.input_size)
+        if size != tuple(self.cfg.model.input_size):
+            raise ValueError(f"teacher.checkpoint: input size {size} differs from the student's {tuple(self.cfg.model.input_size)}")
+        teacher = build_model(t.preset, num_keypoints=self.cfg.model.num_keypoints, input_size=size, **kw)
+        load_checkpoint(t.checkpoint, teacher, strict=True)
+        return teacher
+
+    def _resolve_amp(self) -> Optional[torch.dtype]:
+        amp = self.cfg.amp
+        if amp == "none":
+            return None
+        if amp == "auto":
+            if self.device.type != "cuda":
+                return None
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # -- checkpoints
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.work_dir, "last.pth")
+
+    @property
+    def best_path(self) -> str:
+        return os.path.join(self.work_dir, "best.pth")
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "trainer": {
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step,
+                "best_metric": self.best_metric,
+                "best_epoch": self.best_epoch,
+                "world_size": self.info.world_size,
+                "stop_reason": self.stop_reason,
+                "iters_per_epoch": self.iters_per_epoch,
+            },
+            "config": self.cfg.to_dict(),
+        }
+
+    def save_last(self) -> None:
+        rngs = _all_gather_object(rng_state(), self.info)  # every rank's streams, kept by rank 0
+        if self.info.is_main:
+            save_checkpoint(self.last_path, self.model, meta=model_meta(self.model, self.cfg.model), rng=rngs, **self.state_dict())
+        if self.info.distributed:
+            dist.barrier()
+
+    def resume(self, path: str) -> None:
+        """Continue from a ``last.pth``: weights, optimizer, scheduler, scaler, position, RNGs."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        for key in ("optimizer", "scheduler", "trainer", "rng"):
+            if key not in ckpt:
+                raise ValueError(f"resume: {path!r} is not a training checkpoint (no {key!r}); use it as weights instead")
+        tr = ckpt["trainer"]
+        if tr["world_size"] != self.info.world_size or tr["iters_per_epoch"] != self.iters_per_epoch:
+            raise ValueError(
+                f"resume: {path!r} was written with {tr['world_size']} process(es) and {tr['iters_per_epoch']} "
+                f"iterations/epoch; this run has {self.info.world_size} and {self.iters_per_epoch}. "
+                "Resume with the same world size and batch size."
+            )
+        load_checkpoint(path, self.model, strict=True)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step_in_epoch, self.global_step = tr["epoch"], tr["step_in_epoch"], tr["global_step"]
+        self.best_metric, self.best_epoch = tr["best_metric"], tr["best_epoch"]
+        set_rng_state(ckpt["rng"][self.info.rank])
+        if self.info.is_main:
+            self._truncate_metrics(self.global_step)
+            self.log({"type": "resume", "step": self.global_step, "epoch": self.epoch, "from": os.path.abspath(path)})
+
+    # -- logging
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.work_dir, "metrics.jsonl")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop lines logged after the resume point (those steps are replayed)."""
+        if not os.path.exists(self.metrics_path):
+            return
+        keep = []
+        with open(self.metrics_path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the kill
+                if rec.get("step", 0) <= step:
+                    keep.append(json.dumps(rec))
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
+
+    def log(self, rec: Dict[str, Any]) -> None:
+        if not self.info.is_main:
+            return
+        rec = {"time": round(time.time(), 3), **rec}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+        if self._tb is not None:
+            step = rec.get("step", self.global_step)
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time", "epoch"):
+                    self._tb.add_scalar(f"{rec.get('type', 'train')}/{k}", v, step)
+
+    def _open_tensorboard(self) -> None:
+        if not (self.cfg.tensorboard and self.info.is_main):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("tensorboard: not installed (pip install tensorboard); logging to metrics.jsonl only")
+            return
+        self._tb = SummaryWriter(os.path.join(self.work_dir, "tb"))
+
+    # -- evaluation
+    def evaluate(self) -> Dict[str, float]:
+        """COCO keypoint AP on the val set. Under DDP each rank predicts its share; rank 0 scores all."""
+        if self.val_dataset is None:
+            return {}
+        try:
+            from .. import evaluation
+        except ImportError as e:
+            if self.info.is_main:
+                print(f"evaluation skipped: distilpose.evaluation is not importable ({e})")
+            return {}
+
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            metrics: Optional[Dict[str, float]] = None
+            if self.info.distributed:
+                # each rank predicts its share; predict() gathers the raw results on every rank
+                sampler = DistributedSampler(self.val_dataset, self.info.world_size, self.info.rank, shuffle=False)
+                loader = self._val_loader(self.val_dataset, sampler)
+                results = evaluation.predict(model, loader, flip_test=self.cfg.flip_test, device=self.device)
+                if self.info.is_main:
+                    metrics = evaluation.coco_keypoint_eval(self.val_dataset.coco, results)
+            elif self.info.is_main:
+                loader = self._val_loader(self.val_dataset)
+                metrics = evaluation.evaluate(model, loader, flip_test=self.cfg.flip_test, device=self.device)
+            metrics = _broadcast_object(metrics, self.info)
+        finally:
+            model.train(was_training)
+        return {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+
+    def _val_loader(self, dataset: Dataset, sampler: Any = None) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.cfg.data.val_batch_size, shuffle=False, sampler=sampler, num_workers=self.cfg.data.num_workers,
+            generator=torch.Generator().manual_seed(0),  # worker seeds must not consume the training RNG
+        )
+
+    def _maybe_evaluate(self, epoch_done: int, final: bool) -> None:
+        due = self.cfg.eval_interval > 0 and epoch_done % self.cfg.eval_interval == 0
+        if not (due or (final and self.cfg.final_eval)) or self.val_dataset is None:
+            return
+        t0 = time.perf_counter()
+        m = self.evaluate()
+        if not m:
+            return
+        self.last_eval = m
+        self.log({"type": "val", "step": self.global_step, "epoch": epoch_done, "eval_s": round(time.perf_counter() - t0, 2), **m})
+        ap = m.get("AP")
+        if ap is not None and (self.best_metric is None or ap > self.best_metric):
+            self.best_metric, self.best_epoch = ap, epoch_done
+            if self.info.is_main:
+                save_checkpoint(
+                    self.best_path, self.model, meta=model_meta(self.model, self.cfg.model), metrics=m, epoch=epoch_done, step=self.global_step
+                )
+
+    # -- the loop
+    def _to_device(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        nb = self.device.type == "cuda"
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device, non_blocking=nb)
+                if k == "img" and self.cfg.channels_last:
+                    v = v.contiguous(memory_format=torch.channels_last)
+            out[k] = v
+        return out
+
+    def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
+        batch = self._to_device(batch)
+        with self._autocast():
+            losses = self.ddp(batch)
+        loss = losses["loss"]
+        if not torch.isfinite(loss).all() and self.amp_dtype != torch.float16:
+            terms = {k: float(v) for k, v in losses.items()}
+            raise FloatingPointError(f"non-finite loss at step {self.global_step} (epoch {self.epoch}): {terms}")
+        self.scaler.scale(loss).backward()
+        grad_norm = None
+        if self.cfg.optim.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm
+        return out
+
+    def _should_stop(self, t_start: float) -> bool:
+        """max_steps / max_time_s reached (the time decision is rank 0's, so all ranks stop together)."""
+        cfg = self.cfg
+        if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
+            self.stop_reason = "max_steps"
+            return True
+        if cfg.max_time_s is not None:
+            out = _broadcast_object(time.perf_counter() - t_start >= cfg.max_time_s, self.info)
+            if out:
+                self.stop_reason = "max_time_s"
+                if self.info.is_main:
+                    print(f"{cfg.name}: time budget max_time_s={cfg.max_time_s:g} s reached at step {self.global_step} "
+                          f"(epoch {self.epoch + self.step_in_epoch / self.iters_per_epoch:.2f} of {cfg.optim.epochs})")
+                return True
+        return False
+
+    def fit(self, resume: Optional[str] = None) -> Dict[str, Any]:
+        """Train to ``optim.epochs`` (or ``max_steps``). Returns a summary dict."""
+        cfg = self.cfg
+        if self.info.is_main:
+            os.makedirs(self.work_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.work_dir, "config.yaml"))
+        if resume:
+            self.resume(resume)
+        elif self.info.is_main and os.path.exists(self.metrics_path):
+            os.replace(self.metrics_path, self.metrics_path + ".old")  # a fresh run in a used dir
+        self._open_tensorboard()
+        self.model.train()
+        stopped = False
+        bs_total = cfg.data.batch_size * self.info.world_size
+        t_start = time.perf_counter()
+        try:
+            while self.epoch < cfg.optim.epochs and not stopped:
+                self.sampler.set_epoch(self.epoch)
+                self.sampler.set_start(self.step_in_epoch * cfg.data.batch_size)
+                loader = DataLoader(
+                    self.sampler.dataset,
+                    batch_size=cfg.data.batch_size,
+                    sampler=self.sampler,
+                    num_workers=cfg.data.num_workers,
+                    pin_memory=self.device.type == "cuda",
+                    drop_last=True,
+                    generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
+                    persistent_workers=False,
+                )
+                bar = None
+                if cfg.progress and self.info.is_main:
+                    from tqdm import tqdm
+
+                    bar = tqdm(
+                        total=self.iters_per_epoch, initial=self.step_in_epoch, desc=f"{cfg.name} epoch {self.epoch + 1}/{cfg.optim.epochs}",
+                        dynamic_ncols=True, leave=False,
+                    )
+                self._last_log_time, self._last_log_step = time.perf_counter(), self.global_step
+                for batch in loader:
+                    terms = self.train_step(batch)
+                    self.global_step += 1
+                    self.step_in_epoch += 1
+                    now = time.perf_counter()
+                    ips = (self.global_step - self._last_log_step) * bs_total / max(now - self._last_log_time, 1e-9)
+                    if bar is not None:
+                        short = {k.replace("loss_", ""): f"{v:.4g}" for k, v in terms.items()}
+                        bar.set_postfix(short, img_s=f"{ips:.1f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                        bar.update(1)
+                    if self.global_step % cfg.log_interval == 0 or self.step_in_epoch == self.iters_per_epoch:
+                        self.log({
+                            "type": "train", "step": self.global_step, "epoch": self.epoch + self.step_in_epoch / self.iters_per_epoch,
+                            "lr": self.optimizer.param_groups[0]["lr"], "img_s": round(ips, 2), **terms,
+                        })
+                        self._last_log_time, self._last_log_step = now, self.global_step
+                    if self.step_in_epoch == self.iters_per_epoch:
+                        break
+                    if cfg.ckpt_interval_steps and self.global_step % cfg.ckpt_interval_steps == 0:
+                        self.save_last()
+                    for hook in self.hooks:
+                        hook(self)
+                    if self._should_stop(t_start):
+                        stopped = True
+                        break
+                if bar is not None:
+                    bar.close()
+                if self.step_in_epoch == self.iters_per_epoch:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                    self._maybe_evaluate(self.epoch, final=self.epoch == cfg.optim.epochs)
+                    self.save_last()
+                    for hook in self.hooks:
+                        hook(self)
+                    if self.epoch < cfg.optim.epochs and self._should_stop(t_start):
+                        stopped = True
+                else:
+                    if self.stop_reason == "max_time_s":
+                        self._maybe_evaluate(self.epoch, final=True)
+                    self.save_last()
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+        summary: Dict[str, Any] = {
+            "finished": not stopped,
+            "stop_reason": self.stop_reason if stopped else None,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "train_s": round(time.perf_counter() - t_start, 2),
+            "best_AP": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "last_eval": self.last_eval,
+            "last_path": self.last_path,
+            "best_path": self.best_path if self.best_metric is not None else None,
+        }
+        if self.info.distributed:
+            digests = _all_gather_object(params_digest(self.model), self.info)
+            summary["param_digests"] = digests
+            self.log({"type": "ddp_sync", "step": self.global_step, "world_size": self.info.world_size, "param_digests": digests})
+            if len(set(digests)) != 1:
+                raise RuntimeError(f"DDP replicas diverged: parameter digests per rank {digests}")
+        self.log({"type": "end", "step": self.global_step, **{k: v for k, v in summary.items() if k != "param_digests"}})
+        return summary
+
+    def close(self) -> None:
+        if self.info.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
