@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from ..models.distiller import LossWeights
+
 
 @dataclass
 class ModelConfig:
@@ -36,14 +38,9 @@ class TeacherConfig:
 
 
 @dataclass
-class LossConfig:
-    """Student loss weights (as released) and switches; see distilpose.models.distiller."""
+class LossConfig(LossWeights):
+    """Student loss weights (defaults as released, from LossWeights) and switches; see distilpose.models.distiller."""
 
-    kpt: float = 1.0
-    vis_token: float = 0.0005
-    kpt_token: float = 0.0005
-    reg2hm: float = 1.0
-    score: float = 0.01
     disable: List[str] = field(default_factory=list)  # subset of "token", "reg2hm", "score"
     reg2hm_mode: str = "released"  # or "per_sample"
     backend: Optional[str] = None  # loss-kernel backend: None/auto, "reference", "triton"

@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -354,7 +356,7 @@ class Trainer:
                 raise ValueError(f"model.preset {cfg.model.preset!r} is a teacher; mode 'distill' needs a student")
             self.teacher = teacher if teacher is not None else self._load_teacher()
             lw = cfg.loss
-            weights = LossWeights(kpt=lw.kpt, vis_token=lw.vis_token, kpt_token=lw.kpt_token, reg2hm=lw.reg2hm, score=lw.score)
+            weights = LossWeights(**{f.name: getattr(lw, f.name) for f in dataclasses.fields(LossWeights)})
             self.objective = Distiller(
                 self.model, self.teacher, weights=weights, reg2hm_mode=lw.reg2hm_mode, disable=lw.disable, loss_backend=lw.backend
             )
