@@ -147,7 +147,12 @@ def section_ops(benches: List[dict], device: str) -> List[str]:
     for b in benches:
         if "e2e" in b["_file"] or not median(b):
             continue
-        groups[b.get("group") or info(b, "op") or b["_file"]].append(b)
+        label = b.get("group") or info(b, "op") or b["_file"]
+        for key, fmt in (("encoding", " {}"), ("n", " N={}")):
+            value = info(b, key)
+            if value is not None and fmt.format(value).strip() not in label:
+                label += fmt.format(value)
+        groups[label].append(b)
     rows = []
     for group in sorted(groups):
         for b in sorted(groups[group], key=median):
