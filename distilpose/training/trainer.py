@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -687,6 +688,8 @@ class Trainer:
                     bar = tqdm(
                         total=self.iters_per_epoch, initial=self.step_in_epoch, desc=f"{cfg.name} epoch {self.epoch + 1}/{cfg.optim.epochs}",
                         dynamic_ncols=True, leave=False,
+                        # redraw at most every 30 s when stderr is a log file, not a terminal
+                        mininterval=0.1 if sys.stderr.isatty() else 30.0,
                     )
                 self._last_log_time, self._last_log_step = time.perf_counter(), self.global_step
                 for batch in loader:
@@ -697,7 +700,7 @@ class Trainer:
                     ips = (self.global_step - self._last_log_step) * bs_total / max(now - self._last_log_time, 1e-9)
                     if bar is not None:
                         short = {k.replace("loss_", ""): f"{v:.4g}" for k, v in terms.items()}
-                        bar.set_postfix(short, img_s=f"{ips:.1f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                        bar.set_postfix(short, refresh=False, img_s=f"{ips:.1f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
                         bar.update(1)
                     if self.global_step % cfg.log_interval == 0 or self.step_in_epoch == self.iters_per_epoch:
                         self.log({
