@@ -17,72 +17,73 @@ from torch import nn
 
 ORIGINAL_TOKENHEAD = "keypoint_head.tokenhead."
 
-# (our suffix pattern, original suffix pattern) inside the TDE / head, applied after the prefixes.
+# (our key, original key inside the token head) templates; {i} = layer index, {p} = weight/bias.
 _TDE_RULES: List[Tuple[str, str]] = [
-    (r"tde\.keypoint_token", "keypoint_token"),
-    (r"tde\.pos_embedding", "pos_embedding"),
-    (r"tde\.patch_embed\.(weight|bias)", r"patch_to_embedding.\1"),
-    (r"tde\.layers\.(\d+)\.norm1\.(weight|bias)", r"transformer.layers.\1.0.fn.norm.\2"),
-    (r"tde\.layers\.(\d+)\.attn\.qkv\.weight", r"transformer.layers.\1.0.fn.fn.to_qkv.weight"),
-    (r"tde\.layers\.(\d+)\.attn\.proj\.(weight|bias)", r"transformer.layers.\1.0.fn.fn.to_out.0.\2"),
-    (r"tde\.layers\.(\d+)\.norm2\.(weight|bias)", r"transformer.layers.\1.1.fn.norm.\2"),
-    (r"tde\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", r"transformer.layers.\1.1.fn.fn.net.0.\2"),
-    (r"tde\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", r"transformer.layers.\1.1.fn.fn.net.3.\2"),
+    ("tde.keypoint_token", "keypoint_token"),
+    ("tde.pos_embedding", "pos_embedding"),
+    ("tde.patch_embed.{p}", "patch_to_embedding.{p}"),
+    ("tde.layers.{i}.norm1.{p}", "transformer.layers.{i}.0.fn.norm.{p}"),
+    ("tde.layers.{i}.attn.qkv.{p}", "transformer.layers.{i}.0.fn.fn.to_qkv.{p}"),
+    ("tde.layers.{i}.attn.proj.{p}", "transformer.layers.{i}.0.fn.fn.to_out.0.{p}"),
+    ("tde.layers.{i}.norm2.{p}", "transformer.layers.{i}.1.fn.norm.{p}"),
+    ("tde.layers.{i}.mlp.fc1.{p}", "transformer.layers.{i}.1.fn.fn.net.0.{p}"),
+    ("tde.layers.{i}.mlp.fc2.{p}", "transformer.layers.{i}.1.fn.fn.net.3.{p}"),
 ]
 _HEAD_RULES = {
-    "student": [(r"head\.norm\.(weight|bias)", r"mlp_head.0.\1"), (r"head\.fc\.(weight|bias)", r"mlp_head.1.\1")],
+    "student": [("head.norm.{p}", "mlp_head.0.{p}"), ("head.fc.{p}", "mlp_head.1.{p}")],
     "teacher": [
-        (r"head\.norm1\.(weight|bias)", r"mlp_head.0.\1"),
-        (r"head\.fc1\.(weight|bias)", r"mlp_head.1.\1"),
-        (r"head\.norm2\.(weight|bias)", r"mlp_head.2.\1"),
-        (r"head\.fc2\.(weight|bias)", r"mlp_head.3.\1"),
+        ("head.norm1.{p}", "mlp_head.0.{p}"),
+        ("head.fc1.{p}", "mlp_head.1.{p}"),
+        ("head.norm2.{p}", "mlp_head.2.{p}"),
+        ("head.fc2.{p}", "mlp_head.3.{p}"),
     ],
 }
+_FIELDS = {"i": r"(?P<i>\d+)", "p": r"(?P<p>weight|bias)"}
 
 
 class CheckpointMismatchError(RuntimeError):
     """Raised when a checkpoint does not fit the model and a partial load was not asked for."""
 
 
-def _pattern_to_template(pattern: str) -> str:
-    """Turn a regex like r'a\\.(\\d+)\\.b' into a format template 'a.\\1.b' for the reverse direction."""
-    out, group = [], 0
-    i = 0
-    while i < len(pattern):
-        if pattern[i] == "\\" and i + 1 < len(pattern) and pattern[i + 1] == ".":
-            out.append(".")
-            i += 2
-        elif pattern[i] == "(":
-            group += 1
-            out.append(f"\\{group}")
-            i = pattern.index(")", i) + 1
-        else:
-            out.append(pattern[i])
-            i += 1
-    return "".join(out)
-
-
-def _rules(kind: str) -> List[Tuple[str, str]]:
+def _rules(kind: str, to_original: bool) -> List[Tuple["re.Pattern[str]", str]]:
+    """(regex of the source key, format template of the destination key) for one direction."""
     if kind not in _HEAD_RULES:
         raise ValueError(f"kind: expected 'student' or 'teacher', got {kind!r}")
-    return _TDE_RULES + _HEAD_RULES[kind]
+    out = []
+    for ours, orig in _TDE_RULES + _HEAD_RULES[kind]:
+        orig = ORIGINAL_TOKENHEAD + orig
+        src, dst = (ours, orig) if to_original else (orig, ours)
+        pattern = re.escape(src)
+        for name, group in _FIELDS.items():
+            pattern = pattern.replace(re.escape("{" + name + "}"), group)
+        out.append((re.compile(pattern), dst))
+    return out
 
 
-def to_original_state_dict(state_dict: Mapping[str, torch.Tensor], kind: str) -> Dict[str, torch.Tensor]:
-    """Our keys -> the original release's keys (backbone.* unchanged, TDE/head under keypoint_head.tokenhead.)."""
+def _convert(state_dict: Mapping[str, torch.Tensor], kind: str, to_original: bool):
+    """Rename keys one way; backbone.* keys are the same in both layouts. -> (converted, unmatched keys)."""
+    rules = _rules(kind, to_original)
     out: Dict[str, torch.Tensor] = {}
-    rules = _rules(kind)
+    unmatched: List[str] = []
     for key, value in state_dict.items():
         if key.startswith("backbone."):
             out[key] = value
             continue
-        for ours, orig in rules:
-            m = re.fullmatch(ours, key)
+        for pattern, template in rules:
+            m = pattern.fullmatch(key)
             if m:
-                out[ORIGINAL_TOKENHEAD + m.expand(orig)] = value
+                out[template.format(**m.groupdict())] = value
                 break
         else:
-            raise KeyError(f"state_dict: no original-layout name for key {key!r}")
+            unmatched.append(key)
+    return out, unmatched
+
+
+def to_original_state_dict(state_dict: Mapping[str, torch.Tensor], kind: str) -> Dict[str, torch.Tensor]:
+    """Our keys -> the original release's keys (backbone.* unchanged, TDE/head under keypoint_head.tokenhead.)."""
+    out, unmatched = _convert(state_dict, kind, to_original=True)
+    if unmatched:
+        raise KeyError(f"state_dict: no original-layout name for keys {unmatched[:8]}")
     return out
 
 
@@ -90,33 +91,7 @@ def from_original_state_dict(
     state_dict: Mapping[str, torch.Tensor], kind: str
 ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Original keys -> ours. Returns (converted, keys that have no counterpart)."""
-    out: Dict[str, torch.Tensor] = {}
-    unknown: List[str] = []
-    rules = [(re.escape(ORIGINAL_TOKENHEAD) + _template_regex(orig), _pattern_to_template(ours)) for ours, orig in _rules(kind)]
-    for key, value in state_dict.items():
-        if key.startswith("backbone."):
-            out[key] = value
-            continue
-        for pattern, template in rules:
-            m = re.fullmatch(pattern, key)
-            if m:
-                out[m.expand(template)] = value
-                break
-        else:
-            unknown.append(key)
-    return out, unknown
-
-
-def _template_regex(template: str) -> str:
-    """'transformer.layers.\\1.0.fn.norm.\\2' -> a regex with capture groups in the same order."""
-    parts = re.split(r"(\\\d)", template)
-    regex = []
-    for p in parts:
-        if re.fullmatch(r"\\\d", p):
-            regex.append(r"(\d+|weight|bias)")
-        else:
-            regex.append(re.escape(p))
-    return "".join(regex)
+    return _convert(state_dict, kind, to_original=False)
 
 
 # ----------------------------------------------------------------------------- file I/O
