@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import distilpose_kernels as dk
-from benchutils import run_benchmark
+from benchutils import input_copies, rotate, run_benchmark
 
 K, H, W = 17, 64, 48
 INPUT = (256, 192)
@@ -84,15 +84,17 @@ def _cuda_graph(step):
 
 
 def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32"):
-    inputs = _loss_inputs(n, device, TEACHER_DTYPES[teacher_dtype])
-    graphed = impl.endswith("_cudagraph")
-    step = _fwd_bwd(_loss_fn(impl.removesuffix("_cudagraph")), *inputs)
-    if graphed:
-        step = _cuda_graph(step)
     elt = torch.empty((), dtype=TEACHER_DTYPES[teacher_dtype]).element_size()
+    nbytes = loss_bytes(n, K, H, W, elt)
+    copies = input_copies(nbytes, device)  # fresh teacher maps each call: HBM, not L2
+    graphed = impl.endswith("_cudagraph")
+    steps = []
+    for _ in range(copies):
+        step = _fwd_bwd(_loss_fn(impl.removesuffix("_cudagraph")), *_loss_inputs(n, device, TEACHER_DTYPES[teacher_dtype]))
+        steps.append(_cuda_graph(step) if graphed else step)
     run_benchmark(
-        benchmark, step, device=device, bytes_moved=loss_bytes(n, K, H, W, elt),
-        op="simulated_heatmap_loss fwd+bwd", impl=impl, n=n, teacher_dtype=teacher_dtype,
+        benchmark, rotate(steps), device=device, bytes_moved=nbytes,
+        op="simulated_heatmap_loss fwd+bwd", impl=impl, n=n, teacher_dtype=teacher_dtype, input_copies=copies,
     )
 
 

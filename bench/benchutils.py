@@ -17,13 +17,14 @@ must be self-contained (warm it up: compile/autotune happen in the warmup calls)
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import pytest
 import torch
@@ -171,3 +172,24 @@ def run_benchmark(
         if bytes_moved is not None:
             benchmark.extra_info["gbps"] = bytes_moved / median / 1e9
     return result
+
+
+# ----------------------------------------------------------------------------- cache rotation
+
+
+def input_copies(nbytes: float, device: Device, factor: float = 3.0, cap: int = 64) -> int:
+    """How many input sets to rotate through so repeated calls read HBM, not the L2 cache:
+    enough copies for ``factor`` x the device's L2 (1 on CPU)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or nbytes <= 0:
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or 0
+    return max(1, min(cap, math.ceil(factor * l2 / nbytes)))
+
+
+def rotate(steps: Sequence[Callable[[], Any]]) -> Callable[[], Any]:
+    """One callable that runs ``steps[0]``, ``steps[1]``, ... in turn (each on its own inputs)."""
+    if len(steps) == 1:
+        return steps[0]
+    it = itertools.cycle(steps)
+    return lambda: next(it)()

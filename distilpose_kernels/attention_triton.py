@@ -27,7 +27,8 @@ _LOG2E = 1.4426950408889634
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 #: Set DISTILPOSE_ATTN_AUTOTUNE=0 to use the fixed heuristic block sizes on GPU too.
-_AUTOTUNE = (not _INTERPRET) and os.environ.get("DISTILPOSE_ATTN_AUTOTUNE", "1").strip() not in ("0", "false", "no", "off")
+#: (Tests flip ``AUTOTUNE`` at run time; the autotuners exist whenever the kernels are compiled.)
+AUTOTUNE = (not _INTERPRET) and os.environ.get("DISTILPOSE_ATTN_AUTOTUNE", "1").strip() not in ("0", "false", "no", "off")
 
 
 def _new_output(shape, device, dtype) -> torch.Tensor:
@@ -262,8 +263,9 @@ def _heuristic_blocks(L: int, block_d: int, dtype: torch.dtype) -> Tuple[int, in
     return blk, bn
 
 
-#: Tests may set this to (BLOCK_M, BLOCK_N) to force small blocks (several blocks at small L).
-BLOCK_OVERRIDE: Optional[Tuple[int, int]] = None
+#: Tests may set this to (BLOCK_M, BLOCK_N) to force small blocks (several blocks at small L), or
+#: to one of ``_configs()`` (a triton.Config) to check that config's compiled code.
+BLOCK_OVERRIDE: Optional[object] = None
 
 
 def _configs():
@@ -284,6 +286,8 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+#: autotuned config per (kernel, pow2 bucket of L, BLOCK_D, dtype, HEAD_DIM, PRECISION)
+_BUCKET_CONFIGS: dict = {}
 _KEY = ["L", "HEAD_DIM", "BLOCK_D", "PRECISION", "UPCAST"]
 _RAW = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 #: which block size tiles the grid's first axis
@@ -291,7 +295,7 @@ _GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
 _TUNED = (
     {k: triton.autotune(_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(f)
      for k, f in _RAW.items()}
-    if _AUTOTUNE else {}
+    if not _INTERPRET else {}
 )
 
 
@@ -309,12 +313,30 @@ def _upcast(dtype: torch.dtype) -> bool:
 def _launch(which: str, L: int, nh: int, block_d: int, dtype: torch.dtype, *args, **kw) -> None:
     """Launch an attention kernel: autotuned on GPU, fixed heuristic blocks otherwise."""
     gb = _GRID_BLOCK[which]
-    if which in _TUNED and BLOCK_OVERRIDE is None:
-        _TUNED[which][lambda meta: (triton.cdiv(L, meta[gb]), nh)](*args, **kw)
-        return
-    bm, bn = BLOCK_OVERRIDE if BLOCK_OVERRIDE is not None else _heuristic_blocks(L, block_d, dtype)
+    warps, stages = 4, None
+    if isinstance(BLOCK_OVERRIDE, triton.Config):
+        cfg = BLOCK_OVERRIDE
+        bm, bn, warps, stages = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
+    elif BLOCK_OVERRIDE is not None:
+        bm, bn = BLOCK_OVERRIDE
+    elif AUTOTUNE and which in _TUNED:
+        # Triton's autotuner keys on the exact L: every new sequence length would re-benchmark
+        # all configs. Tune once per power-of-two bucket of L and reuse that config.
+        bucket = (which, _pow2_at_least(L, 16), block_d, dtype, kw.get("HEAD_DIM"), kw.get("PRECISION"))
+        cfg = _BUCKET_CONFIGS.get(bucket)
+        if cfg is None:
+            tuner = _TUNED[which]
+            tuner[lambda meta: (triton.cdiv(L, meta[gb]), nh)](*args, **kw)
+            best = getattr(tuner, "best_config", None)
+            if best is not None:
+                _BUCKET_CONFIGS[bucket] = best
+            return
+        bm, bn, warps, stages = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
+    else:
+        bm, bn = _heuristic_blocks(L, block_d, dtype)
     grid = (triton.cdiv(L, bm if gb == "BLOCK_M" else bn), nh)
-    _RAW[which][grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, **kw)
+    extra = {} if stages is None else {"num_stages": stages}
+    _RAW[which][grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **extra, **kw)
 
 
 # ============================================================================ host wrappers

@@ -6,7 +6,7 @@
 #   bash scripts/gpu_check.sh --fetch-wheels  # HERE, before: downloads pycocotools + nvtx wheels
 #                                             # (cp312, manylinux) into .whl/ (git-ignored) so the
 #                                             # GPU machine, which has no network, can install them
-# Other arguments go to gpu_check.py (--dry-run, --skip build, --budget 465, --only ...).
+# Other arguments go to gpu_check.py (--dry-run, --skip build-start,build, --budget 520, --only ...).
 # Nothing here changes GPU settings.
 set -uo pipefail
 cd "$(dirname "$0")/.."

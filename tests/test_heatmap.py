@@ -13,6 +13,8 @@ import distilpose_kernels as dk
 from distilpose_kernels import heatmap as hm
 from distilpose_kernels import heatmap_triton as hmt
 
+pytestmark = pytest.mark.interpreter
+
 MODES = ("released", "per_sample")
 
 

@@ -14,6 +14,8 @@ import distilpose_kernels as dk
 from distilpose_kernels import heatmap_triton as hmt  # noqa: F401  (kernels defined under the interpreter)
 from distilpose_kernels import targets as tg
 
+pytestmark = pytest.mark.interpreter
+
 # ----------------------------------------------------------------------------- numpy loops (mmpose)
 
 
