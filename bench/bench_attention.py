@@ -93,6 +93,21 @@ def _timed(impl: Callable, qkv: torch.Tensor, mode: str) -> Callable[[], object]
     return step
 
 
+def _cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
+    """Capture ``fn`` (forward, or forward + backward) once; time its replays. Removes the Python
+    and launch overhead every implementation pays per call, leaving device time."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _check_or_skip(fn: Callable[[], object], name: str) -> None:
     """Run once: skip (not fail) when an SDPA backend rejects the shape/dtype."""
     try:
@@ -110,13 +125,21 @@ def _check_or_skip(fn: Callable[[], object], name: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("impl", ["fused", "eager", "compile"] + [f"sdpa_{b}" for b in SDPA])
+@pytest.mark.parametrize(
+    "impl",
+    ["fused", "eager", "compile"] + [f"sdpa_{b}" for b in SDPA]
+    + [f"{i}_cudagraph" for i in ("fused", "eager", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")],
+)
 def test_token_attention_gpu(benchmark, impl, batch, dtype, mode):
+    """``*_cudagraph``: the same call captured in a CUDA graph (device time, no per-call overhead)."""
     dev = torch.device("cuda")
     torch.manual_seed(0)
     qkv = torch.randn(batch, L, 3 * C, device=dev, dtype=DTYPES[dtype])
-    fn = _timed(_impl(impl), qkv, mode)
-    _check_or_skip(fn, impl)
+    base = impl.removesuffix("_cudagraph")
+    fn = _timed(_impl(base), qkv, mode)
+    _check_or_skip(fn, base)
+    if impl.endswith("_cudagraph"):
+        fn = _cuda_graph(fn)
     synchronize(dev)
     benchmark.group = f"attention {mode} {dtype} B={batch}"
     run_benchmark(
@@ -124,7 +147,7 @@ def test_token_attention_gpu(benchmark, impl, batch, dtype, mode):
         flops=attention_flops(batch, L, H, D, mode),
         bytes_moved=attention_bytes(batch, L, C, qkv.element_size(), mode),
         impl=impl, batch=batch, L=L, heads=H, head_dim=D, dtype=dtype, mode=mode,
-        tf32=torch.backends.cuda.matmul.allow_tf32,
+        cuda_graph=impl.endswith("_cudagraph"), tf32=torch.backends.cuda.matmul.allow_tf32,
     )
 
 

@@ -142,6 +142,25 @@ def _attn_backward(ctx, dout, dlse):
 _token_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
 
 
+class _TokenAttentionFunction(torch.autograd.Function):
+    """Eager path: the same kernels as the custom ops without the torch.library dispatch
+    (tens of microseconds of Python per call, more than the kernels take at the TDE's size).
+    ``torch.compile`` traces the custom ops instead (see ``token_attention``)."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads, scale):
+        out, lse = _triton_module().attention_forward(qkv, num_heads, scale)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.num_heads, ctx.scale = num_heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, out, lse = ctx.saved_tensors
+        dqkv = _triton_module().attention_backward(dout.to(qkv.dtype), None, qkv, out, lse, ctx.num_heads, ctx.scale)
+        return dqkv, None, None
+
+
 # ============================================================================ public op
 
 
@@ -166,7 +185,9 @@ def token_attention(
             which = "reference"
     if which == "reference":
         return token_attention_reference(qkv, num_heads, scale)
-    return _token_attention_fwd(qkv, num_heads, scale)[0]
+    if torch.compiler.is_compiling():
+        return _token_attention_fwd(qkv, num_heads, scale)[0]
+    return _TokenAttentionFunction.apply(qkv, num_heads, scale)
 
 
 class TokenAttention(nn.Module):

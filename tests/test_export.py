@@ -324,11 +324,22 @@ def test_gpu_check_goal_table_from_results():
         _fake_bench("e[s-withflip-reference]", 20e-3, preset="distilpose_s", batch=1, precision="fp32",
                     flip_test=True, path="reference"),
     ]
+    benches += [
+        _fake_bench("a[fused_cudagraph-64-bf16-fwdbwd]", 0.2e-3, impl="fused_cudagraph", batch=64, dtype="bf16", mode="fwdbwd"),
+        _fake_bench("a[sdpa_flash_cudagraph-64-bf16-fwdbwd]", 0.4e-3, impl="sdpa_flash_cudagraph", batch=64, dtype="bf16",
+                    mode="fwdbwd"),
+        # another suite in the same file with the same fields must not be taken for attention
+        _fake_bench("p[fused-64-bf16-fwdbwd]", 1e-5, impl="fused", batch=64, dtype="bf16", mode="fwdbwd"),
+    ]
     for b in benches:
-        b["_file"] = "attention-x.json" if b["name"].startswith("a") else "e2e-x.json"
+        suite = {"a": "attention-x.json bench/bench_attention.py::test_token_attention_gpu",
+                 "p": "attention-x.json bench/bench_attention.py::test_add_pos_layernorm_gpu"}
+        b["_file"] = suite.get(b["name"][0], "e2e-x.json")
     rows = {r["goal"]: r for r in gc.evaluate_goals(benches, {"fp32_tflops": 50.0, "copy_gbps": 3000.0})}
-    att = rows["attention B=64 bf16 fwd+bwd vs best SDPA"]
+    att = rows["attention B=64 bf16 fwd+bwd vs best SDPA (per call)"]
     assert att["status"] == "MISS" and att["measured"].startswith("1.20x")  # vs the FASTEST SDPA backend
+    att_g = rows["attention B=64 bf16 fwd+bwd vs best SDPA (CUDA graph)"]
+    assert att_g["status"] == "PASS" and att_g["measured"].startswith("2.00x")  # graph vs graph only
     e2e = rows["DistilPose-S b1 fp32 flip test FPS"]
     assert e2e["status"] == "PASS" and e2e["measured"].startswith("2000 FPS via cudagraph")
     assert "reference 50" in e2e["measured"] and "floor" not in e2e["measured"] and e2e["floor"]
@@ -340,7 +351,7 @@ def test_gpu_check_dry_run_and_selections(capsys):
     gc = _load_script("gpu_check")
     assert gc.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    for stage in ("build", "tests-gpu", "sanitizer", "bench-e2e", "tests-rest"):
+    for stage in ("build", "tests-triton", "tests-ext", "sanitizer", "bench-e2e", "tests-rest"):
         assert stage in out
     assert gc.parse_pytest_summary("== 3 passed, 1 failed, 2 skipped in 4.5s ==") == {"passed": 3, "failed": 1, "skipped": 2}
 

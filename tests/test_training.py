@@ -26,6 +26,7 @@ def tiny_cfg(mode: str, work_dir, **over) -> TrainConfig:
         "data.kind": "synthetic", "data.demo_num_train": 16, "data.batch_size": 4, "data.num_workers": 0,
         "optim.epochs": 2, "optim.warmup_iters": 0, "optim.milestones": [], "work_dir": str(work_dir),
         "progress": False, "log_interval": 1, "final_eval": False,
+        "device": "cpu",  # these tests feed CPU batches directly; the GPU paths run in bench/
     }
     sets.update(over)
     return apply_overrides(base, sets)
@@ -232,7 +233,7 @@ def test_torchrun_two_process_gloo(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
         "-m", "distilpose", "train-teacher", "--config", "tiny_teacher", "--work-dir", str(tmp_path),
         "--no-progress", "--set", "data.kind=synthetic", "--set", "data.demo_num_train=16", "--set", "data.batch_size=4",
-        "--set", "optim.epochs=1", "--set", "final_eval=false", "--set", "data.num_workers=0",
+        "--set", "optim.epochs=1", "--set", "final_eval=false", "--set", "data.num_workers=0", "--set", "device=cpu",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -144,6 +144,54 @@ __global__ void soft_argmax_fwd_kernel(const T* __restrict__ in, int HW, int W, 
   }
 }
 
+// The same computation with each thread's elements held in registers between the two passes:
+// the ITEMS loads of a thread are independent and issued together (the loop above waits on
+// one load per iteration, twice), and the map is read from memory once. Element order and
+// accumulation order are those of soft_argmax_fwd_kernel, so results are bitwise equal.
+template <typename T, typename acc_t, int ITEMS>
+__global__ void soft_argmax_fwd_reg_kernel(const T* __restrict__ in, int HW, int W, acc_t beta,
+                                           acc_t* __restrict__ coords, acc_t* __restrict__ conf,
+                                           acc_t* __restrict__ hmax) {
+  __shared__ acc_t smem[96];
+  const int64_t b = blockIdx.x;
+  const T* h = in + b * HW;
+  acc_t x[ITEMS];
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    x[j] = i < HW ? to_acc(h[i]) : neg_inf<acc_t>();
+  }
+  acc_t m = neg_inf<acc_t>();
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) m = better_max(x[j], m) ? x[j] : m;
+  m = block_max_nan(m, smem);
+  acc_t S = 0, Sx = 0, Sy = 0;
+  int u = threadIdx.x % W, v = threadIdx.x / W;
+  const int du = blockDim.x % W, dv = blockDim.x / W;
+#pragma unroll
+  for (int j = 0; j < ITEMS; ++j) {
+    if (threadIdx.x + j * blockDim.x < HW) {
+      const acc_t e = exp_acc(beta * (x[j] - m));
+      S += e;
+      Sx += e * static_cast<acc_t>(u);
+      Sy += e * static_cast<acc_t>(v);
+    }
+    u += du;
+    v += dv;
+    if (u >= W) {
+      u -= W;
+      ++v;
+    }
+  }
+  block_sum3(S, Sx, Sy, smem);
+  if (threadIdx.x == 0) {
+    coords[2 * b] = Sx / S;
+    coords[2 * b + 1] = Sy / S;
+    conf[b] = acc_t(1) / S;
+    hmax[b] = m;
+  }
+}
+
 template <typename T, typename acc_t>
 __global__ void soft_argmax_bwd_kernel(const acc_t* __restrict__ grad_coords, const T* __restrict__ in,
                                        const acc_t* __restrict__ coords, const acc_t* __restrict__ conf,
@@ -295,9 +343,25 @@ cudaError_t launch_soft_argmax_fwd(DType dtype, const void* heatmaps, int64_t nk
   return dispatch(dtype, [&](auto t, auto a) {
     using T = decltype(t);
     using A = decltype(a);
-    soft_argmax_fwd_kernel<T, A><<<static_cast<unsigned>(nk), threads_for(H * W), 0, stream>>>(
-        static_cast<const T*>(heatmaps), static_cast<int>(H * W), static_cast<int>(W), static_cast<A>(beta),
-        static_cast<A*>(coords), static_cast<A*>(confidence), static_cast<A*>(hmax));
+    const int threads = threads_for(H * W);
+    const int items = static_cast<int>((H * W + threads - 1) / threads);
+    const auto grid = static_cast<unsigned>(nk);
+    const auto* src = static_cast<const T*>(heatmaps);
+    const int hw = static_cast<int>(H * W), w = static_cast<int>(W);
+    auto* c = static_cast<A*>(coords);
+    auto* conf = static_cast<A*>(confidence);
+    auto* mx = static_cast<A*>(hmax);
+    if (items <= 4) {
+      soft_argmax_fwd_reg_kernel<T, A, 4><<<grid, threads, 0, stream>>>(src, hw, w, static_cast<A>(beta), c, conf, mx);
+    } else if (items <= 8) {
+      soft_argmax_fwd_reg_kernel<T, A, 8><<<grid, threads, 0, stream>>>(src, hw, w, static_cast<A>(beta), c, conf, mx);
+    } else if (items <= 16) {
+      soft_argmax_fwd_reg_kernel<T, A, 16><<<grid, threads, 0, stream>>>(src, hw, w, static_cast<A>(beta), c, conf, mx);
+    } else if (items <= 32) {
+      soft_argmax_fwd_reg_kernel<T, A, 32><<<grid, threads, 0, stream>>>(src, hw, w, static_cast<A>(beta), c, conf, mx);
+    } else {  // large maps: the streaming two-pass loop (the second pass reads from L2)
+      soft_argmax_fwd_kernel<T, A><<<grid, threads, 0, stream>>>(src, hw, w, static_cast<A>(beta), c, conf, mx);
+    }
   });
 }
 

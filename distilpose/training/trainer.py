@@ -71,6 +71,12 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device: {device!r} asked for but CUDA is not available")
+        if dev.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"device: process with LOCAL_RANK={local_rank} needs cuda:{dev.index} but only "
+                f"{torch.cuda.device_count()} CUDA device(s) are visible; start at most that many processes "
+                "per node (torchrun --nproc_per_node) or pass --set device=cpu"
+            )
         torch.cuda.set_device(dev)
     here = False
     if world > 1 and not (dist.is_available() and dist.is_initialized()):

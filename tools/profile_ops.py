@@ -1,0 +1,132 @@
+"""Where the time of each fused op goes on a GPU: device (kernel) time vs per-call wall time.
+
+    python tools/profile_ops.py [--json out.json]
+
+For each op at the benchmark's size it reports the wall time of one call (synchronised, median
+of 20), the summed duration of the CUDA kernels one call launches (torch.profiler), the
+kernels themselves, and the device-time bandwidth where the op's minimum bytes are known.
+A wall time far above the kernel time means the op is bound by Python / launch overhead at
+that size (a CUDA graph or torch.compile removes most of it); the reverse means the kernels
+themselves are slow. Needs a CUDA device; prints nothing useful without one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import distilpose_kernels as dk
+
+
+def _wall(fn: Callable[[], object], n: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _kernels(fn: Callable[[], object], n: int = 10) -> Dict[str, float]:
+    """Summed device time per kernel name for ONE call (averaged over ``n`` calls), seconds."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    out: Dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            dur_us = ev.time_range.elapsed_us()
+            out[ev.name] = out.get(ev.name, 0.0) + dur_us * 1e-6 / n
+    return out
+
+
+def cases(dev: torch.device) -> List[tuple]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    out = []
+    # token attention, the TDE's shape, B=64 bf16
+    qkv = torch.randn(64, 273, 576, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    dout = torch.randn(64, 273, 192, generator=g).to(dev, torch.bfloat16)
+    out.append(("token_attention fwd B=64 bf16", lambda: dk.token_attention(qkv, 8), 64 * 273 * (576 + 192) * 2))
+    out.append(("token_attention fwd+bwd B=64 bf16",
+                lambda: torch.autograd.grad(dk.token_attention(qkv, 8), qkv, dout), 64 * 273 * (576 + 192) * 2 * 2
+                + 64 * 273 * (192 + 576) * 2))
+    # simulated heatmap loss, N=256, fp32 teacher
+    n, k, h, w = 256, 17, 64, 48
+    c = torch.rand(n, k, 2, generator=g).to(dev).requires_grad_()
+    s = (torch.rand(n, k, 2, generator=g) * 3 + 0.5).to(dev).requires_grad_()
+    sc = torch.rand(n, k, 1, generator=g).to(dev).requires_grad_()
+    t = torch.rand(n, k, h, w, generator=g).to(dev)
+    wt = torch.ones(n, k, 1, device=dev)
+
+    def loss():
+        reg, sl = dk.simulated_heatmap_loss(c, s, sc, t, wt)
+        return torch.autograd.grad(reg + 0.01 * sl, (c, s, sc))
+
+    out.append(("simulated_heatmap_loss fwd+bwd N=256", loss, t.numel() * 4 + n * k * 11 * 4))
+    # soft-argmax forward N=256, DARK decode N=256
+    x = (torch.randn(n, k, h, w, generator=g) * 3).to(dev)
+    out.append(("soft_argmax fwd N=256", lambda: dk.soft_argmax(x), x.numel() * 4 + n * k * 3 * 4))
+    out.append(("decode_heatmaps dark N=256", lambda: dk.decode_heatmaps(x, "dark"), x.numel() * 4 + n * k * 3 * 4))
+    # training targets N=64
+    kp = (torch.rand(64, 17, 2, generator=g) * torch.tensor([192.0, 256.0])).to(dev)
+    vis = torch.ones(64, 17, device=dev)
+    out.append(("gaussian_heatmap_targets N=64", lambda: dk.gaussian_heatmap_targets(kp, vis, (256, 192), (64, 48)),
+                64 * 17 * 64 * 48 * 4))
+    # end to end: DistilPose-S inference through the InferenceEngine (crop tensor -> keypoints)
+    from distilpose.models import build_model
+    from distilpose.runtime import InferenceEngine
+
+    model = build_model("distilpose_s").eval()
+    for batch, prec, flip, kw in ((256, "bf16", False, {}), (256, "bf16", False, {"channels_last": True}),
+                                  (1, "fp32", True, {"cuda_graph": True})):
+        eng = InferenceEngine(model, device=dev, precision=prec, flip_test=flip, fold_bn=True, clone_outputs=False, **kw)
+        crops = torch.randn(batch, 3, 256, 192, generator=g).to(dev)
+        center = torch.full((batch, 2), 200.0, device=dev)
+        scale = torch.full((batch, 2), 150.0, device=dev)
+        tag = " ".join(f"{k}" for k in kw) or "eager"
+        out.append((f"e2e S b{batch} {prec} {'flip' if flip else 'noflip'} {tag}",
+                    (lambda e=eng, c=crops, ce=center, sc=scale: e(c, ce, sc)), None))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_ops: no CUDA device; nothing to profile")
+        return 0
+    dev = torch.device("cuda")
+    rows = []
+    for name, fn, nbytes in cases(dev):
+        wall = _wall(fn)
+        ks = _kernels(fn)
+        dev_t = sum(ks.values())
+        row = {"op": name, "wall_us": wall * 1e6, "kernel_us": dev_t * 1e6, "bytes": nbytes,
+               "kernel_gbps": nbytes / dev_t / 1e9 if dev_t and nbytes else None,
+               "kernels": {kname: v * 1e6 for kname, v in sorted(ks.items(), key=lambda kv: -kv[1])}}
+        rows.append(row)
+        top = ", ".join(f"{kn[:60]} {v:.1f}" for kn, v in list(row["kernels"].items())[:6])
+        print(f"{name:<38} wall {row['wall_us']:8.1f} us  kernels {row['kernel_us']:8.1f} us "
+              f"({row['kernel_gbps'] or 0:7.0f} GB/s)  [{top}]", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
