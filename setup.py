@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import os
+import subprocess
 import sys
 
 from setuptools import setup
@@ -41,6 +42,28 @@ def _note(msg: str) -> None:
 
 def _rel(paths: list[str]) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _libstdcxx_link_args() -> list:
+    """Link the C++ runtime as the shared libstdc++.so.6 that torch itself uses.
+
+    Where the toolchain's ``libstdc++.so`` symlink is missing (seen on a CUDA image), ``-lstdc++``
+    silently falls back to ``libstdc++.a`` and the extension carries a private copy of the
+    runtime. Two runtimes in one process break std::locale (an error message that formats a
+    number segfaults inside the copy). Naming the shared object explicitly, ahead of the
+    implicit ``-lstdc++``, resolves every runtime symbol from it.
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True, timeout=30)
+        path = out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if os.path.isabs(path) and os.path.exists(path):
+        return [path]
+    return []
 
 
 def _extensions():
@@ -79,6 +102,7 @@ def _extensions():
     cxx = opt + ([] if sys.platform == "win32" else ["-fopenmp-simd", "-fno-trapping-math"])
     sources = _rel([os.path.join(ROOT, "csrc", "distilpose_ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     macros = [("DISTILPOSE_TORCH_VERSION", torch.__version__.split("+")[0])]
+    link = _libstdcxx_link_args()
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -90,12 +114,12 @@ def _extensions():
         macros += [("DISTILPOSE_WITH_CUDA", "1"), ("DISTILPOSE_CUDA_ARCHS", archs)]
         nvcc = opt + (["-lineinfo"] if debug else [])
         ext = CUDAExtension("distilpose_kernels._C", sources, include_dirs=include_dirs, define_macros=macros,
-                            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
         _note(f"building the CPU + CUDA extension (torch {torch.__version__}, CUDA {torch.version.cuda}, "
               f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<visible GPUs>')})")
     else:
         ext = CppExtension("distilpose_kernels._C", sources, include_dirs=include_dirs, define_macros=macros,
-                           extra_compile_args={"cxx": cxx})
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
         why = ("FORCE_CUDA=0" if force in ("0", "false", "no", "off") else
                "torch is a CPU build" if not torch_cuda else
                "no CUDA toolkit found" if CUDA_HOME is None else "no visible GPU (set FORCE_CUDA=1 to build CUDA anyway)")

@@ -105,7 +105,12 @@ def _cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return graph.replay
+    # The replay reads the buffers ``fn`` closes over: keep ``fn`` (and so them) alive with the
+    # graph. Otherwise they are freed, and the next capture's empty_cache() unmaps them.
+    def replay(graph=graph, fn=fn):
+        graph.replay()
+
+    return replay
 
 
 def _check_or_skip(fn: Callable[[], object], name: str) -> None:

@@ -95,6 +95,35 @@ def test_soft_argmax_forward(benchmark, device, impl, n):
     assert torch.isfinite(out[0]).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", N_VALUES)
+def test_soft_argmax_forward_cudagraph(benchmark, n):
+    """The extension's forward captured in CUDA graphs (one per rotated input copy): device time
+    without the per-call Python and launch overhead, the number the bandwidth goal is about."""
+    impl, device = "extension", "cuda"
+    _skip_unless(impl, device)
+    benchmark.group = f"soft_argmax fwd {device} N={n}"
+    x = _maps(n, device)
+    nbytes = x.numel() * x.element_size() + n * K * 3 * 4
+    f = _soft_argmax_fn(impl, device)
+    replays = []
+    for xi in [x] + [x.clone() for _ in range(input_copies(nbytes, device) - 1)]:
+        f(xi)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = f(xi)
+
+        def replay(graph=graph, xi=xi, out=out):  # keeps the input and output buffers alive
+            graph.replay()
+            return out
+
+        replays.append(replay)
+    out = _bench(benchmark, rotate(replays), device, nbytes, op="soft_argmax_fwd", impl="extension_cudagraph", n=n,
+                 shape=[n, K, H, W], input_copies=len(replays), cuda_graph=True)
+    assert torch.isfinite(out[0]).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("n", N_VALUES)

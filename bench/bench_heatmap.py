@@ -80,7 +80,12 @@ def _cuda_graph(step):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    return graph.replay
+    # The replay reads the buffers ``step`` closes over: keep ``step`` (and so them) alive with
+    # the graph. Otherwise they are freed, and the next capture's empty_cache() unmaps them.
+    def replay(graph=graph, step=step):
+        graph.replay()
+
+    return replay
 
 
 def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32"):

@@ -523,12 +523,17 @@ def test_soft_argmax_module():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", FLOATS + [torch.float64])
-def test_cuda_soft_argmax_matches_cpu(dtype):
-    x = logits(4, 17, 64, 48, dtype=dtype)
+# one shape per CUDA forward path: warp per map (3072 and 35 and 825 px), a block per map with
+# register-held values (4800 px), the streaming block loop (12288 px)
+@pytest.mark.parametrize("shape", [(4, 17, 64, 48), (3, 5, 7, 5), (2, 7, 33, 25), (2, 3, 80, 60), (2, 3, 128, 96)],
+                         ids=str)
+def test_cuda_soft_argmax_matches_cpu(dtype, shape):
+    n, k, h, w = shape
+    x = logits(n, k, h, w, dtype=dtype)
     x[0, 0, 3, 3] = float("nan")
     x[0, 1] = float("-inf")
     backend = "cuda" if _ext.available("cuda") else None
-    g = torch.randn(4, 17, 2)
+    g = torch.randn(n, k, 2)
     xc = x.cuda().requires_grad_(True)
     c, f = dk.soft_argmax(xc, 2.0, backend=backend)
     (c * g.cuda()).nan_to_num().sum().backward()
@@ -536,7 +541,7 @@ def test_cuda_soft_argmax_matches_cpu(dtype):
     rc, rf = D.soft_argmax_reference(xr, 2.0)
     (rc * g).nan_to_num().sum().backward()
     tol = 1e-9 if dtype == torch.float64 else 3e-4
-    torch.testing.assert_close(c.cpu(), rc, atol=tol * 64, rtol=0, equal_nan=True)
+    torch.testing.assert_close(c.cpu(), rc, atol=tol * max(h, w), rtol=0, equal_nan=True)
     torch.testing.assert_close(f.cpu(), rf, atol=tol, rtol=tol, equal_nan=True)
     gtol = 1e-9 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 2e-2)
     torch.testing.assert_close(xc.grad.cpu().float().nan_to_num(), xr.grad.float().nan_to_num(),

@@ -344,7 +344,7 @@ def test_gpu_check_goal_table_from_results():
     assert e2e["status"] == "PASS" and e2e["measured"].startswith("2000 FPS via cudagraph")
     assert "reference 50" in e2e["measured"] and "floor" not in e2e["measured"] and e2e["floor"]
     assert rows["distillation step b64 bf16 vs reference"]["status"] == "NOT RUN"
-    assert rows["soft-argmax N=256 fwd bandwidth"]["status"] == "NOT RUN"
+    assert rows["soft-argmax N=256 fwd bandwidth (per call)"]["status"] == "NOT RUN"
 
 
 def test_gpu_check_dry_run_and_selections(capsys):

@@ -119,3 +119,26 @@ def test_extension_loaded_before_schemas_is_consistent():
     r = _run([sys.executable, "-c", code])
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == ("compiled" if _ext.load().loaded else "python")
+
+
+def test_extension_uses_the_shared_cxx_runtime():
+    """_C must not carry a private copy of libstdc++ (a static fallback link): two C++ runtimes
+    in one process break std::locale, and the first error message that formats a number
+    segfaults. Seen with a CUDA image whose toolchain lacked the libstdc++.so symlink."""
+    import shutil
+
+    st = _ext.load()
+    if not st.loaded:
+        pytest.skip(f"extension not built: {st.error}")
+    nm = shutil.which("nm")
+    if nm is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs binutils' nm on Linux")
+    so = st.path
+    out = subprocess.run([nm, "-C", so], capture_output=True, text=True, timeout=60).stdout
+    defined = [ln for ln in out.splitlines() if "std::ostream::_M_insert<long>" in ln and " U " not in ln]
+    assert not defined, f"{so} defines libstdc++ internals (statically linked runtime): {defined[:3]}"
+    # ... and the error path that crashed formats its message
+    import distilpose_kernels.decode  # noqa: F401  (defines the op schemas)
+
+    with pytest.raises(RuntimeError, match=r"got shape \[2, 4, 4\]"):
+        torch.ops.distilpose.soft_argmax_fwd(torch.randn(2, 4, 4), 1.0)
