@@ -8,7 +8,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "../decode_math.h"
 #include "decode_cuda.h"
@@ -193,88 +192,6 @@ __global__ void soft_argmax_fwd_reg_kernel(const T* __restrict__ in, int HW, int
   }
 }
 
-// One warp per heatmap (maps up to 32 * ITEMS pixels): each lane holds its ITEMS values in
-// registers, all of its loads in flight at once; shuffles only, no shared memory or block
-// barriers. Many small maps (the N x 17 x 64 x 48 case) keep far more bytes in flight per
-// SM than one 256-thread block per map. float accumulation only (double uses the block kernel).
-template <typename T, int ITEMS>
-__global__ void soft_argmax_fwd_warp_kernel(const T* __restrict__ in, int64_t nk, int HW, int W, float beta,
-                                            float* __restrict__ coords, float* __restrict__ conf,
-                                            float* __restrict__ hmax) {
-  const int lane = threadIdx.x & 31;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (b >= nk) return;  // whole warps only: the shuffles below see all 32 lanes
-  const T* h = in + b * HW;
-  float x[ITEMS];
-#pragma unroll
-  for (int j = 0; j < ITEMS; ++j) {
-    const int i = lane + 32 * j;
-    x[j] = i < HW ? to_acc(h[i]) : neg_inf<float>();
-  }
-  float m = neg_inf<float>();
-#pragma unroll
-  for (int j = 0; j < ITEMS; ++j) m = better_max(x[j], m) ? x[j] : m;
-  m = warp_max_nan(m);
-  float S = 0.f, Sx = 0.f, Sy = 0.f;
-  int u = lane % W, v = lane / W;
-  const int du = 32 % W, dv = 32 / W;
-#pragma unroll
-  for (int j = 0; j < ITEMS; ++j) {
-    if (lane + 32 * j < HW) {
-      const float e = exp_acc(beta * (x[j] - m));
-      S += e;
-      Sx += e * static_cast<float>(u);
-      Sy += e * static_cast<float>(v);
-    }
-    u += du;
-    v += dv;
-    if (u >= W) {
-      u -= W;
-      ++v;
-    }
-  }
-  S = warp_sum(S);
-  Sx = warp_sum(Sx);
-  Sy = warp_sum(Sy);
-  if (lane == 0) {
-    coords[2 * b] = Sx / S;
-    coords[2 * b + 1] = Sy / S;
-    conf[b] = 1.f / S;
-    hmax[b] = m;
-  }
-}
-
-template <typename T, int ITEMS>
-void launch_warp(const T* src, int64_t nk, int hw, int w, float beta, float* c, float* conf, float* mx,
-                 cudaStream_t stream) {
-  constexpr int kWarpsPerBlock = 4;
-  const auto blocks = static_cast<unsigned>((nk + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  soft_argmax_fwd_warp_kernel<T, ITEMS><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(src, nk, hw, w, beta, c, conf, mx);
-}
-
-// Maps of up to 96 * 32 = 3072 pixels (64 x 48) go to the warp kernel; returns false otherwise.
-template <typename T>
-bool try_launch_warp(const T* src, int64_t nk, int hw, int w, double beta, void* c, void* conf, void* mx,
-                     cudaStream_t stream) {
-  if constexpr (std::is_same<T, double>::value) {
-    return false;
-  } else {
-    const int per_lane = (hw + 31) / 32;
-    auto* cf = static_cast<float*>(c);
-    auto* conff = static_cast<float*>(conf);
-    auto* mf = static_cast<float*>(mx);
-    const auto bf = static_cast<float>(beta);
-    if (per_lane <= 4) launch_warp<T, 4>(src, nk, hw, w, bf, cf, conff, mf, stream);
-    else if (per_lane <= 8) launch_warp<T, 8>(src, nk, hw, w, bf, cf, conff, mf, stream);
-    else if (per_lane <= 16) launch_warp<T, 16>(src, nk, hw, w, bf, cf, conff, mf, stream);
-    else if (per_lane <= 32) launch_warp<T, 32>(src, nk, hw, w, bf, cf, conff, mf, stream);
-    else if (per_lane <= 64) launch_warp<T, 64>(src, nk, hw, w, bf, cf, conff, mf, stream);
-    else if (per_lane <= 96) launch_warp<T, 96>(src, nk, hw, w, bf, cf, conff, mf, stream);
-    else return false;
-    return true;
-  }
-}
-
 template <typename T, typename acc_t>
 __global__ void soft_argmax_bwd_kernel(const acc_t* __restrict__ grad_coords, const T* __restrict__ in,
                                        const acc_t* __restrict__ coords, const acc_t* __restrict__ conf,
@@ -426,10 +343,6 @@ cudaError_t launch_soft_argmax_fwd(DType dtype, const void* heatmaps, int64_t nk
   return dispatch(dtype, [&](auto t, auto a) {
     using T = decltype(t);
     using A = decltype(a);
-    if (try_launch_warp<T>(static_cast<const T*>(heatmaps), nk, static_cast<int>(H * W), static_cast<int>(W), beta,
-                           coords, confidence, hmax, stream)) {
-      return;
-    }
     const int threads = threads_for(H * W);
     const int items = static_cast<int>((H * W + threads - 1) / threads);
     const auto grid = static_cast<unsigned>(nk);
