@@ -777,6 +777,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated stage names to skip (e.g. build)")
     ap.add_argument("--quick", action="store_true",
                     help="tests-triton runs tests/test_gpu_kernels.py only (the device-only tests)")
+    ap.add_argument("--combine", default=None, metavar="OUT.json",
+                    help="with --from-json: also write one combined summary (goal table) of those files")
     ap.add_argument("--from-json", nargs="*", default=None,
                     help="recompute the goal table from existing benchmark JSON files (no runs)")
     args = ap.parse_args(argv)
@@ -786,18 +788,36 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{name:<18} {path}\n{'':<18} -k {k!r}")
         return 0
     if args.from_json is not None:
-        ceil = {}
-        files = []
+        ceil: Dict[str, float] = {}
+        files, summaries = [], []
         for f in args.from_json:
             try:
                 d = json.loads(Path(f).read_text())
             except (OSError, ValueError):
+                print(f"gpu_check: skipping unreadable {f}", file=sys.stderr)
                 continue
-            if "ceilings" in d:
+            if "ceilings" in d and "stages" in d:
                 ceil.update(d.get("ceilings") or {})
+                summaries.append((f, d))
             else:
                 files.append(f)
-        print(print_table(evaluate_goals(_load_benchmarks(files), ceil), [], "(from JSON)"))
+        rows = evaluate_goals(_load_benchmarks(files), ceil)
+        device = next((d.get("device") for _, d in summaries if d.get("device")), "(from JSON)")
+        print(print_table(rows, [], device))
+        if args.combine:
+            # one goal table from several (partial) runs: the later file of a case wins
+            env = next((d.get("env") for _, d in reversed(summaries) if d.get("env")), None)
+            combined = {
+                "device": device, "has_gpu": any(d.get("has_gpu") for _, d in summaries), "ceilings": ceil,
+                "env": env, "goals": rows, "combined_from": [os.path.basename(f) for f in files],
+                "stages": {os.path.basename(f): {k: {kk: vv for kk, vv in v.items() if kk in ("status", "counts", "seconds")}
+                                                 for k, v in d.get("stages", {}).items()} for f, d in summaries},
+            }
+            out = Path(args.combine)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(combined, indent=1, default=str))
+            os.replace(tmp, out)
+            print(f"combined goal table written to {out}")
         return 0
 
     has_gpu = cuda_available()

@@ -169,15 +169,29 @@ def section_ops(benches: List[dict], device: str) -> List[str]:
     return out
 
 
+def _goal_tables(checks: List[dict]) -> List[dict]:
+    """Per device: the combined summaries (``gpu_check.py --combine``) if any, else every run."""
+    by_dev: Dict[str, List[dict]] = defaultdict(list)
+    for c in checks:
+        by_dev[str(c.get("device"))].append(c)
+    out: List[dict] = []
+    for dev in sorted(by_dev):
+        combined = [c for c in by_dev[dev] if c.get("combined_from")]
+        out += combined or by_dev[dev]
+    return out
+
+
 def section_goals(checks: List[dict]) -> List[str]:
     out: List[str] = []
-    for c in sorted(checks, key=lambda c: c.get("_file", "")):
+    for c in sorted(_goal_tables(checks), key=lambda c: c.get("_file", "")):
         if not c.get("has_gpu"):
             continue
         dev = c.get("device", "unknown device")
         ceil = c.get("ceilings") or {}
         env = c.get("env") or {}
-        out += [f"Speed goals on {dev} (`scripts/gpu_check.py`, commit {str(env.get('git_commit', '?'))[:10]}, "
+        commit = str(env.get("git_commit", "?"))
+        commit = commit if " " in commit else commit[:10]  # a combined table names several commits
+        out += [f"Speed goals on {dev} (`scripts/gpu_check.py`, commit {commit}, "
                 f"torch {env.get('torch', '?')}; measured ceilings: copy {fmt_num(ceil.get('copy_gbps'))} GB/s, "
                 f"bf16 matmul {fmt_num(ceil.get('bf16_tflops'))} TFLOP/s, fp32 {fmt_num(ceil.get('fp32_tflops'))} TFLOP/s):", ""]
         out += md_table(["goal", "target", "status", "measured", "floor (two numbers)"],
