@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import distilpose_kernels as dk
-from benchutils import run_benchmark, synchronize
+from benchutils import cuda_graph, run_benchmark, synchronize
 
 L, H, D = 273, 8, 24
 C = H * D
@@ -93,26 +93,6 @@ def _timed(impl: Callable, qkv: torch.Tensor, mode: str) -> Callable[[], object]
     return step
 
 
-def _cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
-    """Capture ``fn`` (forward, or forward + backward) once; time its replays. Removes the Python
-    and launch overhead every implementation pays per call, leaving device time."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    # The replay reads the buffers ``fn`` closes over: keep ``fn`` (and so them) alive with the
-    # graph. Otherwise they are freed, and the next capture's empty_cache() unmaps them.
-    def replay(graph=graph, fn=fn):
-        graph.replay()
-
-    return replay
-
-
 def _check_or_skip(fn: Callable[[], object], name: str) -> None:
     """Run once: skip (not fail) when an SDPA backend rejects the shape/dtype."""
     try:
@@ -144,7 +124,7 @@ def test_token_attention_gpu(benchmark, impl, batch, dtype, mode):
     fn = _timed(_impl(base), qkv, mode)
     _check_or_skip(fn, base)
     if impl.endswith("_cudagraph"):
-        fn = _cuda_graph(fn)
+        fn = cuda_graph(fn)
     synchronize(dev)
     benchmark.group = f"attention {mode} {dtype} B={batch}"
     run_benchmark(

@@ -24,16 +24,7 @@ import torch
 import distilpose_kernels as dk
 from distilpose_kernels import _ext
 
-try:
-    from benchutils import input_copies, rotate, run_benchmark
-except ImportError:  # pragma: no cover - benchutils lives next to this file
-    run_benchmark = None
-
-    def input_copies(nbytes, device):
-        return 1
-
-    def rotate(steps):
-        return steps[0]
+from benchutils import cuda_graph, input_copies, rotate, run_benchmark
 
 K, H, W = 17, 64, 48
 N_VALUES = (1, 32, 256)
@@ -73,10 +64,7 @@ def _soft_argmax_fn(impl: str, device: str):
 
 
 def _bench(benchmark, fn, device, nbytes, **extra):
-    if run_benchmark is not None:
-        return run_benchmark(benchmark, fn, device=device, bytes_moved=nbytes, **extra)
-    benchmark.extra_info.update(extra, bytes=nbytes)  # minimal local fallback
-    return benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
+    return run_benchmark(benchmark, fn, device=device, bytes_moved=nbytes, **extra)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -106,19 +94,8 @@ def test_soft_argmax_forward_cudagraph(benchmark, n):
     x = _maps(n, device)
     nbytes = x.numel() * x.element_size() + n * K * 3 * 4
     f = _soft_argmax_fn(impl, device)
-    replays = []
-    for xi in [x] + [x.clone() for _ in range(input_copies(nbytes, device) - 1)]:
-        f(xi)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = f(xi)
-
-        def replay(graph=graph, xi=xi, out=out):  # keeps the input and output buffers alive
-            graph.replay()
-            return out
-
-        replays.append(replay)
+    xs = [x] + [x.clone() for _ in range(input_copies(nbytes, device) - 1)]
+    replays = [cuda_graph(functools.partial(f, xi)) for xi in xs]
     out = _bench(benchmark, rotate(replays), device, nbytes, op="soft_argmax_fwd", impl="extension_cudagraph", n=n,
                  shape=[n, K, H, W], input_copies=len(replays), cuda_graph=True)
     assert torch.isfinite(out[0]).all()

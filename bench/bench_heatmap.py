@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import distilpose_kernels as dk
-from benchutils import input_copies, rotate, run_benchmark
+from benchutils import cuda_graph, input_copies, rotate, run_benchmark
 
 K, H, W = 17, 64, 48
 INPUT = (256, 192)
@@ -68,26 +68,6 @@ def _fwd_bwd(fn, coords, sigma, score, teacher, weight):
     return step
 
 
-def _cuda_graph(step):
-    """Capture ``step`` (forward + backward) in a CUDA graph: times the kernels without the
-    Python/launch overhead, which at N = 256 is comparable to the fused kernels' run time."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    # The replay reads the buffers ``step`` closes over: keep ``step`` (and so them) alive with
-    # the graph. Otherwise they are freed, and the next capture's empty_cache() unmaps them.
-    def replay(graph=graph, step=step):
-        graph.replay()
-
-    return replay
-
-
 def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32"):
     elt = torch.empty((), dtype=TEACHER_DTYPES[teacher_dtype]).element_size()
     nbytes = loss_bytes(n, K, H, W, elt)
@@ -96,7 +76,7 @@ def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32"):
     steps = []
     for _ in range(copies):
         step = _fwd_bwd(_loss_fn(impl.removesuffix("_cudagraph")), *_loss_inputs(n, device, TEACHER_DTYPES[teacher_dtype]))
-        steps.append(_cuda_graph(step) if graphed else step)
+        steps.append(cuda_graph(step) if graphed else step)
     run_benchmark(
         benchmark, rotate(steps), device=device, bytes_moved=nbytes,
         op="simulated_heatmap_loss fwd+bwd", impl=impl, n=n, teacher_dtype=teacher_dtype, input_copies=copies,

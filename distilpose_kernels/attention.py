@@ -131,12 +131,16 @@ def _attn_setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _attn_backward(ctx, dout, dlse):
+def _attn_grads(ctx, dout, dlse, bwd):
     qkv, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dqkv = _token_attention_bwd(dout.to(qkv.dtype), dlse, qkv, out, lse, ctx.num_heads, ctx.scale)
+    dqkv = bwd(dout.to(qkv.dtype), dlse, qkv, out, lse, ctx.num_heads, ctx.scale)
     return dqkv, None, None
+
+
+def _attn_backward(ctx, dout, dlse):
+    return _attn_grads(ctx, dout, dlse, _token_attention_bwd)
 
 
 _token_attention_fwd.register_autograd(_attn_backward, setup_context=_attn_setup_context)
@@ -150,15 +154,12 @@ class _TokenAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, num_heads, scale):
         out, lse = _triton_module().attention_forward(qkv, num_heads, scale)
-        ctx.save_for_backward(qkv, out, lse)
-        ctx.num_heads, ctx.scale = num_heads, scale
+        _attn_setup_context(ctx, (qkv, num_heads, scale), (out, lse))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qkv, out, lse = ctx.saved_tensors
-        dqkv = _triton_module().attention_backward(dout.to(qkv.dtype), None, qkv, out, lse, ctx.num_heads, ctx.scale)
-        return dqkv, None, None
+        return _attn_grads(ctx, dout, None, _triton_module().attention_backward)
 
 
 # ============================================================================ public op

@@ -313,13 +313,8 @@ def _upcast(dtype: torch.dtype) -> bool:
 def _launch(which: str, L: int, nh: int, block_d: int, dtype: torch.dtype, *args, **kw) -> None:
     """Launch an attention kernel: autotuned on GPU, fixed heuristic blocks otherwise."""
     gb = _GRID_BLOCK[which]
-    warps, stages = 4, None
-    if isinstance(BLOCK_OVERRIDE, triton.Config):
-        cfg = BLOCK_OVERRIDE
-        bm, bn, warps, stages = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
-    elif BLOCK_OVERRIDE is not None:
-        bm, bn = BLOCK_OVERRIDE
-    elif AUTOTUNE and which in _TUNED:
+    cfg = BLOCK_OVERRIDE if isinstance(BLOCK_OVERRIDE, triton.Config) else None
+    if BLOCK_OVERRIDE is None and AUTOTUNE and which in _TUNED:
         # Triton's autotuner keys on the exact L: every new sequence length would re-benchmark
         # all configs. Tune once per power-of-two bucket of L and reuse that config.
         bucket = (which, _pow2_at_least(L, 16), block_d, dtype, kw.get("HEAD_DIM"), kw.get("PRECISION"))
@@ -331,9 +326,11 @@ def _launch(which: str, L: int, nh: int, block_d: int, dtype: torch.dtype, *args
             if best is not None:
                 _BUCKET_CONFIGS[bucket] = best
             return
+    if cfg is not None:
         bm, bn, warps, stages = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
     else:
-        bm, bn = _heuristic_blocks(L, block_d, dtype)
+        bm, bn = BLOCK_OVERRIDE if BLOCK_OVERRIDE is not None else _heuristic_blocks(L, block_d, dtype)
+        warps, stages = 4, None
     grid = (triton.cdiv(L, bm if gb == "BLOCK_M" else bn), nh)
     extra = {} if stages is None else {"num_stages": stages}
     _RAW[which][grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **extra, **kw)

@@ -350,11 +350,7 @@ def soft_argmax(heatmaps: Tensor, beta: float = 1.0, *, backend: Optional[str] =
     if _resolve_backend("soft_argmax", heatmaps, backend) == "reference":
         coords, conf, _ = _soft_argmax_math(heatmaps, beta)
         return coords, conf
-    if torch.is_grad_enabled() and heatmaps.requires_grad:
-        coords, conf, _ = torch.ops.distilpose.soft_argmax_fwd(heatmaps, beta)
-    else:  # no graph to record: skip the Python autograd kernel (tens of us per call)
-        with torch._C._AutoDispatchBelowAutograd():
-            coords, conf, _ = torch.ops.distilpose.soft_argmax_fwd(heatmaps, beta)
+    coords, conf, _ = torch.ops.distilpose.soft_argmax_fwd(heatmaps, beta)
     return coords, conf
 
 

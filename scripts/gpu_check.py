@@ -349,6 +349,15 @@ def stage_info(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
     return {"status": "ok" if res["rc"] == 0 else "fail", **_strip(res)}
 
 
+def _sum_counts(*results: Dict[str, Any]) -> Dict[str, int]:
+    """pytest counts of several invocations of one stage, added up."""
+    out: Dict[str, int] = {}
+    for res in results:
+        for k, v in (res.get("counts") or {}).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def _pytest_stage(r: Runner, args: List[str], limit: float, env=None) -> Dict[str, Any]:
     res = r.sh(PYTEST + args, limit, env=env)
     counts = parse_pytest_summary(res["text"])
@@ -408,7 +417,7 @@ def stage_tests_ext(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
                             "-m", "not gpu", "-q", "-rfEs", "-p", "no:xdist"],
                         max(10.0, limit - (time.monotonic() - t0) - 20))
     out = {"status": "ok" if gpu["status"] == "ok" and ext["status"] == "ok" else "fail",
-           "counts": {k: gpu["counts"].get(k, 0) + ext["counts"].get(k, 0) for k in set(gpu["counts"]) | set(ext["counts"])},
+           "counts": _sum_counts(gpu, ext),
            "gpu_tests": gpu, "ext_cpu_tests": ext, "seconds": round(time.monotonic() - t0, 1)}
     if ext["rc"] not in (0, 1, 5) or "Segmentation fault" in ext.get("tail", ""):
         out["native_backtrace"] = _native_backtrace(r, 40)
@@ -457,9 +466,8 @@ def stage_sanitizer(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
                     dict(r.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1"))
     graphs = _sanitize(r, cs, ["tests/test_gpu_kernels.py", "-k", "cuda_graph"],
                        max(10.0, limit - (time.monotonic() - t0)), r.env)
-    keys = set(ext["counts"]) | set(graphs["counts"])
     return {"status": "ok" if ext["status"] == "ok" and graphs["status"] == "ok" else "fail",
-            "counts": {k: ext["counts"].get(k, 0) + graphs["counts"].get(k, 0) for k in keys},
+            "counts": _sum_counts(ext, graphs),
             "sanitizer_errors": (ext["sanitizer_errors"] or 0) + (graphs["sanitizer_errors"] or 0),
             "extension": ext, "cuda_graphs": graphs, "seconds": round(time.monotonic() - t0, 1)}
 

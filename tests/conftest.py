@@ -14,13 +14,11 @@ if not torch.cuda.is_available():
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
-        if _interpreting():
+        from distilpose_kernels._utils import triton_interpret
+
+        if triton_interpret():
             return
         # On a GPU machine the interpreter is off, so tests that run the Triton kernels on CPU
         # tensors cannot; test_gpu_kernels.py checks the same kernels on the device instead.
