@@ -22,7 +22,20 @@ BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
 
 
 def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    v = os.environ.get(name)
+    return bool(v) and v.strip().lower() in ("1", "true", "yes", "on")
+
+
+# Pure-Python launch arithmetic: triton.cdiv / triton.next_power_of_2 are constexpr functions in
+# recent Triton and cost microseconds per host call, which adds up on every launch.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints, b > 0."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def force_reference() -> bool:
@@ -47,6 +60,22 @@ def triton_available() -> bool:
     return _TRITON_FOUND
 
 
+def lazy_module(name: str) -> Callable[[], object]:
+    """A loader that imports ``name`` on first call and then returns it from a cell.
+
+    The Triton kernel modules import triton, so ops load them only on the Triton path; the
+    cached loader keeps the import machinery off the per-call path.
+    """
+    cell: list = []
+
+    def load():
+        if not cell:
+            cell.append(importlib.import_module(name))
+        return cell[0]
+
+    return load
+
+
 def triton_interpret() -> bool:
     """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
     return _env_flag("TRITON_INTERPRET")
@@ -67,7 +96,7 @@ def select_triton_backend(op: str, tensors: Sequence[torch.Tensor], backend: Opt
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend='triton' requested but Triton is not installed")
-        if any(t.device.type != "cuda" for t in tensors) and not triton_interpret():
+        if any(not t.is_cuda for t in tensors) and not triton_interpret():
             raise RuntimeError(
                 f"{op}: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before the "
                 "kernels are first used"
@@ -75,9 +104,10 @@ def select_triton_backend(op: str, tensors: Sequence[torch.Tensor], backend: Opt
         return "triton"
     if force_reference() or not triton_available():
         return "reference"
-    if all(t.device.type == "cuda" for t in tensors):
-        return "triton"
-    return "reference"
+    for t in tensors:
+        if not t.is_cuda:
+            return "reference"
+    return "triton"
 
 
 # ----------------------------------------------------------------------------- checks

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils import annotate, check_same_device, check_tensor, select_triton_backend
+from ._utils import annotate, check_same_device, check_tensor, lazy_module, select_triton_backend
 
 #: dtypes the Triton kernels accept (the reference accepts any floating dtype).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,10 +37,8 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 256
 
 
-def _triton_module():
-    from . import attention_triton  # imported only on the Triton path
-
-    return attention_triton
+#: the Triton kernels module (imports triton: loaded only on the Triton path)
+_triton_module = lazy_module("distilpose_kernels.attention_triton")
 
 
 # ============================================================================ checks

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._utils import cdiv, next_pow2
+
 _LOG2E = 1.4426950408889634
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
@@ -249,7 +251,7 @@ def _attn_bwd_dq_kernel(
 
 
 def _pow2_at_least(x: int, lo: int) -> int:
-    return max(lo, triton.next_power_of_2(max(1, x)))
+    return max(lo, next_pow2(x))
 
 
 def _heuristic_blocks(L: int, block_d: int, dtype: torch.dtype) -> Tuple[int, int]:
@@ -321,7 +323,7 @@ def _launch(which: str, L: int, nh: int, block_d: int, dtype: torch.dtype, *args
         cfg = _BUCKET_CONFIGS.get(bucket)
         if cfg is None:
             tuner = _TUNED[which]
-            tuner[lambda meta: (triton.cdiv(L, meta[gb]), nh)](*args, **kw)
+            tuner[lambda meta: (cdiv(L, meta[gb]), nh)](*args, **kw)
             best = getattr(tuner, "best_config", None)
             if best is not None:
                 _BUCKET_CONFIGS[bucket] = best
@@ -331,7 +333,7 @@ def _launch(which: str, L: int, nh: int, block_d: int, dtype: torch.dtype, *args
     else:
         bm, bn = BLOCK_OVERRIDE if BLOCK_OVERRIDE is not None else _heuristic_blocks(L, block_d, dtype)
         warps, stages = 4, None
-    grid = (triton.cdiv(L, bm if gb == "BLOCK_M" else bn), nh)
+    grid = (cdiv(L, bm if gb == "BLOCK_M" else bn), nh)
     extra = {} if stages is None else {"num_stages": stages}
     _RAW[which][grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **extra, **kw)
 
@@ -352,8 +354,7 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[
     _launch(
         "fwd", L, n * num_heads, block_d, qkv.dtype,
         qkv, out, lse,
-        qkv.stride(0), qkv.stride(1), qkv.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *qkv.stride(), *out.stride(),
         L, num_heads, c, scale * _LOG2E,
         HEAD_DIM=d, BLOCK_D=block_d, PRECISION=_precision(qkv.dtype), UPCAST=_upcast(qkv.dtype),
     )
@@ -380,18 +381,15 @@ def attention_backward(
     nh = n * num_heads
     delta = _new_output((n, num_heads, L), qkv.device, torch.float32)
     bm_delta = min(64, _pow2_at_least(L, 16))
-    _attn_bwd_delta_kernel[(triton.cdiv(L, bm_delta), nh)](
+    _attn_bwd_delta_kernel[(cdiv(L, bm_delta), nh)](
         out, dout, dlse.contiguous() if dlse is not None else delta, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
+        *out.stride(), *dout.stride(),
         L, num_heads,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm_delta, HAS_DLSE=dlse is not None,
     )
     common = (
         qkv, dout, lse, delta, dqkv,
-        qkv.stride(0), qkv.stride(1), qkv.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dqkv.stride(0), dqkv.stride(1), dqkv.stride(2),
+        *qkv.stride(), *dout.stride(), *dqkv.stride(),
         L, num_heads, c, scale * _LOG2E, scale,
     )
     prec = _precision(qkv.dtype)
@@ -513,7 +511,7 @@ def add_pos_layernorm_forward(
     if R == 0:
         return x_out, y, mean, rstd
     block_r, block_c, warps = _apln_blocks(c)
-    _apln_fwd_kernel[(triton.cdiv(R, block_r),)](
+    _apln_fwd_kernel[(cdiv(R, block_r),)](
         x, pos2, weight if weight is not None else x, bias if bias is not None else x,
         x_out, y, mean, rstd,
         x.stride(0), x.stride(1), x.stride(2),
@@ -541,11 +539,11 @@ def add_pos_layernorm_backward(
         return dx, z, z.clone()
     block_r, block_c, warps = _apln_blocks(c)
     if x_out.device.type == "cuda":
-        n_prog = min(triton.cdiv(R, block_r), 4 * torch.cuda.get_device_properties(x_out.device).multi_processor_count)
+        n_prog = min(cdiv(R, block_r), 4 * torch.cuda.get_device_properties(x_out.device).multi_processor_count)
     else:
-        n_prog = min(triton.cdiv(R, block_r), 4)
-    rows_per_prog = triton.cdiv(R, n_prog)
-    n_prog = triton.cdiv(R, rows_per_prog)
+        n_prog = min(cdiv(R, block_r), 4)
+    rows_per_prog = cdiv(R, n_prog)
+    n_prog = cdiv(R, rows_per_prog)
     dw_part = _new_output((n_prog, c), x_out.device, torch.float32)
     db_part = _new_output((n_prog, c), x_out.device, torch.float32)
     a = dx_out if dx_out is not None else dy

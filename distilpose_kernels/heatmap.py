@@ -26,9 +26,28 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ._utils import annotate, check_same_device, check_tensor, select_triton_backend
+from ._utils import annotate, check_same_device, check_tensor, lazy_module, select_triton_backend
 
 REG2HM_MODES = ("released", "per_sample")
+
+
+def _loss_inputs_ok(coords, sigma, score, teacher_heatmaps, keypoint_weight) -> bool:
+    """Cheap all-valid test of the fused path's inputs (the per-call host time is the budget)."""
+    try:
+        if teacher_heatmaps.dim() != 4:
+            return False
+        n, k = teacher_heatmaps.shape[:2]
+        dev = teacher_heatmaps.device
+        return (
+            coords.shape == (n, k, 2) and sigma.shape == (n, k, 2) and score.shape == (n, k, 1)
+            and keypoint_weight.shape == (n, k, 1)
+            and coords.dtype in _FLOATS and sigma.dtype in _FLOATS and score.dtype in _FLOATS
+            and teacher_heatmaps.dtype in _FLOATS
+            and coords.device == dev and sigma.device == dev and score.device == dev
+            and keypoint_weight.device == dev
+        )
+    except AttributeError:  # not tensors: the full check names the argument
+        return False
 
 
 def _check_loss_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight):
@@ -139,10 +158,8 @@ def simulated_heatmap_loss_reference(
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _kernels():
-    from . import heatmap_triton  # imports triton: only on the Triton path
-
-    return heatmap_triton
+#: the Triton kernels module (imports triton: loaded only on the Triton path)
+_kernels = lazy_module("distilpose_kernels.heatmap_triton")
 
 
 # --------------------------------------------------------------- loss: custom ops
@@ -275,18 +292,20 @@ def simulated_heatmap_loss(
     """
     if mode not in REG2HM_MODES:
         raise ValueError(f"mode: expected one of {REG2HM_MODES}, got {mode!r}")
-    _check_loss_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight)
-    check_same_device(coords=coords, score=score)
-    n, k, h, w = teacher_heatmaps.shape
-    if n * k * h * w == 0:
+    valid = _loss_inputs_ok(coords, sigma, score, teacher_heatmaps, keypoint_weight)
+    if not valid:  # raises the error that names the argument, or passes for reference-only dtypes
+        _check_loss_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight)
+        check_same_device(coords=coords, score=score)
+    if teacher_heatmaps.numel() == 0:
         raise ValueError(f"teacher_heatmaps: expected a non-empty (N, K, H, W) tensor, got {tuple(teacher_heatmaps.shape)}")
     be = select_triton_backend(
         "simulated_heatmap_loss", (coords, sigma, score, teacher_heatmaps, keypoint_weight), backend
     )
     if be == "reference":
         return simulated_heatmap_loss_reference(coords, sigma, score, teacher_heatmaps, keypoint_weight, mode)
-    for name, t in (("coords", coords), ("sigma", sigma), ("score", score), ("teacher_heatmaps", teacher_heatmaps)):
-        check_tensor(name, t, dtypes=_FLOATS)
+    if not valid:
+        for name, t in (("coords", coords), ("sigma", sigma), ("score", score), ("teacher_heatmaps", teacher_heatmaps)):
+            check_tensor(name, t, dtypes=_FLOATS)
     kw = keypoint_weight.detach()
     if kw.dtype not in _FLOATS:
         kw = kw.to(torch.float32)

@@ -18,9 +18,13 @@ All accumulation is fp32 whatever the storage dtype. Offsets into the (N, K, H, 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from ._utils import cdiv, next_pow2
 
 # Rows of the (8, N, K) fp32 statistics buffer of the loss.
 ST_S, ST_DCX, ST_DCY, ST_DSX, ST_DSY, ST_WREG, ST_ERR, ST_WSCORE = range(8)
@@ -32,14 +36,24 @@ _alloc = torch.empty
 
 
 def _block(n: int, lo: int = 16, hi: int = 1024) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+    return max(lo, min(hi, next_pow2(n)))
 
 
+@functools.lru_cache(maxsize=256)
 def _tile(h: int, w: int, elems: int = 1024) -> tuple:
     """2-D tile (BLOCK_H, BLOCK_W, num_warps) of about ``elems`` pixels: whole rows when W <= 256."""
     bw = _block(w, 16, 256)
-    bh = max(1, min(triton.next_power_of_2(h), elems // bw))
+    bh = max(1, min(next_pow2(h), elems // bw))
     return bh, bw, 4 if bh * bw >= 512 else 2
+
+
+@functools.lru_cache(maxsize=256)
+def _loss_plan(n: int, k: int) -> tuple:
+    """(BLOCK_N, BLOCK_K) of the finalize kernel, (BLOCK, grid) of the backward kernel."""
+    block_k = _block(k, 1, 1024)
+    block_n = max(1, min(next_pow2(n), 4096 // block_k))
+    block = _block(n * k, 64, 1024)
+    return block_n, block_k, block, cdiv(n * k, block)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -266,8 +280,7 @@ def simhm_loss_fwd(coords, sigma, score, teacher, keypoint_weight, released: boo
         coords, sigma, score, teacher, keypoint_weight, stats, nk, h, w, hw,
         BLOCK_H=bh, BLOCK_W=bw, num_warps=warps,
     )
-    block_k = _block(k, 1, 1024)
-    block_n = max(1, min(triton.next_power_of_2(n), 4096 // block_k))
+    block_n, block_k, _, _ = _loss_plan(n, k)
     _simhm_loss_finalize_kernel[(1,)](
         stats, wk, reg, sl, n, k, nk, hw,
         RELEASED=bool(released), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
@@ -282,8 +295,8 @@ def simhm_loss_bwd(grad_reg, grad_score, stats, wk, coords_dtype, sigma_dtype, s
     g_coords = _alloc((n, k, 2), device=dev, dtype=coords_dtype)
     g_sigma = _alloc((n, k, 2), device=dev, dtype=sigma_dtype)
     g_score = _alloc((n, k, 1), device=dev, dtype=score_dtype)
-    block = _block(nk, 64, 1024)
-    _simhm_loss_bwd_kernel[(triton.cdiv(nk, block),)](
+    _, _, block, grid = _loss_plan(n, k)
+    _simhm_loss_bwd_kernel[(grid,)](
         stats, wk, grad_reg, grad_score, g_coords, g_sigma, g_score, n, k, nk, hw,
         RELEASED=bool(released), BLOCK=block, num_warps=4,
     )
@@ -363,7 +376,7 @@ def render_fwd(mu, sigma, height: int, width: int, mask_off_grid: bool):
     if n * k == 0 or hw == 0:
         return out
     bh, bw, warps = _tile(height, width)
-    _render_fwd_kernel[(n * k, triton.cdiv(height, bh))](
+    _render_fwd_kernel[(n * k, cdiv(height, bh))](
         mu, sigma, out, height, width, hw, MASK_OFF_GRID=bool(mask_off_grid), BLOCK_H=bh, BLOCK_W=bw, num_warps=warps,
     )
     return out
@@ -456,21 +469,28 @@ def _targets_kernel(
 
 def targets(keypoints, visibility, input_size, heatmap_size, sigma: float, encoding: int, dtype):
     """keypoints (N, K, 2) and visibility (N, K) contiguous -> (heatmaps (N,K,H,W), weights (N,K,1))."""
-    from .targets import encoding_constants
-
     n, k, _ = keypoints.shape
     h, w = heatmap_size
-    stride_x, stride_y, tmp_size, gsize, half = encoding_constants(input_size, heatmap_size, sigma, encoding)
+    consts, bh, bw, warps = _targets_plan(tuple(input_size), (h, w), float(sigma), int(encoding))
     out = _alloc((n, k, h, w), device=keypoints.device, dtype=dtype)
     wout = _alloc((n, k, 1), device=keypoints.device, dtype=torch.float32)
     if n * k == 0:
         return out, wout
-    hw = h * w
-    bh, bw, warps = _tile(h, w)
     _targets_kernel[(n * k,)](
-        keypoints, visibility, out, wout, h, w, hw,
-        float(stride_x), float(stride_y), float(sigma), float(tmp_size), int(gsize), float(half),
-        float(1.0 / (2.0 * sigma * sigma)),
+        keypoints, visibility, out, wout, h, w, h * w, *consts,
         ENCODING=int(encoding), BLOCK_H=bh, BLOCK_W=bw, num_warps=warps,
     )
     return out, wout
+
+
+@functools.lru_cache(maxsize=64)
+def _targets_plan(input_size: tuple, heatmap_size: tuple, sigma: float, encoding: int) -> tuple:
+    """-> (scalar kernel arguments after HW, BLOCK_H, BLOCK_W, num_warps)."""
+    from .targets import encoding_constants
+
+    stride_x, stride_y, tmp_size, gsize, half = encoding_constants(input_size, heatmap_size, sigma, encoding)
+    consts = (
+        float(stride_x), float(stride_y), float(sigma), float(tmp_size), int(gsize), float(half),
+        float(1.0 / (2.0 * sigma * sigma)),
+    )
+    return (consts, *_tile(*heatmap_size))

@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._utils import annotate, check_same_device, check_tensor, select_triton_backend
+from ._utils import annotate, check_same_device, check_tensor, lazy_module, select_triton_backend
 
 TARGET_ENCODINGS = ("msra", "unbiased", "udp")
 _ENC_ID = {name: i for i, name in enumerate(TARGET_ENCODINGS)}  # matches heatmap_triton.ENC_*
@@ -139,6 +139,10 @@ def gaussian_heatmap_targets_reference(
     return heatmaps, weight
 
 
+#: the Triton kernels module (imports triton: loaded only on the Triton path)
+_kernels = lazy_module("distilpose_kernels.heatmap_triton")
+
+
 @torch.library.custom_op("distilpose::simhm_targets", mutates_args=())
 def _simhm_targets(
     keypoints: torch.Tensor,
@@ -150,9 +154,7 @@ def _simhm_targets(
     sigma: float,
     encoding: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    from . import heatmap_triton
-
-    return heatmap_triton.targets(
+    return _kernels().targets(
         keypoints, visibility, (input_h, input_w), (heatmap_h, heatmap_w), sigma, encoding, torch.float32
     )
 
@@ -201,9 +203,7 @@ def gaussian_heatmap_targets(
     if torch.compiler.is_compiling():
         heatmaps, weight = _simhm_targets(*args)
     else:  # eager: skip the custom-op dispatch overhead
-        from . import heatmap_triton
-
-        heatmaps, weight = heatmap_triton.targets(args[0], args[1], ins, hms, sigma, args[7], torch.float32)
+        heatmaps, weight = _kernels().targets(args[0], args[1], ins, hms, sigma, args[7], torch.float32)
     if joint_weights is not None:
         weight = weight * joint_weights.detach().to(torch.float32).view(1, k, 1)
     return heatmaps, weight
