@@ -11,11 +11,15 @@ ends in a sync). Paths compared (``path`` in the test id and ``extra_info["path"
 - ``compile``: ``fused`` under ``torch.compile``;
 - ``cudagraph``: ``fused`` captured as one CUDA graph per shape and replayed;
 - ``cudagraph_nofold``: the same without BN folding (the paper's model, launch-free);
-- ``compile_cudagraph``: compiled, then captured.
+- ``compile_cudagraph``: compiled, then captured;
+- ``fused_cast`` / ``cudagraph_cast`` (bf16 only): the model stored in bf16 and run without
+  autocast (``InferenceEngine(cast_model=True)``): no per-op casts, bf16 LayerNorm storage.
 
 Throughput: batch 256, bf16 autocast (``precision`` in the id). Training: student + frozen
 teacher (distilpose_s + tokenpose_teacher), batch 64, bf16 autocast, Adam step, fused ops vs
-the pure-reference path, images/s and peak memory.
+the pure-reference path, images/s and peak memory; ``fused_fastteacher`` also folds the
+frozen teacher's BNs and stores it in bf16 (``Distiller(fold_teacher_bn=True,
+teacher_dtype=torch.bfloat16)``).
 
 Test ids carry ``<preset>-<withflip|noflip>-<path>`` (and ``b<batch>``/``<precision>`` in the
 function name), so ``-k`` selects e.g. ``"e2e and distilpose_s and withflip and cudagraph"``.
@@ -68,6 +72,7 @@ def _engine(model, device, path: str, flip: str, precision: str) -> InferenceEng
         precision=precision,
         flip_test=flip == "withflip",
         fold_bn=path not in ("reference", "cudagraph_nofold"),
+        cast_model=path.endswith("_cast"),
         compile="compile" in path,
         cuda_graph="cudagraph" in path,
         attention_backend="reference" if path == "reference" else None,
@@ -168,10 +173,11 @@ def test_e2e_infer_b1_bf16(benchmark, monkeypatch, cuda_device, preset, flip, pa
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "preset,flip,path",
-    [(p, f, path) for p in GPU_PRESETS for f in ("noflip", "withflip") for path in ("reference", "fused", "compile", "cudagraph")],
+    [(p, f, path) for p in GPU_PRESETS for f in ("noflip", "withflip")
+     for path in ("reference", "fused", "compile", "cudagraph", "fused_cast", "cudagraph_cast")],
 )
 def test_e2e_infer_b256_bf16(benchmark, monkeypatch, cuda_device, preset, flip, path):
-    """Throughput: batch 256, bf16 autocast."""
+    """Throughput: batch 256, bf16 autocast (``*_cast``: bf16 weights, no autocast)."""
     _bench_infer(benchmark, monkeypatch, cuda_device, preset, flip, path, batch=256, precision="bf16")
 
 
@@ -197,7 +203,12 @@ def _bench_train(benchmark, monkeypatch, device, student_preset, teacher_preset,
     cs, ct = _model_gmacs(student), _model_gmacs(teacher)
     # student forward + backward (~3x forward) and teacher forward, per image
     flops = 2e9 * (3 * cs["gmacs_full"] + ct["gmacs_full"]) * batch if cs and ct else None
-    distiller = Distiller(student, teacher).to(device)
+    fast_teacher = path == "fused_fastteacher"
+    distiller = Distiller(
+        student, teacher, fold_teacher_bn=fast_teacher,
+        teacher_dtype=torch.bfloat16 if fast_teacher and precision == "bf16" else None,
+    ).to(device)
+    del teacher  # the distiller may hold a folded / cast copy
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     data = _train_batch(batch, device)
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
@@ -236,7 +247,7 @@ def _bench_train(benchmark, monkeypatch, device, student_preset, teacher_preset,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["reference", "fused"])
+@pytest.mark.parametrize("path", ["reference", "fused", "fused_fastteacher"])
 def test_e2e_train_distill_b64_bf16(benchmark, monkeypatch, cuda_device, path):
     """Distillation step: DistilPose-S + frozen TokenPose teacher, batch 64, bf16."""
     _bench_train(benchmark, monkeypatch, cuda_device, "distilpose_s", "tokenpose_teacher", 64, "bf16", path)

@@ -86,3 +86,53 @@ def test_bad_arguments(pair):
         Distiller(teacher, student)
     with pytest.raises(ValueError, match="reg2hm_mode"):
         Distiller(student, teacher, reg2hm_mode="mean")
+
+
+def _teacher_with_bn_stats(seed=0):
+    torch.manual_seed(seed)
+    teacher = build_model("tokenpose_tiny")
+    g = torch.Generator().manual_seed(seed)
+    for m in teacher.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics: folding must matter
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+    return teacher
+
+
+def test_fold_teacher_bn_same_losses_caller_untouched(pair):
+    student, _ = pair
+    teacher = _teacher_with_bn_stats()
+    batch = _batch()
+    plain = Distiller(student, teacher)(batch)
+    d = Distiller(student, teacher, fold_teacher_bn=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in d.teacher.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())  # a copy was folded
+    folded = d(batch)
+    for k in plain:
+        torch.testing.assert_close(folded[k], plain[k], rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_dtype_bf16(pair):
+    student, _ = pair
+    teacher = _teacher_with_bn_stats(1)
+    batch = _batch()
+    ref = Distiller(student, teacher)(batch)
+    d = Distiller(student, teacher, teacher_dtype=torch.bfloat16, fold_teacher_bn=True)
+    assert {p.dtype for p in d.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
+    d.float()  # casting the distiller does not undo the teacher's dtype
+    assert {p.dtype for p in d.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    student.zero_grad(set_to_none=True)
+    losses = d(batch)
+    assert losses["loss"].dtype == torch.float32
+    # the teacher's outputs carry bf16 rounding; every term stays within a few per cent
+    for k in ref:
+        torch.testing.assert_close(losses[k].detach(), ref[k], rtol=0.05, atol=1e-4)
+    assert losses["loss_reg2hm"].item() != ref["loss_reg2hm"].item()  # the teacher really ran in bf16
+    losses["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+    with pytest.raises(ValueError, match="teacher_dtype"):
+        Distiller(student, teacher, teacher_dtype=torch.int8)

@@ -179,6 +179,38 @@ def test_engine_no_flip_crop_pixels_and_predict():
     torch.testing.assert_close(pred[..., 2], o["score"][..., 0])
 
 
+@pytest.mark.parametrize("preset", ["distilpose_tiny", "tokenpose_tiny"])
+def test_engine_cast_model_bf16(preset):
+    """cast_model: bf16 weights and activations without autocast; close to fp32, inputs untouched."""
+    model = _randomise_bn(build_model(preset)).eval()
+    x = torch.randn(2, 3, 256, 192)
+    x0 = x.clone()
+    center, scale = torch.tensor([[200.0, 150.0], [90.0, 60.0]]), torch.tensor([[120.0, 160.0], [64.0, 96.0]])
+    fp32 = InferenceEngine(model, flip_test=True, fold_bn=True)(x, center, scale)
+    eng = InferenceEngine(model, precision="bf16", cast_model=True, flip_test=True, fold_bn=True)
+    assert {p.dtype for p in eng.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the caller's model is not cast
+    out = eng(x, center, scale)
+    assert out["keypoints"].dtype == torch.float32 and out["scores"].dtype == torch.float32
+    torch.testing.assert_close(x, x0, rtol=0, atol=0)
+    # the model's raw outputs deviate from fp32 about as much as under autocast (both bf16)
+    key = "coords" if preset.startswith("distilpose") else "heatmaps"
+    ac = InferenceEngine(model, precision="bf16", flip_test=True, fold_bn=True)
+    with torch.no_grad():
+        want = InferenceEngine(model, flip_test=True, fold_bn=True)._model_out(x)[key]
+        err_cast = (eng._model_out(x)[key].float() - want).abs().max().item()
+        err_ac = (ac._model_out(x)[key].float() - want).abs().max().item()
+    scale_out = want.abs().max().item()
+    assert err_cast <= 4 * err_ac + 1e-3 * scale_out, (err_cast, err_ac)
+    assert err_cast < 0.05 * scale_out
+    if key == "coords":  # decoded keypoints: within 2% of the box size
+        assert (out["keypoints"] - fp32["keypoints"]).abs().max() < 0.02 * scale.max().item()
+    # without a reduced precision the flag changes nothing
+    same = InferenceEngine(model, precision="fp32", cast_model=True, flip_test=True, fold_bn=True)
+    assert not same.cast_model
+    torch.testing.assert_close(same(x, center, scale)["keypoints"], fp32["keypoints"])
+
+
 def test_engine_teacher_decodes_heatmaps():
     import distilpose_kernels as dk
 

@@ -224,6 +224,19 @@ def test_bf16_autocast_grad_clip_channels_last(tmp_path):
         Trainer(tiny_cfg("teacher", tmp_path, amp="fp8"))
 
 
+def test_fast_teacher_options_reach_the_distiller(tmp_path):
+    teacher = tiny_teacher_model()
+    tr = Trainer(tiny_cfg("distill", tmp_path, amp="bf16", **{"teacher.fold_bn": True, "teacher.dtype": "bf16"}),
+                 teacher=teacher)
+    t = tr.objective.teacher
+    assert t is not teacher and {p.dtype for p in t.parameters()} == {torch.bfloat16}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in t.modules())
+    out = tr.train_step(fixed_batch(with_heatmaps=False))
+    assert all(torch.isfinite(torch.tensor(v)) for v in out.values())
+    with pytest.raises(ValueError, match="teacher.dtype"):
+        Trainer(tiny_cfg("distill", tmp_path, **{"teacher.dtype": "int8"}), teacher=teacher)
+
+
 # ----------------------------------------------------------------------------- DDP with torchrun (2 CPU processes, gloo)
 
 

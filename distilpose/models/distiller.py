@@ -1,6 +1,7 @@
 """Distiller: a regression student trained from a frozen heatmap teacher (the spec's five losses)."""
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, Iterator, Optional
 
@@ -34,6 +35,12 @@ class Distiller(nn.Module):
     ``state_dict()``, always stays in eval mode, and runs under ``torch.no_grad()``.
     ``disable`` switches parts off: "token" (both token MSEs), "reg2hm", "score".
     Without a teacher only the keypoint regression term is computed.
+
+    Frozen-teacher speed-ups (the teacher's forward is most of a distillation step):
+    ``fold_teacher_bn`` folds its conv+BN pairs (exact up to rounding: the teacher is in eval
+    mode); ``teacher_dtype`` (torch.bfloat16 / torch.float16) stores it in that dtype and runs
+    it on inputs cast to it, outside autocast (no per-op casts each step). Either one works on
+    a copy: the caller's teacher is never modified.
     """
 
     def __init__(
@@ -44,6 +51,8 @@ class Distiller(nn.Module):
         reg2hm_mode: str = "released",
         disable: Iterable[str] = (),
         loss_backend: Optional[str] = None,
+        fold_teacher_bn: bool = False,
+        teacher_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         if getattr(student, "kind", None) != "student":
@@ -61,16 +70,28 @@ class Distiller(nn.Module):
         self.reg2hm_mode = reg2hm_mode
         self.disable = disable
         self.loss_backend = loss_backend
+        if teacher_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"teacher_dtype: expected None, torch.float32, torch.bfloat16 or torch.float16, got {teacher_dtype!r}")
+        self.fold_teacher_bn = bool(fold_teacher_bn)
+        self.teacher_dtype = teacher_dtype
         self.set_teacher(teacher)
 
     # -- teacher handling: outside the module tree, frozen, eval mode
     def set_teacher(self, teacher: Optional[TokenPoseModel]) -> None:
         if teacher is not None:
+            if teacher.num_keypoints != self.student.num_keypoints:
+                raise ValueError("teacher: keypoint count differs from the student's")
+            if self.fold_teacher_bn or self.teacher_dtype is not None:
+                teacher = copy.deepcopy(teacher)
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
-            if teacher.num_keypoints != self.student.num_keypoints:
-                raise ValueError("teacher: keypoint count differs from the student's")
+            if self.fold_teacher_bn:
+                from ..fuse import fuse_conv_bn_model
+
+                teacher = fuse_conv_bn_model(teacher, inplace=True)
+            if self.teacher_dtype is not None:
+                teacher.to(self.teacher_dtype)
         self.__dict__["_teacher"] = teacher  # bypass nn.Module registration on purpose
 
     @property
@@ -87,6 +108,8 @@ class Distiller(nn.Module):
         super()._apply(fn, *args, **kwargs)
         if self.teacher is not None:
             self.teacher._apply(fn, *args, **kwargs)
+            if self.teacher_dtype is not None:  # e.g. distiller.float(): the teacher keeps its dtype
+                self.teacher.to(self.teacher_dtype)
         return self
 
     def active_weights(self) -> Dict[str, float]:
@@ -112,7 +135,11 @@ class Distiller(nn.Module):
         )
         if self.teacher is not None and len(w) > 1:
             with torch.no_grad():
-                t = self.teacher(img)
+                if self.teacher_dtype is None:
+                    t = self.teacher(img)
+                else:  # the teacher is stored in teacher_dtype: no autocast, no per-op casts
+                    with torch.autocast(img.device.type, enabled=False):
+                        t = self.teacher(img.to(self.teacher_dtype))
             if "vis_token" in w:
                 losses["loss_vis_token"] = w["vis_token"] * token_mse_loss(out["vis_tokens"], t["vis_tokens"])
             if "kpt_token" in w:

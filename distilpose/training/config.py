@@ -35,6 +35,10 @@ class TeacherConfig:
     preset: Optional[str] = "tokenpose_teacher"  # None: no teacher (plain regression baseline)
     checkpoint: Optional[str] = None
     overrides: Dict[str, Any] = field(default_factory=dict)
+    # frozen-teacher speed-ups (Distiller): fold its conv+BN pairs; store and run it in
+    # "bf16"/"fp16" without autocast (None: as loaded, under the run's autocast)
+    fold_bn: bool = False
+    dtype: Optional[str] = None
 
 
 @dataclass
@@ -448,6 +452,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"loss.disable: unknown parts {sorted(bad)}; choose from ['reg2hm', 'score', 'token']")
     if cfg.loss.reg2hm_mode not in ("released", "per_sample"):
         raise ValueError(f"loss.reg2hm_mode: expected 'released' or 'per_sample', got {cfg.loss.reg2hm_mode!r}")
+    if cfg.teacher.dtype not in (None, "fp32", "bf16", "fp16"):
+        raise ValueError(f"teacher.dtype: expected null, 'fp32', 'bf16' or 'fp16', got {cfg.teacher.dtype!r}")
     if cfg.optim.name not in ("adam", "adamw"):
         raise ValueError(f"optim.name: expected 'adam' or 'adamw', got {cfg.optim.name!r}")
     for name, v in (("optim.epochs", cfg.optim.epochs), ("data.batch_size", cfg.data.batch_size)):

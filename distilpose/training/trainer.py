@@ -364,8 +364,10 @@ class Trainer:
             self.teacher = teacher if teacher is not None else self._load_teacher()
             lw = cfg.loss
             weights = LossWeights(**{f.name: getattr(lw, f.name) for f in dataclasses.fields(LossWeights)})
+            tdt = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # validated in config
             self.objective = Distiller(
-                self.model, self.teacher, weights=weights, reg2hm_mode=lw.reg2hm_mode, disable=lw.disable, loss_backend=lw.backend
+                self.model, self.teacher, weights=weights, reg2hm_mode=lw.reg2hm_mode, disable=lw.disable,
+                loss_backend=lw.backend, fold_teacher_bn=cfg.teacher.fold_bn, teacher_dtype=tdt[cfg.teacher.dtype],
             )
         if cfg.sync_bn and self.info.distributed and self.device.type == "cuda":
             self.objective = nn.SyncBatchNorm.convert_sync_batchnorm(self.objective)
