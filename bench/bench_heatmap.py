@@ -81,6 +81,12 @@ def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32"):
         benchmark, rotate(steps), device=device, bytes_moved=nbytes,
         op="simulated_heatmap_loss fwd+bwd", impl=impl, n=n, teacher_dtype=teacher_dtype, input_copies=copies,
     )
+    if impl.startswith("fused") and device == "cuda":
+        from distilpose_kernels import heatmap_triton as hmt
+
+        key = (H, W, TEACHER_DTYPES[teacher_dtype], hmt.next_pow2(n * K), torch.cuda.current_device())
+        tile = hmt._TUNED_TILES.get(key)
+        benchmark.extra_info["fwd_tile"] = list(tile) if tile else "heuristic"
 
 
 @pytest.mark.gpu

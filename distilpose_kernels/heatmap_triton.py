@@ -19,6 +19,9 @@ All accumulation is fp32 whatever the storage dtype. Offsets into the (N, K, H, 
 from __future__ import annotations
 
 import functools
+import os
+import warnings
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -29,6 +32,15 @@ from ._utils import cdiv, next_pow2
 # Rows of the (8, N, K) fp32 statistics buffer of the loss.
 ST_S, ST_DCX, ST_DCY, ST_DSX, ST_DSY, ST_WREG, ST_ERR, ST_WSCORE = range(8)
 NUM_STATS = 8
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+#: Set DISTILPOSE_HEATMAP_AUTOTUNE=0 to use the fixed heuristic tile of the loss forward on GPU too.
+AUTOTUNE = (not _INTERPRET) and os.environ.get("DISTILPOSE_HEATMAP_AUTOTUNE", "1").strip().lower() not in (
+    "0", "false", "no", "off")
+#: Tests set a (BLOCK_H, BLOCK_W, num_warps) here to run the loss forward with that tile.
+TILE_OVERRIDE: Optional[tuple] = None
+#: tuned loss-forward tile per (H, W, teacher dtype, pow2 bucket of N*K, device index)
+_TUNED_TILES: dict = {}
 
 #: Allocator for kernel outputs (tests replace it with a NaN-filling one to check that
 #: every element is written by the kernels).
@@ -45,6 +57,52 @@ def _tile(h: int, w: int, elems: int = 1024) -> tuple:
     bw = _block(w, 16, 256)
     bh = max(1, min(next_pow2(h), elems // bw))
     return bh, bw, 4 if bh * bw >= 512 else 2
+
+
+@functools.lru_cache(maxsize=256)
+def tile_candidates(h: int, w: int) -> tuple:
+    """(BLOCK_H, BLOCK_W, num_warps) tiles the loss forward is tuned over, the heuristic first.
+
+    Whole rows (BLOCK_W >= W) or narrow column strips (16, 32: no masked lanes when W is a
+    multiple), 1024 to 4096 pixels per tile; 4096 covers a 64x48 map in one load per thread group.
+    """
+    out = [_tile(h, w)]
+    bw_full = _block(w, 16, 256)
+    for bw in sorted({16, 32, bw_full}):
+        if bw > bw_full:
+            continue
+        for elems, warps in ((1024, 4), (2048, 4), (4096, 8)):
+            c = (max(1, min(next_pow2(h), elems // bw)), bw, warps)
+            if c not in out:
+                out.append(c)
+    return tuple(out)
+
+
+def _tuned_tile(h: int, w: int, nk: int, dtype: torch.dtype, device: torch.device, run: Callable[[tuple], None]) -> tuple:
+    """The loss forward's tile: the override, else the fastest candidate timed once per key on a
+    GPU (``run(tile)`` launches the kernel), else the heuristic (interpreter, autotune off, or
+    inside a CUDA-graph capture, where nothing may be timed)."""
+    if TILE_OVERRIDE is not None:
+        return TILE_OVERRIDE
+    if not AUTOTUNE or device.type != "cuda":
+        return _tile(h, w)
+    key = (h, w, dtype, next_pow2(nk), device.index)
+    cfg = _TUNED_TILES.get(key)
+    if cfg is not None:
+        return cfg
+    if torch.cuda.is_current_stream_capturing():
+        return _tile(h, w)
+    cands = tile_candidates(h, w)
+    try:
+        from triton.testing import do_bench
+
+        times = [do_bench(lambda c=c: run(c), warmup=5, rep=20) for c in cands]
+        cfg = cands[min(range(len(cands)), key=times.__getitem__)]
+    except Exception as e:  # noqa: BLE001 - tuning is an optimisation: never fail the op for it
+        warnings.warn(f"simulated_heatmap_loss: tile tuning failed ({type(e).__name__}: {e}); using the default tile")
+        cfg = _tile(h, w)
+    _TUNED_TILES[key] = cfg
+    return cfg
 
 
 @functools.lru_cache(maxsize=256)
@@ -275,11 +333,14 @@ def simhm_loss_fwd(coords, sigma, score, teacher, keypoint_weight, released: boo
     sl = _alloc((), device=dev, dtype=score.dtype)
     if nk == 0:
         raise ValueError("simulated_heatmap_loss: empty batch (N*K == 0)")
-    bh, bw, warps = _tile(h, w)
-    _simhm_loss_fwd_kernel[(nk,)](
-        coords, sigma, score, teacher, keypoint_weight, stats, nk, h, w, hw,
-        BLOCK_H=bh, BLOCK_W=bw, num_warps=warps,
-    )
+
+    def run(tile: tuple) -> None:
+        _simhm_loss_fwd_kernel[(nk,)](
+            coords, sigma, score, teacher, keypoint_weight, stats, nk, h, w, hw,
+            BLOCK_H=tile[0], BLOCK_W=tile[1], num_warps=tile[2],
+        )
+
+    run(_tuned_tile(h, w, nk, teacher.dtype, dev, run))  # tuning (first call per key) ends here too
     block_n, block_k, _, _ = _loss_plan(n, k)
     _simhm_loss_finalize_kernel[(1,)](
         stats, wk, reg, sl, n, k, nk, hw,

@@ -68,6 +68,28 @@ def test_gpu_simulated_heatmap_loss_low_precision_teacher(teacher_dtype):
         assert _rel_err(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(256, 17, 64, 48), (3, 133, 37, 29)], ids=str)
+def test_gpu_simulated_heatmap_loss_every_tile_and_tuned(shape, poison, monkeypatch):
+    """Every tile the tuner may pick is right on the device; the tuned path is too, and it tunes once."""
+    from distilpose_kernels import heatmap_triton as hmt
+
+    inputs = _loss_inputs(*shape, seed=sum(shape) + 1)
+    ref = _run_loss(hm.simulated_heatmap_loss_reference, inputs, "released", dtype=torch.float64)
+    for tile in hmt.tile_candidates(*shape[2:]):
+        monkeypatch.setattr(hmt, "TILE_OVERRIDE", tile)
+        got = _run_loss(dk.simulated_heatmap_loss, inputs, "released")
+        for a, b in zip(got, ref):
+            assert _rel_err(a, b) < 1e-5, str(tile)
+    monkeypatch.setattr(hmt, "TILE_OVERRIDE", None)
+    monkeypatch.setattr(hmt, "AUTOTUNE", True)
+    monkeypatch.setattr(hmt, "_TUNED_TILES", {})
+    a = _run_loss(dk.simulated_heatmap_loss, inputs, "released")
+    assert len(hmt._TUNED_TILES) == 1 and next(iter(hmt._TUNED_TILES.values())) in hmt.tile_candidates(*shape[2:])
+    b = _run_loss(dk.simulated_heatmap_loss, inputs, "released")
+    for x, y, r in zip(a, b, ref):
+        assert torch.equal(x, y) and _rel_err(x, r) < 1e-5  # the tuning call's result is the tuned tile's
+
+
 def test_gpu_simulated_heatmap_loss_is_deterministic():
     inputs = _loss_inputs(256, 17, 64, 48, seed=11)
     a = _run_loss(dk.simulated_heatmap_loss, inputs, "released")

@@ -70,6 +70,48 @@ def test_loss_matches_float64_reference(shape, mode):
     assert (got[2].abs() > 0).any()
 
 
+@pytest.mark.parametrize("shape", [(1, 9, 64, 48), (1, 9, 37, 29), (1, 9, 5, 70)], ids=str)
+def test_loss_every_tuning_tile(shape, monkeypatch):
+    """Each tile the GPU autotuner may pick gives the reference's answer (odd sizes included)."""
+    inputs = _loss_inputs(*shape, seed=sum(shape))
+    ref = _run(hm.simulated_heatmap_loss_reference, *inputs, "per_sample", dtype=torch.float64)
+    cands = hmt.tile_candidates(*shape[2:])
+    assert cands[0] == hmt._tile(*shape[2:]) and len(set(cands)) == len(cands) >= 4
+    for tile in cands:
+        monkeypatch.setattr(hmt, "TILE_OVERRIDE", tile)
+        got = _run(dk.simulated_heatmap_loss, *inputs, "per_sample", backend="triton")
+        for a, b in zip(got, ref):
+            _close(a, b)
+
+
+def test_loss_tuner_times_candidates_once_per_key_and_falls_back(monkeypatch):
+    """The tuner's host logic (the timing itself needs a GPU): fastest candidate, cached per key;
+    a failing timer or a CUDA-graph capture gives the heuristic tile."""
+    import triton.testing
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(hmt, "AUTOTUNE", True)
+    monkeypatch.setattr(hmt, "_TUNED_TILES", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cands = hmt.tile_candidates(64, 48)
+    fastest = cands[3]
+    runs = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0 if runs[-1] == fastest else 2.0)[1])
+    assert hmt._tuned_tile(64, 48, 4352, torch.float32, cuda, runs.append) == fastest
+    assert runs == list(cands)
+    assert hmt._tuned_tile(64, 48, 5000, torch.float32, cuda, runs.append) == fastest  # same pow2 bucket
+    assert len(runs) == len(cands)  # cached: nothing timed again
+    # another dtype is another key; a timer that fails gives the default tile with a warning
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: 1 / 0)
+    with pytest.warns(UserWarning, match="tuning failed"):
+        assert hmt._tuned_tile(64, 48, 4352, torch.bfloat16, cuda, runs.append) == hmt._tile(64, 48)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert hmt._tuned_tile(32, 24, 64, torch.float32, cuda, runs.append) == hmt._tile(32, 24)
+    assert (32, 24, torch.float32, 64, 0) not in hmt._TUNED_TILES  # not cached from inside a capture
+    monkeypatch.setattr(hmt, "AUTOTUNE", False)
+    assert hmt._tuned_tile(64, 48, 64, torch.float16, cuda, runs.append) == hmt._tile(64, 48)
+
+
 @pytest.mark.parametrize("teacher_dtype", [torch.float16, torch.bfloat16])
 def test_loss_low_precision_teacher(teacher_dtype):
     inputs = _loss_inputs(1, 17, 9, 7, teacher_dtype=teacher_dtype)
