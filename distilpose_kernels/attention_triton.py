@@ -16,6 +16,7 @@ All matmuls accumulate in float32.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -250,10 +251,12 @@ def _attn_bwd_dq_kernel(
 # ============================================================================ launch configuration
 
 
+@functools.lru_cache(maxsize=1024)
 def _pow2_at_least(x: int, lo: int) -> int:
     return max(lo, next_pow2(x))
 
 
+@functools.lru_cache(maxsize=1024)
 def _heuristic_blocks(L: int, block_d: int, dtype: torch.dtype) -> Tuple[int, int]:
     """Fixed (BLOCK_M, BLOCK_N) used in the interpreter and when autotuning is off."""
     blk = min(64, _pow2_at_least(L, 16))
