@@ -13,7 +13,8 @@ ends in a sync). Paths compared (``path`` in the test id and ``extra_info["path"
 - ``cudagraph_nofold``: the same without BN folding (the paper's model, launch-free);
 - ``compile_cudagraph``: compiled, then captured;
 - ``fused_cast`` / ``cudagraph_cast`` (bf16 only): the model stored in bf16 and run without
-  autocast (``InferenceEngine(cast_model=True)``): no per-op casts, bf16 LayerNorm storage.
+  autocast (``InferenceEngine(cast_model=True)``): no per-op casts, bf16 LayerNorm storage;
+  ``cudagraph_cast_cl`` also channels-last (cuDNN's preferred layout for bf16 convolutions).
 
 Throughput: batch 256, bf16 autocast (``precision`` in the id). Training: student + frozen
 teacher (distilpose_s + tokenpose_teacher), batch 64, bf16 autocast, Adam step, fused ops vs
@@ -72,7 +73,8 @@ def _engine(model, device, path: str, flip: str, precision: str) -> InferenceEng
         precision=precision,
         flip_test=flip == "withflip",
         fold_bn=path not in ("reference", "cudagraph_nofold"),
-        cast_model=path.endswith("_cast"),
+        cast_model="_cast" in path,
+        channels_last=path.endswith("_cl"),
         compile="compile" in path,
         cuda_graph="cudagraph" in path,
         attention_backend="reference" if path == "reference" else None,
@@ -174,7 +176,7 @@ def test_e2e_infer_b1_bf16(benchmark, monkeypatch, cuda_device, preset, flip, pa
 @pytest.mark.parametrize(
     "preset,flip,path",
     [(p, f, path) for p in GPU_PRESETS for f in ("noflip", "withflip")
-     for path in ("reference", "fused", "compile", "cudagraph", "fused_cast", "cudagraph_cast")],
+     for path in ("reference", "fused", "compile", "cudagraph", "fused_cast", "cudagraph_cast", "cudagraph_cast_cl")],
 )
 def test_e2e_infer_b256_bf16(benchmark, monkeypatch, cuda_device, preset, flip, path):
     """Throughput: batch 256, bf16 autocast (``*_cast``: bf16 weights, no autocast)."""
