@@ -21,6 +21,7 @@ vectorised PyTorch path (no Python loop over samples or keypoints; default elsew
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -58,6 +59,21 @@ def encoding_constants(
     return stride_x, stride_y, tmp_size, int(math.ceil(size)), float(size // 2)
 
 
+def _check_static_args(input_size, heatmap_size, sigma, encoding) -> Tuple[Tuple[int, int], Tuple[int, int], float]:
+    if encoding not in TARGET_ENCODINGS:
+        raise ValueError(f"encoding: expected one of {TARGET_ENCODINGS}, got {encoding!r}")
+    minimum = 2 if encoding == "udp" else 1  # udp divides by (size - 1)
+    ins = _size_pair("input_size", input_size, minimum)
+    hms = _size_pair("heatmap_size", heatmap_size, minimum)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"sigma: expected a positive finite float, got {sigma!r}")
+    return ins, hms, float(sigma)
+
+
+# The sizes, sigma and encoding are the same on every call of a training run: validate once.
+_check_static_args_cached = functools.lru_cache(maxsize=64, typed=True)(_check_static_args)
+
+
 def _check_targets_inputs(keypoints, visibility, input_size, heatmap_size, sigma, encoding, joint_weights):
     check_tensor("keypoints", keypoints, ndim=3, floating=True)
     n, k, two = keypoints.shape
@@ -67,17 +83,14 @@ def _check_targets_inputs(keypoints, visibility, input_size, heatmap_size, sigma
     if tuple(visibility.shape) not in ((n, k), (n, k, 1)):
         raise ValueError(f"visibility: expected shape ({n}, {k}) or ({n}, {k}, 1), got {tuple(visibility.shape)}")
     check_same_device(keypoints=keypoints, visibility=visibility)
-    if encoding not in TARGET_ENCODINGS:
-        raise ValueError(f"encoding: expected one of {TARGET_ENCODINGS}, got {encoding!r}")
-    minimum = 2 if encoding == "udp" else 1  # udp divides by (size - 1)
-    ins = _size_pair("input_size", input_size, minimum)
-    hms = _size_pair("heatmap_size", heatmap_size, minimum)
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma: expected a positive finite float, got {sigma!r}")
+    try:
+        ins, hms, sigma = _check_static_args_cached(input_size, heatmap_size, sigma, encoding)
+    except TypeError:  # unhashable (e.g. lists): validate uncached; errors for bad values name the argument
+        ins, hms, sigma = _check_static_args(input_size, heatmap_size, sigma, encoding)
     if joint_weights is not None:
         check_tensor("joint_weights", joint_weights, shape=(k,))
         check_same_device(keypoints=keypoints, joint_weights=joint_weights)
-    return ins, hms, float(sigma)
+    return ins, hms, sigma
 
 
 def gaussian_heatmap_targets_reference(
