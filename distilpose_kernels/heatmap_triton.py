@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import triton
@@ -37,8 +37,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "tr
 #: Set DISTILPOSE_HEATMAP_AUTOTUNE=0 to use the fixed heuristic tile of the loss forward on GPU too.
 AUTOTUNE = (not _INTERPRET) and os.environ.get("DISTILPOSE_HEATMAP_AUTOTUNE", "1").strip().lower() not in (
     "0", "false", "no", "off")
-#: Tests set a (BLOCK_H, BLOCK_W, num_warps) here to run the loss forward with that tile.
-TILE_OVERRIDE: Optional[tuple] = None
+#: Tests set a LossTile here to run the loss forward with it.
+TILE_OVERRIDE: Optional["LossTile"] = None
 #: tuned loss-forward tile per (H, W, teacher dtype, pow2 bucket of N*K, device index)
 _TUNED_TILES: dict = {}
 
@@ -59,39 +59,65 @@ def _tile(h: int, w: int, elems: int = 1024) -> tuple:
     return bh, bw, 4 if bh * bw >= 512 else 2
 
 
+class LossTile(NamedTuple):
+    """Launch shape of the loss forward.
+
+    maps == 0: ``_simhm_loss_fwd_kernel``, one map per program swept in [block_h, block_w]
+    tiles (the kernel of the H200 runs). maps 1 or 2: ``_simhm_loss_fwd_whole_kernel``, whole
+    maps in one tile (block_h >= H, block_w >= W), ``maps`` per program.
+    """
+
+    maps: int
+    block_h: int
+    block_w: int
+    num_warps: int
+
+
+def default_loss_tile(h: int, w: int) -> LossTile:
+    return LossTile(0, *_tile(h, w))
+
+
 @functools.lru_cache(maxsize=256)
 def tile_candidates(h: int, w: int) -> tuple:
-    """(BLOCK_H, BLOCK_W, num_warps) tiles the loss forward is tuned over, the heuristic first.
+    """The LossTiles the loss forward is tuned over, the default first.
 
-    Whole rows (BLOCK_W >= W) or narrow column strips (16, 32: no masked lanes when W is a
-    multiple), 1024 to 4096 pixels per tile; 4096 covers a 64x48 map in one load per thread group.
+    Looping kernel: whole rows (block_w >= W) or narrow column strips (16, 32: no masked
+    lanes when W is a multiple of them), 1024 to 4096 pixels per tile. Whole-map kernel, for
+    maps of up to 8192 (one per program) or 4096 (two per program) padded pixels.
     """
-    out = [_tile(h, w)]
+    out = [default_loss_tile(h, w)]
     bw_full = _block(w, 16, 256)
     for bw in sorted({16, 32, bw_full}):
         if bw > bw_full:
             continue
         for elems, warps in ((1024, 4), (2048, 4), (4096, 8)):
-            c = (max(1, min(next_pow2(h), elems // bw)), bw, warps)
+            c = LossTile(0, max(1, min(next_pow2(h), elems // bw)), bw, warps)
             if c not in out:
                 out.append(c)
+    bh, bw = next_pow2(h), _block(w, 16, 1024)
+    for maps, cap in ((1, 8192), (2, 4096)):  # whole maps per program: no loop, all loads up front
+        if bh * bw <= cap:
+            for warps in (4, 8, 16):
+                if 32 * warps <= bh * bw:
+                    out.append(LossTile(maps, bh, bw, warps))
     return tuple(out)
 
 
-def _tuned_tile(h: int, w: int, nk: int, dtype: torch.dtype, device: torch.device, run: Callable[[tuple], None]) -> tuple:
-    """The loss forward's tile: the override, else the fastest candidate timed once per key on a
-    GPU (``run(tile)`` launches the kernel), else the heuristic (interpreter, autotune off, or
-    inside a CUDA-graph capture, where nothing may be timed)."""
+def _tuned_tile(h: int, w: int, nk: int, dtype: torch.dtype, device: torch.device,
+                run: Callable[[LossTile], None]) -> LossTile:
+    """The loss forward's LossTile: the override, else the fastest candidate timed once per key
+    on a GPU (``run(tile)`` launches the kernel), else the default (interpreter, autotune off,
+    or inside a CUDA-graph capture, where nothing may be timed)."""
     if TILE_OVERRIDE is not None:
         return TILE_OVERRIDE
     if not AUTOTUNE or device.type != "cuda":
-        return _tile(h, w)
+        return default_loss_tile(h, w)
     key = (h, w, dtype, next_pow2(nk), device.index)
     cfg = _TUNED_TILES.get(key)
     if cfg is not None:
         return cfg
     if torch.cuda.is_current_stream_capturing():
-        return _tile(h, w)
+        return default_loss_tile(h, w)
     cands = tile_candidates(h, w)
     try:
         from triton.testing import do_bench
@@ -100,7 +126,7 @@ def _tuned_tile(h: int, w: int, nk: int, dtype: torch.dtype, device: torch.devic
         cfg = cands[min(range(len(cands)), key=times.__getitem__)]
     except Exception as e:  # noqa: BLE001 - tuning is an optimisation: never fail the op for it
         warnings.warn(f"simulated_heatmap_loss: tile tuning failed ({type(e).__name__}: {e}); using the default tile")
-        cfg = _tile(h, w)
+        cfg = default_loss_tile(h, w)
     _TUNED_TILES[key] = cfg
     return cfg
 
@@ -245,6 +271,89 @@ def _simhm_loss_fwd_kernel(
 
 
 @triton.jit
+def _whole_map_stats(
+    v, pid, NK, coords_ptr, sigma_ptr, score_ptr, teacher_ptr, kw_ptr, stats_ptr, H, W, HW, pm, rows, cols,
+):
+    """The eight statistics of map ``pid`` from its whole (BLOCK_H, BLOCK_W) tile ``v`` (already
+    loaded, zeros outside ``pm``); same math as _simhm_loss_fwd_kernel, no loop-carried state."""
+    ok = pid < NK
+    cx = tl.load(coords_ptr + 2 * pid, mask=ok, other=0.0).to(tl.float32)
+    cy = tl.load(coords_ptr + 2 * pid + 1, mask=ok, other=0.0).to(tl.float32)
+    sx = tl.load(sigma_ptr + 2 * pid, mask=ok, other=1.0).to(tl.float32)
+    sy = tl.load(sigma_ptr + 2 * pid + 1, mask=ok, other=1.0).to(tl.float32)
+    kw = tl.load(kw_ptr + pid, mask=ok, other=0.0).to(tl.float32)
+    sc = tl.load(score_ptr + pid, mask=ok, other=0.0).to(tl.float32)
+    Wf = (W * 1.0)
+    Hf = (H * 1.0)
+    mux = cx * Wf
+    muy = cy * Hf
+    in_grid = _in_grid(mux, muy, sx, sy, Hf, Wf)
+    inv_ax = 1.0 / (sx * sx + 1e-9)
+    inv_ay = 1.0 / (sy * sy + 1e-9)
+    dx = cols.to(tl.float32) - mux
+    dy = rows.to(tl.float32) - muy
+    gx = tl.exp(dx * dx * inv_ax * -0.5) * in_grid
+    gy = tl.exp(dy * dy * inv_ay * -0.5)
+    g = gy[:, None] * gx[None, :]
+    r = tl.where(pm, g - v, 0.0)
+    q = r * g
+    s = tl.sum(tl.sum(r * r, axis=1), axis=0)
+    qx = tl.sum(q, axis=0)  # column sums
+    qy = tl.sum(q, axis=1)  # row sums
+    x1 = tl.sum(qx * dx, axis=0)
+    x2 = tl.sum(qx * dx * dx, axis=0)
+    y1 = tl.sum(qy * dy, axis=0)
+    y2 = tl.sum(qy * dy * dy, axis=0)
+    dcx = 2.0 * x1 * inv_ax * Wf
+    dcy = 2.0 * y1 * inv_ay * Hf
+    dsx = 2.0 * (x2 * inv_ax) * (sx * inv_ax)
+    dsy = 2.0 * (y2 * inv_ay) * (sy * inv_ay)
+    inside = (cx >= 0) & (cx <= 1) & (cy >= 0) & (cy <= 1)
+    px = _round_half_even(tl.minimum(tl.maximum(cx, 0.0), 1.0) * (Wf - 1))
+    py = _round_half_even(tl.minimum(tl.maximum(cy, 0.0), 1.0) * (Hf - 1))
+    px = tl.where(inside, px, 0.0).to(tl.int32)
+    py = tl.where(inside, py, 0.0).to(tl.int32)
+    tv = tl.load(teacher_ptr + pid.to(tl.int64) * HW + py * W + px, mask=inside & ok, other=0.0).to(tl.float32)
+    err = sc * kw - tv * kw
+    tl.store(stats_ptr + 0 * NK + pid, s, mask=ok)
+    tl.store(stats_ptr + 1 * NK + pid, dcx, mask=ok)
+    tl.store(stats_ptr + 2 * NK + pid, dcy, mask=ok)
+    tl.store(stats_ptr + 3 * NK + pid, dsx, mask=ok)
+    tl.store(stats_ptr + 4 * NK + pid, dsy, mask=ok)
+    tl.store(stats_ptr + 5 * NK + pid, kw * in_grid, mask=ok)
+    tl.store(stats_ptr + 6 * NK + pid, err, mask=ok)
+    tl.store(stats_ptr + 7 * NK + pid, kw, mask=ok)
+
+
+@triton.jit
+def _simhm_loss_fwd_whole_kernel(
+    coords_ptr, sigma_ptr, score_ptr, teacher_ptr, kw_ptr, stats_ptr,
+    NK, H, W, HW,
+    MAPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """_simhm_loss_fwd_kernel for maps that fit one tile (BLOCK_H >= H, BLOCK_W >= W), MAPS (1 or
+    2) maps per program: every load of the program is issued before any arithmetic, and no
+    accumulator lives across iterations (fewer registers: more programs resident per SM)."""
+    tl.static_assert(MAPS == 1 or MAPS == 2, "MAPS: 1 or 2 maps per program")
+    rows = tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_W)
+    pm = (rows < H)[:, None] & (cols < W)[None, :]
+    offs = rows[:, None] * W + cols[None, :]
+    pid0 = tl.program_id(0) * MAPS
+    v0 = tl.load(teacher_ptr + pid0.to(tl.int64) * HW + offs, mask=pm, other=0.0).to(tl.float32)
+    if MAPS == 2:
+        pid1 = pid0 + 1
+        # past the last map (odd N*K) read the last map again; its statistics are not stored
+        src1 = tl.minimum(pid1, NK - 1).to(tl.int64) * HW
+        v1 = tl.load(teacher_ptr + src1 + offs, mask=pm, other=0.0).to(tl.float32)
+    _whole_map_stats(v0, pid0, NK, coords_ptr, sigma_ptr, score_ptr, teacher_ptr, kw_ptr, stats_ptr,
+                     H, W, HW, pm, rows, cols)
+    if MAPS == 2:
+        _whole_map_stats(v1, pid1, NK, coords_ptr, sigma_ptr, score_ptr, teacher_ptr, kw_ptr, stats_ptr,
+                         H, W, HW, pm, rows, cols)
+
+
+@triton.jit
 def _simhm_loss_finalize_kernel(
     stats_ptr, wk_ptr, reg_ptr, score_ptr,
     N, K, NK, HW,
@@ -334,11 +443,17 @@ def simhm_loss_fwd(coords, sigma, score, teacher, keypoint_weight, released: boo
     if nk == 0:
         raise ValueError("simulated_heatmap_loss: empty batch (N*K == 0)")
 
-    def run(tile: tuple) -> None:
-        _simhm_loss_fwd_kernel[(nk,)](
-            coords, sigma, score, teacher, keypoint_weight, stats, nk, h, w, hw,
-            BLOCK_H=tile[0], BLOCK_W=tile[1], num_warps=tile[2],
-        )
+    def run(tile: LossTile) -> None:
+        if tile.maps == 0:
+            _simhm_loss_fwd_kernel[(nk,)](
+                coords, sigma, score, teacher, keypoint_weight, stats, nk, h, w, hw,
+                BLOCK_H=tile.block_h, BLOCK_W=tile.block_w, num_warps=tile.num_warps,
+            )
+        else:
+            _simhm_loss_fwd_whole_kernel[(cdiv(nk, tile.maps),)](
+                coords, sigma, score, teacher, keypoint_weight, stats, nk, h, w, hw,
+                MAPS=tile.maps, BLOCK_H=tile.block_h, BLOCK_W=tile.block_w, num_warps=tile.num_warps,
+            )
 
     run(_tuned_tile(h, w, nk, teacher.dtype, dev, run))  # tuning (first call per key) ends here too
     block_n, block_k, _, _ = _loss_plan(n, k)

@@ -72,11 +72,14 @@ def test_loss_matches_float64_reference(shape, mode):
 
 @pytest.mark.parametrize("shape", [(1, 9, 64, 48), (1, 9, 37, 29), (1, 9, 5, 70)], ids=str)
 def test_loss_every_tuning_tile(shape, monkeypatch):
-    """Each tile the GPU autotuner may pick gives the reference's answer (odd sizes included)."""
+    """Each tile the GPU autotuner may pick gives the reference's answer (odd sizes included),
+    writing every statistic (buffers start as NaN)."""
+    monkeypatch.setattr(hmt, "_alloc", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
     inputs = _loss_inputs(*shape, seed=sum(shape))
     ref = _run(hm.simulated_heatmap_loss_reference, *inputs, "per_sample", dtype=torch.float64)
     cands = hmt.tile_candidates(*shape[2:])
-    assert cands[0] == hmt._tile(*shape[2:]) and len(set(cands)) == len(cands) >= 4
+    assert cands[0] == hmt.default_loss_tile(*shape[2:]) and len(set(cands)) == len(cands) >= 4
+    assert any(c.maps == 0 for c in cands) and any(c.maps >= 2 for c in cands)  # both kernels
     for tile in cands:
         monkeypatch.setattr(hmt, "TILE_OVERRIDE", tile)
         got = _run(dk.simulated_heatmap_loss, *inputs, "per_sample", backend="triton")
@@ -104,12 +107,12 @@ def test_loss_tuner_times_candidates_once_per_key_and_falls_back(monkeypatch):
     # another dtype is another key; a timer that fails gives the default tile with a warning
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: 1 / 0)
     with pytest.warns(UserWarning, match="tuning failed"):
-        assert hmt._tuned_tile(64, 48, 4352, torch.bfloat16, cuda, runs.append) == hmt._tile(64, 48)
+        assert hmt._tuned_tile(64, 48, 4352, torch.bfloat16, cuda, runs.append) == hmt.default_loss_tile(64, 48)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert hmt._tuned_tile(32, 24, 64, torch.float32, cuda, runs.append) == hmt._tile(32, 24)
+    assert hmt._tuned_tile(32, 24, 64, torch.float32, cuda, runs.append) == hmt.default_loss_tile(32, 24)
     assert (32, 24, torch.float32, 64, 0) not in hmt._TUNED_TILES  # not cached from inside a capture
     monkeypatch.setattr(hmt, "AUTOTUNE", False)
-    assert hmt._tuned_tile(64, 48, 64, torch.float16, cuda, runs.append) == hmt._tile(64, 48)
+    assert hmt._tuned_tile(64, 48, 64, torch.float16, cuda, runs.append) == hmt.default_loss_tile(64, 48)
 
 
 @pytest.mark.parametrize("teacher_dtype", [torch.float16, torch.bfloat16])
@@ -153,7 +156,10 @@ def test_loss_hand_computed_all_off_grid_and_score_outside():
         torch.testing.assert_close(score.grad, torch.tensor([[[0.5], [-0.5]]]))  # sign * w / (N K)
 
 
-def test_score_gather_hand_computed():
+@pytest.mark.parametrize("tile", [None, hmt.LossTile(1, 4, 16, 4), hmt.LossTile(2, 4, 16, 4)],
+                         ids=["default", "whole-map", "2-maps"])
+def test_score_gather_hand_computed(tile, monkeypatch):
+    monkeypatch.setattr(hmt, "TILE_OVERRIDE", tile)
     h, w = 3, 5
     teacher = (10 * torch.arange(h).view(h, 1) + torch.arange(w).view(1, w)).float().expand(1, 6, h, w).contiguous()
     # x*(w-1) = 2, 0.5 (tie -> 0), 1.5 (tie -> 2), 4 ; y*(h-1) = 1, 2, 0, 1; last two outside [0, 1]
@@ -359,6 +365,12 @@ P, I = "*fp32", "i32"
 cases = [
     (k._simhm_loss_fwd_kernel, dict(coords_ptr=P, sigma_ptr=P, score_ptr=P, teacher_ptr="*bf16", kw_ptr=P,
      stats_ptr=P, NK=I, H=I, W=I, HW=I), dict(BLOCK_H=16, BLOCK_W=64), ["H", "W"]),
+    (k._simhm_loss_fwd_kernel, dict(coords_ptr=P, sigma_ptr=P, score_ptr=P, teacher_ptr=P, kw_ptr=P,
+     stats_ptr=P, NK=I, H=I, W=I, HW=I), dict(BLOCK_H=64, BLOCK_W=64), []),
+    (k._simhm_loss_fwd_whole_kernel, dict(coords_ptr=P, sigma_ptr=P, score_ptr=P, teacher_ptr=P, kw_ptr=P,
+     stats_ptr=P, NK=I, H=I, W=I, HW=I), dict(MAPS=2, BLOCK_H=64, BLOCK_W=64), ["NK"]),
+    (k._simhm_loss_fwd_whole_kernel, dict(coords_ptr=P, sigma_ptr=P, score_ptr=P, teacher_ptr="*bf16", kw_ptr=P,
+     stats_ptr=P, NK=I, H=I, W=I, HW=I), dict(MAPS=1, BLOCK_H=64, BLOCK_W=64), []),
     (k._simhm_loss_finalize_kernel, dict(stats_ptr=P, wk_ptr=P, reg_ptr=P, score_ptr="*bf16", N=I, K=I, NK=I,
      HW=I), dict(RELEASED=True, BLOCK_N=64, BLOCK_K=32), ["N", "K"]),
     (k._simhm_loss_finalize_kernel, dict(stats_ptr=P, wk_ptr=P, reg_ptr=P, score_ptr=P, N=I, K=I, NK=I, HW=I),

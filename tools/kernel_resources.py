@@ -1,0 +1,161 @@
+"""Static resources of the simulated-heatmap loss forward's tuning candidates, without a GPU.
+
+    python tools/kernel_resources.py [--hw 64 48] [--dtype fp32] [--json out.json]
+
+Each candidate (``heatmap_triton.tile_candidates``) is compiled by Triton for sm_90 (H100/H200)
+on this machine; ``cuobjdump`` (shipped with Triton) reads the cubin's registers, spills and
+shared memory, and its SASS gives the global-load instructions by width. From those:
+
+- resident programs per SM: limited by the 64K-register file, 2048 threads, 32 blocks and
+  228 KB of shared memory (sm_90);
+- teacher bytes in flight per SM: resident programs x the teacher bytes one program has in
+  flight before its first use of a loaded value (read from the SASS: ptxas may split a
+  tile's loads into groups; lanes past W are masked off).
+
+A memory-bound kernel needs roughly bandwidth x latency in flight (about 30 KB per SM on an
+H200 at ~0.8 us); far below that it cannot reach the copy bandwidth however fast its arithmetic.
+This is a model, not a timing: the GPU tuner (``_tuned_tile``) times the candidates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile real code
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+SM90 = dict(regs=65536, threads=2048, blocks=32, smem=228 * 1024, reg_alloc_unit=256)
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(path) if path.exists() else "cuobjdump"
+
+
+def compile_candidate(tile, h: int, w: int, teacher: str = "fp32", nk: int = 256 * 17):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from distilpose_kernels import heatmap_triton as k
+
+    p = "*fp32"
+    sig = dict(coords_ptr=p, sigma_ptr=p, score_ptr=p, teacher_ptr="*" + teacher, kw_ptr=p, stats_ptr=p,
+               NK="i32", H="i32", W="i32", HW="i32")
+    consts = dict(BLOCK_H=tile.block_h, BLOCK_W=tile.block_w)
+    fn = k._simhm_loss_fwd_kernel
+    if tile.maps:
+        fn = k._simhm_loss_fwd_whole_kernel
+        consts["MAPS"] = tile.maps
+    sig.update({n: "constexpr" for n in consts})
+    sig = {n: sig[n] for n in fn.arg_names}  # the kernel's parameter order (constexprs are positional)
+    # Triton's launcher specialises pointers (16-byte aligned from torch) and ints divisible by 16
+    # as "divisible by 16" at run time; give the same hints, or the loads would not vectorise here.
+    ints = dict(NK=nk, H=h, W=w, HW=h * w)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
+             if sig[n].startswith("*") or (n in ints and ints[n] % 16 == 0)}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(n),): v for n, v in consts.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": tile.num_warps})
+
+
+def resources(cubin: bytes) -> Dict[str, object]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    if not m:
+        raise RuntimeError(f"no resource line in cuobjdump output: {usage[-300:]}")
+    regs, stack, shared, local = (int(x) for x in m.groups())
+    loads: Dict[str, int] = {}
+    for ins in re.findall(r"\bLDG\.E(?:\.[A-Z0-9]+)*", sass):
+        width = next((p for p in ins.split(".")[2:] if p.isdigit()), "32")
+        loads[width] = loads.get(width, 0) + 1
+    return dict(regs=regs, stack=stack, shared=shared, local=local, ldg_by_width=loads,
+                wide_bytes_before_first_use=_wide_bytes_before_first_use(sass))
+
+
+def _wide_bytes_before_first_use(sass: str) -> int:
+    """Bytes per thread of the vector (64/128-bit) global loads issued before the first
+    instruction that reads a register one of them loaded: how much of the tile a thread has
+    in flight at once (ptxas may split a tile's loads into groups around arithmetic)."""
+    pending: set = set()
+    issued = 0
+    for line in sass.splitlines():
+        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?P\d\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);", line)
+        if not m:
+            continue
+        op, operands = m.groups()
+        regs = [int(r) for r in re.findall(r"\bR(\d+)\b", operands)]
+        if op.startswith("LDG.E.") and op.split(".")[-1] in ("64", "128"):
+            width = int(op.split(".")[-1]) // 32
+            pending.update(range(regs[0], regs[0] + width))
+            issued += width * 4
+            continue
+        srcs = regs[1:] if op not in ("STG.E", "STS", "BAR.SYNC.DEFER_BLOCKING") else regs
+        if pending and any(r in pending for r in srcs):
+            return issued
+    return issued
+
+
+def occupancy(regs: int, threads: int, shared: int) -> int:
+    unit = SM90["reg_alloc_unit"]
+    per_warp = -(-regs * 32 // unit) * unit
+    by_regs = SM90["regs"] // (per_warp * (threads // 32))
+    by_threads = SM90["threads"] // threads
+    by_smem = SM90["smem"] // shared if shared else SM90["blocks"]
+    return max(0, min(by_regs, by_threads, by_smem, SM90["blocks"]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hw", type=int, nargs=2, default=(64, 48), metavar=("H", "W"))
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--nk", type=int, default=256 * 17, help="N*K (its divisibility by 16 is specialised)")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    from distilpose_kernels import heatmap_triton as k
+
+    h, w = args.hw
+    elt = 4 if args.dtype == "fp32" else 2
+    rows: List[dict] = []
+    for tile in k.tile_candidates(h, w):
+        r = resources(compile_candidate(tile, h, w, args.dtype, args.nk).asm["cubin"])
+        threads = 32 * tile.num_warps
+        resident = occupancy(r["regs"], threads, r["shared"])
+        valid_h, valid_w = min(h, tile.block_h), min(w, tile.block_w)
+        per_program = valid_h * valid_w * elt * max(1, tile.maps)  # a tile of every map, if all in flight
+        first = r["wide_bytes_before_first_use"] * threads * valid_w / tile.block_w  # lanes past W are masked
+        rows.append(dict(tile=tile._asdict(), **r, programs_per_sm=resident, warps_per_sm=resident * tile.num_warps,
+                         inflight_kb_per_sm=resident * min(per_program, first) / 1024))
+    print(f"loss forward candidates, {h}x{w} {args.dtype} teacher, compiled for sm_90 (static, no GPU)")
+    print(f"{'maps':>4} {'BH':>4} {'BW':>4} {'warps':>5} {'regs':>5} {'spill':>5} {'prog/SM':>7} {'warps/SM':>8} "
+          f"{'KB in flight/SM':>15}  LDG by width")
+    for r in rows:
+        t = r["tile"]
+        print(f"{t['maps']:>4} {t['block_h']:>4} {t['block_w']:>4} {t['num_warps']:>5} {r['regs']:>5} {r['local']:>5} "
+              f"{r['programs_per_sm']:>7} {r['warps_per_sm']:>8} {r['inflight_kb_per_sm']:>15.1f}  {r['ldg_by_width']}")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(h=h, w=w, dtype=args.dtype, target="sm_90", candidates=rows), f, indent=1)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
