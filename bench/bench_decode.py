@@ -30,6 +30,7 @@ K, H, W = 17, 64, 48
 N_VALUES = (1, 32, 256)
 IMPLS = ("extension", "reference", "compile")
 BETA = 1.0
+VEC_ENV = "DISTILPOSE_SOFTARGMAX_VEC"
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 
 
@@ -85,18 +86,39 @@ def test_soft_argmax_forward(benchmark, device, impl, n):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", N_VALUES)
-def test_soft_argmax_forward_cudagraph(benchmark, n):
+def test_soft_argmax_forward_vec(benchmark, monkeypatch, n):
+    """The vectorised CUDA forward (DISTILPOSE_SOFTARGMAX_VEC=1, opt-in until measured)."""
+    _skip_unless("extension", "cuda")
+    monkeypatch.setenv(VEC_ENV, "1")
+    benchmark.group = f"soft_argmax fwd cuda N={n}"
+    x = _maps(n, "cuda")
+    nbytes = x.numel() * x.element_size() + n * K * 3 * 4
+    xs = [x] + [x.clone() for _ in range(input_copies(nbytes, "cuda") - 1)]
+    f = _soft_argmax_fn("extension", "cuda")
+    out = _bench(benchmark, rotate([functools.partial(f, xi) for xi in xs]), "cuda", nbytes,
+                 op="soft_argmax_fwd", impl="extension_vec", n=n, shape=[n, K, H, W], input_copies=len(xs))
+    assert torch.isfinite(out[0]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["scalar", "vec"])
+@pytest.mark.parametrize("n", N_VALUES)
+def test_soft_argmax_forward_cudagraph(benchmark, monkeypatch, n, kernel):
     """The extension's forward captured in CUDA graphs (one per rotated input copy): device time
-    without the per-call Python and launch overhead, the number the bandwidth goal is about."""
+    without the per-call Python and launch overhead, the number the bandwidth goal is about.
+    ``vec``: the vectorised kernel (DISTILPOSE_SOFTARGMAX_VEC=1)."""
     impl, device = "extension", "cuda"
     _skip_unless(impl, device)
+    if kernel == "vec":
+        monkeypatch.setenv(VEC_ENV, "1")
     benchmark.group = f"soft_argmax fwd {device} N={n}"
     x = _maps(n, device)
     nbytes = x.numel() * x.element_size() + n * K * 3 * 4
     f = _soft_argmax_fn(impl, device)
     xs = [x] + [x.clone() for _ in range(input_copies(nbytes, device) - 1)]
     replays = [cuda_graph(functools.partial(f, xi)) for xi in xs]
-    out = _bench(benchmark, rotate(replays), device, nbytes, op="soft_argmax_fwd", impl="extension_cudagraph", n=n,
+    name = "extension_cudagraph" if kernel == "scalar" else "extension_vec_cudagraph"
+    out = _bench(benchmark, rotate(replays), device, nbytes, op="soft_argmax_fwd", impl=name, n=n,
                  shape=[n, K, H, W], input_copies=len(replays), cuda_graph=True)
     assert torch.isfinite(out[0]).all()
 

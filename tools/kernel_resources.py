@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -121,13 +122,78 @@ def occupancy(regs: int, threads: int, shared: int) -> int:
     return max(0, min(by_regs, by_threads, by_smem, SM90["blocks"]))
 
 
+def soft_argmax_static(headers: str) -> List[dict]:
+    """Compile csrc/cuda/decode_cuda.cu for sm_90 with nvcc and read, for each soft-argmax
+    forward instance, its registers and SASS length; the slope of the length between ITEMS
+    instances is the straight-line code per pixel (the per-map overhead cancels)."""
+    root = Path(__file__).resolve().parents[1]
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    ti = Path(headers) / "torch" / "include"
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "decode.cubin"
+        subprocess.run(
+            [nvcc, "-std=c++20", "-O3", "-gencode=arch=compute_90,code=sm_90", "-D__CUDA_NO_HALF_OPERATORS__",
+             "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+             "--expt-relaxed-constexpr", "-I", str(root / "csrc"), "-I", str(ti), "-DDISTILPOSE_WITH_CUDA=1",
+             "-cubin", str(root / "csrc" / "cuda" / "decode_cuda.cu"), "-o", str(cubin)],
+            check=True, capture_output=True, text=True)
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    regs = dict(re.findall(r"Function (\S+):\s*\n\s*REG:(\d+)", usage))
+    lengths: Dict[str, int] = {}
+    current = None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            current = m.group(1)
+            lengths[current] = 0
+        elif current and re.match(r"\s+/\*[0-9a-f]{4}\*/", line):
+            lengths[current] += 1
+    rows = []
+    for name, n in lengths.items():
+        m = re.search(r"soft_argmax_fwd_(reg|vec)_kernelI(f|6__half|13__nv_bfloat16)(?:f)?Li(\d+)E", name)
+        if m:
+            kind, t, items = m.groups()
+            dtype = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}[t]
+            px = int(items) * (1 if kind == "reg" else (4 if dtype == "fp32" else 8))
+            rows.append(dict(kernel=kind, dtype=dtype, items=int(items), pixels_per_thread=px, sass=n,
+                             regs=int(regs.get(name, 0))))
+    rows.sort(key=lambda r: (r["kernel"], r["dtype"], r["items"]))
+    for kind in ("reg", "vec"):
+        for dt in ("fp32", "fp16", "bf16"):
+            rs = [r for r in rows if r["kernel"] == kind and r["dtype"] == dt]
+            for a, b in zip(rs, rs[1:]):
+                b["sass_per_pixel"] = (b["sass"] - a["sass"]) / (b["pixels_per_thread"] - a["pixels_per_thread"])
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hw", type=int, nargs=2, default=(64, 48), metavar=("H", "W"))
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--nk", type=int, default=256 * 17, help="N*K (its divisibility by 16 is specialised)")
     ap.add_argument("--json")
+    ap.add_argument("--soft-argmax", action="store_true",
+                    help="the CUDA soft-argmax forward kernels instead (nvcc; torch headers as in "
+                         "tools/check_cuda_compile.sh)")
+    ap.add_argument("--headers", default=os.environ.get("DISTILPOSE_CUDA_HEADERS", ".cuda_headers"),
+                    help="folder holding torch/include of a CUDA torch wheel (tools/check_cuda_compile.sh fetches it)")
     args = ap.parse_args(argv)
+    if args.soft_argmax:
+        rows = soft_argmax_static(args.headers)
+        print("CUDA soft-argmax forward, compiled for sm_90 (static, no GPU): SASS per pixel = slope between ITEMS")
+        print(f"{'kernel':>6} {'dtype':>5} {'items':>5} {'px/thread':>9} {'regs':>5} {'SASS':>5} {'SASS/px':>8}")
+        for r in rows:
+            spp = r.get("sass_per_pixel")
+            print(f"{r['kernel']:>6} {r['dtype']:>5} {r['items']:>5} {r['pixels_per_thread']:>9} {r['regs']:>5} "
+                  f"{r['sass']:>5} {'' if spp is None else f'{spp:8.1f}'}")
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(dict(target="sm_90", kernels=rows), f, indent=1)
+            os.replace(tmp, args.json)
+        return 0
     from distilpose_kernels import heatmap_triton as k
 
     h, w = args.hw

@@ -8,9 +8,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "../decode_math.h"
 #include "decode_cuda.h"
+#include "soft_argmax_vec.cuh"
 
 namespace distilpose {
 namespace cuda {
@@ -192,6 +196,31 @@ __global__ void soft_argmax_fwd_reg_kernel(const T* __restrict__ in, int HW, int
   }
 }
 
+// 16-byte vector loads, per-vector (column, row) bookkeeping: see soft_argmax_vec.cuh.
+// fp32/fp16/bf16 only; one block of kVecBlock threads per map, ITEMS vectors per thread.
+constexpr int kVecBlock = 256;
+
+template <typename T, int ITEMS>
+__global__ void __launch_bounds__(kVecBlock)
+    soft_argmax_fwd_vec_kernel(const T* __restrict__ in, int HW, int W, float beta, float* __restrict__ coords,
+                               float* __restrict__ conf, float* __restrict__ hmax) {
+  __shared__ float smem[96];
+  const int64_t b = blockIdx.x;
+  const int nvec = HW / VecTraits<T>::kElems;
+  float x[ITEMS][VecTraits<T>::kElems];
+  float m = vec_load_max<T, ITEMS>(in + b * HW, nvec, threadIdx.x, kVecBlock, x);
+  m = block_max_nan(m, smem);
+  float S = 0.f, Sx = 0.f, Sy = 0.f;
+  vec_partial_sums<T, ITEMS>(x, nvec, threadIdx.x, kVecBlock, W, m, beta, S, Sx, Sy);
+  block_sum3(S, Sx, Sy, smem);
+  if (threadIdx.x == 0) {
+    coords[2 * b] = Sx / S;
+    coords[2 * b + 1] = Sy / S;
+    conf[b] = 1.f / S;
+    hmax[b] = m;
+  }
+}
+
 template <typename T, typename acc_t>
 __global__ void soft_argmax_bwd_kernel(const acc_t* __restrict__ grad_coords, const T* __restrict__ in,
                                        const acc_t* __restrict__ coords, const acc_t* __restrict__ conf,
@@ -337,6 +366,40 @@ cudaError_t dispatch(DType dtype, F&& f) {
 
 }  // namespace
 
+bool vec_kernel_requested() {
+  const char* v = std::getenv("DISTILPOSE_SOFTARGMAX_VEC");
+  return v != nullptr && (std::strcmp(v, "1") == 0 || std::strcmp(v, "true") == 0 || std::strcmp(v, "on") == 0);
+}
+
+// The vectorised forward, when asked for (DISTILPOSE_SOFTARGMAX_VEC=1: it has not yet run on a
+// GPU) and its preconditions hold; returns false to fall back to the verified kernels.
+template <typename T>
+bool launch_soft_argmax_fwd_vec(const T* src, int64_t nk, int64_t H, int64_t W, double beta, float* c, float* conf,
+                                float* mx, cudaStream_t stream) {
+  constexpr int V = VecTraits<T>::kElems;
+  const int64_t hw = H * W;
+  if (!vec_kernel_requested() || W % V != 0 || hw >= (int64_t{1} << 24) ||
+      reinterpret_cast<std::uintptr_t>(src) % 16 != 0) {
+    return false;
+  }
+  const int64_t items = (hw / V + kVecBlock - 1) / kVecBlock;
+  const auto grid = static_cast<unsigned>(nk);
+  const int ihw = static_cast<int>(hw), iw = static_cast<int>(W);
+  const float b = static_cast<float>(beta);
+  if (items <= 1) {
+    soft_argmax_fwd_vec_kernel<T, 1><<<grid, kVecBlock, 0, stream>>>(src, ihw, iw, b, c, conf, mx);
+  } else if (items <= 2) {
+    soft_argmax_fwd_vec_kernel<T, 2><<<grid, kVecBlock, 0, stream>>>(src, ihw, iw, b, c, conf, mx);
+  } else if (items <= 4) {
+    soft_argmax_fwd_vec_kernel<T, 4><<<grid, kVecBlock, 0, stream>>>(src, ihw, iw, b, c, conf, mx);
+  } else if (items <= 8) {
+    soft_argmax_fwd_vec_kernel<T, 8><<<grid, kVecBlock, 0, stream>>>(src, ihw, iw, b, c, conf, mx);
+  } else {
+    return false;  // large maps: the streaming kernel
+  }
+  return true;
+}
+
 cudaError_t launch_soft_argmax_fwd(DType dtype, const void* heatmaps, int64_t nk, int64_t H, int64_t W, double beta,
                                    void* coords, void* confidence, void* hmax, cudaStream_t stream) {
   if (nk == 0) return cudaSuccess;
@@ -351,6 +414,9 @@ cudaError_t launch_soft_argmax_fwd(DType dtype, const void* heatmaps, int64_t nk
     auto* c = static_cast<A*>(coords);
     auto* conf = static_cast<A*>(confidence);
     auto* mx = static_cast<A*>(hmax);
+    if constexpr (!std::is_same_v<T, double>) {
+      if (launch_soft_argmax_fwd_vec<T>(src, nk, H, W, beta, c, conf, mx, stream)) return;
+    }
     if (items <= 4) {
       soft_argmax_fwd_reg_kernel<T, A, 4><<<grid, threads, 0, stream>>>(src, hw, w, static_cast<A>(beta), c, conf, mx);
     } else if (items <= 8) {
