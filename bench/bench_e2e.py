@@ -12,6 +12,8 @@ ends in a sync). Paths compared (``path`` in the test id and ``extra_info["path"
 - ``cudagraph``: ``fused`` captured as one CUDA graph per shape and replayed;
 - ``cudagraph_nofold``: the same without BN folding (the paper's model, launch-free);
 - ``compile_cudagraph``: compiled, then captured;
+- ``cudagraph_cl`` / ``cudagraph_tf32`` (DistilPose-S, batch 1 fp32): channels-last, or
+  TF32 matmuls; TF32 cases are reported but not counted for the fp32 goal;
 - ``fused_cast`` / ``cudagraph_cast`` (bf16 only): the model stored in bf16 and run without
   autocast (``InferenceEngine(cast_model=True)``): no per-op casts, bf16 LayerNorm storage;
   ``cudagraph_cast_cl`` also channels-last (cuDNN's preferred layout for bf16 convolutions).
@@ -104,6 +106,8 @@ def _model_gmacs(model) -> Optional[Dict[str, float]]:
 
 
 def _bench_infer(benchmark, monkeypatch, device, preset, flip, path, batch, precision):
+    if path.endswith("_tf32"):  # TF32 matmuls (convolutions already default to TF32 in PyTorch)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     if path == "reference":
         monkeypatch.setenv(FORCE_REF, "1")
     else:
@@ -160,7 +164,10 @@ def cuda_device():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset,flip,path", _cases(GPU_PRESETS))
+@pytest.mark.parametrize(
+    "preset,flip,path",
+    _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32")],
+)
 def test_e2e_infer_b1_fp32(benchmark, monkeypatch, cuda_device, preset, flip, path):
     """The paper's setting: batch 1, fp32, flip test on/off."""
     _bench_infer(benchmark, monkeypatch, cuda_device, preset, flip, path, batch=1, precision="fp32")
