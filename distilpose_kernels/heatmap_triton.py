@@ -5,6 +5,9 @@ Kernels:
   Renders the simulated Gaussian on the fly (never stored), accumulates the squared error
   S_nk = sum_p (g - T)^2 and the four gradient moments sum (g-T) g dx, ..dy, ..dx^2, ..dy^2,
   and gathers the teacher value at the predicted pixel for the score loss.
+- ``_simhm_loss_fwd_whole_kernel``: the same statistics for maps that fit one tile, one or two
+  maps per program, the tile loads placed before any arithmetic. On a GPU the forward's launch shape
+  (``LossTile``: kernel, tile, warps) is timed once per shape class and the fastest kept.
 - ``_simhm_loss_finalize_kernel``: one program; combines the per-(n, k) statistics into the
   Reg2HM loss (released or per-sample form) and the score loss.
 - ``_simhm_loss_bwd_kernel``: elementwise over (n, k); scales the saved derivatives. The
@@ -95,7 +98,7 @@ def tile_candidates(h: int, w: int) -> tuple:
             if c not in out:
                 out.append(c)
     bh, bw = next_pow2(h), _block(w, 16, 1024)
-    for maps, cap in ((1, 8192), (2, 4096)):  # whole maps per program: no loop, all loads up front
+    for maps, cap in ((1, 8192), (2, 4096)):  # whole maps per program: no loop, loads first
         if bh * bw <= cap:
             for warps in (4, 8, 16):
                 if 32 * warps <= bh * bw:
@@ -332,8 +335,9 @@ def _simhm_loss_fwd_whole_kernel(
     MAPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """_simhm_loss_fwd_kernel for maps that fit one tile (BLOCK_H >= H, BLOCK_W >= W), MAPS (1 or
-    2) maps per program: every load of the program is issued before any arithmetic, and no
-    accumulator lives across iterations (fewer registers: more programs resident per SM)."""
+    2) maps per program: the tile loads come before any arithmetic (ptxas may still issue them
+    in groups) and no accumulator lives across iterations (fewer registers: more programs
+    resident per SM, more bytes in flight; see tools/kernel_resources.py)."""
     tl.static_assert(MAPS == 1 or MAPS == 2, "MAPS: 1 or 2 maps per program")
     rows = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_W)
