@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .fileio import replace_into, staging_dir
+
 ORIGINAL_TOKENHEAD = "keypoint_head.tokenhead."
 
 # (our key, original key inside the token head) templates; {i} = layer index, {p} = weight/bias.
@@ -102,13 +104,13 @@ def atomic_save(obj: Any, path: str) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=staging_dir(path))
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_into(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .fileio import replace_into, staging_dir
 from .training.config import TrainConfig, apply_overrides, atomic_write_text, get_preset, parse_override
 
 PAPER_CONFIG = {"distilpose_s": "distilpose_s_coco", "distilpose_l": "distilpose_l_coco"}
@@ -234,17 +235,17 @@ def plot_losses(metric_files: Dict[str, str], path: str) -> None:
         if keys:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    tmp = os.path.join(staging_dir(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
     fig.savefig(tmp, dpi=110, format=os.path.splitext(path)[1][1:] or "png")
     plt.close(fig)
-    os.replace(tmp, path)
+    replace_into(tmp, path)
 
 
 def _atomic_bytes(path: str, data: bytes) -> None:
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    tmp = os.path.join(staging_dir(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
     with open(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
+    replace_into(tmp, path)
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:

@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .fileio import replace_into, staging_dir
+
 __all__ = ["ExportWrapper", "check_onnx", "export_onnx", "export_program", "add_arguments", "run"]
 
 DEFAULT_OPSET = 17
@@ -107,9 +109,8 @@ def _example(model: nn.Module, batch: int) -> torch.Tensor:
 
 
 def _atomic_target(path: str) -> str:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=d)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=staging_dir(path))
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -154,7 +155,7 @@ def export_onnx(
         if got != opset:
             raise RuntimeError(f"opset: asked for {opset}, the exporter produced {got}")
         onnx.checker.check_model(proto)
-        os.replace(tmp, path)
+        replace_into(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -217,7 +218,7 @@ def export_program(
         tmp = _atomic_target(path)
         try:
             torch.export.save(prog, tmp)
-            os.replace(tmp, path)
+            replace_into(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -25,6 +25,7 @@ import torch
 
 from .data import transforms as T
 from .data.coco import BadSampleError, read_image_rgb
+from .fileio import replace_into, staging_path
 from .evaluation.predict import crops_to_image, predict_crops
 from .evaluation.visualize import draw_pose
 
@@ -213,10 +214,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
+    tmp = staging_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
+    replace_into(tmp, path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -220,3 +220,32 @@ def test_failed_save_keeps_previous_file(tmp_path):
         save_checkpoint(str(path), a, bad=lambda: None)  # a lambda cannot be pickled
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["model.pth"]
+
+
+def test_atomic_writes_never_replace_a_special_file(tmp_path):
+    """``--out /dev/null``-style targets: the content goes through, the node stays what it is
+    (a rename would turn it into a regular file). A FIFO stands in for /dev/null here."""
+    import stat
+    import threading
+
+    from distilpose.fileio import replace_into, staging_dir, staging_path
+    from distilpose.training.config import atomic_write_text
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
+    reader.start()
+    atomic_write_text(str(fifo), "hello")
+    reader.join(timeout=10)
+    assert got == ["hello"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
+    assert staging_dir(str(fifo)) != str(tmp_path) and not staging_path(str(fifo)).startswith(str(fifo))
+    # regular targets: same folder, renamed into place
+    reg = tmp_path / "out.json"
+    assert staging_dir(str(reg)) == str(tmp_path) and staging_path(str(reg)) == str(reg) + ".tmp"
+    tmp = staging_path(str(reg))
+    with open(tmp, "w") as f:
+        f.write("x")
+    replace_into(tmp, str(reg))
+    assert reg.read_text() == "x" and not os.path.exists(tmp)

@@ -26,6 +26,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
 import torch  # noqa: E402
 
 import distilpose_kernels as dk  # noqa: E402
+from distilpose.training.config import atomic_write_text  # noqa: E402
 
 
 class _NoLaunch:
@@ -152,10 +153,7 @@ def main(argv=None) -> int:
             meta["triton"] = triton.__version__
         except ImportError:
             pass
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps({"meta": meta, "results": rows}, indent=1))
     return 0
 
 

@@ -32,6 +32,8 @@ from typing import Dict, List
 os.environ.pop("TRITON_INTERPRET", None)  # compile real code
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+from distilpose.training.config import atomic_write_text  # noqa: E402
+
 SM90 = dict(regs=65536, threads=2048, blocks=32, smem=228 * 1024, reg_alloc_unit=256)
 
 
@@ -189,10 +191,7 @@ def main(argv=None) -> int:
             print(f"{r['kernel']:>6} {r['dtype']:>5} {r['items']:>5} {r['pixels_per_thread']:>9} {r['regs']:>5} "
                   f"{r['sass']:>5} {'' if spp is None else f'{spp:8.1f}'}")
         if args.json:
-            tmp = args.json + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(dict(target="sm_90", kernels=rows), f, indent=1)
-            os.replace(tmp, args.json)
+            atomic_write_text(args.json, json.dumps(dict(target="sm_90", kernels=rows), indent=1))
         return 0
     from distilpose_kernels import heatmap_triton as k
 
@@ -206,20 +205,23 @@ def main(argv=None) -> int:
         valid_h, valid_w = min(h, tile.block_h), min(w, tile.block_w)
         per_program = valid_h * valid_w * elt * max(1, tile.maps)  # a tile of every map, if all in flight
         first = r["wide_bytes_before_first_use"] * threads * valid_w / tile.block_w  # lanes past W are masked
+        # only vector loads are told apart from the per-map scalar parameter loads: with scalar
+        # tile loads (W not a multiple of 16 / the pointer not 16-byte aligned) the model says n/a
+        inflight = resident * min(per_program, first) / 1024 if first else None
         rows.append(dict(tile=tile._asdict(), **r, programs_per_sm=resident, warps_per_sm=resident * tile.num_warps,
-                         inflight_kb_per_sm=resident * min(per_program, first) / 1024))
+                         inflight_kb_per_sm=inflight))
     print(f"loss forward candidates, {h}x{w} {args.dtype} teacher, compiled for sm_90 (static, no GPU)")
     print(f"{'maps':>4} {'BH':>4} {'BW':>4} {'warps':>5} {'regs':>5} {'spill':>5} {'prog/SM':>7} {'warps/SM':>8} "
           f"{'KB in flight/SM':>15}  LDG by width")
     for r in rows:
         t = r["tile"]
         print(f"{t['maps']:>4} {t['block_h']:>4} {t['block_w']:>4} {t['num_warps']:>5} {r['regs']:>5} {r['local']:>5} "
-              f"{r['programs_per_sm']:>7} {r['warps_per_sm']:>8} {r['inflight_kb_per_sm']:>15.1f}  {r['ldg_by_width']}")
+              f"{r['programs_per_sm']:>7} {r['warps_per_sm']:>8} "
+              f"{'n/a' if r['inflight_kb_per_sm'] is None else format(r['inflight_kb_per_sm'], '.1f'):>15}  "
+              f"{r['ldg_by_width']}")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dict(h=h, w=w, dtype=args.dtype, target="sm_90", candidates=rows), f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(dict(h=h, w=w, dtype=args.dtype, target="sm_90", candidates=rows),
+                                                indent=1))
     return 0
 
 

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from ..fileio import replace_into, staging_path
 from .transforms import COCO_KEYPOINTS, COCO_SKELETON
 
 DEMO_VERSION = 1
@@ -346,10 +347,10 @@ def _render_chunk(args) -> List[Tuple[int, int, int, List[Dict[str, Any]]]]:
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
         if not ok:
             raise RuntimeError(f"JPEG encoding failed for {path}")
-        tmp = path + ".tmp"
+        tmp = staging_path(path)
         with open(tmp, "wb") as f:
             f.write(buf.tobytes())
-        os.replace(tmp, path)
+        replace_into(tmp, path)
         out.append((i, img.shape[0], img.shape[1], people))
     return out
 
@@ -362,10 +363,10 @@ def _coco_categories() -> List[Dict[str, Any]]:
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
+    tmp = staging_path(path)
     with open(tmp, "w") as f:
         json.dump(obj, f)
-    os.replace(tmp, path)
+    replace_into(tmp, path)
 
 
 def generate_split(

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from ..data.transforms import COCO_SIGMAS
+from ..fileio import replace_into, staging_path
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
@@ -112,7 +113,7 @@ def write_results(path: str, results: List[Dict[str, Any]]) -> None:
     """Write COCO results JSON atomically."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = staging_path(path)
     with open(tmp, "w") as f:
         json.dump(results, f)
-    os.replace(tmp, path)
+    replace_into(tmp, path)

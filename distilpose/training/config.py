@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from ..fileio import replace_into, staging_dir
 from ..models.distiller import LossWeights
 
 
@@ -354,12 +355,12 @@ def save_config(cfg: TrainConfig, path: str) -> None:
 def atomic_write_text(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    tmp = os.path.join(staging_dir(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_into(tmp, path)
 
 
 # ----------------------------------------------------------------------------- dataclass <-> dict
