@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -53,6 +54,23 @@ def _kernels(fn: Callable[[], object], n: int = 10) -> Dict[str, float]:
     return out
 
 
+def _with_env(var: str, value: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with the environment variable ``var`` set (restored afterwards)."""
+
+    def run():
+        old = os.environ.get(var)
+        os.environ[var] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[var]
+            else:
+                os.environ[var] = old
+
+    return run
+
+
 def cases(dev: torch.device) -> List[tuple]:
     g = torch.Generator(device="cpu").manual_seed(0)
     out = []
@@ -79,6 +97,8 @@ def cases(dev: torch.device) -> List[tuple]:
     # soft-argmax forward N=256, DARK decode N=256
     x = (torch.randn(n, k, h, w, generator=g) * 3).to(dev)
     out.append(("soft_argmax fwd N=256", lambda: dk.soft_argmax(x), x.numel() * 4 + n * k * 3 * 4))
+    out.append(("soft_argmax fwd N=256 vec kernel", _with_env("DISTILPOSE_SOFTARGMAX_VEC", "1", lambda: dk.soft_argmax(x)),
+                x.numel() * 4 + n * k * 3 * 4))
     out.append(("decode_heatmaps dark N=256", lambda: dk.decode_heatmaps(x, "dark"), x.numel() * 4 + n * k * 3 * 4))
     # training targets N=64
     kp = (torch.rand(64, 17, 2, generator=g) * torch.tensor([192.0, 256.0])).to(dev)
@@ -91,7 +111,7 @@ def cases(dev: torch.device) -> List[tuple]:
 
     model = build_model("distilpose_s").eval()
     for batch, prec, flip, kw in ((256, "bf16", False, {}), (256, "bf16", False, {"channels_last": True}),
-                                  (1, "fp32", True, {"cuda_graph": True})):
+                                  (256, "bf16", False, {"cast_model": True}), (1, "fp32", True, {"cuda_graph": True})):
         eng = InferenceEngine(model, device=dev, precision=prec, flip_test=flip, fold_bn=True, clone_outputs=False, **kw)
         crops = torch.randn(batch, 3, 256, 192, generator=g).to(dev)
         center = torch.full((batch, 2), 200.0, device=dev)
