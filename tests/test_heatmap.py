@@ -88,8 +88,9 @@ def test_loss_every_tuning_tile(shape, monkeypatch):
 
 
 def test_loss_tuner_times_candidates_once_per_key_and_falls_back(monkeypatch):
-    """The tuner's host logic (the timing itself needs a GPU): fastest candidate, cached per key;
-    a failing timer or a CUDA-graph capture gives the heuristic tile."""
+    """The tuner's host logic (the timing itself needs a GPU): fastest candidate whose result
+    agrees with the default kernel's, cached per key; a failing timer or a CUDA-graph capture
+    gives the default; a fast but wrong candidate is skipped with a warning."""
     import triton.testing
 
     cuda = torch.device("cuda", 0)
@@ -97,22 +98,49 @@ def test_loss_tuner_times_candidates_once_per_key_and_falls_back(monkeypatch):
     monkeypatch.setattr(hmt, "_TUNED_TILES", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     cands = hmt.tile_candidates(64, 48)
-    fastest = cands[3]
+    default, fastest, wrong = cands[0], cands[3], cands[5]
+    stats = torch.rand(8, 40, generator=torch.Generator().manual_seed(0)) + 0.5
+    stats[1, 3] = float("nan")  # NaN statistics must compare equal to themselves
+    stats[2, 4] = float("inf")
     runs = []
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 1.0 if runs[-1] == fastest else 2.0)[1])
-    assert hmt._tuned_tile(64, 48, 4352, torch.float32, cuda, runs.append) == fastest
-    assert runs == list(cands)
-    assert hmt._tuned_tile(64, 48, 5000, torch.float32, cuda, runs.append) == fastest  # same pow2 bucket
-    assert len(runs) == len(cands)  # cached: nothing timed again
+
+    def result():  # what the last launched tile wrote: reordered-sum noise, or garbage when wrong
+        if runs[-1] == wrong:
+            return stats * 1.01
+        return stats * (1 + 1e-7 * (len(runs) % 3))
+
+    speed = {fastest: 1.0, wrong: 0.5}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), speed.get(runs[-1], 2.0))[1])
+    with pytest.warns(UserWarning, match="disagrees with the default"):
+        assert hmt._tuned_tile(64, 48, 4352, torch.float32, cuda, runs.append, result) == fastest
+    assert runs[0] == default and set(runs) == set(cands)
+    n = len(runs)
+    assert hmt._tuned_tile(64, 48, 5000, torch.float32, cuda, runs.append, result) == fastest  # same pow2 bucket
+    assert len(runs) == n  # cached: nothing timed again
     # another dtype is another key; a timer that fails gives the default tile with a warning
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: 1 / 0)
     with pytest.warns(UserWarning, match="tuning failed"):
-        assert hmt._tuned_tile(64, 48, 4352, torch.bfloat16, cuda, runs.append) == hmt.default_loss_tile(64, 48)
+        assert hmt._tuned_tile(64, 48, 4352, torch.bfloat16, cuda, runs.append, result) == default
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert hmt._tuned_tile(32, 24, 64, torch.float32, cuda, runs.append) == hmt.default_loss_tile(32, 24)
+    assert hmt._tuned_tile(32, 24, 64, torch.float32, cuda, runs.append, result) == hmt.default_loss_tile(32, 24)
     assert (32, 24, torch.float32, 64, 0) not in hmt._TUNED_TILES  # not cached from inside a capture
     monkeypatch.setattr(hmt, "AUTOTUNE", False)
-    assert hmt._tuned_tile(64, 48, 64, torch.float16, cuda, runs.append) == hmt.default_loss_tile(64, 48)
+    assert hmt._tuned_tile(64, 48, 64, torch.float16, cuda, runs.append, result) == default
+
+
+def test_loss_tuner_agreement_check():
+    ref = torch.rand(8, 50) + 0.1
+    assert hmt._agrees(ref * (1 + 3e-6), ref)
+    assert not hmt._agrees(ref * 1.001, ref)
+    bad = ref.clone()
+    bad[4, 7] += 0.5
+    assert not hmt._agrees(bad, ref)
+    special = ref.clone()
+    special[0, 0], special[1, 1] = float("nan"), float("-inf")
+    assert hmt._agrees(special.clone(), special)
+    nan_only_in_got = ref.clone()
+    nan_only_in_got[3, 3] = float("nan")
+    assert not hmt._agrees(nan_only_in_got, ref)
 
 
 @pytest.mark.parametrize("teacher_dtype", [torch.float16, torch.bfloat16])
