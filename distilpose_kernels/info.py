@@ -63,6 +63,20 @@ def _triton_dispatch(op: str, device: str) -> tuple[str, str]:
     return backend, why
 
 
+#: environment switches of the kernels: (variable, default, what it does)
+SWITCHES = (
+    ("DISTILPOSE_ATTN_AUTOTUNE", "1", "autotune the attention kernels' blocks on the GPU"),
+    ("DISTILPOSE_HEATMAP_AUTOTUNE", "1", "time the loss forward's launch shapes on the GPU"),
+    ("DISTILPOSE_SOFTARGMAX_VEC", "0", "vectorised CUDA soft-argmax forward (opt-in, not yet run on a GPU)"),
+    ("DISTILPOSE_NVTX", "0", "NVTX ranges around ops and model stages (read at import)"),
+)
+
+
+def _switches() -> dict[str, dict[str, str]]:
+    return {name: {"value": os.environ.get(name, default), "default": default, "what": what}
+            for name, default, what in SWITCHES}
+
+
 def info(verbose: bool = False) -> dict[str, Any]:
     """Build and dispatch report (see module docstring)."""
     st = _ext.load()
@@ -90,6 +104,7 @@ def info(verbose: bool = False) -> dict[str, Any]:
             "torch_match": built_cmp,
         },
         "dispatch": {},
+        "switches": _switches(),
     }
     for dev in _devices():
         table = {}
@@ -119,6 +134,7 @@ def format_info(report: dict[str, Any]) -> str:
         lines.append(f"  {ext['path']}")
     else:
         lines.append(f"extension distilpose_kernels._C: not available: {ext['error']}")
+    lines.append("switches: " + ", ".join(f"{k}={v['value']}" for k, v in report.get("switches", {}).items()))
     for dev, table in report["dispatch"].items():
         lines.append(f"dispatch for {dev} tensors:")
         width = max(len(op) for op in table)
