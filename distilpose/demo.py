@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .fileio import replace_into, staging_dir
-from .training.config import TrainConfig, apply_overrides, atomic_write_text, get_preset, parse_override
+from .fileio import atomic_write, replace_into, staging_dir
+from .training.config import TrainConfig, apply_overrides, get_preset, parse_override
 
 PAPER_CONFIG = {"distilpose_s": "distilpose_s_coco", "distilpose_l": "distilpose_l_coco"}
 
@@ -205,7 +205,7 @@ def write_overlays(val_dataset: Any, results: Dict[str, List[Dict[str, Any]]], o
         path = os.path.join(out_dir, f"{img_id:06d}.jpg")
         ok, buf = cv2.imencode(".jpg", both, [cv2.IMWRITE_JPEG_QUALITY, 92])
         if ok:
-            _atomic_bytes(path, buf.tobytes())
+            atomic_write(path, buf.tobytes())
             written.append(path)
     return written
 
@@ -238,13 +238,6 @@ def plot_losses(metric_files: Dict[str, str], path: str) -> None:
     tmp = os.path.join(staging_dir(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
     fig.savefig(tmp, dpi=110, format=os.path.splitext(path)[1][1:] or "png")
     plt.close(fig)
-    replace_into(tmp, path)
-
-
-def _atomic_bytes(path: str, data: bytes) -> None:
-    tmp = os.path.join(staging_dir(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "wb") as f:
-        f.write(data)
     replace_into(tmp, path)
 
 
@@ -357,10 +350,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"time: data {times['data_s']:.0f} s, teacher {times['teacher_train_s']:.0f} s, student {times['student_train_s']:.0f} s, "
           f"eval {times['eval_s']:.0f} s, total {times['total_s']:.0f} s")
     print(f"outputs: {os.path.join(out, 'table.md')}, {os.path.join(out, 'loss_curves.png')}, {len(overlays)} overlays in {os.path.join(out, 'overlays')}")
-    atomic_write_text(os.path.join(out, "table.md"), table + "\n")
+    atomic_write(os.path.join(out, "table.md"), table + "\n")
     summary = dict(rows=rows, times={k: round(v, 2) for k, v in times.items()}, input_size=[h, w],
                    teacher=t_cfg.to_dict(), student=s_cfg.to_dict(), torch=torch.__version__, device=str(device))
-    atomic_write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))  # written last: marks "finished"
+    atomic_write(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))  # written last: marks "finished"
     _barrier(info)
     return 0
 

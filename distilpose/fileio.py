@@ -7,8 +7,9 @@ import os
 import shutil
 import stat
 import tempfile
+from typing import Union
 
-__all__ = ["is_special", "replace_into", "staging_dir", "staging_path"]
+__all__ = ["atomic_write", "is_special", "replace_into", "staging_dir", "staging_path"]
 
 
 def is_special(path: str) -> bool:
@@ -46,3 +47,20 @@ def replace_into(tmp: str, path: str) -> None:
             os.unlink(tmp)
         return
     os.replace(tmp, path)
+
+
+def atomic_write(path: str, data: Union[str, bytes]) -> None:
+    """Write ``data`` (text or bytes) to ``path`` so that a reader never sees a partial file:
+    a temporary file in the same folder, flushed to disk, then renamed over ``path``.
+    Creates the folder; a special ``path`` (/dev/null, a FIFO) is written through instead."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = staging_path(path, f".tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        replace_into(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

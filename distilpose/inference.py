@@ -25,7 +25,7 @@ import torch
 
 from .data import transforms as T
 from .data.coco import BadSampleError, read_image_rgb
-from .fileio import replace_into, staging_path
+from .fileio import atomic_write
 from .evaluation.predict import crops_to_image, predict_crops
 from .evaluation.visualize import draw_pose
 
@@ -213,13 +213,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recursive", action="store_true", help="search folders recursively")
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = staging_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    replace_into(tmp, path)
-
-
 def run(args: argparse.Namespace) -> int:
     images = list_images(args.inputs, args.recursive)
     if not images:
@@ -259,12 +252,12 @@ def run(args: argparse.Namespace) -> int:
             people=[dict(bbox=[float(v) for v in box], keypoints=[[round(float(v), 3) for v in row] for row in kp],
                          score=float(kp[:, 2].mean())) for box, kp in zip(b, people)],
         )
-        _atomic_write(os.path.join(args.out, f"{stem}.json"), json.dumps(rec, indent=1).encode())
+        atomic_write(os.path.join(args.out, f"{stem}.json"), json.dumps(rec, indent=1).encode())
         ok, png = cv2.imencode(".png", overlay)
         if not ok:
             raise RuntimeError(f"PNG encoding failed for {path}")
-        _atomic_write(os.path.join(args.out, f"{stem}_pose.png"), png.tobytes())
+        atomic_write(os.path.join(args.out, f"{stem}_pose.png"), png.tobytes())
         summary.append(rec)
         print(f"{path}: {len(people)} person(s) -> {os.path.join(args.out, stem + '_pose.png')}")
-    _atomic_write(os.path.join(args.out, "predictions.json"), json.dumps(summary).encode())
+    atomic_write(os.path.join(args.out, "predictions.json"), json.dumps(summary).encode())
     return 1 if failures else 0

@@ -228,15 +228,14 @@ def test_atomic_writes_never_replace_a_special_file(tmp_path):
     import stat
     import threading
 
-    from distilpose.fileio import replace_into, staging_dir, staging_path
-    from distilpose.training.config import atomic_write_text
+    from distilpose.fileio import atomic_write, replace_into, staging_dir, staging_path
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     got = []
     reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
     reader.start()
-    atomic_write_text(str(fifo), "hello")
+    atomic_write(str(fifo), "hello")
     reader.join(timeout=10)
     assert got == ["hello"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())

@@ -26,7 +26,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
 import torch  # noqa: E402
 
 import distilpose_kernels as dk  # noqa: E402
-from distilpose.training.config import atomic_write_text  # noqa: E402
+from distilpose.fileio import atomic_write  # noqa: E402
 
 
 class _NoLaunch:
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
             meta["triton"] = triton.__version__
         except ImportError:
             pass
-        atomic_write_text(args.json, json.dumps({"meta": meta, "results": rows}, indent=1))
+        atomic_write(args.json, json.dumps({"meta": meta, "results": rows}, indent=1))
     return 0
 
 

@@ -32,7 +32,7 @@ from typing import Dict, List
 os.environ.pop("TRITON_INTERPRET", None)  # compile real code
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-from distilpose.training.config import atomic_write_text  # noqa: E402
+from distilpose.fileio import atomic_write  # noqa: E402
 
 SM90 = dict(regs=65536, threads=2048, blocks=32, smem=228 * 1024, reg_alloc_unit=256)
 
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
             print(f"{r['kernel']:>6} {r['dtype']:>5} {r['items']:>5} {r['pixels_per_thread']:>9} {r['regs']:>5} "
                   f"{r['sass']:>5} {'' if spp is None else f'{spp:8.1f}'}")
         if args.json:
-            atomic_write_text(args.json, json.dumps(dict(target="sm_90", kernels=rows), indent=1))
+            atomic_write(args.json, json.dumps(dict(target="sm_90", kernels=rows), indent=1))
         return 0
     from distilpose_kernels import heatmap_triton as k
 
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
               f"{'n/a' if r['inflight_kb_per_sm'] is None else format(r['inflight_kb_per_sm'], '.1f'):>15}  "
               f"{r['ldg_by_width']}")
     if args.json:
-        atomic_write_text(args.json, json.dumps(dict(h=h, w=w, dtype=args.dtype, target="sm_90", candidates=rows),
+        atomic_write(args.json, json.dumps(dict(h=h, w=w, dtype=args.dtype, target="sm_90", candidates=rows),
                                                 indent=1))
     return 0
 

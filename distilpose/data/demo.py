@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from ..fileio import replace_into, staging_path
+from ..fileio import atomic_write
 from .transforms import COCO_KEYPOINTS, COCO_SKELETON
 
 DEMO_VERSION = 1
@@ -347,10 +347,7 @@ def _render_chunk(args) -> List[Tuple[int, int, int, List[Dict[str, Any]]]]:
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
         if not ok:
             raise RuntimeError(f"JPEG encoding failed for {path}")
-        tmp = staging_path(path)
-        with open(tmp, "wb") as f:
-            f.write(buf.tobytes())
-        replace_into(tmp, path)
+        atomic_write(path, buf.tobytes())
         out.append((i, img.shape[0], img.shape[1], people))
     return out
 
@@ -360,13 +357,6 @@ def _coco_categories() -> List[Dict[str, Any]]:
         dict(supercategory="person", id=1, name="person", keypoints=list(COCO_KEYPOINTS),
              skeleton=[[a + 1, b + 1] for a, b in COCO_SKELETON])
     ]
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = staging_path(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    replace_into(tmp, path)
 
 
 def generate_split(
@@ -423,7 +413,7 @@ def generate_split(
         info=dict(description=f"distilpose embedded demo dataset v{DEMO_VERSION} ({split}, seed {seed})", version=DEMO_VERSION),
         images=images, annotations=anns, categories=_coco_categories(),
     )
-    _write_json_atomic(paths[f"{split}_ann"], coco)
+    atomic_write(paths[f"{split}_ann"], json.dumps(coco))
     return paths[f"{split}_ann"]
 
 
@@ -464,7 +454,7 @@ def generate_demo_dataset(
     t0 = time.time()
     generate_split(root, "train", num_train, seed, image_size, num_workers, progress=progress)
     generate_split(root, "val", num_val, seed, image_size, num_workers, progress=progress)
-    _write_json_atomic(paths["manifest"], dict(params=params, seconds=round(time.time() - t0, 2)))
+    atomic_write(paths["manifest"], json.dumps(dict(params=params, seconds=round(time.time() - t0, 2))))
     return paths
 
 

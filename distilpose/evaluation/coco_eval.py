@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from ..data.transforms import COCO_SIGMAS
-from ..fileio import replace_into, staging_path
+from ..fileio import atomic_write
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
@@ -111,9 +111,4 @@ def coco_keypoint_eval(gt: Union[str, Any], results: Union[str, List[Dict[str, A
 
 def write_results(path: str, results: List[Dict[str, Any]]) -> None:
     """Write COCO results JSON atomically."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = staging_path(path)
-    with open(tmp, "w") as f:
-        json.dump(results, f)
-    replace_into(tmp, path)
+    atomic_write(path, json.dumps(results))

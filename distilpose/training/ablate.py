@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .config import TrainConfig, apply_overrides, atomic_write_text, get_preset, parse_override
+from ..fileio import atomic_write
+from .config import TrainConfig, apply_overrides, get_preset, parse_override
 
 VARIANTS = {
     "full": dict(disable=[], teacher=True),
@@ -121,13 +122,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             summary = _train(cfg, v)
             metrics = summary["last_eval"]
-            atomic_write_text(result_path, json.dumps({"variant": v, "metrics": metrics, "summary": {
+            atomic_write(result_path, json.dumps({"variant": v, "metrics": metrics, "summary": {
                 k: s for k, s in summary.items() if k in ("epoch", "global_step", "train_s", "stop_reason")}}, indent=2))
         rows.append(dict(variant=v, disable=spec["disable"], teacher=spec["teacher"], metrics=metrics))
         print(f"[{v}] AP {metrics.get('AP', float('nan')) * 100:.1f}", flush=True)
     table = format_ablation(rows)
     print()
     print(table)
-    atomic_write_text(os.path.join(args.out, "ablation.md"), table + "\n")
-    atomic_write_text(os.path.join(args.out, "ablation.json"), json.dumps(rows, indent=2))
+    atomic_write(os.path.join(args.out, "ablation.md"), table + "\n")
+    atomic_write(os.path.join(args.out, "ablation.json"), json.dumps(rows, indent=2))
     return 0

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from ..fileio import replace_into, staging_dir
+from ..fileio import atomic_write
 from ..models.distiller import LossWeights
 
 
@@ -349,18 +349,7 @@ def resolve_config(
 def save_config(cfg: TrainConfig, path: str) -> None:
     """Write the resolved config atomically (YAML, or JSON when ``path`` ends in .json)."""
     text = json.dumps(cfg.to_dict(), indent=2) if path.endswith(".json") else cfg.to_yaml()
-    atomic_write_text(path, text)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(staging_dir(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    replace_into(tmp, path)
+    atomic_write(path, text)
 
 
 # ----------------------------------------------------------------------------- dataclass <-> dict

@@ -34,7 +34,8 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..losses import teacher_loss
 from ..models import build_model
 from ..models.distiller import Distiller, LossWeights
-from .config import TrainConfig, atomic_write_text, save_config, validate
+from ..fileio import atomic_write
+from .config import TrainConfig, save_config, validate
 from .optim import build_optimizer, build_scheduler
 
 # ----------------------------------------------------------------------------- distributed
@@ -529,7 +530,7 @@ class Trainer:
                     continue  # a line cut by the kill
                 if rec.get("step", 0) <= step:
                     keep.append(json.dumps(rec))
-        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
+        atomic_write(self.metrics_path, "".join(k + "\n" for k in keep))
 
     def log(self, rec: Dict[str, Any]) -> None:
         if not self.info.is_main:
