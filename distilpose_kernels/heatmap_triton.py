@@ -248,31 +248,47 @@ def _gauss_moments(
 
 
 @triton.jit
-def _simhm_loss_fwd_kernel(
-    coords_ptr, sigma_ptr, score_ptr, teacher_ptr, kw_ptr, stats_ptr,
-    NK, H, W, HW,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-):
-    pid = tl.program_id(0)  # flat (n, k)
-    cx = tl.load(coords_ptr + 2 * pid).to(tl.float32)
-    cy = tl.load(coords_ptr + 2 * pid + 1).to(tl.float32)
-    sx = tl.load(sigma_ptr + 2 * pid).to(tl.float32)
-    sy = tl.load(sigma_ptr + 2 * pid + 1).to(tl.float32)
-    kw = tl.load(kw_ptr + pid).to(tl.float32)
-    sc = tl.load(score_ptr + pid).to(tl.float32)
-    Wf = (W * 1.0)
-    Hf = (H * 1.0)
+def _masked_load(ptr, ok, other, MASKED: tl.constexpr):
+    if MASKED:
+        v = tl.load(ptr, mask=ok, other=other)
+    else:
+        v = tl.load(ptr)
+    return v.to(tl.float32)
 
+
+@triton.jit
+def _masked_store(ptr, v, ok, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, v, mask=ok)
+    else:
+        tl.store(ptr, v)
+
+
+@triton.jit
+def _map_params(coords_ptr, sigma_ptr, score_ptr, kw_ptr, pid, ok, Hf, Wf, MASKED: tl.constexpr):
+    """Map ``pid``'s prediction (MASKED: read only where ``ok``): coordinates, sigmas, weight,
+    score, the Gaussian's centre in pixels, its 3-sigma in-grid flag and 1 / (sigma^2 + 1e-9)."""
+    cx = _masked_load(coords_ptr + 2 * pid, ok, 0.0, MASKED)
+    cy = _masked_load(coords_ptr + 2 * pid + 1, ok, 0.0, MASKED)
+    sx = _masked_load(sigma_ptr + 2 * pid, ok, 1.0, MASKED)
+    sy = _masked_load(sigma_ptr + 2 * pid + 1, ok, 1.0, MASKED)
+    kw = _masked_load(kw_ptr + pid, ok, 0.0, MASKED)
+    sc = _masked_load(score_ptr + pid, ok, 0.0, MASKED)
     mux = cx * Wf
     muy = cy * Hf
     in_grid = _in_grid(mux, muy, sx, sy, Hf, Wf)
     inv_ax = 1.0 / (sx * sx + 1e-9)
     inv_ay = 1.0 / (sy * sy + 1e-9)
+    return cx, cy, sx, sy, kw, sc, mux, muy, in_grid, inv_ax, inv_ay
 
-    base = teacher_ptr + pid.to(tl.int64) * HW
-    s, x1, y1, x2, y2 = _gauss_moments(
-        base, mux, muy, inv_ax, inv_ay, in_grid, H, W, LOSS=True, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W
-    )
+
+@triton.jit
+def _store_map_stats(
+    stats_ptr, teacher_ptr, pid, ok, NK, W, HW, Hf, Wf,
+    s, x1, y1, x2, y2, cx, cy, sx, sy, kw, sc, in_grid, inv_ax, inv_ay, MASKED: tl.constexpr,
+):
+    """From map ``pid``'s sums: the derivatives, the score target and the eight statistics
+    (MASKED: stored only where ``ok``)."""
     # dS/dmu = 2/a sum (g-T) g dx; dS/dsigma = 2 sigma/a^2 sum (g-T) g dx^2; mu = c * W.
     dcx = 2.0 * x1 * inv_ax * Wf
     dcy = 2.0 * y1 * inv_ay * Hf
@@ -285,17 +301,40 @@ def _simhm_loss_fwd_kernel(
     py = _round_half_even(tl.minimum(tl.maximum(cy, 0.0), 1.0) * (Hf - 1))
     px = tl.where(inside, px, 0.0).to(tl.int32)
     py = tl.where(inside, py, 0.0).to(tl.int32)
-    tv = tl.load(base + py * W + px, mask=inside, other=0.0).to(tl.float32)
+    if MASKED:
+        inside = inside & ok
+    tv = tl.load(teacher_ptr + pid.to(tl.int64) * HW + py * W + px, mask=inside, other=0.0).to(tl.float32)
     err = sc * kw - tv * kw
 
-    tl.store(stats_ptr + 0 * NK + pid, s)
-    tl.store(stats_ptr + 1 * NK + pid, dcx)
-    tl.store(stats_ptr + 2 * NK + pid, dcy)
-    tl.store(stats_ptr + 3 * NK + pid, dsx)
-    tl.store(stats_ptr + 4 * NK + pid, dsy)
-    tl.store(stats_ptr + 5 * NK + pid, kw * in_grid)
-    tl.store(stats_ptr + 6 * NK + pid, err)
-    tl.store(stats_ptr + 7 * NK + pid, kw)
+    out = stats_ptr + pid  # rows ST_S .. ST_WSCORE
+    _masked_store(out + 0 * NK, s, ok, MASKED)
+    _masked_store(out + 1 * NK, dcx, ok, MASKED)
+    _masked_store(out + 2 * NK, dcy, ok, MASKED)
+    _masked_store(out + 3 * NK, dsx, ok, MASKED)
+    _masked_store(out + 4 * NK, dsy, ok, MASKED)
+    _masked_store(out + 5 * NK, kw * in_grid, ok, MASKED)
+    _masked_store(out + 6 * NK, err, ok, MASKED)
+    _masked_store(out + 7 * NK, kw, ok, MASKED)
+
+
+@triton.jit
+def _simhm_loss_fwd_kernel(
+    coords_ptr, sigma_ptr, score_ptr, teacher_ptr, kw_ptr, stats_ptr,
+    NK, H, W, HW,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    pid = tl.program_id(0)  # flat (n, k); the grid is exactly N*K programs: nothing to mask
+    ok = pid < NK
+    Wf = (W * 1.0)
+    Hf = (H * 1.0)
+    cx, cy, sx, sy, kw, sc, mux, muy, in_grid, inv_ax, inv_ay = _map_params(
+        coords_ptr, sigma_ptr, score_ptr, kw_ptr, pid, ok, Hf, Wf, MASKED=False)
+    s, x1, y1, x2, y2 = _gauss_moments(
+        teacher_ptr + pid.to(tl.int64) * HW, mux, muy, inv_ax, inv_ay, in_grid, H, W,
+        LOSS=True, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W,
+    )
+    _store_map_stats(stats_ptr, teacher_ptr, pid, ok, NK, W, HW, Hf, Wf,
+                     s, x1, y1, x2, y2, cx, cy, sx, sy, kw, sc, in_grid, inv_ax, inv_ay, MASKED=False)
 
 
 @triton.jit
@@ -305,19 +344,10 @@ def _whole_map_stats(
     """The eight statistics of map ``pid`` from its whole (BLOCK_H, BLOCK_W) tile ``v`` (already
     loaded, zeros outside ``pm``); same math as _simhm_loss_fwd_kernel, no loop-carried state."""
     ok = pid < NK
-    cx = tl.load(coords_ptr + 2 * pid, mask=ok, other=0.0).to(tl.float32)
-    cy = tl.load(coords_ptr + 2 * pid + 1, mask=ok, other=0.0).to(tl.float32)
-    sx = tl.load(sigma_ptr + 2 * pid, mask=ok, other=1.0).to(tl.float32)
-    sy = tl.load(sigma_ptr + 2 * pid + 1, mask=ok, other=1.0).to(tl.float32)
-    kw = tl.load(kw_ptr + pid, mask=ok, other=0.0).to(tl.float32)
-    sc = tl.load(score_ptr + pid, mask=ok, other=0.0).to(tl.float32)
     Wf = (W * 1.0)
     Hf = (H * 1.0)
-    mux = cx * Wf
-    muy = cy * Hf
-    in_grid = _in_grid(mux, muy, sx, sy, Hf, Wf)
-    inv_ax = 1.0 / (sx * sx + 1e-9)
-    inv_ay = 1.0 / (sy * sy + 1e-9)
+    cx, cy, sx, sy, kw, sc, mux, muy, in_grid, inv_ax, inv_ay = _map_params(
+        coords_ptr, sigma_ptr, score_ptr, kw_ptr, pid, ok, Hf, Wf, MASKED=True)
     dx = cols.to(tl.float32) - mux
     dy = rows.to(tl.float32) - muy
     gx = tl.exp(dx * dx * inv_ax * -0.5) * in_grid
@@ -332,25 +362,8 @@ def _whole_map_stats(
     x2 = tl.sum(qx * dx * dx, axis=0)
     y1 = tl.sum(qy * dy, axis=0)
     y2 = tl.sum(qy * dy * dy, axis=0)
-    dcx = 2.0 * x1 * inv_ax * Wf
-    dcy = 2.0 * y1 * inv_ay * Hf
-    dsx = 2.0 * (x2 * inv_ax) * (sx * inv_ax)
-    dsy = 2.0 * (y2 * inv_ay) * (sy * inv_ay)
-    inside = (cx >= 0) & (cx <= 1) & (cy >= 0) & (cy <= 1)
-    px = _round_half_even(tl.minimum(tl.maximum(cx, 0.0), 1.0) * (Wf - 1))
-    py = _round_half_even(tl.minimum(tl.maximum(cy, 0.0), 1.0) * (Hf - 1))
-    px = tl.where(inside, px, 0.0).to(tl.int32)
-    py = tl.where(inside, py, 0.0).to(tl.int32)
-    tv = tl.load(teacher_ptr + pid.to(tl.int64) * HW + py * W + px, mask=inside & ok, other=0.0).to(tl.float32)
-    err = sc * kw - tv * kw
-    tl.store(stats_ptr + 0 * NK + pid, s, mask=ok)
-    tl.store(stats_ptr + 1 * NK + pid, dcx, mask=ok)
-    tl.store(stats_ptr + 2 * NK + pid, dcy, mask=ok)
-    tl.store(stats_ptr + 3 * NK + pid, dsx, mask=ok)
-    tl.store(stats_ptr + 4 * NK + pid, dsy, mask=ok)
-    tl.store(stats_ptr + 5 * NK + pid, kw * in_grid, mask=ok)
-    tl.store(stats_ptr + 6 * NK + pid, err, mask=ok)
-    tl.store(stats_ptr + 7 * NK + pid, kw, mask=ok)
+    _store_map_stats(stats_ptr, teacher_ptr, pid, ok, NK, W, HW, Hf, Wf,
+                     s, x1, y1, x2, y2, cx, cy, sx, sy, kw, sc, in_grid, inv_ax, inv_ay, MASKED=True)
 
 
 @triton.jit
