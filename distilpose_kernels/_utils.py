@@ -26,6 +26,17 @@ def _env_flag(name: str) -> bool:
     return bool(v) and v.strip().lower() in ("1", "true", "yes", "on")
 
 
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off environment switch: "0"/"false"/"no"/"off" and "1"/"true"/"yes"/"on" (any case);
+    unset, empty or anything else gives ``default``."""
+    v = os.environ.get(name, "").strip().lower()
+    if v in ("0", "false", "no", "off"):
+        return False
+    if v in ("1", "true", "yes", "on"):
+        return True
+    return default
+
+
 # Pure-Python launch arithmetic: triton.cdiv / triton.next_power_of_2 are constexpr functions in
 # recent Triton and cost microseconds per host call, which adds up on every launch.
 def cdiv(a: int, b: int) -> int:

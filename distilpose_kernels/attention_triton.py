@@ -17,21 +17,20 @@ All matmuls accumulate in float32.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, next_pow2
+from ._utils import cdiv, env_switch, next_pow2, triton_interpret
 
 _LOG2E = 1.4426950408889634
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+_INTERPRET = triton_interpret()
 #: Set DISTILPOSE_ATTN_AUTOTUNE=0 to use the fixed heuristic block sizes on GPU too.
 #: (Tests flip ``AUTOTUNE`` at run time; the autotuners exist whenever the kernels are compiled.)
-AUTOTUNE = (not _INTERPRET) and os.environ.get("DISTILPOSE_ATTN_AUTOTUNE", "1").strip() not in ("0", "false", "no", "off")
+AUTOTUNE = (not _INTERPRET) and env_switch("DISTILPOSE_ATTN_AUTOTUNE", True)
 
 
 def _new_output(shape, device, dtype) -> torch.Tensor:

@@ -22,7 +22,6 @@ All accumulation is fp32 whatever the storage dtype. Offsets into the (N, K, H, 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from typing import Callable, NamedTuple, Optional
 
@@ -30,16 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, next_pow2
+from ._utils import cdiv, env_switch, next_pow2, triton_interpret
 
 # Rows of the (8, N, K) fp32 statistics buffer of the loss.
 ST_S, ST_DCX, ST_DCY, ST_DSX, ST_DSY, ST_WREG, ST_ERR, ST_WSCORE = range(8)
 NUM_STATS = 8
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+_INTERPRET = triton_interpret()
 #: Set DISTILPOSE_HEATMAP_AUTOTUNE=0 to use the fixed heuristic tile of the loss forward on GPU too.
-AUTOTUNE = (not _INTERPRET) and os.environ.get("DISTILPOSE_HEATMAP_AUTOTUNE", "1").strip().lower() not in (
-    "0", "false", "no", "off")
+AUTOTUNE = (not _INTERPRET) and env_switch("DISTILPOSE_HEATMAP_AUTOTUNE", True)
 #: Tests set a LossTile here to run the loss forward with it.
 TILE_OVERRIDE: Optional["LossTile"] = None
 #: tuned loss-forward tile per (H, W, teacher dtype, pow2 bucket of N*K, device index)

@@ -90,3 +90,16 @@ def test_fast_loss_check_accepts_the_common_case():
     a = _loss_args()
     a[3] = a[3].half()
     assert hm._loss_inputs_ok(*a)
+
+
+@pytest.mark.parametrize("value, default, want", [
+    (None, True, True), (None, False, False), ("", True, True), ("0", True, False), (" OFF ", True, False),
+    ("no", True, False), ("false", True, False), ("1", False, True), ("Yes", False, True), ("on", False, True),
+    ("maybe", True, True), ("maybe", False, False),
+])
+def test_env_switch(monkeypatch, value, default, want):
+    if value is None:
+        monkeypatch.delenv("DP_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("DP_TEST_SWITCH", value)
+    assert _utils.env_switch("DP_TEST_SWITCH", default) is want
