@@ -43,12 +43,12 @@ def _maps(n: int, device: str, positive: bool = False) -> torch.Tensor:
 def _skip_unless(impl: str, device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    if impl == "extension" and not _ext.available(device):
+    if impl.startswith("extension") and not _ext.available(device):
         pytest.skip(f"extension not built for {device}: {_ext.load().error or 'built without CUDA'}")
 
 
 def _backend(impl: str, device: str) -> str:
-    return ("cpp" if device == "cpu" else "cuda") if impl == "extension" else "reference"
+    return ("cpp" if device == "cpu" else "cuda") if impl.startswith("extension") else "reference"
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,9 +69,14 @@ def _bench(benchmark, fn, device, nbytes, **extra):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ("extension_vec",))
 @pytest.mark.parametrize("n", N_VALUES)
-def test_soft_argmax_forward(benchmark, device, impl, n):
+def test_soft_argmax_forward(benchmark, monkeypatch, device, impl, n):
+    """``extension_vec``: the vectorised CUDA forward (DISTILPOSE_SOFTARGMAX_VEC=1, opt-in)."""
+    if impl == "extension_vec":
+        if device != "cuda":
+            pytest.skip("the vectorised kernel is CUDA only")
+        monkeypatch.setenv(VEC_ENV, "1")
     _skip_unless(impl, device)
     benchmark.group = f"soft_argmax fwd {device} N={n}"
     x = _maps(n, device)
@@ -81,22 +86,6 @@ def test_soft_argmax_forward(benchmark, device, impl, n):
     f = _soft_argmax_fn(impl, device)
     out = _bench(benchmark, rotate([functools.partial(f, xi) for xi in xs]), device, nbytes,
                  op="soft_argmax_fwd", impl=impl, n=n, shape=[n, K, H, W], input_copies=len(xs))
-    assert torch.isfinite(out[0]).all()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("n", N_VALUES)
-def test_soft_argmax_forward_vec(benchmark, monkeypatch, n):
-    """The vectorised CUDA forward (DISTILPOSE_SOFTARGMAX_VEC=1, opt-in until measured)."""
-    _skip_unless("extension", "cuda")
-    monkeypatch.setenv(VEC_ENV, "1")
-    benchmark.group = f"soft_argmax fwd cuda N={n}"
-    x = _maps(n, "cuda")
-    nbytes = x.numel() * x.element_size() + n * K * 3 * 4
-    xs = [x] + [x.clone() for _ in range(input_copies(nbytes, "cuda") - 1)]
-    f = _soft_argmax_fn("extension", "cuda")
-    out = _bench(benchmark, rotate([functools.partial(f, xi) for xi in xs]), "cuda", nbytes,
-                 op="soft_argmax_fwd", impl="extension_vec", n=n, shape=[n, K, H, W], input_copies=len(xs))
     assert torch.isfinite(out[0]).all()
 
 

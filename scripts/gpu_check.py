@@ -63,7 +63,7 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
                       "(test_loss_fwd_bwd_gpu and 256 and fp32 and not cudagraph) or (test_targets and unbiased)"),
     # soft-argmax forward N=256 (GB/s) and DARK decode
     "bench-decode": ("bench/bench_decode.py",
-                     "(test_soft_argmax_forward and 256 and (cuda or cudagraph or vec) and not backward) or "
+                     "(test_soft_argmax_forward and 256 and (cuda or cudagraph) and not backward) or "
                      "(test_decode and 256 and cuda and dark and not compile)"),
     # the same attention and loss cases captured in CUDA graphs: device time without per-call
     # overhead (its own stage: a fault during capture cannot take the per-call cases with it)
