@@ -74,6 +74,7 @@ class LossTile(NamedTuple):
     num_warps: int
 
 
+@functools.lru_cache(maxsize=256)
 def default_loss_tile(h: int, w: int) -> LossTile:
     return LossTile(0, *_tile(h, w))
 
