@@ -14,6 +14,9 @@ ends in a sync). Paths compared (``path`` in the test id and ``extra_info["path"
 - ``compile_cudagraph``: compiled, then captured;
 - ``cudagraph_cl`` / ``cudagraph_tf32`` (DistilPose-S, batch 1 fp32): channels-last, or
   TF32 matmuls; TF32 cases are reported but not counted for the fp32 goal;
+- every folded path also fuses each conv's bias, residual add and ReLU into the conv
+  (``InferenceEngine(fuse_epilogues=...)``, on by default with folding, off under compile);
+  ``*_noepi`` is the same path without that, to show what it buys;
 - ``fused_cast`` / ``cudagraph_cast`` (bf16 only): the model stored in bf16 and run without
   autocast (``InferenceEngine(cast_model=True)``): no per-op casts, bf16 LayerNorm storage;
   ``cudagraph_cast_cl`` also channels-last (cuDNN's preferred layout for bf16 convolutions).
@@ -21,8 +24,9 @@ ends in a sync). Paths compared (``path`` in the test id and ``extra_info["path"
 Throughput: batch 256, bf16 autocast (``precision`` in the id). Training: student + frozen
 teacher (distilpose_s + tokenpose_teacher), batch 64, bf16 autocast, Adam step, fused ops vs
 the pure-reference path, images/s and peak memory; ``fused_fastteacher`` also folds the
-frozen teacher's BNs and stores it in bf16 (``Distiller(fold_teacher_bn=True,
-teacher_dtype=torch.bfloat16)``).
+frozen teacher's BNs, fuses its conv epilogues and stores it in bf16 (``Distiller(fold_teacher_bn=True,
+teacher_dtype=torch.bfloat16)``); ``_noepi`` without the epilogue fusion, ``_cl`` with the
+teacher in channels-last (``teacher_channels_last=True``).
 
 Test ids carry ``<preset>-<withflip|noflip>-<path>`` (and ``b<batch>``/``<precision>`` in the
 function name), so ``-k`` selects e.g. ``"e2e and distilpose_s and withflip and cudagraph"``.
@@ -75,8 +79,9 @@ def _engine(model, device, path: str, flip: str, precision: str) -> InferenceEng
         precision=precision,
         flip_test=flip == "withflip",
         fold_bn=path not in ("reference", "cudagraph_nofold"),
+        fuse_epilogues=False if path.endswith("_noepi") else None,
         cast_model="_cast" in path,
-        channels_last=path.endswith("_cl"),
+        channels_last="_cl" in path,
         compile="compile" in path,
         cuda_graph="cudagraph" in path,
         attention_backend="reference" if path == "reference" else None,
@@ -166,7 +171,7 @@ def cuda_device():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "preset,flip,path",
-    _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32")],
+    _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32", "cudagraph_noepi")],
 )
 def test_e2e_infer_b1_fp32(benchmark, monkeypatch, cuda_device, preset, flip, path):
     """The paper's setting: batch 1, fp32, flip test on/off."""
@@ -183,7 +188,8 @@ def test_e2e_infer_b1_bf16(benchmark, monkeypatch, cuda_device, preset, flip, pa
 @pytest.mark.parametrize(
     "preset,flip,path",
     [(p, f, path) for p in GPU_PRESETS for f in ("noflip", "withflip")
-     for path in ("reference", "fused", "compile", "cudagraph", "fused_cast", "cudagraph_cast", "cudagraph_cast_cl")],
+     for path in ("reference", "fused", "compile", "cudagraph", "fused_cast", "cudagraph_cast", "cudagraph_cast_cl",
+                  "cudagraph_cast_cl_noepi")],
 )
 def test_e2e_infer_b256_bf16(benchmark, monkeypatch, cuda_device, preset, flip, path):
     """Throughput: batch 256, bf16 autocast (``*_cast``: bf16 weights, no autocast)."""
@@ -212,10 +218,12 @@ def _bench_train(benchmark, monkeypatch, device, student_preset, teacher_preset,
     cs, ct = _model_gmacs(student), _model_gmacs(teacher)
     # student forward + backward (~3x forward) and teacher forward, per image
     flops = 2e9 * (3 * cs["gmacs_full"] + ct["gmacs_full"]) * batch if cs and ct else None
-    fast_teacher = path == "fused_fastteacher"
+    fast_teacher = path.startswith("fused_fastteacher")
     distiller = Distiller(
         student, teacher, fold_teacher_bn=fast_teacher,
         teacher_dtype=torch.bfloat16 if fast_teacher and precision == "bf16" else None,
+        fuse_teacher_epilogues=not path.endswith("_noepi"),
+        teacher_channels_last=path.endswith("_cl"),
     ).to(device)
     del teacher  # the distiller may hold a folded / cast copy
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
@@ -256,7 +264,8 @@ def _bench_train(benchmark, monkeypatch, device, student_preset, teacher_preset,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["reference", "fused", "fused_fastteacher"])
+@pytest.mark.parametrize("path", ["reference", "fused", "fused_fastteacher", "fused_fastteacher_noepi",
+                                  "fused_fastteacher_cl"])
 def test_e2e_train_distill_b64_bf16(benchmark, monkeypatch, cuda_device, path):
     """Distillation step: DistilPose-S + frozen TokenPose teacher, batch 64, bf16."""
     _bench_train(benchmark, monkeypatch, cuda_device, "distilpose_s", "tokenpose_teacher", 64, "bf16", path)

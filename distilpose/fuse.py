@@ -1,4 +1,4 @@
-"""Conv + BatchNorm folding for inference.
+"""Inference transforms: Conv + BatchNorm folding, and conv epilogue fusion.
 
 An eval-mode BatchNorm after a convolution is an affine map per output channel, so it
 can be folded into the convolution's weight and bias:
@@ -9,17 +9,21 @@ Pairs are found with ``torch.fx`` (a conv whose only user is a BatchNorm), on th
 submodules that trace; the model keeps its own classes and forward code (NVTX ranges
 included): each folded BatchNorm is replaced by ``nn.Identity`` and its conv gets the
 folded weights. The fold is computed in float64 and cast back to the conv's dtype.
+
+After folding, ``fuse_conv_epilogues`` turns each conv whose output only goes through a bias,
+a residual add and a ReLU into a ``distilpose_kernels.ConvReLU2d`` (same parameters), so the
+whole epilogue runs inside the convolution (cuDNN's fused kernel on CUDA where it is faster).
 """
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["fold_conv_bn", "fold_conv_bn_weights", "find_conv_bn_pairs", "fuse_conv_bn_model"]
+__all__ = ["fold_conv_bn", "fold_conv_bn_weights", "find_conv_bn_pairs", "fuse_conv_bn_model", "fuse_conv_epilogues"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -144,4 +148,63 @@ def fuse_conv_bn_model(model: nn.Module, inplace: bool = False) -> nn.Module:
         _fold_into(model.get_submodule(conv_name), model.get_submodule(bn_name))
         _set_submodule(model, bn_name, nn.Identity())
     model._distilpose_folded_bn = len(pairs)  # type: ignore[attr-defined]
+    return model
+
+
+def _fusable_conv(m: nn.Module) -> bool:
+    from distilpose_kernels import ConvReLU2d
+
+    return (type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+            and not isinstance(m, ConvReLU2d))
+
+
+def fuse_conv_epilogues(model: nn.Module, inplace: bool = False, backend: Optional[str] = None) -> nn.Module:
+    """Fuse bias + residual add + ReLU into the convs of an eval-mode model with folded BNs.
+
+    Handled: ``Bottleneck`` / ``BasicBlock`` (conv1/conv2 with ReLU, the last conv with the
+    residual add and ReLU), the ``StemNet`` / ``HRNet`` stem convs, and every ``nn.Sequential``
+    run of Conv2d -> (Identity)* -> ReLU (HRNet transitions and fusion downsamplers). A block
+    whose BatchNorms are not folded (``fuse_conv_bn_model`` first) is left as it is.
+    Returns the model (a deep copy unless ``inplace``); the number of fused convs is stored as
+    ``model._distilpose_fused_epilogues``. ``backend``: for every ``ConvReLU2d`` (None = auto).
+    For inference: the fused convs have no BatchNorm to train.
+    """
+    from distilpose_kernels import ConvReLU2d
+
+    from .models.backbones.hrnet import HRNet
+    from .models.backbones.resnet_blocks import BasicBlock, Bottleneck
+    from .models.backbones.stemnet import StemNet
+
+    if model.training:
+        raise RuntimeError("model: epilogue fusion needs eval mode (call model.eval() first)")
+    if not inplace:
+        model = copy.deepcopy(model)
+    plans = {Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+             BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+             StemNet: (("conv1", "bn1"), ("conv2", "bn2")),
+             HRNet: (("conv1", "bn1"), ("conv2", "bn2"))}
+    count = 0
+    for mod in list(model.modules()):
+        plan = plans.get(type(mod))
+        if plan is not None:
+            if getattr(mod, "fused_epilogue", False):
+                continue
+            if all(isinstance(getattr(mod, bn), nn.Identity) and _fusable_conv(getattr(mod, conv)) for conv, bn in plan):
+                for conv, _ in plan:
+                    setattr(mod, conv, ConvReLU2d.from_conv(getattr(mod, conv), backend=backend))
+                mod.fused_epilogue = True
+                count += len(plan)
+        elif type(mod) is nn.Sequential:
+            kids = list(mod)
+            for i, m in enumerate(kids):
+                if not _fusable_conv(m):
+                    continue
+                j = i + 1
+                while j < len(kids) and type(kids[j]) is nn.Identity:
+                    j += 1
+                if j < len(kids) and type(kids[j]) is nn.ReLU:
+                    mod[i] = ConvReLU2d.from_conv(m, backend=backend)
+                    mod[j] = nn.Identity()
+                    count += 1
+    model._distilpose_fused_epilogues = getattr(model, "_distilpose_fused_epilogues", 0) + count  # type: ignore[attr-defined]
     return model

@@ -1,4 +1,5 @@
-"""distilpose_kernels: fused ops for pose estimation (token attention, simulated heatmaps, decoding).
+"""distilpose_kernels: fused ops for pose estimation (token attention, simulated heatmaps, decoding,
+convolution epilogues).
 
 Importing this package never imports Triton, never queries a GPU and never loads the
 compiled extension: every public op is resolved lazily on first attribute access.
@@ -38,6 +39,9 @@ _LAZY = {
     "decode_heatmaps_reference": "decode",
     "flip_heatmaps": "decode",
     "SoftArgmax": "decode",
+    "conv2d_relu": "conv_epilogue",
+    "conv2d_relu_reference": "conv_epilogue",
+    "ConvReLU2d": "conv_epilogue",
     "info": "info",
     "annotate": "_utils",
     "force_reference": "_utils",

@@ -46,6 +46,24 @@ def _extension_dispatch(device: str) -> tuple[str, str]:
     return "reference", "extension built without CUDA (rebuild with FORCE_CUDA=1 on a CUDA machine)"
 
 
+def _conv_epilogue_dispatch(device: str) -> tuple[str, str]:
+    from .conv_epilogue import AUTOTUNE_ENV, CUDNN_DTYPES  # no GPU query, no Triton
+
+    if force_reference():
+        return "reference", f"{FORCE_REFERENCE_ENV}=1"
+    if device != "cuda":
+        return "reference", "CPU tensors (F.conv2d + add + ReLU, in place without autograd)"
+    if not torch.backends.cudnn.is_available() or not torch.backends.cudnn.enabled:
+        return "reference", "cuDNN is not available or torch.backends.cudnn.enabled is False"
+    dts = "/".join(str(d).replace("torch.", "") for d in CUDNN_DTYPES)
+    from . import conv_epilogue
+
+    if not conv_epilogue.AUTOTUNE:
+        return "cudnn", f"fused cuDNN conv+bias(+add)+ReLU for {dts}, untimed ({AUTOTUNE_ENV}=0)"
+    return "cudnn|reference", (f"fused cuDNN conv+bias(+add)+ReLU for {dts} where timed faster and equal "
+                               "(once per shape, outside CUDA-graph capture)")
+
+
 def _triton_dispatch(op: str, device: str) -> tuple[str, str]:
     probe = torch.empty(0, device=device)
     backend = select_triton_backend(op, [probe], None)
@@ -67,6 +85,7 @@ def _triton_dispatch(op: str, device: str) -> tuple[str, str]:
 SWITCHES = (
     ("DISTILPOSE_ATTN_AUTOTUNE", "1", "autotune the attention kernels' blocks on the GPU"),
     ("DISTILPOSE_HEATMAP_AUTOTUNE", "1", "time the loss forward's launch shapes on the GPU"),
+    ("DISTILPOSE_CONV_EPILOGUE_AUTOTUNE", "1", "time cuDNN's fused conv epilogue against the unfused ops on the GPU"),
     ("DISTILPOSE_SOFTARGMAX_VEC", "0", "vectorised CUDA soft-argmax forward (opt-in, not yet run on a GPU)"),
     ("DISTILPOSE_NVTX", "0", "NVTX ranges around ops and model stages (read at import)"),
 )
@@ -113,6 +132,7 @@ def info(verbose: bool = False) -> dict[str, Any]:
         table["flip_heatmaps"] = {"backend": "pytorch", "why": "indexing only (no kernel needed)"}
         for op in TRITON_OPS:
             table[op] = dict(zip(("backend", "why"), _triton_dispatch(op, dev)))
+        table["conv2d_relu"] = dict(zip(("backend", "why"), _conv_epilogue_dispatch(dev)))
         report["dispatch"][dev] = table
     if verbose:
         print(format_info(report))

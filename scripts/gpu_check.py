@@ -75,6 +75,8 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
                   "(test_e2e_infer_b1_fp32 and distilpose_s and not compile) or "
                   "(test_e2e_infer_b256_bf16 and distilpose_s and noflip and not compile) or "
                   "test_e2e_train_distill"),
+    # fused conv epilogue (conv + bias [+ residual] + ReLU) at DistilPose-S's Bottleneck shapes
+    "bench-conv": ("bench/bench_conv.py", "test_conv2d_relu_gpu and not compile"),
     # lower priority: torch.compile variants of the S batch-1 case (compiles take a while)
     "bench-e2e-compile": ("bench/bench_e2e.py",
                           "test_e2e_infer_b1_fp32 and distilpose_s and withflip and compile"),
@@ -536,6 +538,8 @@ STAGES: List[Stage] = [
           run=stage_sanitizer),
     Stage("bench-e2e", "S batch-1 fp32 flip/no flip; S batch-256 bf16; distillation step", 150, 45,
           run=make_bench_stage("bench-e2e")),
+    Stage("bench-conv", "fused conv epilogue vs unfused at the Bottleneck's shapes (b256 bf16, b2 fp32)", 40, 10,
+          run=make_bench_stage("bench-conv")),
     Stage("bench-e2e-compile", "S batch-1 flip fp32 with torch.compile (+ CUDA graph)", 120, 20,
           run=make_bench_stage("bench-e2e-compile")),
     Stage("tests-rest", "the rest of the suite on the GPU machine (pytest tests -m 'not gpu')", 150, 20,
@@ -749,11 +753,30 @@ def evaluate_goals(benchmarks: List[dict], ceilings: Dict[str, float]) -> List[D
     if fused and ref:
         sp = _median(ref) / _median(fused)
         mem = _info(fused, "peak_mem_mb"), _info(ref, "peak_mem_mb")
+        others = ", ".join(f"{_info(b, 'path')} {64 / _median(b):.0f}" for b in sorted(tr, key=_median)
+                           if b is not fused and b is not ref)
         row("distillation step b64 bf16 vs reference", ">= 1.5x",
             f"{sp:.2f}x via {_info(fused, 'path')} ({64 / _median(fused):.0f} vs {64 / _median(ref):.0f} img/s; peak "
-            f"{(mem[0] or 0) / 1024:.1f} vs {(mem[1] or 0) / 1024:.1f} GiB)", sp >= 1.5, floor=floor_of(fused, "bf16_tflops"))
+            f"{(mem[0] or 0) / 1024:.1f} vs {(mem[1] or 0) / 1024:.1f} GiB)" + (f" (others: {others})" if others else ""),
+            sp >= 1.5, floor=floor_of(fused, "bf16_tflops"))
     else:
         row("distillation step b64 bf16 vs reference", ">= 1.5x", "-", None)
+    # --- fused conv epilogue (info: the building block behind the backbone paths above)
+    conv = [b for b in benchmarks if "test_conv2d_relu_gpu" in b["_file"]]
+    for case in ("b1x1res", "b3x3"):
+        for setting in ("b256_bf16_cl", "b2_fp32"):
+            cs = select(conv, case=case, setting=setting)
+            unf = _fastest(select(cs, impl="unfused"))
+            if not unf:
+                continue
+            parts = []
+            for impl in ("cudnn", "auto", "compile"):
+                b = _fastest(select(cs, impl=impl))
+                if b:
+                    g = (_info(b, "bytes") or 0) / _median(b) / 1e9
+                    parts.append(f"{impl} {_median(unf) / _median(b):.2f}x ({_fmt_t(_median(b))}, {g:.0f} GB/s)")
+            row(f"conv epilogue {case} {setting} vs unfused", "(report)",
+                f"unfused {_fmt_t(_median(unf))}; " + "; ".join(parts), "info")
     return rows
 
 

@@ -365,10 +365,18 @@ def test_gpu_check_goal_table_from_results():
                     mode="fwdbwd"),
         # another suite in the same file with the same fields must not be taken for attention
         _fake_bench("p[fused-64-bf16-fwdbwd]", 1e-5, impl="fused", batch=64, dtype="bf16", mode="fwdbwd"),
+        # the fused conv epilogue (info rows)
+        _fake_bench("c[b1x1res-b256_bf16_cl-unfused]", 2.0e-3, impl="unfused", case="b1x1res", setting="b256_bf16_cl",
+                    bytes=4e9),
+        _fake_bench("c[b1x1res-b256_bf16_cl-cudnn]", 1.0e-3, impl="cudnn", case="b1x1res", setting="b256_bf16_cl",
+                    bytes=4e9),
+        _fake_bench("c[b1x1res-b256_bf16_cl-auto]", 1.1e-3, impl="auto", case="b1x1res", setting="b256_bf16_cl",
+                    bytes=4e9),
     ]
     for b in benches:
         suite = {"a": "attention-x.json bench/bench_attention.py::test_token_attention_gpu",
-                 "p": "attention-x.json bench/bench_attention.py::test_add_pos_layernorm_gpu"}
+                 "p": "attention-x.json bench/bench_attention.py::test_add_pos_layernorm_gpu",
+                 "c": "conv-x.json bench/bench_conv.py::test_conv2d_relu_gpu"}
         b["_file"] = suite.get(b["name"][0], "e2e-x.json")
     rows = {r["goal"]: r for r in gc.evaluate_goals(benches, {"fp32_tflops": 50.0, "copy_gbps": 3000.0})}
     att = rows["attention B=64 bf16 fwd+bwd vs best SDPA (per call)"]
@@ -381,13 +389,16 @@ def test_gpu_check_goal_table_from_results():
     assert "cudagraph_tf32 4000" in e2e["measured"]
     assert rows["distillation step b64 bf16 vs reference"]["status"] == "NOT RUN"
     assert rows["soft-argmax N=256 fwd bandwidth (per call)"]["status"] == "NOT RUN"
+    conv = rows["conv epilogue b1x1res b256_bf16_cl vs unfused"]
+    assert conv["status"] == "info" and "cudnn 2.00x (1.000 ms, 4000 GB/s)" in conv["measured"]
+    assert "auto 1.82x" in conv["measured"] and "conv epilogue b3x3 b256_bf16_cl vs unfused" not in rows
 
 
 def test_gpu_check_dry_run_and_selections(capsys):
     gc = _load_script("gpu_check")
     assert gc.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    for stage in ("build", "tests-triton", "tests-ext", "sanitizer", "bench-e2e", "tests-rest"):
+    for stage in ("build", "tests-triton", "tests-ext", "sanitizer", "bench-e2e", "bench-conv", "tests-rest"):
         assert stage in out
     assert gc.parse_pytest_summary("== 3 passed, 1 failed, 2 skipped in 4.5s ==") == {"passed": 3, "failed": 1, "skipped": 2}
 

@@ -110,13 +110,15 @@ def cases(dev: torch.device) -> List[tuple]:
     from distilpose.runtime import InferenceEngine
 
     model = build_model("distilpose_s").eval()
-    for batch, prec, flip, kw in ((256, "bf16", False, {}), (256, "bf16", False, {"channels_last": True}),
-                                  (256, "bf16", False, {"cast_model": True}), (1, "fp32", True, {"cuda_graph": True})):
+    cast_cl = {"cast_model": True, "channels_last": True}
+    for batch, prec, flip, kw in ((256, "bf16", False, {}), (256, "bf16", False, {"cast_model": True}),
+                                  (256, "bf16", False, cast_cl), (256, "bf16", False, {**cast_cl, "fuse_epilogues": False}),
+                                  (1, "fp32", True, {"cuda_graph": True})):
         eng = InferenceEngine(model, device=dev, precision=prec, flip_test=flip, fold_bn=True, clone_outputs=False, **kw)
         crops = torch.randn(batch, 3, 256, 192, generator=g).to(dev)
         center = torch.full((batch, 2), 200.0, device=dev)
         scale = torch.full((batch, 2), 150.0, device=dev)
-        tag = " ".join(f"{k}" for k in kw) or "eager"
+        tag = " ".join(k if v is True else f"{k}={v}" for k, v in kw.items()) or "eager"
         out.append((f"e2e S b{batch} {prec} {'flip' if flip else 'noflip'} {tag}",
                     (lambda e=eng, c=crops, ce=center, sc=scale: e(c, ce, sc)), None))
     return out

@@ -38,9 +38,12 @@ class Distiller(nn.Module):
 
     Frozen-teacher speed-ups (the teacher's forward is most of a distillation step):
     ``fold_teacher_bn`` folds its conv+BN pairs (exact up to rounding: the teacher is in eval
-    mode); ``teacher_dtype`` (torch.bfloat16 / torch.float16) stores it in that dtype and runs
-    it on inputs cast to it, outside autocast (no per-op casts each step). Either one works on
-    a copy: the caller's teacher is never modified.
+    mode), and then, unless ``fuse_teacher_epilogues`` is False, fuses each conv's bias, residual
+    add and ReLU into the conv (``distilpose.fuse.fuse_conv_epilogues``); ``teacher_dtype`` (torch.bfloat16 / torch.float16) stores it in that dtype and runs
+    it on inputs cast to it, outside autocast (no per-op casts each step);
+    ``teacher_channels_last`` stores its conv weights channels-last (cuDNN's preferred layout
+    for 16-bit convolutions; activations follow the weights). Each works on a copy: the
+    caller's teacher is never modified.
     """
 
     def __init__(
@@ -53,6 +56,8 @@ class Distiller(nn.Module):
         loss_backend: Optional[str] = None,
         fold_teacher_bn: bool = False,
         teacher_dtype: Optional[torch.dtype] = None,
+        fuse_teacher_epilogues: bool = True,
+        teacher_channels_last: bool = False,
     ):
         super().__init__()
         if getattr(student, "kind", None) != "student":
@@ -74,6 +79,8 @@ class Distiller(nn.Module):
             raise ValueError(f"teacher_dtype: expected None, torch.float32, torch.bfloat16 or torch.float16, got {teacher_dtype!r}")
         self.fold_teacher_bn = bool(fold_teacher_bn)
         self.teacher_dtype = teacher_dtype
+        self.fuse_teacher_epilogues = bool(fuse_teacher_epilogues)
+        self.teacher_channels_last = bool(teacher_channels_last)
         self.set_teacher(teacher)
 
     # -- teacher handling: outside the module tree, frozen, eval mode
@@ -81,17 +88,21 @@ class Distiller(nn.Module):
         if teacher is not None:
             if teacher.num_keypoints != self.student.num_keypoints:
                 raise ValueError("teacher: keypoint count differs from the student's")
-            if self.fold_teacher_bn or self.teacher_dtype is not None:
+            if self.fold_teacher_bn or self.teacher_dtype is not None or self.teacher_channels_last:
                 teacher = copy.deepcopy(teacher)
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
             if self.fold_teacher_bn:
-                from ..fuse import fuse_conv_bn_model
+                from ..fuse import fuse_conv_bn_model, fuse_conv_epilogues
 
                 teacher = fuse_conv_bn_model(teacher, inplace=True)
+                if self.fuse_teacher_epilogues:
+                    teacher = fuse_conv_epilogues(teacher, inplace=True)
             if self.teacher_dtype is not None:
                 teacher.to(self.teacher_dtype)
+            if self.teacher_channels_last:
+                teacher.to(memory_format=torch.channels_last)
         self.__dict__["_teacher"] = teacher  # bypass nn.Module registration on purpose
 
     @property
@@ -110,6 +121,8 @@ class Distiller(nn.Module):
             self.teacher._apply(fn, *args, **kwargs)
             if self.teacher_dtype is not None:  # e.g. distiller.float(): the teacher keeps its dtype
                 self.teacher.to(self.teacher_dtype)
+            if self.teacher_channels_last:  # and its layout
+                self.teacher.to(memory_format=torch.channels_last)
         return self
 
     def active_weights(self) -> Dict[str, float]:

@@ -36,10 +36,14 @@ class TeacherConfig:
     preset: Optional[str] = "tokenpose_teacher"  # None: no teacher (plain regression baseline)
     checkpoint: Optional[str] = None
     overrides: Dict[str, Any] = field(default_factory=dict)
-    # frozen-teacher speed-ups (Distiller): fold its conv+BN pairs; store and run it in
-    # "bf16"/"fp16" without autocast (None: as loaded, under the run's autocast)
+    # frozen-teacher speed-ups (Distiller): fold its conv+BN pairs (and then fuse each conv's
+    # bias, residual add and ReLU into the conv unless fuse_epilogues is false); store and run
+    # it in "bf16"/"fp16" without autocast (None: as loaded, under the run's autocast); keep
+    # its conv weights channels-last
     fold_bn: bool = False
     dtype: Optional[str] = None
+    fuse_epilogues: bool = True
+    channels_last: bool = False
 
 
 @dataclass

@@ -90,7 +90,10 @@ class HRNet(nn.Module):
     ``stages`` lists the config of stages 2.. (stage 1 is the 4-Bottleneck layer1):
     each a dict(num_modules, num_blocks, num_channels, block="BASIC"). The last module
     of the last stage fuses to the first branch only (mmpose ``multiscale_output=False``).
+    ``fused_epilogue``: see :mod:`.resnet_blocks` (set by ``fuse_conv_epilogues``).
     """
+
+    fused_epilogue = False
 
     def __init__(
         self,
@@ -149,8 +152,11 @@ class HRNet(nn.Module):
 
     @annotate("distilpose.backbone")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
+        if self.fused_epilogue:
+            x = self.conv2(self.conv1(x))
+        else:
+            x = self.relu(self.bn1(self.conv1(x)))
+            x = self.relu(self.bn2(self.conv2(x)))
         ys = [self.layer1(x)]
         for s in range(self.num_stages):
             transition = getattr(self, f"transition{s + 1}")

@@ -1,4 +1,9 @@
-"""ResNet blocks with mmcv/mmpose key names (conv1, bn1, ..., downsample.{0,1})."""
+"""ResNet blocks with mmcv/mmpose key names (conv1, bn1, ..., downsample.{0,1}).
+
+``fused_epilogue`` (False by default) is set by ``distilpose.fuse.fuse_conv_epilogues`` on an
+inference copy whose BatchNorms were folded: its convs are then ``ConvReLU2d`` and each
+conv's bias, residual add and ReLU run inside the conv (same parameters, same outputs).
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -15,6 +20,7 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 class BasicBlock(nn.Module):
     expansion = 1
+    fused_epilogue = False
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
         super().__init__()
@@ -27,6 +33,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
+        if self.fused_epilogue:
+            return self.conv2(self.conv1(x), identity)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
@@ -34,6 +42,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     expansion = 4
+    fused_epilogue = False
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
         super().__init__()
@@ -48,6 +57,8 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
+        if self.fused_epilogue:
+            return self.conv3(self.conv2(self.conv1(x)), identity)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))

@@ -10,7 +10,11 @@ from .resnet_blocks import BN_MOMENTUM, Bottleneck, conv3x3, make_layer
 
 
 class StemNet(nn.Module):
-    """(N, 3, H, W) -> (N, 256, H/4, W/4). 325,056 parameters at the default width."""
+    """(N, 3, H, W) -> (N, 256, H/4, W/4). 325,056 parameters at the default width.
+
+    ``fused_epilogue``: see :mod:`.resnet_blocks` (set by ``fuse_conv_epilogues``)."""
+
+    fused_epilogue = False
 
     def __init__(self, in_channels: int = 3, stem_channels: int = 64, num_blocks: int = 4):
         super().__init__()
@@ -25,6 +29,8 @@ class StemNet(nn.Module):
 
     @annotate("distilpose.backbone")
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_epilogue:
+            return self.layer1(self.conv2(self.conv1(x)))
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         return self.layer1(x)

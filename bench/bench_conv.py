@@ -1,0 +1,98 @@
+"""Fused conv epilogue benchmarks: ``conv2d_relu`` (conv + bias [+ residual] + ReLU) at the
+DistilPose-S backbone's shapes.
+
+Cases (``case`` in the id): ``b1x1res`` the Bottleneck's last conv (64 -> 256, 1x1, 64 x 48,
+with the residual add), ``b3x3`` its middle conv (64 -> 64, 3x3); batch 256 bf16 channels-last
+(the throughput setting) and batch 2 fp32 NCHW (the batch-1 flip-test setting).
+Impls: ``unfused`` (eager F.conv2d + add + ReLU, what the model runs without the fusion),
+``cudnn`` (the fused cuDNN op), ``auto`` (what the model runs: the timed choice), ``compile``
+(torch.compile of the unfused ops: Inductor's own epilogue kernel), and on CPU ``unfused`` vs
+``op`` (the public op, which runs the reference there).
+Bytes (for "gbps") = the unavoidable traffic: input, weight and residual read once, output
+written once.
+
+    pytest bench/bench_conv.py --benchmark-only --benchmark-json bench/results/conv-<device>.json
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distilpose_kernels as dk
+
+from benchutils import run_benchmark
+
+# name -> (Cin, Cout, k, residual)
+CASES = {"b1x1res": (64, 256, 1, True), "b3x3": (64, 64, 3, False)}
+SETTINGS = {"b256_bf16_cl": (256, torch.bfloat16, True), "b2_fp32": (2, torch.float32, False)}
+
+
+def _inputs(case: str, n: int, dtype: torch.dtype, channels_last: bool, device: str):
+    cin, cout, k, residual = CASES[case]
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(n, cin, 64, 48, generator=g, device=device).to(dtype)
+    w = (torch.randn(cout, cin, k, k, generator=g, device=device) / (cin * k * k) ** 0.5).to(dtype)
+    b = torch.randn(cout, generator=g, device=device).to(dtype)
+    r = torch.randn(n, cout, 64, 48, generator=g, device=device).to(dtype) if residual else None
+    if channels_last:
+        x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
+        r = r.contiguous(memory_format=torch.channels_last) if r is not None else None
+    nbytes = sum(t.numel() * t.element_size() for t in (x, w, b, r) if t is not None)
+    nbytes += n * cout * 64 * 48 * x.element_size()
+    flops = 2.0 * n * cout * 64 * 48 * cin * k * k
+    return (x, w, b, r, k // 2), nbytes, flops
+
+
+def _unfused(x, w, b, r, pad):
+    out = F.conv2d(x, w, b, 1, pad)
+    if r is not None:
+        out = out + r
+    return torch.relu(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled():
+    return torch.compile(_unfused, dynamic=False)
+
+
+def _fn(impl: str, args):
+    x, w, b, r, pad = args
+    if impl == "unfused":
+        return lambda: _unfused(x, w, b, r, pad)
+    if impl == "compile":
+        return lambda: _compiled()(x, w, b, r, pad)
+    backend = {"cudnn": "cudnn", "auto": None, "op": None}[impl]
+    return lambda: dk.conv2d_relu(x, w, b, r, padding=pad, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["unfused", "cudnn", "auto", "compile"])
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_conv2d_relu_gpu(benchmark, case, setting, impl):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.backends.cudnn.benchmark = True
+    n, dtype, cl = SETTINGS[setting]
+    args, nbytes, flops = _inputs(case, n, dtype, cl, "cuda")
+    benchmark.group = f"conv2d_relu {case} {setting}"
+    with torch.inference_mode():
+        fn = _fn(impl, args)
+        out = run_benchmark(benchmark, fn, device="cuda", flops=flops, bytes_moved=nbytes, op="conv2d_relu",
+                            impl=impl, case=case, setting=setting, batch=n, dtype=str(dtype).replace("torch.", ""),
+                            channels_last=cl)
+    assert torch.isfinite(out).all() and (out >= 0).all()
+
+
+@pytest.mark.parametrize("impl", ["unfused", "op"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_conv2d_relu_cpu(benchmark, case, impl):
+    args, nbytes, flops = _inputs(case, 2, torch.float32, False, "cpu")
+    benchmark.group = f"conv2d_relu {case} cpu b2 fp32"
+    with torch.inference_mode():
+        out = run_benchmark(benchmark, _fn(impl, args), device="cpu", flops=flops, bytes_moved=nbytes,
+                            op="conv2d_relu", impl=impl, case=case, batch=2, dtype="float32")
+    assert torch.isfinite(out).all() and (out >= 0).all()

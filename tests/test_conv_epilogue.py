@@ -1,0 +1,460 @@
+"""conv2d_relu (conv + bias + residual + ReLU), ConvReLU2d, the "auto" choice, and the model pass
+that fuses the epilogues of an inference model (``distilpose.fuse.fuse_conv_epilogues``)."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import distilpose_kernels as dk
+from distilpose_kernels import conv_epilogue as ce
+
+# (N, Cin, H, W, Cout, k, stride, padding, dilation, groups)
+SHAPES = [
+    (1, 3, 13, 9, 5, 3, 2, 1, 1, 1),       # odd sizes, batch 1, stride 2 (the stem's first conv)
+    (2, 8, 16, 12, 8, 3, 1, 1, 1, 1),      # 3x3 same-size (a block's middle conv)
+    (3, 16, 7, 5, 32, 1, 1, 0, 1, 1),      # 1x1 expansion (a Bottleneck's last conv)
+    (2, 6, 11, 10, 9, 3, 1, 2, 2, 3),      # dilation and groups
+    (2, 4, 9, 9, 4, (3, 1), (2, 1), (1, 0), 1, 1),  # non-square kernel / stride / padding
+]
+
+
+def _make(shape, dtype=torch.float32, bias=True, residual=True, channels_last=False, seed=0, device="cpu"):
+    """(inputs in ``dtype``, the same in float64, conv kwargs); all on ``device``."""
+    n, cin, h, w, cout, k, stride, padding, dilation, groups = shape
+    g = torch.Generator(device).manual_seed(seed)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    f64 = dict(generator=g, dtype=torch.float64, device=device)
+    x = torch.randn(n, cin, h, w, **f64)
+    wt = torch.randn(cout, cin // groups, kh, kw, **f64) / (cin // groups * kh * kw) ** 0.5
+    b = torch.randn(cout, **f64) * 0.3 if bias else None
+    out64 = F.conv2d(x, wt, b, stride, padding, dilation, groups)
+    r = torch.randn(out64.shape, **f64) if residual else None
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    conv = [t.to(dtype) if t is not None else None for t in (x, wt, b, r)]
+    if channels_last:
+        conv[0] = conv[0].contiguous(memory_format=torch.channels_last)
+    return conv, (x, wt, b, r), args
+
+
+def _expected64(x, wt, b, r, args):
+    out = F.conv2d(x, wt, b, args["stride"], args["padding"], args["dilation"], args["groups"])
+    return torch.relu(out + r if r is not None else out)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias,residual", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_conv2d_relu_matches_float64(shape, bias, residual, channels_last):
+    (x, w, b, r), ref_in, args = _make(shape, bias=bias, residual=residual, channels_last=channels_last)
+    got = dk.conv2d_relu(x, w, b, r, **args)
+    want = _expected64(*ref_in, args)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert (got > 0).any() and (got == 0).any()  # the ReLU actually clipped something, and not everything
+
+
+def test_custom_op_matches_and_has_the_fake_layout():
+    (x, w, b, r), ref_in, args = _make(SHAPES[1], channels_last=True)
+    st, pad, dil = ([v, v] for v in (args["stride"], args["padding"], args["dilation"]))
+    got = torch.ops.distilpose.conv2d_relu(x, w, b, r, st, pad, dil, args["groups"], "reference")
+    torch.testing.assert_close(got.double(), _expected64(*ref_in, args), rtol=1e-5, atol=1e-5)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]], ids=str)
+def test_custom_op_gradcheck_float64(shape):
+    (x, w, b, r), _, args = _make(shape, dtype=torch.float64)
+    st, pad, dil = ([v, v] if isinstance(v, int) else list(v) for v in (args["stride"], args["padding"], args["dilation"]))
+    inputs = tuple(t.clone().requires_grad_(True) for t in (x, w, b, r))
+
+    def f(x, w, b, r):
+        return torch.ops.distilpose.conv2d_relu(x, w, b, r, st, pad, dil, args["groups"], "reference")
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias,residual", [(True, True), (False, False)])
+def test_custom_op_gradients_equal_the_reference_autograd(bias, residual):
+    (x, w, b, r), _, args = _make(SHAPES[2], bias=bias, residual=residual)
+    st, pad, dil = ([v, v] for v in (args["stride"], args["padding"], args["dilation"]))
+    leaves = [t for t in (x, w, b, r) if t is not None]
+    a = [t.clone().requires_grad_(True) for t in leaves]
+    c = [t.clone().requires_grad_(True) for t in leaves]
+
+    def fill(ts):
+        it = iter(ts)
+        return [next(it) if t is not None else None for t in (x, w, b, r)]
+
+    gout = torch.randn(_expected64(*[t.double() if t is not None else None for t in (x, w, b, r)], args).shape)
+    torch.ops.distilpose.conv2d_relu(*fill(a), st, pad, dil, args["groups"], "reference").backward(gout)
+    dk.conv2d_relu_reference(*fill(c), **args).backward(gout)
+    for ga, gc in zip(a, c):
+        torch.testing.assert_close(ga.grad, gc.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_public_op_tracks_gradients_on_the_reference_path():
+    (x, w, b, r), _, args = _make(SHAPES[1])
+    w.requires_grad_(True)
+    dk.conv2d_relu(x, w, b, r, **args).sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias,residual", [(True, True), (False, False)])
+def test_opcheck(bias, residual, channels_last):
+    (x, w, b, r), _, args = _make(SHAPES[1], bias=bias, residual=residual, channels_last=channels_last)
+    x.requires_grad_(True)
+    torch.library.opcheck(torch.ops.distilpose.conv2d_relu.default, (x, w, b, r, [1, 1], [1, 1], [1, 1], 1, "reference"))
+
+
+def test_compiles_without_graph_break():
+    (x, w, b, r), ref_in, args = _make(SHAPES[1])
+
+    def f(x, w, b, r):
+        return torch.ops.distilpose.conv2d_relu(x, w, b, r, [1, 1], [1, 1], [1, 1], 1, "auto") * 2.0
+
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w, b, r)
+    torch.testing.assert_close(got.double(), 2.0 * _expected64(*ref_in, args), rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_casts_every_input_like_conv2d():
+    (x, w, b, r), _, args = _make(SHAPES[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = dk.conv2d_relu(x, w, b, r, **args)
+    want = dk.conv2d_relu_reference(*(t.bfloat16() for t in (x, w, b, r)), **args)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+
+
+def test_nan_propagates_on_the_reference_path():
+    (x, w, b, r), _, args = _make(SHAPES[2])
+    x[0, :, 3, 2] = float("nan")
+    got = dk.conv2d_relu(x, w, b, r, **args)
+    assert got[0, :, 3, 2].isnan().all() and not got[1:].isnan().any()
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_bad_inputs_have_clear_errors():
+    (x, w, b, r), _, args = _make(SHAPES[1])
+    cases = [
+        (dict(x=x[0]), ValueError, "x: expected a 4-D"),
+        (dict(weight=w[:, :3]), ValueError, "weight: expected shape"),
+        (dict(bias=b[:3]), ValueError, "bias: expected shape"),
+        (dict(residual=r[:, :, :3]), ValueError, "residual: expected the output's shape"),
+        (dict(weight=w.double()), TypeError, "weight: expected dtype torch.float32"),
+        (dict(residual=r.to("meta")), ValueError, "residual: expected a tensor on cpu"),
+        (dict(x=x.long()), TypeError, "x: expected a floating-point"),
+        (dict(stride=0), ValueError, "stride: expected values >= 1"),
+        (dict(padding=(1, -1)), ValueError, "padding: expected values >= 0"),
+        (dict(dilation=True), TypeError, "dilation: expected an int or a pair"),
+        (dict(stride=(1, 2, 3)), TypeError, "stride: expected an int or a pair"),
+        (dict(groups=0), ValueError, "groups: expected an int >= 1"),
+        (dict(groups=3), ValueError, "weight: expected shape"),
+        (dict(x=x[:, :, :1, :1], padding=0), ValueError, "x: spatial size"),
+        (dict(backend="triton"), ValueError, "backend: expected"),
+        (dict(backend="cudnn"), RuntimeError, "backend='cudnn' needs CUDA tensors"),
+    ]
+    base = dict(x=x, weight=w, bias=b, residual=r, **args)
+    for change, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            dk.conv2d_relu(**{**base, **change})
+
+
+# ----------------------------------------------------------------------------- the "auto" choice
+
+
+@pytest.fixture
+def tuner(monkeypatch):
+    """_choose with a stub timer: times come from ``t`` ({"fused": ms, "reference": ms})."""
+    monkeypatch.setattr(ce, "_CHOICE", {})
+    t = {"fused": 1.0, "reference": 2.0}
+    calls = {"fused": 0, "reference": 0}
+
+    def fake_time(fn, rounds=3, reps=5):
+        return t[fn.__name__]
+
+    monkeypatch.setattr(ce, "_time_ms", fake_time)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU torch raises
+    (x, w, b, r), _, args = _make(SHAPES[1])
+    good = dk.conv2d_relu_reference(x, w, b, r, **args)
+
+    def make(out_fused):
+        def fused():
+            calls["fused"] += 1
+            if isinstance(out_fused, Exception):
+                raise out_fused
+            return out_fused
+
+        def reference():
+            calls["reference"] += 1
+            return good.clone()
+
+        return fused, reference
+
+    return t, calls, good, make
+
+
+def test_auto_picks_the_fused_op_when_faster_and_equal_and_caches(tuner):
+    t, calls, good, make = tuner
+    fused, reference = make(good * (1 + 1e-7))
+    assert ce._choose(("k",), fused, reference) is True
+    n = dict(calls)
+    assert ce._choose(("k",), fused, reference) is True
+    assert calls == n  # cached: nothing ran again
+    t["fused"] = 3.0
+    assert ce._choose(("k2",), fused, reference) is False  # slower: the reference
+
+
+@pytest.mark.parametrize("bad", ["no_bias", "no_relu", "raises"])
+def test_auto_rejects_a_wrong_or_failing_fused_op(tuner, bad):
+    _, _, good, make = tuner
+    wrong = {"no_bias": good + 0.3, "no_relu": good - good.abs().max(), "raises": RuntimeError("no engine")}[bad]
+    fused, reference = make(wrong)
+    with pytest.warns(UserWarning, match="conv2d_relu: the fused cuDNN op"):
+        assert ce._choose(("k",), fused, reference) is False
+    assert ce._CHOICE[("k",)] is False
+
+
+def test_auto_decides_nothing_on_nonfinite_data_or_in_a_capture(tuner, monkeypatch):
+    _, calls, good, make = tuner
+    fused, _ = make(good)
+    bad = good.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    assert ce._choose(("k",), fused, lambda: bad) is False and ("k",) not in ce._CHOICE
+    assert calls["fused"] == 0
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert ce._choose(("k",), *make(good)) is False and ("k",) not in ce._CHOICE
+
+
+def test_agreement_tolerance_by_dtype():
+    (x, w, b, r), _, args = _make(SHAPES[1])
+    ref = dk.conv2d_relu_reference(x, w, b, r, **args)
+    assert ce._agrees(ref * (1 + 1e-6), ref)
+    assert not ce._agrees(dk.conv2d_relu_reference(x, w, None, r, **args), ref)  # bias dropped
+    assert not ce._agrees(dk.conv2d_relu_reference(x, w, b, None, **args), ref)  # residual dropped
+    refb = ref.bfloat16()
+    assert ce._agrees((ref * (1 + 2 ** -8)).bfloat16(), refb)
+    assert not ce._agrees(ref.half(), refb)  # dtype differs
+
+
+# ----------------------------------------------------------------------------- ConvReLU2d
+
+
+def test_convrelu2d_shares_parameters_and_keys():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    m = dk.ConvReLU2d.from_conv(conv)
+    assert m.weight is conv.weight and m.bias is conv.bias
+    assert list(m.state_dict()) == list(conv.state_dict())
+    x = torch.randn(2, 4, 9, 7)
+    r = torch.randn(2, 6, 5, 4)
+    torch.testing.assert_close(m(x), torch.relu(conv(x)))
+    torch.testing.assert_close(m(x, r), torch.relu(conv(x) + r))
+    nb = dk.ConvReLU2d.from_conv(nn.Conv2d(4, 6, 1, bias=False))
+    assert nb.bias is None and "relu=True" in repr(nb)
+
+
+def test_convrelu2d_refuses_what_the_op_cannot_do():
+    with pytest.raises(ValueError, match="padding_mode='zeros'"):
+        dk.ConvReLU2d.from_conv(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="integer padding"):
+        dk.ConvReLU2d(4, 6, 3, padding="same")
+    with pytest.raises(TypeError, match="conv: expected an nn.Conv2d"):
+        dk.ConvReLU2d.from_conv(nn.Linear(3, 3))
+
+
+# ----------------------------------------------------------------------------- model pass
+
+
+def _random_bn_stats(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.6 - 0.3)
+
+
+@pytest.mark.parametrize("preset,expected", [("distilpose_tiny", 2 + 3), ("tokenpose_tiny", None)])
+def test_fuse_conv_epilogues_keeps_the_outputs(preset, expected):
+    from distilpose.fuse import fuse_conv_bn_model, fuse_conv_epilogues
+    from distilpose.models import build_model
+
+    model = build_model(preset).eval()
+    _random_bn_stats(model)
+    folded = fuse_conv_bn_model(model)
+    fused = fuse_conv_epilogues(folded)
+    n = fused._distilpose_fused_epilogues
+    assert n > 0 and (expected is None or n == expected)
+    assert sum(isinstance(m, dk.ConvReLU2d) for m in fused.modules()) == n
+    # every ReLU module left is one the forward code no longer calls, or an HRModule's fusion ReLU
+    x = torch.randn(2, 3, *model.input_size)
+    with torch.no_grad():
+        a, b, c = model(x), folded(x), fused(x)
+    for k in a:
+        torch.testing.assert_close(c[k], b[k], rtol=0, atol=0)  # same math, same order on CPU
+        torch.testing.assert_close(c[k], a[k], rtol=1e-4, atol=1e-5)
+    again = fuse_conv_epilogues(fused)
+    assert again._distilpose_fused_epilogues == n  # nothing left to fuse
+
+
+def test_fuse_conv_epilogues_paper_student_counts():
+    from distilpose.fuse import fuse_conv_bn_model, fuse_conv_epilogues
+    from distilpose.models import build_model
+
+    fused = fuse_conv_epilogues(fuse_conv_bn_model(build_model("distilpose_s").eval()))
+    # 2 stem convs + 4 Bottlenecks x 3; the downsample conv has no ReLU after it
+    assert fused._distilpose_fused_epilogues == 14
+
+
+def test_fuse_conv_epilogues_needs_folded_bns_and_eval_mode():
+    from distilpose.fuse import fuse_conv_epilogues
+    from distilpose.models import build_model
+
+    model = build_model("distilpose_tiny")
+    with pytest.raises(RuntimeError, match="eval mode"):
+        fuse_conv_epilogues(model)
+    unfolded = fuse_conv_epilogues(model.eval())
+    assert unfolded._distilpose_fused_epilogues == 0
+    assert not any(isinstance(m, dk.ConvReLU2d) for m in unfolded.modules())
+
+
+def test_fuse_conv_epilogues_sequential_pattern():
+    from distilpose.fuse import fuse_conv_epilogues
+
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Identity(), nn.ReLU(inplace=True),
+                        nn.Conv2d(4, 4, 1), nn.Identity(),  # no ReLU after it: left alone
+                        nn.Conv2d(4, 5, 3), nn.ReLU()).eval()
+    fused = fuse_conv_epilogues(seq)
+    assert [type(m).__name__ for m in fused] == ["ConvReLU2d", "Identity", "Identity", "Conv2d", "Identity",
+                                                "ConvReLU2d", "Identity"]
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fused(x), seq(x))
+
+
+def test_engine_fuses_epilogues_with_fold_bn():
+    from distilpose.models import build_model
+    from distilpose.runtime import InferenceEngine
+
+    model = build_model("distilpose_tiny").eval()
+    _random_bn_stats(model)
+    crops = torch.randn(3, 3, *model.input_size)
+    plain = InferenceEngine(model, fold_bn=True, fuse_epilogues=False)
+    fused = InferenceEngine(model, fold_bn=True)
+    assert fused.fuse_epilogues and not plain.fuse_epilogues and "fuse_epilogues=True" in repr(fused)
+    assert not InferenceEngine(model).fuse_epilogues
+    a, b = plain(crops), fused(crops)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fuse_epilogues: needs fold_bn=True"):
+        InferenceEngine(model, fuse_epilogues=True)
+
+
+def test_distiller_fuses_the_frozen_teachers_epilogues():
+    from distilpose.models import build_model
+    from distilpose.models.distiller import Distiller
+
+    student, teacher = build_model("distilpose_tiny"), build_model("tokenpose_tiny")
+    d = Distiller(student, teacher, fold_teacher_bn=True)
+    assert d.teacher._distilpose_fused_epilogues > 0
+    plain = Distiller(copy.deepcopy(student), teacher, fold_teacher_bn=True, fuse_teacher_epilogues=False)
+    assert not any(isinstance(m, dk.ConvReLU2d) for m in plain.teacher.modules())
+    cl = Distiller(copy.deepcopy(student), teacher, fold_teacher_bn=True, teacher_channels_last=True).float()
+    convs = [m for m in cl.teacher.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs
+                         if m.weight.shape[2:] != (1, 1) and m.weight.shape[1] > 1)
+    x = torch.randn(2, 3, *teacher.input_size)
+    with torch.no_grad():
+        a, b, c = d.teacher(x), plain.teacher(x), cl.teacher(x)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+        torch.testing.assert_close(c[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+GPU_SHAPES = [
+    (32, 64, 64, 48, 64, 3, 1, 1, 1, 1),     # DistilPose-S Bottleneck 3x3
+    (32, 64, 64, 48, 256, 1, 1, 0, 1, 1),    # its 1x1 expansion (+ residual)
+    (2, 3, 256, 192, 64, 3, 2, 1, 1, 1),     # the stem's first conv at batch 2 (flip test)
+    (3, 48, 17, 13, 48, 3, 1, 1, 1, 1),      # odd sizes
+    (1, 96, 16, 12, 192, 3, 2, 1, 1, 1),     # an HRNet downsampler
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_gpu_cudnn_and_auto_match_float64(shape, residual, dtype, channels_last):
+    (x, w, b, r), ref_in, args = _make(shape, dtype=dtype, residual=residual, channels_last=channels_last,
+                                       device="cuda")
+    want = _expected64(*ref_in, args)  # float64 on the device (cuDNN's fp64 path)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=5e-3, atol=5e-3)  # TF32 convs
+    for backend in ("cudnn", "auto", "reference"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="conv2d_relu")  # "auto" must not reject the fused op
+            got = dk.conv2d_relu(x, w, b, r, backend=backend, **args)
+        assert got.dtype == dtype
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert got.is_contiguous(memory_format=fmt), backend
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_choice_is_recorded_and_graph_capturable():
+    (x, w, b, r), _, args = _make(GPU_SHAPES[1], dtype=torch.bfloat16, channels_last=True, device="cuda")
+    ce._CHOICE.clear()
+    eager = dk.conv2d_relu(x, w, b, r, **args)
+    assert len(ce._CHOICE) == 1
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = dk.conv2d_relu(x, w, b, r, **args)
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_through_the_fused_forward(monkeypatch):
+    # exact fp32 convs: TF32 rounding would flip the ReLU mask of outputs near 0 between the paths
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    (x, w, b, r), _, args = _make(GPU_SHAPES[3], device="cuda")
+    leaves = [t.requires_grad_(True) for t in (x, w, b, r)]
+    refs = [t.detach().clone().requires_grad_(True) for t in leaves]
+    gout = torch.randn_like(r)
+    dk.conv2d_relu(*leaves, backend="cudnn", **args).backward(gout)
+    dk.conv2d_relu_reference(*refs, **args).backward(gout)
+    for a, c in zip(leaves, refs):
+        torch.testing.assert_close(a.grad, c.grad, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["distilpose_s", "tokenpose_teacher"])
+def test_gpu_engine_with_fused_epilogues_matches(preset):
+    from distilpose.models import build_model
+    from distilpose.runtime import InferenceEngine
+
+    model = build_model(preset).eval()
+    _random_bn_stats(model)
+    crops = torch.randn(4, 3, *model.input_size, device="cuda")
+    a = InferenceEngine(model, device="cuda", fold_bn=True, fuse_epilogues=False)(crops)
+    b = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True, precision="bf16",
+                        cast_model=True, channels_last=True)(crops)
+    c = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True)(crops)
+    torch.testing.assert_close(c["keypoints"], a["keypoints"], rtol=1e-3, atol=0.05)
+    err = (b["keypoints"] - a["keypoints"]).abs()
+    assert float(err.median()) < 1.0  # bf16 end to end: pixels of a 256x192 crop
