@@ -159,3 +159,24 @@ def test_fused_pos_norm_option_gives_the_same_encoder_output():
         oa, ob = a(img), b(img)
     for k in ("coords", "vis_tokens", "kpt_tokens"):
         torch.testing.assert_close(oa[k], ob[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_patch_embedding_as_strided_conv_equals_linear_on_patches(channels_last):
+    """embed_patches (conv with the Linear's weight) == patch_embed(patchify(feat)), values and grads."""
+    from distilpose.models.tde import TokenDistillingEncoder
+
+    tde = TokenDistillingEncoder(in_channels=5, feature_size=(8, 9), patch_size=(4, 3), dim=16, depth=1, num_heads=2,
+                                 mlp_dim=8).double()
+    with torch.no_grad():
+        tde.patch_embed.bias.normal_()
+    feat = torch.randn(3, 5, 8, 9, dtype=torch.float64)
+    if channels_last:
+        feat = feat.contiguous(memory_format=torch.channels_last)
+    a = tde.embed_patches(feat)
+    assert a.shape == (3, 6, 16) and a.is_contiguous()
+    ga = torch.autograd.grad(a.square().sum(), tde.patch_embed.weight)[0]
+    b = tde.patch_embed(tde.patchify(feat))
+    gb = torch.autograd.grad(b.square().sum(), tde.patch_embed.weight)[0]
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-10)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .presets import count_parameters
-from .tde import TokenAttentionBlock
+from .tde import TokenAttentionBlock, TokenDistillingEncoder
 
 
 @dataclass
@@ -46,7 +46,13 @@ def measure_complexity(model: nn.Module, input_size: Optional[Tuple[int, int]] =
         n, l, c = out.shape
         counts["attn"] += 2 * n * l * l * c  # q k^T and attn v over all heads
 
+    def tde_hook(m: TokenDistillingEncoder, inp, out):
+        # the patch embedding: a Linear on patch vectors, run as a strided conv (embed_patches)
+        counts["conv_linear"] += out[1].numel() * m.patch_embed.in_features
+
     for m in model.modules():
+        if isinstance(m, TokenDistillingEncoder):
+            hooks.append(m.register_forward_hook(tde_hook))
         if isinstance(m, nn.Conv2d):
             hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
