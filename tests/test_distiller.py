@@ -136,3 +136,47 @@ def test_teacher_dtype_bf16(pair):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
     with pytest.raises(ValueError, match="teacher_dtype"):
         Distiller(student, teacher, teacher_dtype=torch.int8)
+
+
+def test_teacher_cuda_graph_falls_back_to_eager_off_cuda_and_copies_cleanly(pair):
+    import copy
+
+    student, _ = pair
+    teacher = _teacher_with_bn_stats(2)
+    batch = _batch()
+    ref = Distiller(student, teacher)(batch)
+    d = Distiller(student, teacher, teacher_cuda_graph=True)
+    assert d.teacher is not teacher and teacher.check_finite and not d.teacher.check_finite
+    got = d(batch)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)
+    assert d._teacher_graphs == {}  # nothing captured for CPU inputs
+    d._teacher_graphs[("sentinel",)] = ("not copyable",)
+    e = copy.deepcopy(d)
+    assert e._teacher_graphs == {} and d._teacher_graphs
+    d.float()  # moving / casting drops captured graphs
+    assert d._teacher_graphs == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fast", [False, True])
+def test_gpu_teacher_cuda_graph_matches_eager(pair, fast):
+    student, _ = pair
+    teacher = _teacher_with_bn_stats(3)
+    kw = dict(fold_teacher_bn=True, teacher_dtype=torch.bfloat16, teacher_channels_last=True) if fast else {}
+    s_ref, s_g = (build_model("distilpose_tiny").cuda() for _ in range(2))
+    s_g.load_state_dict(s_ref.state_dict())
+    eager = Distiller(s_ref, teacher, **kw).cuda()
+    graphed = Distiller(s_g, teacher, teacher_cuda_graph=True, **kw).cuda()
+    outs = []
+    for seed in (0, 1, 0):  # replays see new data; a result stays valid after the next call
+        batch = {k: v.cuda() for k, v in _batch(n=4, seed=seed).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            a, b = eager(batch), graphed(batch)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+        b["loss"].backward()
+        outs.append(b["loss"].detach())
+    assert len(graphed._teacher_graphs) == 1
+    torch.testing.assert_close(outs[0], outs[2])
+    assert outs[0].item() != outs[1].item()

@@ -42,8 +42,11 @@ class Distiller(nn.Module):
     add and ReLU into the conv (``distilpose.fuse.fuse_conv_epilogues``); ``teacher_dtype`` (torch.bfloat16 / torch.float16) stores it in that dtype and runs
     it on inputs cast to it, outside autocast (no per-op casts each step);
     ``teacher_channels_last`` stores its conv weights channels-last (cuDNN's preferred layout
-    for 16-bit convolutions; activations follow the weights). Each works on a copy: the
-    caller's teacher is never modified.
+    for 16-bit convolutions; activations follow the weights); ``teacher_cuda_graph`` runs the
+    teacher's forward as a CUDA graph, captured once per input shape / dtype / autocast state
+    (CUDA inputs only; elsewhere it runs eagerly). Graph outputs are copied out of the graph's
+    buffers, so results of earlier calls stay valid. Each works on a copy: the caller's
+    teacher is never modified.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class Distiller(nn.Module):
         teacher_dtype: Optional[torch.dtype] = None,
         fuse_teacher_epilogues: bool = True,
         teacher_channels_last: bool = False,
+        teacher_cuda_graph: bool = False,
     ):
         super().__init__()
         if getattr(student, "kind", None) != "student":
@@ -81,6 +85,9 @@ class Distiller(nn.Module):
         self.teacher_dtype = teacher_dtype
         self.fuse_teacher_epilogues = bool(fuse_teacher_epilogues)
         self.teacher_channels_last = bool(teacher_channels_last)
+        self.teacher_cuda_graph = bool(teacher_cuda_graph)
+        self._teacher_graphs: Dict[tuple, tuple] = {}
+        self._graph_pool = None
         self.set_teacher(teacher)
 
     # -- teacher handling: outside the module tree, frozen, eval mode
@@ -88,8 +95,12 @@ class Distiller(nn.Module):
         if teacher is not None:
             if teacher.num_keypoints != self.student.num_keypoints:
                 raise ValueError("teacher: keypoint count differs from the student's")
-            if self.fold_teacher_bn or self.teacher_dtype is not None or self.teacher_channels_last:
+            copied = (self.fold_teacher_bn or self.teacher_dtype is not None or self.teacher_channels_last
+                      or self.teacher_cuda_graph)
+            if copied:
                 teacher = copy.deepcopy(teacher)
+                if hasattr(teacher, "check_finite"):
+                    teacher.check_finite = False  # the student already checked the same images (a host sync)
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
@@ -104,6 +115,19 @@ class Distiller(nn.Module):
             if self.teacher_channels_last:
                 teacher.to(memory_format=torch.channels_last)
         self.__dict__["_teacher"] = teacher  # bypass nn.Module registration on purpose
+        self.reset_teacher_graphs()
+
+    def __getstate__(self):
+        # copies and pickles start without captured graphs (CUDAGraph objects cannot be copied)
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state["_teacher_graphs"] = {}
+        state["_graph_pool"] = None
+        return state
+
+    def reset_teacher_graphs(self) -> None:
+        """Drop the captured teacher graphs (their memory pool is freed with them)."""
+        self._teacher_graphs.clear()
+        self._graph_pool = None
 
     @property
     def teacher(self) -> Optional[TokenPoseModel]:
@@ -123,6 +147,7 @@ class Distiller(nn.Module):
                 self.teacher.to(self.teacher_dtype)
             if self.teacher_channels_last:  # and its layout
                 self.teacher.to(memory_format=torch.channels_last)
+        self.reset_teacher_graphs()  # parameters may have moved: captured graphs would read the old ones
         return self
 
     def active_weights(self) -> Dict[str, float]:
@@ -149,10 +174,10 @@ class Distiller(nn.Module):
         if self.teacher is not None and len(w) > 1:
             with torch.no_grad():
                 if self.teacher_dtype is None:
-                    t = self.teacher(img)
+                    t = self._run_teacher(img)
                 else:  # the teacher is stored in teacher_dtype: no autocast, no per-op casts
                     with torch.autocast(img.device.type, enabled=False):
-                        t = self.teacher(img.to(self.teacher_dtype))
+                        t = self._run_teacher(img.to(self.teacher_dtype))
             if "vis_token" in w:
                 losses["loss_vis_token"] = w["vis_token"] * token_mse_loss(out["vis_tokens"], t["vis_tokens"])
             if "kpt_token" in w:
@@ -173,6 +198,36 @@ class Distiller(nn.Module):
                     losses["loss_score"] = w["score"] * score
         losses["loss"] = torch.stack(list(losses.values())).sum()
         return losses
+
+    def _run_teacher(self, img: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if not (self.teacher_cuda_graph and img.is_cuda) or torch.cuda.is_current_stream_capturing():
+            return self.teacher(img)
+        dev = img.device.type
+        key = (tuple(img.shape), img.stride(), img.dtype, img.device,
+               torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        entry = self._teacher_graphs.get(key)
+        if entry is None:
+            entry = self._capture_teacher(img)
+            self._teacher_graphs[key] = entry
+        graph, static_in, static_out = entry
+        static_in.copy_(img)
+        graph.replay()
+        return {k: v.clone() for k, v in static_out.items()}
+
+    def _capture_teacher(self, img: torch.Tensor) -> tuple:
+        static_in = img.clone()
+        side = torch.cuda.Stream(img.device)
+        side.wait_stream(torch.cuda.current_stream(img.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: cuDNN/cuBLAS handles, autotuning, the fused ops' choices
+                self.teacher(static_in)
+        torch.cuda.current_stream(img.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            static_out = self.teacher(static_in)
+        return graph, static_in, static_out
 
     def parameters_student(self) -> Iterator[nn.Parameter]:
         return self.student.parameters()

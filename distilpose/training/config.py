@@ -39,11 +39,12 @@ class TeacherConfig:
     # frozen-teacher speed-ups (Distiller): fold its conv+BN pairs (and then fuse each conv's
     # bias, residual add and ReLU into the conv unless fuse_epilogues is false); store and run
     # it in "bf16"/"fp16" without autocast (None: as loaded, under the run's autocast); keep
-    # its conv weights channels-last
+    # its conv weights channels-last; replay its forward as a CUDA graph (one per batch shape)
     fold_bn: bool = False
     dtype: Optional[str] = None
     fuse_epilogues: bool = True
     channels_last: bool = False
+    cuda_graph: bool = False
 
 
 @dataclass

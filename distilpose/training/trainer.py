@@ -370,6 +370,7 @@ class Trainer:
                 self.model, self.teacher, weights=weights, reg2hm_mode=lw.reg2hm_mode, disable=lw.disable,
                 loss_backend=lw.backend, fold_teacher_bn=cfg.teacher.fold_bn, teacher_dtype=tdt[cfg.teacher.dtype],
                 fuse_teacher_epilogues=cfg.teacher.fuse_epilogues, teacher_channels_last=cfg.teacher.channels_last,
+                teacher_cuda_graph=cfg.teacher.cuda_graph,
             )
         if cfg.sync_bn and self.info.distributed and self.device.type == "cuda":
             self.objective = nn.SyncBatchNorm.convert_sync_batchnorm(self.objective)
