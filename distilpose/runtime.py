@@ -150,6 +150,9 @@ class InferenceEngine:
             conv (``distilpose.fuse.fuse_conv_epilogues``; cuDNN's fused kernel on CUDA where
             it is measured faster). Default: on with ``fold_bn`` unless ``compile``.
         channels_last: convert the model and inputs to channels-last memory format.
+        fuse_pos_norm: run the TDE's "sine-full" step (add the position table, then norm1) as one
+            fused op (``distilpose_kernels.add_pos_layernorm``) instead of slice-add, cat and
+            LayerNorm. Default: on unless ``compile`` (Inductor fuses those itself).
         attention_backend: set on every module with a ``backend`` attribute (the TDE's
             attention): None/"auto", "reference" or "triton".
         compile: ``torch.compile`` the step (``compile_mode``, e.g. "default", "max-autotune-no-cudagraphs").
@@ -174,6 +177,7 @@ class InferenceEngine:
         fold_bn: bool = False,
         fuse_epilogues: Optional[bool] = None,
         channels_last: bool = False,
+        fuse_pos_norm: Optional[bool] = None,
         attention_backend: Optional[str] = None,
         compile: bool = False,
         compile_mode: Optional[str] = None,
@@ -211,6 +215,10 @@ class InferenceEngine:
             from .fuse import fuse_conv_epilogues
 
             model = fuse_conv_epilogues(model, inplace=True)
+        self.fuse_pos_norm = (not compile) if fuse_pos_norm is None else bool(fuse_pos_norm)
+        for m in model.modules():
+            if hasattr(m, "fuse_pos_norm"):
+                m.fuse_pos_norm = self.fuse_pos_norm
         if attention_backend is not None:
             _set_attention_backend(model, None if attention_backend == "auto" else attention_backend)
         if hasattr(model, "check_finite"):

@@ -306,10 +306,7 @@ def _(dx_out, dy, x_out, weight, mean, rstd):
     return x_out.new_empty(x_out.shape), x_out.new_empty((c,), dtype=torch.float32), x_out.new_empty((c,), dtype=torch.float32)
 
 
-def _apln_setup_context(ctx, inputs, output):
-    x, pos, weight, bias, eps = inputs
-    x_out, y, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
+def _apln_save(ctx, pos, weight, bias, x_out, mean, rstd) -> None:
     ctx.save_for_backward(x_out, weight, mean, rstd)
     ctx.pos_shape = pos.shape
     ctx.pos_dtype = pos.dtype
@@ -319,11 +316,18 @@ def _apln_setup_context(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _apln_backward(ctx, dx_out, dy, dmean, drstd):
+def _apln_setup_context(ctx, inputs, output):
+    x, pos, weight, bias, eps = inputs
+    x_out, y, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    _apln_save(ctx, pos, weight, bias, x_out, mean, rstd)
+
+
+def _apln_grads(ctx, dx_out, dy, bwd):
     x_out, weight, mean, rstd = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x_out)
-    dx, dw, db = _apln_bwd(dx_out, dy, x_out, weight, mean, rstd)
+    dx, dw, db = bwd(dx_out, dy, x_out, weight, mean, rstd)
     dpos = None
     if ctx.needs_input_grad[1]:
         p = ctx.pos_shape[-2]
@@ -333,7 +337,27 @@ def _apln_backward(ctx, dx_out, dy, dmean, drstd):
     return dx, dpos, dweight, dbias, None
 
 
+def _apln_backward(ctx, dx_out, dy, dmean, drstd):
+    return _apln_grads(ctx, dx_out, dy, _apln_bwd)
+
+
 _apln_fwd.register_autograd(_apln_backward, setup_context=_apln_setup_context)
+
+
+class _AddPosLayerNormFunction(torch.autograd.Function):
+    """Eager path: the custom ops' kernels without the torch.library dispatch (which costs far
+    more host time per call than the kernel takes at the TDE's size)."""
+
+    @staticmethod
+    def forward(ctx, x, pos, weight, bias, eps):
+        ctx.set_materialize_grads(False)
+        x_out, y, mean, rstd = _triton_module().add_pos_layernorm_forward(x, pos, weight, bias, eps)
+        _apln_save(ctx, pos, weight, bias, x_out, mean, rstd)
+        return x_out, y
+
+    @staticmethod
+    def backward(ctx, dx_out, dy):
+        return _apln_grads(ctx, dx_out, dy, _triton_module().add_pos_layernorm_backward)
 
 
 @annotate("distilpose.add_pos_layernorm")
@@ -361,5 +385,10 @@ def add_pos_layernorm(
         which = "reference"
     if which == "reference":
         return add_pos_layernorm_reference(x, pos, weight, bias, eps)
-    x_out, y, _, _ = _apln_fwd(x, pos, weight, bias, float(eps))
+    if torch.compiler.is_compiling():
+        x_out, y, _, _ = _apln_fwd(x, pos, weight, bias, float(eps))
+        return x_out, y
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _AddPosLayerNormFunction.apply(x, pos, weight, bias, float(eps))
+    x_out, y, _, _ = _triton_module().add_pos_layernorm_forward(x, pos, weight, bias, float(eps))
     return x_out, y

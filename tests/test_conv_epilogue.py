@@ -451,10 +451,25 @@ def test_gpu_engine_with_fused_epilogues_matches(preset):
     model = build_model(preset).eval()
     _random_bn_stats(model)
     crops = torch.randn(4, 3, *model.input_size, device="cuda")
-    a = InferenceEngine(model, device="cuda", fold_bn=True, fuse_epilogues=False)(crops)
+    a = InferenceEngine(model, device="cuda", fold_bn=True, fuse_epilogues=False, fuse_pos_norm=False)(crops)
     b = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True, precision="bf16",
                         cast_model=True, channels_last=True)(crops)
     c = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True)(crops)
     torch.testing.assert_close(c["keypoints"], a["keypoints"], rtol=1e-3, atol=0.05)
     err = (b["keypoints"] - a["keypoints"]).abs()
     assert float(err.median()) < 1.0  # bf16 end to end: pixels of a 256x192 crop
+
+
+def test_engine_fuses_the_pos_norm_step_by_default_and_not_under_compile():
+    from distilpose.models import build_model
+    from distilpose.runtime import InferenceEngine
+
+    model = build_model("distilpose_tiny").eval()
+    crops = torch.randn(2, 3, *model.input_size)
+    on = InferenceEngine(model)
+    off = InferenceEngine(model, fuse_pos_norm=False)
+    assert on.model.tde.fuse_pos_norm and not off.model.tde.fuse_pos_norm and not model.tde.fuse_pos_norm
+    assert not InferenceEngine(model, compile=True).model.tde.fuse_pos_norm
+    a, b = on(crops), off(crops)
+    for k in a:  # the CPU runs the op's reference: the same ops as the unfused step
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
