@@ -26,7 +26,7 @@ def test_host_overhead_tool(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
     assert {r["case"].split(" ")[0] for r in rows} == {"simulated_heatmap_loss", "gaussian_heatmap_targets",
-                                                        "token_attention"}
+                                                        "token_attention", "add_pos_layernorm"}
     for r in rows:
         assert r["op_us"] > 0 and r["floor_us"] > 0 and r["op_us"] >= r["overhead_us"]
 
