@@ -4,8 +4,10 @@ Public API
 - ``token_attention(qkv, num_heads, scale=None, backend=None)``: (N, L, 3C) -> (N, L, C).
 - ``token_attention_reference``: the original two-einsum formulation (pure PyTorch).
 - ``TokenAttention``: drop-in multi-head self-attention module (qkv Linear -> op -> proj).
-- ``add_pos_layernorm(x, pos, weight, bias, eps=1e-5, backend=None)``: the TDE's
-  "sine-full" step fused: x_out = x with ``pos`` added to its last P tokens, y = LayerNorm(x_out).
+- ``add_pos_layernorm(x, pos, weight, bias, eps=1e-5, backend=None, residual=None)``: the TDE's
+  "sine-full" step fused: x_out = x [+ residual] with ``pos`` (or None) added to its last P
+  tokens, y = LayerNorm(x_out); with ``residual`` it is also a pre-norm layer's
+  "residual add + LayerNorm".
 
 Backends: "auto"/None picks the Triton kernels for CUDA tensors when Triton is installed
 (and DISTILPOSE_FORCE_REFERENCE is unset), else the reference; "triton" forces the kernels
@@ -15,7 +17,7 @@ The Triton path goes through ``torch.library`` custom ops (namespace ``distilpos
 fake kernels and registered autograd, so ``torch.compile(fullgraph=True)`` traces through:
 - ``distilpose::token_attention_fwd(qkv, num_heads, scale) -> (out, lse)``
 - ``distilpose::token_attention_bwd(dout, dlse?, qkv, out, lse, num_heads, scale) -> dqkv``
-- ``distilpose::add_pos_layernorm_fwd(x, pos, weight?, bias?, eps) -> (x_out, y, mean, rstd)``
+- ``distilpose::add_pos_layernorm_fwd(x, pos?, weight?, bias?, eps, residual?) -> (x_out, y, mean, rstd)``
 - ``distilpose::add_pos_layernorm_bwd(dx_out?, dy, x_out, weight?, mean, rstd) -> (dx, dw, db)``
 
 NaN policy: no input scan (it would cost a full read); NaN/inf in the inputs propagate to
@@ -235,19 +237,27 @@ class TokenAttention(nn.Module):
 # ============================================================================ add position + LayerNorm
 
 
-def _check_apln(x, pos, weight, bias) -> Tuple[int, int, int, int]:
+def _check_apln(x, pos, weight, bias, residual=None) -> Tuple[int, int, int, int]:
     check_tensor("x", x, ndim=3, floating=True)
     n, l, c = x.shape
-    check_tensor("pos", pos, floating=True)
-    if pos.dim() == 3:
-        if pos.shape[0] != 1:
+    tensors = {"x": x}
+    p = 0
+    if pos is not None:
+        check_tensor("pos", pos, floating=True)
+        if pos.dim() == 3:
+            if pos.shape[0] != 1:
+                raise ValueError(f"pos: expected (P, C) or (1, P, C), got {tuple(pos.shape)}")
+        elif pos.dim() != 2:
             raise ValueError(f"pos: expected (P, C) or (1, P, C), got {tuple(pos.shape)}")
-    elif pos.dim() != 2:
-        raise ValueError(f"pos: expected (P, C) or (1, P, C), got {tuple(pos.shape)}")
-    p = pos.shape[-2]
-    if pos.shape[-1] != c or p > l:
-        raise ValueError(f"pos: expected (P, {c}) with P <= L={l}, got {tuple(pos.shape)}")
-    tensors = {"x": x, "pos": pos}
+        p = pos.shape[-2]
+        if pos.shape[-1] != c or p > l:
+            raise ValueError(f"pos: expected (P, {c}) with P <= L={l}, got {tuple(pos.shape)}")
+        tensors["pos"] = pos
+    if residual is not None:
+        check_tensor("residual", residual, shape=(n, l, c))
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual: expected dtype {x.dtype} (like x), got {residual.dtype}")
+        tensors["residual"] = residual
     if weight is not None:
         check_tensor("weight", weight, shape=(c,), floating=True)
         tensors["weight"] = weight
@@ -260,28 +270,34 @@ def _check_apln(x, pos, weight, bias) -> Tuple[int, int, int, int]:
 
 def add_pos_layernorm_reference(
     x: torch.Tensor,
-    pos: torch.Tensor,
+    pos: Optional[torch.Tensor],
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     eps: float = 1e-5,
+    residual: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pure PyTorch: x_out = cat(x[:, :L-P], x[:, L-P:] + pos); y = LayerNorm(x_out)."""
-    n, l, c, p = _check_apln(x, pos, weight, bias)
-    k = l - p
-    x_out = torch.cat((x[:, :k], x[:, k:] + pos.reshape(1, p, c).to(x.dtype)), dim=1)
-    return x_out, F.layer_norm(x_out, (c,), weight, bias, eps)
+    """Pure PyTorch: x_out = x [+ residual], then pos added to its last P tokens
+    (cat(x[:, :L-P], x[:, L-P:] + pos)); y = LayerNorm(x_out)."""
+    n, l, c, p = _check_apln(x, pos, weight, bias, residual)
+    if residual is not None:
+        x = x + residual
+    if pos is not None:
+        k = l - p
+        x = torch.cat((x[:, :k], x[:, k:] + pos.reshape(1, p, c).to(x.dtype)), dim=1)
+    return x, F.layer_norm(x, (c,), weight, bias, eps)
 
 
 @torch.library.custom_op("distilpose::add_pos_layernorm_fwd", mutates_args=())
 def _apln_fwd(
-    x: torch.Tensor, pos: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+    x: torch.Tensor, pos: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    eps: float, residual: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_out, y, mean (N*L,) fp32, rstd (N*L,) fp32)."""
-    return _triton_module().add_pos_layernorm_forward(x, pos, weight, bias, eps)
+    return _triton_module().add_pos_layernorm_forward(x, pos, weight, bias, eps, residual)
 
 
 @_apln_fwd.register_fake
-def _(x, pos, weight, bias, eps):
+def _(x, pos, weight, bias, eps, residual=None):
     n, l, c = x.shape
     stat = x.new_empty((n * l,), dtype=torch.float32)
     return x.new_empty((n, l, c)), x.new_empty((n, l, c)), stat, stat.new_empty((n * l,))
@@ -308,8 +324,8 @@ def _(dx_out, dy, x_out, weight, mean, rstd):
 
 def _apln_save(ctx, pos, weight, bias, x_out, mean, rstd) -> None:
     ctx.save_for_backward(x_out, weight, mean, rstd)
-    ctx.pos_shape = pos.shape
-    ctx.pos_dtype = pos.dtype
+    ctx.pos_shape = None if pos is None else pos.shape
+    ctx.pos_dtype = None if pos is None else pos.dtype
     ctx.has_weight = weight is not None
     ctx.has_bias = bias is not None
     ctx.weight_dtype = None if weight is None else weight.dtype
@@ -317,7 +333,7 @@ def _apln_save(ctx, pos, weight, bias, x_out, mean, rstd) -> None:
 
 
 def _apln_setup_context(ctx, inputs, output):
-    x, pos, weight, bias, eps = inputs
+    x, pos, weight, bias, eps = inputs[:5]
     x_out, y, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     _apln_save(ctx, pos, weight, bias, x_out, mean, rstd)
@@ -329,12 +345,14 @@ def _apln_grads(ctx, dx_out, dy, bwd):
         dy = torch.zeros_like(x_out)
     dx, dw, db = bwd(dx_out, dy, x_out, weight, mean, rstd)
     dpos = None
-    if ctx.needs_input_grad[1]:
+    if ctx.pos_shape is not None and ctx.needs_input_grad[1]:
         p = ctx.pos_shape[-2]
         dpos = dx[:, x_out.shape[1] - p:].sum(0, dtype=torch.float32).reshape(ctx.pos_shape).to(ctx.pos_dtype)
     dweight = dw.to(ctx.weight_dtype) if ctx.has_weight and ctx.needs_input_grad[2] else None
     dbias = db.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return dx, dpos, dweight, dbias, None
+    # x_out = x + residual (+ pos): the residual's gradient is x's
+    dres = dx if len(ctx.needs_input_grad) > 5 and ctx.needs_input_grad[5] else None
+    return dx, dpos, dweight, dbias, None, dres
 
 
 def _apln_backward(ctx, dx_out, dy, dmean, drstd):
@@ -349,9 +367,9 @@ class _AddPosLayerNormFunction(torch.autograd.Function):
     more host time per call than the kernel takes at the TDE's size)."""
 
     @staticmethod
-    def forward(ctx, x, pos, weight, bias, eps):
+    def forward(ctx, x, pos, weight, bias, eps, residual):
         ctx.set_materialize_grads(False)
-        x_out, y, mean, rstd = _triton_module().add_pos_layernorm_forward(x, pos, weight, bias, eps)
+        x_out, y, mean, rstd = _triton_module().add_pos_layernorm_forward(x, pos, weight, bias, eps, residual)
         _apln_save(ctx, pos, weight, bias, x_out, mean, rstd)
         return x_out, y
 
@@ -363,32 +381,36 @@ class _AddPosLayerNormFunction(torch.autograd.Function):
 @annotate("distilpose.add_pos_layernorm")
 def add_pos_layernorm(
     x: torch.Tensor,
-    pos: torch.Tensor,
+    pos: Optional[torch.Tensor],
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
     backend: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused "add position table to the trailing tokens, then LayerNorm".
+    """Fused "residual add, add position table to the trailing tokens, then LayerNorm".
 
-    x: (N, L, C); pos: (P, C) or (1, P, C), P <= L, added to tokens L-P..L-1 (the visual
-    tokens after the K = L-P keypoint tokens); weight, bias: (C,) or None.
-    Returns (x_out (N, L, C): the residual stream with the table added, y = LayerNorm(x_out)),
-    both in x's dtype; statistics in float32. Gradients flow to x, pos, weight and bias.
+    x: (N, L, C); residual: (N, L, C) in x's dtype or None, added to every token; pos: (P, C)
+    or (1, P, C) with P <= L, or None, added to tokens L-P..L-1 (the visual tokens after the
+    K = L-P keypoint tokens); weight, bias: (C,) or None.
+    Returns (x_out (N, L, C): the residual stream x + residual + pos, rounded once to x's
+    dtype, y = LayerNorm(x_out)), both in x's dtype; statistics in float32. Gradients flow to
+    x, residual, pos, weight and bias. A pre-norm transformer layer's
+    ``x = x + f(h); h2 = norm(x)`` is ``x, h2 = add_pos_layernorm(x, None, w, b, residual=f(h))``.
     """
-    _, _, c, _ = _check_apln(x, pos, weight, bias)
-    tensors = [t for t in (x, pos, weight, bias) if t is not None]
+    _check_apln(x, pos, weight, bias, residual)
+    tensors = [t for t in (x, pos, weight, bias, residual) if t is not None]
     which = select_triton_backend("add_pos_layernorm", tensors, backend)
     if which == "triton" and x.dtype not in TRITON_DTYPES:
         if backend == "triton":
             raise TypeError(f"x: backend='triton' does not support dtype {x.dtype}; use backend='reference'")
         which = "reference"
     if which == "reference":
-        return add_pos_layernorm_reference(x, pos, weight, bias, eps)
+        return add_pos_layernorm_reference(x, pos, weight, bias, eps, residual)
     if torch.compiler.is_compiling():
-        x_out, y, _, _ = _apln_fwd(x, pos, weight, bias, float(eps))
+        x_out, y, _, _ = _apln_fwd(x, pos, weight, bias, float(eps), residual)
         return x_out, y
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _AddPosLayerNormFunction.apply(x, pos, weight, bias, float(eps))
-    x_out, y, _, _ = _triton_module().add_pos_layernorm_forward(x, pos, weight, bias, float(eps))
+        return _AddPosLayerNormFunction.apply(x, pos, weight, bias, float(eps), residual)
+    x_out, y, _, _ = _triton_module().add_pos_layernorm_forward(x, pos, weight, bias, float(eps), residual)
     return x_out, y

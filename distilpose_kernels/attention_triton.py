@@ -406,14 +406,15 @@ def attention_backward(
 
 @triton.jit
 def _apln_fwd_kernel(
-    X, POS, W, B, XO, Y, Mean, Rstd,
+    X, POS, W, B, XO, Y, Mean, Rstd, RES,
     stride_xn, stride_xl, stride_xc,
     stride_pp, stride_pc,
+    stride_rn, stride_rl, stride_rc,
     R, L, C, P_START, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_POS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """BLOCK_R rows per program: x_out = x + pos (rows l >= P_START), y = LN(x_out)."""
+    """BLOCK_R rows per program: x_out = x [+ residual] [+ pos (rows l >= P_START)], y = LN(x_out)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     r_ok = rows < R
@@ -422,11 +423,19 @@ def _apln_fwd_kernel(
     n = (rows // L).to(tl.int64)
     l = rows % L
     x = tl.load(X + n[:, None] * stride_xn + l[:, None] * stride_xl + cols[None, :] * stride_xc, mask=mask, other=0.0)
-    pi = l - P_START
-    p_ok = r_ok & (pi >= 0)
-    pos = tl.load(POS + pi[:, None] * stride_pp + cols[None, :] * stride_pc, mask=p_ok[:, None] & c_ok[None, :], other=0.0)
+    acc = x.to(tl.float32)
+    if HAS_RES:
+        res = tl.load(RES + n[:, None] * stride_rn + l[:, None] * stride_rl + cols[None, :] * stride_rc,
+                      mask=mask, other=0.0)
+        acc += res.to(tl.float32)
+    if HAS_POS:
+        pi = l - P_START
+        p_ok = r_ok & (pi >= 0)
+        pos = tl.load(POS + pi[:, None] * stride_pp + cols[None, :] * stride_pc, mask=p_ok[:, None] & c_ok[None, :],
+                      other=0.0)
+        acc += pos.to(tl.float32)
     # round to the storage dtype first, so y is the LayerNorm of exactly the x_out we return
-    xo = (x.to(tl.float32) + pos.to(tl.float32)).to(XO.dtype.element_ty)
+    xo = acc.to(XO.dtype.element_ty)
     out_off = rows.to(tl.int64)[:, None] * C + cols[None, :]
     tl.store(XO + out_off, xo, mask=mask)
     xf = xo.to(tl.float32)
@@ -500,11 +509,14 @@ def _apln_blocks(c: int) -> Tuple[int, int, int]:
 
 
 def add_pos_layernorm_forward(
-    x: torch.Tensor, pos: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+    x: torch.Tensor, pos: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    eps: float, residual: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, L, c = x.shape
-    p = pos.shape[-2]
-    pos2 = pos.reshape(p, c)
+    p = pos.shape[-2] if pos is not None else 0
+    pos2 = pos.reshape(p, c) if pos is not None else x  # x: an unread stand-in without pos
+    pos_strides = (pos2.stride(0), pos2.stride(1)) if pos is not None else (0, 0)
+    res = residual if residual is not None else x
     R = n * L
     x_out = _new_output((n, L, c), x.device, x.dtype)
     y = _new_output((n, L, c), x.device, x.dtype)
@@ -515,11 +527,12 @@ def add_pos_layernorm_forward(
     block_r, block_c, warps = _apln_blocks(c)
     _apln_fwd_kernel[(cdiv(R, block_r),)](
         x, pos2, weight if weight is not None else x, bias if bias is not None else x,
-        x_out, y, mean, rstd,
+        x_out, y, mean, rstd, res,
         x.stride(0), x.stride(1), x.stride(2),
-        pos2.stride(0), pos2.stride(1),
+        *pos_strides,
+        res.stride(0), res.stride(1), res.stride(2),
         R, L, c, L - p, eps,
-        HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_POS=pos is not None, HAS_RES=residual is not None,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )
     return x_out, y, mean, rstd

@@ -519,3 +519,77 @@ def test_add_pos_layernorm_eager_function_custom_op_and_no_grad_paths_agree():
     _, y1 = dk.add_pos_layernorm(*leaves, backend="triton")
     (y1 * gy).sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
+@pytest.mark.parametrize("with_pos", [True, False])
+@pytest.mark.parametrize("n,L,p,c", [(2, 20, 16, 48), (1, 7, 3, 24), (3, 5, 5, 40)])
+def test_add_pos_layernorm_with_residual_vs_float64(n, L, p, c, with_pos):
+    """x_out = x + residual (+ pos on the last P tokens): the pre-norm layer's "add + LayerNorm"."""
+    x, pos, w, b = _apln_inputs(n, L, p, c, seed=L + c)
+    g = torch.Generator(device="cpu").manual_seed(7)
+    res = torch.randn(L, n, c, generator=g).to(DEV).transpose(0, 1)  # non-contiguous: strides are honoured
+    pos = pos if with_pos else None
+    inputs = (x, pos, w, b)
+    gxo = torch.randn(n, L, c, dtype=torch.float64, device=DEV)
+    gy = torch.randn(n, L, c, dtype=torch.float64, device=DEV)
+
+    def run(fn, ins, r):
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (*ins, r)]
+        xo, y = fn(*leaves[:4], residual=leaves[4])
+        want = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad((xo * gxo.to(xo.dtype)).sum() + (y * gy.to(y.dtype)).sum(), want)
+        return xo.detach(), y.detach(), grads
+
+    xo, y, gr = run(lambda *t, residual: dk.add_pos_layernorm(*t, backend="triton", residual=residual), inputs, res)
+    xo_r, y_r, gr_r = run(attn_mod.add_pos_layernorm_reference, [None if t is None else t.double() for t in inputs],
+                          res.double())
+    _check_close("x_out", xo, xo_r, 1e-6, 1e-6)
+    _check_close("y", y, y_r, 2e-5, 1e-5)
+    assert len(gr) == len(gr_r) == (5 if with_pos else 4)
+    for i, (a, bb) in enumerate(zip(gr, gr_r)):
+        _check_close(f"grad {i}", a, bb, 1e-4, 1e-4)
+    torch.testing.assert_close(gr[0], gr[-1])  # d residual == d x
+    with torch.no_grad():  # the kernels-only inference path
+        xo_n, y_n = dk.add_pos_layernorm(x, pos, w, b, backend="triton", residual=res)
+    torch.testing.assert_close(xo_n, xo, rtol=0, atol=0)
+    torch.testing.assert_close(y_n, y, rtol=0, atol=0)
+
+
+def test_add_pos_layernorm_residual_checks_and_opcheck():
+    x, pos, w, b = _apln_inputs(2, 6, 4, 16, seed=3)
+    with pytest.raises(ValueError, match="residual: expected shape"):
+        dk.add_pos_layernorm(x, pos, w, b, residual=x[:, :3])
+    with pytest.raises(TypeError, match="residual: expected dtype"):
+        dk.add_pos_layernorm(x, pos, w, b, residual=x.double())
+    res = torch.randn_like(x)
+    for p in (pos, None):
+        args = tuple(t.requires_grad_() if t is not None else None for t in (x, p, w, b))
+        torch.library.opcheck(torch.ops.distilpose.add_pos_layernorm_fwd.default,
+                              (*args, 1e-5, res.clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("pos_mode", ["sine-full", "sine", "none"])
+def test_tde_fused_residual_norms_match_the_plain_layers(pos_mode):
+    """TokenDistillingEncoder with fuse_pos_norm (every residual add fused into the next LayerNorm,
+    Triton kernels) gives the plain layers' tokens and gradients."""
+    from distilpose.models.tde import TokenDistillingEncoder
+
+    torch.manual_seed(0)
+    tde = TokenDistillingEncoder(in_channels=4, feature_size=(8, 6), patch_size=(4, 3), num_keypoints=3, dim=16,
+                                 depth=3, num_heads=2, mlp_dim=8, pos_mode=pos_mode, attention_backend="triton").to(DEV)
+    for m in tde.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            torch.nn.init.normal_(m.weight)
+            torch.nn.init.normal_(m.bias)
+    feat = torch.randn(2, 4, 8, 6, device=DEV, requires_grad=True)
+    outs = {}
+    for fused in (False, True):
+        tde.fuse_pos_norm = fused
+        tde.zero_grad(set_to_none=True)
+        feat.grad = None
+        kpt, vis = tde(feat)
+        (kpt.square().sum() + vis.sin().sum()).backward()
+        outs[fused] = (kpt.detach(), vis.detach(), feat.grad.clone(), tde.layers[1].norm2.weight.grad.clone(),
+                       tde.patch_embed.weight.grad.clone())
+    for a, b in zip(outs[False], outs[True]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -84,6 +84,26 @@ class TransformerLayer(nn.Module):
         x = x + self.attn(h)
         return x + self.mlp(self.norm2(x))
 
+    @annotate("distilpose.tde.layer")
+    def forward_fused(
+        self, x: torch.Tensor, res: Optional[torch.Tensor], pos: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The same layer with every residual add fused into the next LayerNorm.
+
+        Input stream ``x + res`` (``res``: the previous layer's MLP output, not yet added, or
+        None), ``pos`` (1, P, C) added to its last P tokens when given. Returns ``(x, mlp_out)``:
+        this layer's output is ``x + mlp_out``, left for the next layer (or the caller) to add.
+        """
+        be = self.attn.backend
+        if res is None and pos is None:
+            h = self.norm1(x)
+        else:
+            x, h = dk.add_pos_layernorm(x, pos, self.norm1.weight, self.norm1.bias, self.norm1.eps, backend=be,
+                                        residual=res)
+        x, h = dk.add_pos_layernorm(x, None, self.norm2.weight, self.norm2.bias, self.norm2.eps, backend=be,
+                                    residual=self.attn(h))
+        return x, self.mlp(h)
+
 
 class TokenDistillingEncoder(nn.Module):
     """(N, C, H, W) feature map -> (keypoint tokens (N, K, D), visual tokens (N, P, D)).
@@ -123,8 +143,9 @@ class TokenDistillingEncoder(nn.Module):
         self.num_patches = self.grid[0] * self.grid[1]
         self.dim = dim
         self.pos_mode = pos_mode
-        #: Use the fused "add position + LayerNorm" op for the sine-full re-adding (off by
-        #: default until a GPU measurement shows it pays; same result either way).
+        #: Run every "residual add (+ position re-add) + LayerNorm" as the fused add_pos_layernorm
+        #: op (TransformerLayer.forward_fused). Off by default for training until a GPU
+        #: measurement shows it pays; InferenceEngine turns it on. Same math either way.
         self.fuse_pos_norm = fuse_pos_norm
         self.patch_embed = nn.Linear(ph * pw * in_channels, dim)
         self.keypoint_token = nn.Parameter(torch.zeros(1, num_keypoints, dim))
@@ -181,11 +202,15 @@ class TokenDistillingEncoder(nn.Module):
         if self.pos_mode != "none":
             vis = vis + pos
         x = torch.cat((self.keypoint_token.expand(vis.shape[0], -1, -1).to(vis.dtype), vis), dim=1)
+        if self.fuse_pos_norm:
+            res = None
+            for i, layer in enumerate(self.layers):
+                x, res = layer.forward_fused(x, res, pos if i > 0 and self.pos_mode == "sine-full" else None)
+            if res is not None:
+                x = x + res
+            return x[:, :k], x[:, k:]
         for i, layer in enumerate(self.layers):
             if i > 0 and self.pos_mode == "sine-full":
-                if self.fuse_pos_norm:
-                    x = layer(x, pos)
-                    continue
                 x = torch.cat((x[:, :k], x[:, k:] + pos), dim=1)
             x = layer(x)
         return x[:, :k], x[:, k:]
