@@ -27,7 +27,8 @@ the pure-reference path, images/s and peak memory; ``fused_fastteacher`` also fo
 frozen teacher's BNs, fuses its conv epilogues and stores it in bf16 (``Distiller(fold_teacher_bn=True,
 teacher_dtype=torch.bfloat16)``); ``_noepi`` without the epilogue fusion, ``_cl`` with the
 teacher in channels-last (``teacher_channels_last=True``), ``_graph`` with the teacher's forward
-replayed as a CUDA graph (``teacher_cuda_graph=True``).
+replayed as a CUDA graph (``teacher_cuda_graph=True``), ``_fpn`` with the student's residual
+adds fused into its LayerNorms (``tde.fuse_pos_norm = True``, forward and backward).
 
 Test ids carry ``<preset>-<withflip|noflip>-<path>`` (and ``b<batch>``/``<precision>`` in the
 function name), so ``-k`` selects e.g. ``"e2e and distilpose_s and withflip and cudagraph"``.
@@ -215,6 +216,8 @@ def _bench_train(benchmark, monkeypatch, device, student_preset, teacher_preset,
         monkeypatch.delenv(FORCE_REF, raising=False)
     torch.manual_seed(0)
     student = build_model(student_preset).to(device).train()
+    if path.endswith("_fpn"):  # the student's residual adds fused into its LayerNorms (fwd + bwd)
+        student.tde.fuse_pos_norm = True
     teacher = build_model(teacher_preset).to(device)
     cs, ct = _model_gmacs(student), _model_gmacs(teacher)
     # student forward + backward (~3x forward) and teacher forward, per image
@@ -225,7 +228,7 @@ def _bench_train(benchmark, monkeypatch, device, student_preset, teacher_preset,
         teacher_dtype=torch.bfloat16 if fast_teacher and precision == "bf16" else None,
         fuse_teacher_epilogues=not path.endswith("_noepi"),
         teacher_channels_last="_cl" in path,
-        teacher_cuda_graph=path.endswith("_graph"),
+        teacher_cuda_graph="_graph" in path,
     ).to(device)
     del teacher  # the distiller may hold a folded / cast copy
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
@@ -267,7 +270,7 @@ def _bench_train(benchmark, monkeypatch, device, student_preset, teacher_preset,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["reference", "fused", "fused_fastteacher", "fused_fastteacher_noepi",
-                                  "fused_fastteacher_cl", "fused_fastteacher_cl_graph"])
+                                  "fused_fastteacher_cl", "fused_fastteacher_cl_graph", "fused_fastteacher_cl_graph_fpn"])
 def test_e2e_train_distill_b64_bf16(benchmark, monkeypatch, cuda_device, path):
     """Distillation step: DistilPose-S + frozen TokenPose teacher, batch 64, bf16."""
     _bench_train(benchmark, monkeypatch, cuda_device, "distilpose_s", "tokenpose_teacher", 64, "bf16", path)
