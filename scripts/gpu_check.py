@@ -475,11 +475,15 @@ def stage_sanitizer(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
 
 
 def stage_profile(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
-    """tools/profile_ops.py: per-op wall time vs summed kernel time (torch.profiler)."""
+    """tools/profile_ops.py: per-op wall time vs summed kernel time (torch.profiler), and the
+    host functions behind the per-call time (cProfile). The tool rewrites its JSON after each
+    row, so a stage cut short keeps what was measured."""
     tmp = Path(tempfile.mkdtemp(prefix="distilpose-profile-")) / "profile.json"
     res = r.sh([PY, "tools/profile_ops.py", "--json", str(tmp)], limit)
-    rows = json.loads(tmp.read_text())["rows"] if tmp.exists() else None
-    return {"status": "ok" if res["rc"] == 0 and rows else "fail", "rows": rows, **_strip(res)}
+    data = json.loads(tmp.read_text()) if tmp.exists() else {}
+    rows = data.get("rows")
+    status = "ok" if res["rc"] == 0 and rows else ("partial" if rows else "fail")
+    return {"status": status, "rows": rows, "host": data.get("host"), **_strip(res)}
 
 
 def make_bench_stage(stage_name: str) -> Callable:
@@ -531,7 +535,8 @@ STAGES: List[Stage] = [
           run=make_bench_stage("bench-attention")),
     Stage("tests-ext", "pytest tests -m gpu (CUDA extension, export, the rest of the GPU tests)", 90, 20,
           run=stage_tests_ext),
-    Stage("profile", "tools/profile_ops.py: wall vs kernel time of each fused op", 60, 15, run=stage_profile),
+    Stage("profile", "tools/profile_ops.py: wall vs kernel time of each fused op; host time by function", 60, 15,
+          run=stage_profile),
     Stage("bench-heatmap", "Reg2HM+score loss N=256 fwd+bwd; targets N=64", 60, 20, run=make_bench_stage("bench-heatmap")),
     Stage("bench-decode", "soft-argmax N=256 GB/s", 45, 15, run=make_bench_stage("bench-decode")),
     Stage("sanitizer", "compute-sanitizer memcheck: the CUDA extension's GPU tests and the CUDA-graph tests", 90, 20,

@@ -7,13 +7,18 @@ of 20), the summed duration of the CUDA kernels one call launches (torch.profile
 kernels themselves, and the device-time bandwidth where the op's minimum bytes are known.
 A wall time far above the kernel time means the op is bound by Python / launch overhead at
 that size (a CUDA graph or torch.compile removes most of it); the reverse means the kernels
-themselves are slow. Needs a CUDA device; prints nothing useful without one.
+themselves are slow. Then (unless ``--no-host``) cProfile of the per-call ops: the host
+functions that take that wall time (ours, Triton's launcher, autograd, torch). The JSON is
+rewritten after every row, so a run cut short keeps what it measured.
+Needs a CUDA device; prints nothing useful without one.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -23,6 +28,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import distilpose_kernels as dk
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from distilpose.fileio import atomic_write  # noqa: E402
 
 
 def _wall(fn: Callable[[], object], n: int = 20) -> float:
@@ -52,6 +60,27 @@ def _kernels(fn: Callable[[], object], n: int = 10) -> Dict[str, float]:
             dur_us = ev.time_range.elapsed_us()
             out[ev.name] = out.get(ev.name, 0.0) + dur_us * 1e-6 / n
     return out
+
+
+def host_profile(fn: Callable[[], object], calls: int = 200, top: int = 14) -> List[dict]:
+    """cProfile ``calls`` back-to-back calls (one sync at the end): the functions with the most
+    own time, in us per call."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, func), (cc, nc, tt, ct, _) in st.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": f"{os.path.basename(file)}:{line}({func})", "calls_per_call": nc / calls,
+                     "own_us": tt / calls * 1e6, "cum_us": ct / calls * 1e6})
+    rows.sort(key=lambda r: -r["own_us"])
+    return rows[:top]
 
 
 def _with_env(var: str, value: str, fn: Callable[[], object]) -> Callable[[], object]:
@@ -127,13 +156,24 @@ def cases(dev: torch.device) -> List[tuple]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--no-host", action="store_true", help="skip the cProfile part")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_ops: no CUDA device; nothing to profile")
         return 0
     dev = torch.device("cuda")
     rows = []
-    for name, fn, nbytes in cases(dev):
+    report = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "rows": rows, "host": {}}
+
+    def save():
+        if args.json:
+            atomic_write(args.json, json.dumps(report, indent=1))
+
+    all_cases = cases(dev)
+    op_cases = [c for c in all_cases if not c[0].startswith("e2e")]
+    e2e_cases = [c for c in all_cases if c[0].startswith("e2e")]
+
+    def measure(name, fn, nbytes):
         wall = _wall(fn)
         ks = _kernels(fn)
         dev_t = sum(ks.values())
@@ -144,9 +184,22 @@ def main(argv=None) -> int:
         top = ", ".join(f"{kn[:60]} {v:.1f}" for kn, v in list(row["kernels"].items())[:6])
         print(f"{name:<38} wall {row['wall_us']:8.1f} us  kernels {row['kernel_us']:8.1f} us "
               f"({row['kernel_gbps'] or 0:7.0f} GB/s)  [{top}]", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        save()
+
+    for case in op_cases:
+        measure(*case)
+    if not args.no_host:  # before the slow end-to-end rows: a short stage limit keeps it
+        for name, fn, _ in op_cases:
+            if not name.startswith(("token_attention fwd+bwd", "simulated_heatmap_loss", "gaussian_heatmap_targets")):
+                continue
+            prof_rows = host_profile(fn)
+            report["host"][name] = prof_rows
+            print(f"host time, {name} (cProfile, us per call, own time):")
+            for r in prof_rows:
+                print(f"  {r['own_us']:8.1f} {r['calls_per_call']:6.1f}x  {r['function'][:90]}", flush=True)
+            save()
+    for case in e2e_cases:
+        measure(*case)
     return 0
 
 
