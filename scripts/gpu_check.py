@@ -541,7 +541,7 @@ STAGES: List[Stage] = [
     Stage("bench-decode", "soft-argmax N=256 GB/s", 45, 15, run=make_bench_stage("bench-decode")),
     Stage("sanitizer", "compute-sanitizer memcheck: the CUDA extension's GPU tests and the CUDA-graph tests", 90, 20,
           run=stage_sanitizer),
-    Stage("bench-e2e", "S batch-1 fp32 flip/no flip; S batch-256 bf16; distillation step", 150, 45,
+    Stage("bench-e2e", "S batch-1 fp32 flip/no flip; S batch-256 bf16; distillation step", 180, 45,
           run=make_bench_stage("bench-e2e")),
     Stage("bench-conv", "fused conv epilogue vs unfused at the Bottleneck's shapes (b256 bf16, b2 fp32)", 40, 10,
           run=make_bench_stage("bench-conv")),
