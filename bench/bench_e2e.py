@@ -107,7 +107,8 @@ def _model_gmacs(model) -> Optional[Dict[str, float]]:
         from distilpose.models.complexity import measure_complexity
 
         c = measure_complexity(model)
-        return {"gmacs_paper": c.gmacs_paper, "gmacs_full": c.gmacs_full, "params": c.params}
+        return {"gmacs_paper": c.gmacs_paper, "gmacs_full": c.gmacs_full, "params": c.params,
+                "act_melems": c.act_melems}
     except Exception:  # noqa: BLE001 - complexity is informative only
         return None
 
@@ -135,11 +136,15 @@ def _bench_infer(benchmark, monkeypatch, device, preset, flip, path, batch, prec
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     passes = 2 if flip == "withflip" else 1
-    # two-numbers floor inputs: conv/linear/attention FLOPs of every pass; the fewest bytes
-    # (weights read once as fp32, crops read once, keypoints written once)
+    # two-numbers floor inputs: conv/linear/attention FLOPs of every pass; bytes: weights read
+    # once, crops read once, keypoints written once, and every conv / linear / attention output
+    # written once and read once in the activation dtype (a layer-wise floor: only fusing
+    # whole layers together could go below it)
     flops = 2e9 * cx["gmacs_full"] * batch * passes if "gmacs_full" in cx else None
     n_weights = sum(p.numel() for p in engine.model.parameters())
-    nbytes = 4.0 * (n_weights + x.numel() + batch * engine.num_keypoints * 3)
+    act_size = 4.0 if precision == "fp32" else 2.0
+    act_bytes = 2 * act_size * 1e6 * cx.get("act_melems", 0.0) * batch * passes
+    nbytes = 4.0 * (n_weights + x.numel() + batch * engine.num_keypoints * 3) + act_bytes
     benchmark.group = f"e2e infer {preset} b{batch} {precision} {flip}"
     run_benchmark(
         benchmark, step, device=device, flops=flops, bytes_moved=nbytes,
