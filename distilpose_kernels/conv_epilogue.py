@@ -155,6 +155,15 @@ def conv2d_relu_reference(
 
 def _cudnn(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
            stride: List[int], padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    if torch.backends.cudnn.benchmark:
+        # cuDNN's heuristics plan, not a benchmark of every fused engine: several of those are
+        # compiled at run time (seconds each), and "auto" times the plan against the reference
+        # anyway
+        torch.backends.cudnn.benchmark = False  # only this flag: the others keep the caller's values
+        try:
+            return _cudnn(x, weight, bias, residual, stride, padding, dilation, groups)
+        finally:
+            torch.backends.cudnn.benchmark = True
     if residual is None:
         return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
     return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, groups)

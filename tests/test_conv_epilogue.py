@@ -484,3 +484,20 @@ def test_engine_fuses_the_pos_norm_step_by_default_and_not_under_compile():
     a, b = on(crops), off(crops)
     for k in a:  # the CPU runs the op's reference: the same ops as the unfused step
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_cudnn_call_arguments_and_benchmark_flag(monkeypatch):
+    """The fused path calls cuDNN's ops with ATen's argument order (z, alpha=1, bias), and runs
+    them with cudnn.benchmark off (heuristics plan), restoring the caller's flag."""
+    calls = []
+    monkeypatch.setattr(torch, "cudnn_convolution_relu",
+                        lambda *a: calls.append(("relu", a, torch.backends.cudnn.benchmark)) or "r")
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu",
+                        lambda *a: calls.append(("add_relu", a, torch.backends.cudnn.benchmark)) or "a")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    x, w, b, z = object(), object(), object(), object()
+    assert ce._cudnn(x, w, b, None, [2, 2], [1, 1], [1, 1], 1) == "r"
+    assert ce._cudnn(x, w, b, z, [1, 1], [0, 0], [1, 1], 2) == "a"
+    assert calls[0] == ("relu", (x, w, b, [2, 2], [1, 1], [1, 1], 1), False)
+    assert calls[1] == ("add_relu", (x, w, z, 1.0, b, [1, 1], [0, 0], [1, 1], 2), False)
+    assert torch.backends.cudnn.benchmark is True
