@@ -350,6 +350,11 @@ def soft_argmax(heatmaps: Tensor, beta: float = 1.0, *, backend: Optional[str] =
     if _resolve_backend("soft_argmax", heatmaps, backend) == "reference":
         coords, conf, _ = _soft_argmax_math(heatmaps, beta)
         return coords, conf
+    if not (heatmaps.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling():
+        # nothing to differentiate: skip the Python autograd kernel registered for the op
+        with torch._C._AutoDispatchBelowAutograd():
+            coords, conf, _ = torch.ops.distilpose.soft_argmax_fwd(heatmaps, beta)
+        return coords, conf
     coords, conf, _ = torch.ops.distilpose.soft_argmax_fwd(heatmaps, beta)
     return coords, conf
 

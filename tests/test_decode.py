@@ -623,3 +623,19 @@ def test_cuda_extension_built_when_expected():
     assert _ext.available("cuda"), "CUDA kernels expected on a GPU machine (build with FORCE_CUDA=1)"
     torch.library.opcheck(torch.ops.distilpose.soft_argmax_fwd.default,
                           (logits(2, 3, 8, 6).cuda().requires_grad_(True), 2.0))
+
+
+def test_soft_argmax_inference_path_skips_autograd_and_matches():
+    """Without anything to differentiate the op runs below the autograd key; same values, and
+    with grad enabled the autograd kernel still gives gradients."""
+    x = torch.randn(3, 5, 7, 6) * 2
+    with torch.no_grad():
+        c0, k0 = dk.soft_argmax(x.clone().requires_grad_())
+    c1, k1 = dk.soft_argmax(x)  # no requires_grad: the same below-autograd path
+    xg = x.clone().requires_grad_()
+    c2, k2 = dk.soft_argmax(xg)
+    assert c0.grad_fn is None and c1.grad_fn is None and c2.grad_fn is not None
+    for a, b in ((c0, c2), (c1, c2), (k0, k2), (k1, k2)):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+    c2.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
