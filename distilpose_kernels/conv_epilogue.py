@@ -180,9 +180,10 @@ def _agrees(got: Tensor, ref: Tensor) -> bool:
         tol = 5e-3
     else:
         tol = 1e-4
-    g, r = got.float(), ref.float()
-    scale = float(r.abs().max())
-    return float((g - r).abs().max()) <= tol * scale + 1e-6
+    # in the outputs' own dtype: no float32 copies of batch-256 activations (the difference's
+    # own rounding is far inside the tolerance)
+    scale = float(ref.abs().max())
+    return float((got - ref).abs().max()) <= tol * scale + 1e-6
 
 
 def _time_ms(fn: Callable[[], object], rounds: int = 3, reps: int = 5) -> float:

@@ -38,9 +38,10 @@ class Distiller(nn.Module):
 
     Frozen-teacher speed-ups (the teacher's forward is most of a distillation step):
     ``fold_teacher_bn`` folds its conv+BN pairs (exact up to rounding: the teacher is in eval
-    mode), and then, unless ``fuse_teacher_epilogues`` is False, fuses each conv's bias, residual
-    add and ReLU into the conv (``distilpose.fuse.fuse_conv_epilogues``); ``teacher_dtype`` (torch.bfloat16 / torch.float16) stores it in that dtype and runs
-    it on inputs cast to it, outside autocast (no per-op casts each step);
+    mode), and then, unless ``fuse_teacher_epilogues`` is False, fuses each conv's bias,
+    residual add and ReLU into the conv (``distilpose.fuse.fuse_conv_epilogues``);
+    ``teacher_dtype`` (torch.bfloat16 / torch.float16) stores it in that dtype and runs it on
+    inputs cast to it, outside autocast (no per-op casts each step);
     ``teacher_channels_last`` stores its conv weights channels-last (cuDNN's preferred layout
     for 16-bit convolutions; activations follow the weights); ``teacher_cuda_graph`` runs the
     teacher's forward as a CUDA graph, captured once per input shape / dtype / autocast state
