@@ -485,8 +485,9 @@ for p, prec in (("*bf16", "tf32"), ("*fp32", "ieee")):
     compile_(at._attn_bwd_dkdv_kernel, bwd, dict(qk_scale="fp32", sm_scale="fp32"), c, num_warps=4)
     compile_(at._attn_bwd_dq_kernel, bwd, dict(qk_scale="fp32", sm_scale="fp32"), c, num_warps=4)
 p = "*bf16"
-compile_(at._apln_fwd_kernel, dict(X=p, POS=p, W=p, B=p, XO=p, Y=p, Mean="*fp32", Rstd="*fp32"), dict(eps="fp32"),
-         dict(HAS_W=True, HAS_B=True, BLOCK_R=16, BLOCK_C=256))
+for has_pos, has_res in ((True, False), (True, True), (False, True)):
+    compile_(at._apln_fwd_kernel, dict(X=p, POS=p, W=p, B=p, XO=p, Y=p, Mean="*fp32", Rstd="*fp32", RES=p),
+             dict(eps="fp32"), dict(HAS_W=True, HAS_B=True, HAS_POS=has_pos, HAS_RES=has_res, BLOCK_R=16, BLOCK_C=256))
 compile_(at._apln_bwd_kernel, dict(DXO=p, DY=p, XO=p, W=p, Mean="*fp32", Rstd="*fp32", DX=p, DW="*fp32", DB="*fp32"),
          {}, dict(HAS_DXO=True, HAS_W=True, BLOCK_R=16, BLOCK_C=256))
 print("AOT-OK")
