@@ -28,7 +28,8 @@ frozen teacher's BNs, fuses its conv epilogues and stores it in bf16 (``Distille
 teacher_dtype=torch.bfloat16)``); ``_noepi`` without the epilogue fusion, ``_cl`` with the
 teacher in channels-last (``teacher_channels_last=True``), ``_graph`` with the teacher's forward
 replayed as a CUDA graph (``teacher_cuda_graph=True``), ``_fpn`` with the student's residual
-adds fused into its LayerNorms (``tde.fuse_pos_norm = True``, forward and backward).
+adds fused into its LayerNorms (``tde.fuse_pos_norm = True``, forward and backward), ``_scl``
+with the student and its input channels-last (the trainer's ``channels_last``).
 
 Test ids carry ``<preset>-<withflip|noflip>-<path>`` (and ``b<batch>``/``<precision>`` in the
 function name), so ``-k`` selects e.g. ``"e2e and distilpose_s and withflip and cudagraph"``.
@@ -220,24 +221,29 @@ def _bench_train(benchmark, monkeypatch, device, student_preset, teacher_preset,
     else:
         monkeypatch.delenv(FORCE_REF, raising=False)
     torch.manual_seed(0)
+    flags = set(path.split("_"))
     student = build_model(student_preset).to(device).train()
-    if path.endswith("_fpn"):  # the student's residual adds fused into its LayerNorms (fwd + bwd)
+    if "fpn" in flags:  # the student's residual adds fused into its LayerNorms (fwd + bwd)
         student.tde.fuse_pos_norm = True
+    if "scl" in flags:  # the student (and its input) channels-last, as the trainer's channels_last
+        student.to(memory_format=torch.channels_last)
     teacher = build_model(teacher_preset).to(device)
     cs, ct = _model_gmacs(student), _model_gmacs(teacher)
     # student forward + backward (~3x forward) and teacher forward, per image
     flops = 2e9 * (3 * cs["gmacs_full"] + ct["gmacs_full"]) * batch if cs and ct else None
-    fast_teacher = path.startswith("fused_fastteacher")
+    fast_teacher = "fastteacher" in flags
     distiller = Distiller(
         student, teacher, fold_teacher_bn=fast_teacher,
         teacher_dtype=torch.bfloat16 if fast_teacher and precision == "bf16" else None,
-        fuse_teacher_epilogues=not path.endswith("_noepi"),
-        teacher_channels_last="_cl" in path,
-        teacher_cuda_graph="_graph" in path,
+        fuse_teacher_epilogues="noepi" not in flags,
+        teacher_channels_last="cl" in flags,
+        teacher_cuda_graph="graph" in flags,
     ).to(device)
     del teacher  # the distiller may hold a folded / cast copy
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     data = _train_batch(batch, device)
+    if "scl" in flags:
+        data["img"] = data["img"].contiguous(memory_format=torch.channels_last)
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
 
     def step():
@@ -275,7 +281,8 @@ def _bench_train(benchmark, monkeypatch, device, student_preset, teacher_preset,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["reference", "fused", "fused_fastteacher", "fused_fastteacher_noepi",
-                                  "fused_fastteacher_cl", "fused_fastteacher_cl_graph", "fused_fastteacher_cl_graph_fpn"])
+                                  "fused_fastteacher_cl", "fused_fastteacher_cl_graph", "fused_fastteacher_cl_graph_fpn",
+                                  "fused_fastteacher_cl_graph_fpn_scl"])
 def test_e2e_train_distill_b64_bf16(benchmark, monkeypatch, cuda_device, path):
     """Distillation step: DistilPose-S + frozen TokenPose teacher, batch 64, bf16."""
     _bench_train(benchmark, monkeypatch, cuda_device, "distilpose_s", "tokenpose_teacher", 64, "bf16", path)
