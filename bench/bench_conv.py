@@ -1,5 +1,6 @@
-"""Fused conv epilogue benchmarks: ``conv2d_relu`` (conv + bias [+ residual] + ReLU) at the
-DistilPose-S backbone's shapes.
+"""Backbone fusion benchmarks: ``conv2d_relu`` (conv + bias [+ residual] + ReLU) at the
+DistilPose-S backbone's shapes, and ``upsample_sum`` (HRNet's multi-resolution sum + ReLU) at
+the teacher's highest-resolution fusion.
 
 Cases (``case`` in the id): ``b1x1res`` the Bottleneck's last conv (64 -> 256, 1x1, 64 x 48,
 with the residual add), ``b3x3`` its middle conv (64 -> 64, 3x3); batch 256 bf16 channels-last
@@ -96,3 +97,61 @@ def test_conv2d_relu_cpu(benchmark, case, impl):
         out = run_benchmark(benchmark, _fn(impl, args), device="cpu", flops=flops, bytes_moved=nbytes,
                             op="conv2d_relu", impl=impl, case=case, batch=2, dtype="float32")
     assert torch.isfinite(out).all() and (out >= 0).all()
+
+
+# HRNet-W48's highest-resolution fusion (stage 4): base 48 x 64 x 48 plus three terms already
+# brought to 48 channels by their 1x1 convs, at 1/2, 1/4 and 1/8 resolution; teacher batch 64
+UPSAMPLE_SCALES = [2, 4, 8]
+
+
+def _upsample_inputs(n, dtype, channels_last, device):
+    g = torch.Generator(device).manual_seed(0)
+    base = torch.randn(n, 48, 64, 48, generator=g, device=device).to(dtype)
+    terms = [torch.randn(n, 48, 64 // s, 48 // s, generator=g, device=device).to(dtype) for s in UPSAMPLE_SCALES]
+    if channels_last:
+        base = base.contiguous(memory_format=torch.channels_last)
+        terms = [t.contiguous(memory_format=torch.channels_last) for t in terms]
+    nbytes = sum(t.numel() * t.element_size() for t in (base, *terms)) + base.numel() * base.element_size()
+    return base, terms, nbytes
+
+
+def _eager_hr_sum(base, terms):
+    y = base
+    for t, s in zip(terms, UPSAMPLE_SCALES):
+        y = y + F.interpolate(t, scale_factor=s, mode="nearest")
+    return torch.relu(y)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_hr_sum():
+    return torch.compile(_eager_hr_sum, dynamic=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["fused", "eager", "compile"])
+@pytest.mark.parametrize("layout", ["cl", "nchw"])
+def test_upsample_sum_gpu(benchmark, layout, impl):
+    """HRNet fusion sum + ReLU, b64 bf16: the Triton op vs eager (upsample, add, add, add, relu)
+    vs torch.compile of it. Bytes: base and terms read once, output written once."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    base, terms, nbytes = _upsample_inputs(64, torch.bfloat16, layout == "cl", "cuda")
+    fn = {"fused": lambda: dk.upsample_sum(base, terms, UPSAMPLE_SCALES),
+          "eager": lambda: _eager_hr_sum(base, terms),
+          "compile": lambda: _compiled_hr_sum()(base, terms)}[impl]
+    benchmark.group = f"upsample_sum hrnet-w48 row0 b64 bf16 {layout}"
+    with torch.inference_mode():
+        out = run_benchmark(benchmark, fn, device="cuda", bytes_moved=nbytes, op="upsample_sum", impl=impl,
+                            layout=layout, batch=64, dtype="bfloat16")
+    assert torch.isfinite(out).all() and (out >= 0).all()
+
+
+@pytest.mark.parametrize("impl", ["eager", "op"])
+def test_upsample_sum_cpu(benchmark, impl):
+    base, terms, nbytes = _upsample_inputs(2, torch.float32, False, "cpu")
+    fn = _eager_hr_sum if impl == "eager" else (lambda b, t: dk.upsample_sum(b, t, UPSAMPLE_SCALES))
+    benchmark.group = "upsample_sum hrnet-w48 row0 cpu b2 fp32"
+    with torch.inference_mode():
+        out = run_benchmark(benchmark, lambda: fn(base, terms), device="cpu", bytes_moved=nbytes,
+                            op="upsample_sum", impl=impl, batch=2, dtype="float32")
+    assert torch.isfinite(out).all()

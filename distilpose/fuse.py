@@ -158,20 +158,39 @@ def _fusable_conv(m: nn.Module) -> bool:
             and not isinstance(m, ConvReLU2d))
 
 
+def _hr_fusion_foldable(mod: nn.Module) -> bool:
+    """Every upsampling term of the HRModule's fusion is Conv2d -> Identity (folded BN) ->
+    nearest Upsample by 2**(j - i): what ``HRModule.forward``'s fused branch assumes."""
+    for i, row in enumerate(mod.fuse_layers):
+        for j in range(mod.num_branches):
+            if j <= i:
+                continue
+            seq = row[j]
+            if not (isinstance(seq, nn.Sequential) and len(seq) == 3 and type(seq[0]) is nn.Conv2d
+                    and type(seq[1]) is nn.Identity and type(seq[2]) is nn.Upsample):
+                return False
+            up = seq[2]
+            if up.mode != "nearest" or up.size is not None or float(up.scale_factor) != float(2 ** (j - i)):
+                return False
+    return True
+
+
 def fuse_conv_epilogues(model: nn.Module, inplace: bool = False, backend: Optional[str] = None) -> nn.Module:
     """Fuse bias + residual add + ReLU into the convs of an eval-mode model with folded BNs.
 
     Handled: ``Bottleneck`` / ``BasicBlock`` (conv1/conv2 with ReLU, the last conv with the
-    residual add and ReLU), the ``StemNet`` / ``HRNet`` stem convs, and every ``nn.Sequential``
-    run of Conv2d -> (Identity)* -> ReLU (HRNet transitions and fusion downsamplers). A block
-    whose BatchNorms are not folded (``fuse_conv_bn_model`` first) is left as it is.
+    residual add and ReLU), the ``StemNet`` / ``HRNet`` stem convs, every ``nn.Sequential``
+    run of Conv2d -> (Identity)* -> ReLU (HRNet transitions and fusion downsamplers), and each
+    ``HRModule``'s multi-resolution sum + ReLU (``distilpose_kernels.upsample_sum``; not counted
+    as a conv). A block whose BatchNorms are not folded (``fuse_conv_bn_model`` first) is left
+    as it is.
     Returns the model (a deep copy unless ``inplace``); the number of fused convs is stored as
     ``model._distilpose_fused_epilogues``. ``backend``: for every ``ConvReLU2d`` (None = auto).
     For inference: the fused convs have no BatchNorm to train.
     """
     from distilpose_kernels import ConvReLU2d
 
-    from .models.backbones.hrnet import HRNet
+    from .models.backbones.hrnet import HRModule, HRNet
     from .models.backbones.resnet_blocks import BasicBlock, Bottleneck
     from .models.backbones.stemnet import StemNet
 
@@ -194,6 +213,9 @@ def fuse_conv_epilogues(model: nn.Module, inplace: bool = False, backend: Option
                     setattr(mod, conv, ConvReLU2d.from_conv(getattr(mod, conv), backend=backend))
                 mod.fused_epilogue = True
                 count += len(plan)
+        elif type(mod) is HRModule:
+            if not mod.fused_sum and mod.fuse_layers is not None and _hr_fusion_foldable(mod):
+                mod.fused_sum = True
         elif type(mod) is nn.Sequential:
             kids = list(mod)
             for i, m in enumerate(kids):

@@ -39,6 +39,8 @@ _LAZY = {
     "decode_heatmaps_reference": "decode",
     "flip_heatmaps": "decode",
     "SoftArgmax": "decode",
+    "upsample_sum": "multiscale",
+    "upsample_sum_reference": "multiscale",
     "conv2d_relu": "conv_epilogue",
     "conv2d_relu_reference": "conv_epilogue",
     "ConvReLU2d": "conv_epilogue",

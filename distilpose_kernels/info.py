@@ -26,6 +26,7 @@ TRITON_OPS = (
     "simulated_heatmap_loss",
     "render_gaussian_heatmaps",
     "gaussian_heatmap_targets",
+    "upsample_sum",
 )
 #: Ops backed by the compiled extension (distilpose_kernels/decode.py).
 EXTENSION_OPS = ("soft_argmax", "decode_heatmaps")

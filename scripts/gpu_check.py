@@ -76,7 +76,7 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
                   "(test_e2e_infer_b256_bf16 and distilpose_s and noflip and not compile) or "
                   "test_e2e_train_distill"),
     # fused conv epilogue (conv + bias [+ residual] + ReLU) at DistilPose-S's Bottleneck shapes
-    "bench-conv": ("bench/bench_conv.py", "test_conv2d_relu_gpu and not compile"),
+    "bench-conv": ("bench/bench_conv.py", "(test_conv2d_relu_gpu and not compile) or test_upsample_sum_gpu"),
     # lower priority: torch.compile variants of the S batch-1 case (compiles take a while)
     "bench-e2e-compile": ("bench/bench_e2e.py",
                           "test_e2e_infer_b1_fp32 and distilpose_s and withflip and compile"),
@@ -383,7 +383,7 @@ def _xdist_args(n: int) -> List[str]:
 
 
 #: test files whose Triton tests run on the GPU when one is present (DEV = "cuda")
-TRITON_TEST_FILES = ["tests/test_gpu_kernels.py", "tests/test_attention.py"]
+TRITON_TEST_FILES = ["tests/test_gpu_kernels.py", "tests/test_attention.py", "tests/test_multiscale.py"]
 
 
 def stage_tests_triton(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
@@ -543,7 +543,7 @@ STAGES: List[Stage] = [
           run=stage_sanitizer),
     Stage("bench-e2e", "S batch-1 fp32 flip/no flip; S batch-256 bf16; distillation step", 180, 45,
           run=make_bench_stage("bench-e2e")),
-    Stage("bench-conv", "fused conv epilogue vs unfused at the Bottleneck's shapes (b256 bf16, b2 fp32)", 40, 10,
+    Stage("bench-conv", "fused conv epilogue vs unfused (Bottleneck shapes); HRNet fusion sum vs eager / compile", 60, 10,
           run=make_bench_stage("bench-conv")),
     Stage("bench-e2e-compile", "S batch-1 flip fp32 with torch.compile (+ CUDA graph)", 120, 20,
           run=make_bench_stage("bench-e2e-compile")),
@@ -782,6 +782,20 @@ def evaluate_goals(benchmarks: List[dict], ceilings: Dict[str, float]) -> List[D
                     parts.append(f"{impl} {_median(unf) / _median(b):.2f}x ({_fmt_t(_median(b))}, {g:.0f} GB/s)")
             row(f"conv epilogue {case} {setting} vs unfused", "(report)",
                 f"unfused {_fmt_t(_median(unf))}; " + "; ".join(parts), "info")
+    ups = [b for b in benchmarks if "test_upsample_sum_gpu" in b["_file"]]
+    for layout in ("cl", "nchw"):
+        cs = select(ups, layout=layout)
+        eager = _fastest(select(cs, impl="eager"))
+        if not eager:
+            continue
+        parts = []
+        for impl in ("fused", "compile"):
+            b = _fastest(select(cs, impl=impl))
+            if b:
+                g = (_info(b, "bytes") or 0) / _median(b) / 1e9
+                parts.append(f"{impl} {_median(eager) / _median(b):.2f}x ({_fmt_t(_median(b))}, {g:.0f} GB/s)")
+        row(f"HRNet fusion sum b64 bf16 {layout} vs eager", "(report)",
+            f"eager {_fmt_t(_median(eager))}; " + "; ".join(parts), "info")
     return rows
 
 

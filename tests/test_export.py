@@ -372,11 +372,14 @@ def test_gpu_check_goal_table_from_results():
                     bytes=4e9),
         _fake_bench("c[b1x1res-b256_bf16_cl-auto]", 1.1e-3, impl="auto", case="b1x1res", setting="b256_bf16_cl",
                     bytes=4e9),
+        _fake_bench("u[cl-eager]", 3.0e-4, impl="eager", layout="cl", bytes=1e9),
+        _fake_bench("u[cl-fused]", 1.0e-4, impl="fused", layout="cl", bytes=1e9),
     ]
     for b in benches:
         suite = {"a": "attention-x.json bench/bench_attention.py::test_token_attention_gpu",
                  "p": "attention-x.json bench/bench_attention.py::test_add_pos_layernorm_gpu",
-                 "c": "conv-x.json bench/bench_conv.py::test_conv2d_relu_gpu"}
+                 "c": "conv-x.json bench/bench_conv.py::test_conv2d_relu_gpu",
+                 "u": "conv-x.json bench/bench_conv.py::test_upsample_sum_gpu"}
         b["_file"] = suite.get(b["name"][0], "e2e-x.json")
     rows = {r["goal"]: r for r in gc.evaluate_goals(benches, {"fp32_tflops": 50.0, "copy_gbps": 3000.0})}
     att = rows["attention B=64 bf16 fwd+bwd vs best SDPA (per call)"]
@@ -392,6 +395,8 @@ def test_gpu_check_goal_table_from_results():
     conv = rows["conv epilogue b1x1res b256_bf16_cl vs unfused"]
     assert conv["status"] == "info" and "cudnn 2.00x (1.000 ms, 4000 GB/s)" in conv["measured"]
     assert "auto 1.82x" in conv["measured"] and "conv epilogue b3x3 b256_bf16_cl vs unfused" not in rows
+    ups = rows["HRNet fusion sum b64 bf16 cl vs eager"]
+    assert ups["status"] == "info" and "fused 3.00x (0.100 ms, 10000 GB/s)" in ups["measured"]
 
 
 def test_gpu_check_dry_run_and_selections(capsys):

@@ -36,6 +36,7 @@ OPS = [
     "joint_mse_loss",
     "soft_argmax",
     "decode_heatmaps",
+    "upsample_sum",
     # conv2d_relu and ConvReLU2d both run through this one (the range covers both)
     "distilpose_kernels.conv_epilogue:_conv2d_relu",
 ]

@@ -6,6 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+import distilpose_kernels as dk
 from distilpose_kernels import annotate
 
 from .resnet_blocks import BN_MOMENTUM, BasicBlock, Bottleneck, conv3x3, make_layer
@@ -18,7 +19,15 @@ def _bn(c: int) -> nn.BatchNorm2d:
 
 
 class HRModule(nn.Module):
-    """Parallel branches followed by a multi-resolution fusion (mmpose HRModule)."""
+    """Parallel branches followed by a multi-resolution fusion (mmpose HRModule).
+
+    ``fused_sum`` (set by ``distilpose.fuse.fuse_conv_epilogues`` once the fusion BNs are
+    folded): each output branch is one ``distilpose_kernels.upsample_sum`` call, the
+    lower-resolution terms read at their own size instead of upsampled, added and ReLU'd in
+    separate passes. Same math.
+    """
+
+    fused_sum = False
 
     def __init__(
         self,
@@ -75,6 +84,18 @@ class HRModule(nn.Module):
             return [self.branches[0](x[0])]
         x = [branch(xi) for branch, xi in zip(self.branches, x)]
         out = []
+        if self.fused_sum:
+            for i, row in enumerate(self.fuse_layers):
+                terms, scales = [], []
+                for j in range(self.num_branches):
+                    if j > i:  # Sequential(conv, Identity (folded BN), Upsample): the conv only
+                        terms.append(row[j][0](x[j]))
+                        scales.append(2 ** (j - i))
+                    elif j < i:
+                        terms.append(row[j](x[j]))
+                        scales.append(1)
+                out.append(dk.upsample_sum(x[i], terms, scales, relu=True))
+            return out
         for i, row in enumerate(self.fuse_layers):
             y = x[i]
             for j in range(self.num_branches):
