@@ -76,7 +76,7 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
                   "(test_e2e_infer_b256_bf16 and distilpose_s and noflip and not compile) or "
                   "test_e2e_train_distill"),
     # fused conv epilogue (conv + bias [+ residual] + ReLU) at DistilPose-S's Bottleneck shapes
-    "bench-conv": ("bench/bench_conv.py", "(test_conv2d_relu_gpu and not compile) or test_upsample_sum_gpu"),
+    "bench-conv": ("bench/bench_conv.py", "(test_conv2d_relu_gpu or test_upsample_sum_gpu) and not compile"),
     # lower priority: torch.compile variants of the S batch-1 case (compiles take a while)
     "bench-e2e-compile": ("bench/bench_e2e.py",
                           "test_e2e_infer_b1_fp32 and distilpose_s and withflip and compile"),
