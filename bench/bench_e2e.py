@@ -16,7 +16,9 @@ ends in a sync). Paths compared (``path`` in the test id and ``extra_info["path"
   TF32 matmuls; TF32 cases are reported but not counted for the fp32 goal;
 - every folded path also fuses each conv's bias, residual add and ReLU into the conv
   (``InferenceEngine(fuse_epilogues=...)``, on by default with folding, off under compile);
-  ``*_noepi`` is the same path without that, to show what it buys;
+  ``*_noepi`` is the same path without that, to show what it buys; ``compile_cudagraph_ops``
+  (DistilPose-S, batch 1 fp32) keeps our fused epilogue / norm / HRNet-sum ops under
+  ``torch.compile`` (opaque custom ops) instead of leaving those fusions to Inductor;
 - ``fused_cast`` / ``cudagraph_cast`` (bf16 only): the model stored in bf16 and run without
   autocast (``InferenceEngine(cast_model=True)``): no per-op casts, bf16 LayerNorm storage;
   ``cudagraph_cast_cl`` also channels-last (cuDNN's preferred layout for bf16 convolutions).
@@ -82,7 +84,8 @@ def _engine(model, device, path: str, flip: str, precision: str) -> InferenceEng
         precision=precision,
         flip_test=flip == "withflip",
         fold_bn=path not in ("reference", "cudagraph_nofold"),
-        fuse_epilogues=False if path.endswith("_noepi") else None,
+        fuse_epilogues=False if path.endswith("_noepi") else (True if path.endswith("_ops") else None),
+        fuse_pos_norm=True if path.endswith("_ops") else None,
         cast_model="_cast" in path,
         channels_last="_cl" in path,
         compile="compile" in path,
@@ -179,7 +182,8 @@ def cuda_device():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "preset,flip,path",
-    _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32", "cudagraph_noepi")],
+    _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32", "cudagraph_noepi",
+                                                                    "compile_cudagraph_ops")],
 )
 def test_e2e_infer_b1_fp32(benchmark, monkeypatch, cuda_device, preset, flip, path):
     """The paper's setting: batch 1, fp32, flip test on/off."""

@@ -501,3 +501,22 @@ def test_cudnn_call_arguments_and_benchmark_flag(monkeypatch):
     assert calls[0] == ("relu", (x, w, b, [2, 2], [1, 1], [1, 1], 1), False)
     assert calls[1] == ("add_relu", (x, w, z, 1.0, b, [1, 1], [0, 0], [1, 1], 2), False)
     assert torch.backends.cudnn.benchmark is True
+
+
+@pytest.mark.parametrize("preset", ["distilpose_tiny", "tokenpose_tiny"])
+def test_fully_fused_model_compiles_without_graph_breaks(preset):
+    """Folded + epilogue-fused + fused-norm model (ConvReLU2d, add_pos_layernorm with residual,
+    upsample_sum) traces with fullgraph=True and gives the eager outputs."""
+    from distilpose.fuse import fuse_conv_bn_model, fuse_conv_epilogues
+    from distilpose.models import build_model
+
+    model = build_model(preset).eval()
+    model.check_finite = False
+    fused = fuse_conv_epilogues(fuse_conv_bn_model(model))
+    fused.tde.fuse_pos_norm = True
+    x = torch.randn(2, 3, *model.input_size)
+    with torch.no_grad():
+        got = torch.compile(fused, backend="aot_eager", fullgraph=True)(x)
+        want = fused(x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
