@@ -533,7 +533,7 @@ STAGES: List[Stage] = [
     Stage("info", "python -m distilpose_kernels.info (what each op dispatches to)", 30, 5, run=stage_info),
     Stage("bench-attention", "token attention B=64 bf16 fwd / fwd+bwd: fused vs einsum vs SDPA", 75, 20,
           run=make_bench_stage("bench-attention")),
-    Stage("tests-ext", "pytest tests -m gpu (CUDA extension, export, the rest of the GPU tests)", 90, 20,
+    Stage("tests-ext", "pytest tests -m gpu (CUDA extension, export, the rest of the GPU tests)", 120, 20,
           run=stage_tests_ext),
     Stage("profile", "tools/profile_ops.py: wall vs kernel time of each fused op; host time by function", 60, 15,
           run=stage_profile),
