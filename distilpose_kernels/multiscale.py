@@ -133,10 +133,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (out,) = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_terms = [bool(need[1])] * len(ctx.term_shapes)
+    need = ctx.needs_input_grad  # (bool, [bool per term], ...): torch.library unflattens it
+    need_terms = list(need[1]) if isinstance(need[1], (list, tuple)) else [bool(need[1])] * len(ctx.term_shapes)
     g, grads = _backward_math(grad, out, ctx.term_shapes, ctx.scales, ctx.relu, need_terms)
-    return (g if need[0] else None), (grads if need[1] else None), None, None
+    # the structure of the inputs: a list per term; an int list is one leaf (None), unless empty
+    return (g if need[0] else None), grads, (None if ctx.scales else []), None
 
 
 _upsample_sum_op.register_autograd(_backward, setup_context=_setup_context)

@@ -167,3 +167,17 @@ def test_upsample_sum_kernel_compiles_for_sm90_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and "AOT-OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_upsample_sum_gradients_edge_cases():
+    """No term; only some terms requiring gradients; relu=False (sum pooling of the full grad)."""
+    b = torch.randn(1, 2, 4, 4, device=DEV, requires_grad=True)
+    dk.upsample_sum(b, [], [], backend="triton").sum().backward()
+    torch.testing.assert_close(b.grad, (b > 0).to(b.dtype))
+    frozen, trained = torch.randn(1, 2, 2, 2, device=DEV), torch.randn(1, 2, 4, 4, device=DEV, requires_grad=True)
+    b.grad = None
+    dk.upsample_sum(b, [frozen, trained], [2, 1], backend="triton").sum().backward()
+    assert frozen.grad is None and trained.grad is not None and b.grad is not None
+    t = torch.randn(1, 2, 2, 2, device=DEV, requires_grad=True)
+    dk.upsample_sum(torch.randn(1, 2, 4, 4, device=DEV), [t], [2], relu=False, backend="triton").sum().backward()
+    torch.testing.assert_close(t.grad, torch.full_like(t, 4.0))
