@@ -180,6 +180,38 @@ def test_add_pos_layernorm_gpu(benchmark, impl, batch, dtype, mode):
     run_benchmark(benchmark, fn, device=dev, bytes_moved=nbytes, impl=impl, batch=batch, dtype=dtype, mode=mode)
 
 
+def _linear_gelu_eager(x, w, b):
+    return F.gelu(F.linear(x, w, b))
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_gelu_compiled():
+    return torch.compile(_linear_gelu_eager, dynamic=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 256])
+@pytest.mark.parametrize("impl", ["fused", "auto", "eager", "compile"])
+def test_linear_gelu_gpu(benchmark, impl, batch):
+    """The TDE MLP's fc1 + GELU (192 -> 576), forward: the Triton kernel (``fused``), what the
+    model runs (``auto``: the timed choice), cuBLAS + GELU (``eager``) and torch.compile of it.
+    Batch 256 bf16 (throughput) and batch 1 with the flip test (2 crops) fp32. Bytes: x and the
+    weights read once, the output written once."""
+    dev = torch.device("cuda")
+    n, dt = (256, torch.bfloat16) if batch == 256 else (2, torch.float32)
+    x = torch.randn(n, L, C, device=dev, dtype=dt)
+    w = torch.randn(3 * C, C, device=dev, dtype=dt) / C ** 0.5
+    b = torch.randn(3 * C, device=dev, dtype=dt)
+    f = {"fused": lambda: dk.linear_gelu(x, w, b, backend="triton"), "auto": lambda: dk.linear_gelu(x, w, b),
+         "eager": lambda: _linear_gelu_eager(x, w, b), "compile": lambda: _linear_gelu_compiled()(x, w, b)}[impl]
+    benchmark.group = f"linear_gelu fwd {str(dt).replace('torch.', '')} B={n}"
+    elt = x.element_size()
+    nbytes = (x.numel() + w.numel() + b.numel() + n * L * 3 * C) * elt
+    with torch.inference_mode():
+        run_benchmark(benchmark, f, device=dev, bytes_moved=nbytes, flops=2.0 * n * L * C * 3 * C, impl=impl,
+                      batch=n, dtype=str(dt).replace("torch.", ""), op="linear_gelu")
+
+
 # ----------------------------------------------------------------------------- CPU case
 
 

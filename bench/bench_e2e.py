@@ -86,6 +86,7 @@ def _engine(model, device, path: str, flip: str, precision: str) -> InferenceEng
         fold_bn=path not in ("reference", "cudagraph_nofold"),
         fuse_epilogues=False if path.endswith("_noepi") else (True if path.endswith("_ops") else None),
         fuse_pos_norm=True if path.endswith("_ops") else None,
+        fuse_mlp=True if path.endswith("_ops") else None,
         cast_model="_cast" in path,
         channels_last="_cl" in path,
         compile="compile" in path,

@@ -154,6 +154,9 @@ class InferenceEngine:
             steps as one fused op (``distilpose_kernels.add_pos_layernorm``) instead of add,
             slice-add, cat and LayerNorm (8 instead of 12 kernels per layer). Default: on unless
             ``compile`` (Inductor fuses those itself).
+        fuse_mlp: run each TDE MLP's fc1 + bias + GELU as one kernel
+            (``distilpose_kernels.linear_gelu``, used on CUDA where it is timed faster than
+            cuBLAS + GELU). Default: on unless ``compile``.
         attention_backend: set on every module with a ``backend`` attribute (the TDE's
             attention): None/"auto", "reference" or "triton".
         compile: ``torch.compile`` the step (``compile_mode``, e.g. "default", "max-autotune-no-cudagraphs").
@@ -179,6 +182,7 @@ class InferenceEngine:
         fuse_epilogues: Optional[bool] = None,
         channels_last: bool = False,
         fuse_pos_norm: Optional[bool] = None,
+        fuse_mlp: Optional[bool] = None,
         attention_backend: Optional[str] = None,
         compile: bool = False,
         compile_mode: Optional[str] = None,
@@ -217,9 +221,12 @@ class InferenceEngine:
 
             model = fuse_conv_epilogues(model, inplace=True)
         self.fuse_pos_norm = (not compile) if fuse_pos_norm is None else bool(fuse_pos_norm)
+        self.fuse_mlp = (not compile) if fuse_mlp is None else bool(fuse_mlp)
         for m in model.modules():
             if hasattr(m, "fuse_pos_norm"):
                 m.fuse_pos_norm = self.fuse_pos_norm
+            if hasattr(m, "fuse_gelu"):
+                m.fuse_gelu = self.fuse_mlp
         if attention_backend is not None:
             _set_attention_backend(model, None if attention_backend == "auto" else attention_backend)
         if hasattr(model, "check_finite"):

@@ -39,6 +39,8 @@ _LAZY = {
     "decode_heatmaps_reference": "decode",
     "flip_heatmaps": "decode",
     "SoftArgmax": "decode",
+    "linear_gelu": "mlp",
+    "linear_gelu_reference": "mlp",
     "upsample_sum": "multiscale",
     "upsample_sum_reference": "multiscale",
     "conv2d_relu": "conv_epilogue",

@@ -27,6 +27,7 @@ TRITON_OPS = (
     "render_gaussian_heatmaps",
     "gaussian_heatmap_targets",
     "upsample_sum",
+    "linear_gelu",
 )
 #: Ops backed by the compiled extension (distilpose_kernels/decode.py).
 EXTENSION_OPS = ("soft_argmax", "decode_heatmaps")
@@ -87,6 +88,7 @@ SWITCHES = (
     ("DISTILPOSE_ATTN_AUTOTUNE", "1", "autotune the attention kernels' blocks on the GPU"),
     ("DISTILPOSE_HEATMAP_AUTOTUNE", "1", "time the loss forward's launch shapes on the GPU"),
     ("DISTILPOSE_CONV_EPILOGUE_AUTOTUNE", "1", "time cuDNN's fused conv epilogue against the unfused ops on the GPU"),
+    ("DISTILPOSE_LINEAR_GELU_AUTOTUNE", "1", "time the fused fc1+GELU kernel against cuBLAS + GELU on the GPU"),
     ("DISTILPOSE_SOFTARGMAX_VEC", "0", "vectorised CUDA soft-argmax forward (opt-in, not yet run on a GPU)"),
     ("DISTILPOSE_NVTX", "0", "NVTX ranges around ops and model stages (read at import)"),
 )

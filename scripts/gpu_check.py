@@ -57,7 +57,8 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
     # token attention: B=64 bf16, fwd and fwdbwd; fused vs eager einsum vs every SDPA backend (per call)
     "bench-attention": ("bench/bench_attention.py",
                         "(test_token_attention_gpu and 64 and bf16 and (fused or eager or sdpa) and not cudagraph) or "
-                        "(test_add_pos_layernorm_gpu and 64 and bf16 and (fused or eager))"),
+                        "(test_add_pos_layernorm_gpu and 64 and bf16 and (fused or eager)) or "
+                        "(test_linear_gelu_gpu and not compile)"),
     # Reg2HM + score loss fwd+bwd N=256 (fused / eager / compile, fp32 teacher); targets N=64
     "bench-heatmap": ("bench/bench_heatmap.py",
                       "(test_loss_fwd_bwd_gpu and 256 and fp32 and not cudagraph) or (test_targets and unbiased)"),
@@ -383,7 +384,8 @@ def _xdist_args(n: int) -> List[str]:
 
 
 #: test files whose Triton tests run on the GPU when one is present (DEV = "cuda")
-TRITON_TEST_FILES = ["tests/test_gpu_kernels.py", "tests/test_attention.py", "tests/test_multiscale.py"]
+TRITON_TEST_FILES = ["tests/test_gpu_kernels.py", "tests/test_attention.py", "tests/test_multiscale.py",
+                     "tests/test_mlp.py"]
 
 
 def stage_tests_triton(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
@@ -795,6 +797,19 @@ def evaluate_goals(benchmarks: List[dict], ceilings: Dict[str, float]) -> List[D
                 g = (_info(b, "bytes") or 0) / _median(b) / 1e9
                 parts.append(f"{impl} {_median(eager) / _median(b):.2f}x ({_fmt_t(_median(b))}, {g:.0f} GB/s)")
         row(f"HRNet fusion sum b64 bf16 {layout} vs eager", "(report)",
+            f"eager {_fmt_t(_median(eager))}; " + "; ".join(parts), "info")
+    lg = [b for b in benchmarks if "test_linear_gelu_gpu" in b["_file"]]
+    for n in (256, 2):
+        cs = select(lg, batch=n)
+        eager = _fastest(select(cs, impl="eager"))
+        if not eager:
+            continue
+        parts = []
+        for impl in ("fused", "auto", "compile"):
+            b = _fastest(select(cs, impl=impl))
+            if b:
+                parts.append(f"{impl} {_median(eager) / _median(b):.2f}x ({_fmt_t(_median(b))})")
+        row(f"TDE fc1+GELU B={_info(eager, 'batch')} {_info(eager, 'dtype')} vs cuBLAS+GELU", "(report)",
             f"eager {_fmt_t(_median(eager))}; " + "; ".join(parts), "info")
     return rows
 

@@ -462,7 +462,8 @@ def test_gpu_engine_with_fused_epilogues_matches(preset):
     model = build_model(preset).eval()
     _random_bn_stats(model)
     crops = torch.randn(4, 3, *model.input_size, device="cuda")
-    a = InferenceEngine(model, device="cuda", fold_bn=True, fuse_epilogues=False, fuse_pos_norm=False)(crops)
+    a = InferenceEngine(model, device="cuda", fold_bn=True, fuse_epilogues=False, fuse_pos_norm=False,
+                        fuse_mlp=False)(crops)
     b = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True, precision="bf16",
                         cast_model=True, channels_last=True)(crops)
     c = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True)(crops)
@@ -480,7 +481,10 @@ def test_engine_fuses_the_pos_norm_step_by_default_and_not_under_compile():
     on = InferenceEngine(model)
     off = InferenceEngine(model, fuse_pos_norm=False)
     assert on.model.tde.fuse_pos_norm and not off.model.tde.fuse_pos_norm and not model.tde.fuse_pos_norm
-    assert not InferenceEngine(model, compile=True).model.tde.fuse_pos_norm
+    assert all(layer.mlp.fuse_gelu for layer in on.model.tde.layers) and on.fuse_mlp
+    assert not any(layer.mlp.fuse_gelu for layer in model.tde.layers)
+    compiled = InferenceEngine(model, compile=True)
+    assert not compiled.model.tde.fuse_pos_norm and not compiled.model.tde.layers[0].mlp.fuse_gelu
     a, b = on(crops), off(crops)
     for k in a:  # the CPU runs the op's reference: the same ops as the unfused step
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -514,6 +518,8 @@ def test_fully_fused_model_compiles_without_graph_breaks(preset):
     model.check_finite = False
     fused = fuse_conv_epilogues(fuse_conv_bn_model(model))
     fused.tde.fuse_pos_norm = True
+    for layer in fused.tde.layers:
+        layer.mlp.fuse_gelu = True
     x = torch.randn(2, 3, *model.input_size)
     with torch.no_grad():
         got = torch.compile(fused, backend="aot_eager", fullgraph=True)(x)

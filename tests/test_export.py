@@ -374,12 +374,15 @@ def test_gpu_check_goal_table_from_results():
                     bytes=4e9),
         _fake_bench("u[cl-eager]", 3.0e-4, impl="eager", layout="cl", bytes=1e9),
         _fake_bench("u[cl-fused]", 1.0e-4, impl="fused", layout="cl", bytes=1e9),
+        _fake_bench("g[eager-256]", 2.0e-4, impl="eager", batch=256, dtype="bfloat16"),
+        _fake_bench("g[auto-256]", 1.0e-4, impl="auto", batch=256, dtype="bfloat16"),
     ]
     for b in benches:
         suite = {"a": "attention-x.json bench/bench_attention.py::test_token_attention_gpu",
                  "p": "attention-x.json bench/bench_attention.py::test_add_pos_layernorm_gpu",
                  "c": "conv-x.json bench/bench_conv.py::test_conv2d_relu_gpu",
-                 "u": "conv-x.json bench/bench_conv.py::test_upsample_sum_gpu"}
+                 "u": "conv-x.json bench/bench_conv.py::test_upsample_sum_gpu",
+                 "g": "attention-x.json bench/bench_attention.py::test_linear_gelu_gpu"}
         b["_file"] = suite.get(b["name"][0], "e2e-x.json")
     rows = {r["goal"]: r for r in gc.evaluate_goals(benches, {"fp32_tflops": 50.0, "copy_gbps": 3000.0})}
     att = rows["attention B=64 bf16 fwd+bwd vs best SDPA (per call)"]
@@ -395,6 +398,8 @@ def test_gpu_check_goal_table_from_results():
     conv = rows["conv epilogue b1x1res b256_bf16_cl vs unfused"]
     assert conv["status"] == "info" and "cudnn 2.00x (1.000 ms, 4000 GB/s)" in conv["measured"]
     assert "auto 1.82x" in conv["measured"] and "conv epilogue b3x3 b256_bf16_cl vs unfused" not in rows
+    lg = rows["TDE fc1+GELU B=256 bfloat16 vs cuBLAS+GELU"]
+    assert lg["status"] == "info" and "auto 2.00x" in lg["measured"]
     ups = rows["HRNet fusion sum b64 bf16 cl vs eager"]
     assert ups["status"] == "info" and "fused 3.00x (0.100 ms, 10000 GB/s)" in ups["measured"]
 

@@ -37,6 +37,7 @@ OPS = [
     "soft_argmax",
     "decode_heatmaps",
     "upsample_sum",
+    "linear_gelu",
     # conv2d_relu and ConvReLU2d both run through this one (the range covers both)
     "distilpose_kernels.conv_epilogue:_conv2d_relu",
 ]

@@ -54,6 +54,11 @@ class TokenAttentionBlock(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1 -> GELU (erf) -> fc2. ``fuse_gelu``: fc1's bias and the GELU run in the GEMM's
+    epilogue (``distilpose_kernels.linear_gelu``); same math, set by InferenceEngine."""
+
+    fuse_gelu = False
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -61,6 +66,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse_gelu:
+            return self.fc2(dk.linear_gelu(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
 

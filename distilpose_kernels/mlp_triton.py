@@ -1,0 +1,105 @@
+"""Triton kernel for ``linear_gelu`` (imported only when the Triton path runs).
+
+y = gelu_erf(x @ w^T + b): a tiled GEMM (fp32 accumulation) whose epilogue adds the bias and
+applies the exact (erf) GELU before the single store, so the pre-activation never goes to
+memory. Grouped program order for L2 reuse of x tiles.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import cdiv, triton_interpret
+
+_INTERPRET = triton_interpret()
+
+
+class GemmTile(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+DEFAULT_TILE = GemmTile(128, 64, 64, 4, 3)
+#: tests pin a small tile (the interpreter is slow)
+TILE_OVERRIDE: Optional[GemmTile] = None
+#: output allocator (tests swap in a NaN-filled one)
+_new_output = torch.empty
+
+
+@triton.jit
+def _linear_gelu_kernel(
+    X, Wt, B, Y,
+    M, N, K,
+    sxm, sxk, swn, swk, sym, syn,
+    HAS_B: tl.constexpr, GELU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    pid_n = (pid % in_group) // group_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        a = tl.load(X + rm.to(tl.int64)[:, None] * sxm + (k0 + rk)[None, :] * sxk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(Wt + (k0 + rk)[:, None] * swk + rn[None, :] * swn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:  # the CPU interpreter multiplies bfloat16 operands wrongly
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, b, input_precision=PRECISION)
+    if HAS_B:
+        acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    tl.store(Y + rm.to(tl.int64)[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: full-precision dots unless the user allowed TF32 for matmuls (torch's own switch)
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def linear_gelu_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        gelu: bool = True) -> torch.Tensor:
+    """x2 (M, K) any strides, weight (N, K), bias (N,) or None -> (M, N) in x2's dtype."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    y = _new_output((m, n), device=x2.device, dtype=x2.dtype)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:  # nothing to sum: gelu(bias)
+        z = (bias.float() if bias is not None else torch.zeros(n, device=x2.device)).expand(m, n)
+        y.copy_(torch.nn.functional.gelu(z) if gelu else z)
+        return y
+    t = TILE_OVERRIDE or DEFAULT_TILE
+    grid = (cdiv(m, t.block_m) * cdiv(n, t.block_n),)
+    _linear_gelu_kernel[grid](
+        x2, weight, bias if bias is not None else weight, y,
+        m, n, k,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        HAS_B=bias is not None, GELU=bool(gelu), PRECISION=_precision(x2.dtype),
+        UPCAST=_INTERPRET and x2.dtype == torch.bfloat16,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=8,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return y
