@@ -16,7 +16,8 @@ ends in a sync). Paths compared (``path`` in the test id and ``extra_info["path"
   TF32 matmuls; TF32 cases are reported but not counted for the fp32 goal;
 - every folded path also fuses each conv's bias, residual add and ReLU into the conv
   (``InferenceEngine(fuse_epilogues=...)``, on by default with folding, off under compile);
-  ``*_noepi`` is the same path without that, to show what it buys; ``compile_cudagraph_ops``
+  ``*_noepi`` is the same path without that, to show what it buys; ``*_plain`` also without
+  the TDE fusions (``fuse_pos_norm``, ``fuse_mlp``); ``compile_cudagraph_ops``
   (DistilPose-S, batch 1 fp32) keeps our fused epilogue / norm / HRNet-sum ops under
   ``torch.compile`` (opaque custom ops) instead of leaving those fusions to Inductor;
 - ``fused_cast`` / ``cudagraph_cast`` (bf16 only): the model stored in bf16 and run without
@@ -84,9 +85,9 @@ def _engine(model, device, path: str, flip: str, precision: str) -> InferenceEng
         precision=precision,
         flip_test=flip == "withflip",
         fold_bn=path not in ("reference", "cudagraph_nofold"),
-        fuse_epilogues=False if path.endswith("_noepi") else (True if path.endswith("_ops") else None),
-        fuse_pos_norm=True if path.endswith("_ops") else None,
-        fuse_mlp=True if path.endswith("_ops") else None,
+        fuse_epilogues=False if path.endswith(("_noepi", "_plain")) else (True if path.endswith("_ops") else None),
+        fuse_pos_norm=False if path.endswith("_plain") else (True if path.endswith("_ops") else None),
+        fuse_mlp=False if path.endswith("_plain") else (True if path.endswith("_ops") else None),
         cast_model="_cast" in path,
         channels_last="_cl" in path,
         compile="compile" in path,
@@ -184,7 +185,7 @@ def cuda_device():
 @pytest.mark.parametrize(
     "preset,flip,path",
     _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32", "cudagraph_noepi",
-                                                                    "compile_cudagraph_ops")],
+                                                                    "cudagraph_plain", "compile_cudagraph_ops")],
 )
 def test_e2e_infer_b1_fp32(benchmark, monkeypatch, cuda_device, preset, flip, path):
     """The paper's setting: batch 1, fp32, flip test on/off."""
@@ -202,7 +203,7 @@ def test_e2e_infer_b1_bf16(benchmark, monkeypatch, cuda_device, preset, flip, pa
     "preset,flip,path",
     [(p, f, path) for p in GPU_PRESETS for f in ("noflip", "withflip")
      for path in ("reference", "fused", "compile", "cudagraph", "fused_cast", "cudagraph_cast", "cudagraph_cast_cl",
-                  "cudagraph_cast_cl_noepi")],
+                  "cudagraph_cast_cl_noepi", "cudagraph_cast_cl_plain")],
 )
 def test_e2e_infer_b256_bf16(benchmark, monkeypatch, cuda_device, preset, flip, path):
     """Throughput: batch 256, bf16 autocast (``*_cast``: bf16 weights, no autocast)."""
