@@ -74,8 +74,9 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
     # end to end: S batch 1 fp32 with/without flip; S batch 256 bf16; the distillation step
     "bench-e2e": ("bench/bench_e2e.py",
                   "(test_e2e_infer_b1_fp32 and distilpose_s and not compile) or "
-                  "(test_e2e_infer_b256_bf16 and distilpose_s and noflip and not compile) or "
-                  "test_e2e_train_distill"),
+                  "(test_e2e_infer_b256_bf16 and distilpose_s and noflip and not compile)"),
+    # the distillation step (its own stage and JSON: a stage cut short loses only its own cases)
+    "bench-e2e-train": ("bench/bench_e2e.py", "test_e2e_train_distill"),
     # fused conv epilogue (conv + bias [+ residual] + ReLU) at DistilPose-S's Bottleneck shapes
     "bench-conv": ("bench/bench_conv.py", "(test_conv2d_relu_gpu or test_upsample_sum_gpu) and not compile"),
     # lower priority: torch.compile variants of the S batch-1 case (compiles take a while)
@@ -537,18 +538,20 @@ STAGES: List[Stage] = [
           run=make_bench_stage("bench-attention")),
     Stage("tests-ext", "pytest tests -m gpu (CUDA extension, export, the rest of the GPU tests)", 120, 20,
           run=stage_tests_ext),
-    Stage("profile", "tools/profile_ops.py: wall vs kernel time of each fused op; host time by function", 60, 15,
-          run=stage_profile),
     Stage("bench-heatmap", "Reg2HM+score loss N=256 fwd+bwd; targets N=64", 60, 20, run=make_bench_stage("bench-heatmap")),
     Stage("bench-decode", "soft-argmax N=256 GB/s", 45, 15, run=make_bench_stage("bench-decode")),
     Stage("sanitizer", "compute-sanitizer memcheck: the CUDA extension's GPU tests and the CUDA-graph tests", 90, 20,
           run=stage_sanitizer),
-    Stage("bench-e2e", "S batch-1 fp32 flip/no flip; S batch-256 bf16; distillation step", 180, 45,
+    Stage("bench-e2e", "S batch-1 fp32 flip/no flip; S batch-256 bf16 (fused paths vs reference and plain)", 150, 45,
           run=make_bench_stage("bench-e2e")),
-    Stage("bench-conv", "fused conv epilogue vs unfused (Bottleneck shapes); HRNet fusion sum vs eager / compile", 60, 10,
-          run=make_bench_stage("bench-conv")),
+    Stage("bench-e2e-train", "distillation step b64 bf16: reference, fused, frozen-teacher variants", 120, 30,
+          run=make_bench_stage("bench-e2e-train")),
     Stage("bench-e2e-compile", "S batch-1 flip fp32 with torch.compile (+ CUDA graph)", 120, 20,
           run=make_bench_stage("bench-e2e-compile")),
+    Stage("profile", "tools/profile_ops.py: wall vs kernel time of each fused op; host time by function", 60, 15,
+          run=stage_profile),
+    Stage("bench-conv", "fused conv epilogue vs unfused (Bottleneck shapes); HRNet fusion sum vs eager / compile", 60, 10,
+          run=make_bench_stage("bench-conv")),
     Stage("tests-rest", "the rest of the suite on the GPU machine (pytest tests -m 'not gpu')", 150, 20,
           run=stage_tests_rest),
 ]
