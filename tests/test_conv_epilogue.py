@@ -368,8 +368,10 @@ def test_distiller_fuses_the_frozen_teachers_epilogues():
     student, teacher = build_model("distilpose_tiny"), build_model("tokenpose_tiny")
     d = Distiller(student, teacher, fold_teacher_bn=True)
     assert d.teacher._distilpose_fused_epilogues > 0
+    assert d.teacher.tde.fuse_pos_norm and all(layer.mlp.fuse_gelu for layer in d.teacher.tde.layers)
+    assert not teacher.tde.fuse_pos_norm  # the caller's teacher is untouched
     plain = Distiller(copy.deepcopy(student), teacher, fold_teacher_bn=True, fuse_teacher_epilogues=False)
-    assert not any(isinstance(m, dk.ConvReLU2d) for m in plain.teacher.modules())
+    assert not any(isinstance(m, dk.ConvReLU2d) for m in plain.teacher.modules()) and not plain.teacher.tde.fuse_pos_norm
     cl = Distiller(copy.deepcopy(student), teacher, fold_teacher_bn=True, teacher_channels_last=True).float()
     convs = [m for m in cl.teacher.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs

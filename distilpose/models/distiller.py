@@ -39,7 +39,8 @@ class Distiller(nn.Module):
     Frozen-teacher speed-ups (the teacher's forward is most of a distillation step):
     ``fold_teacher_bn`` folds its conv+BN pairs (exact up to rounding: the teacher is in eval
     mode), and then, unless ``fuse_teacher_epilogues`` is False, fuses each conv's bias,
-    residual add and ReLU into the conv (``distilpose.fuse.fuse_conv_epilogues``);
+    residual add and ReLU into the conv (``distilpose.fuse.fuse_conv_epilogues``, HRNet's
+    multi-resolution sums included) and turns on the TDE's fused residual norms and MLP GELU;
     ``teacher_dtype`` (torch.bfloat16 / torch.float16) stores it in that dtype and runs it on
     inputs cast to it, outside autocast (no per-op casts each step);
     ``teacher_channels_last`` stores its conv weights channels-last (cuDNN's preferred layout
@@ -111,6 +112,11 @@ class Distiller(nn.Module):
                 teacher = fuse_conv_bn_model(teacher, inplace=True)
                 if self.fuse_teacher_epilogues:
                     teacher = fuse_conv_epilogues(teacher, inplace=True)
+                    for m in teacher.modules():  # and the TDE's inference fusions, as InferenceEngine
+                        if hasattr(m, "fuse_pos_norm"):
+                            m.fuse_pos_norm = True
+                        if hasattr(m, "fuse_gelu"):
+                            m.fuse_gelu = True
             if self.teacher_dtype is not None:
                 teacher.to(self.teacher_dtype)
             if self.teacher_channels_last:
