@@ -150,6 +150,26 @@ def cases(dev: torch.device) -> List[tuple]:
         tag = " ".join(k if v is True else f"{k}={v}" for k, v in kw.items()) or "eager"
         out.append((f"e2e S b{batch} {prec} {'flip' if flip else 'noflip'} {tag}",
                     (lambda e=eng, c=crops, ce=center, sc=scale: e(c, ce, sc)), None))
+    # the distillation step (student fwd + bwd, frozen teacher, Adam), batch 64 bf16 autocast
+    from distilpose.models.distiller import Distiller
+
+    fast = dict(fold_teacher_bn=True, teacher_dtype=torch.bfloat16, teacher_channels_last=True, teacher_cuda_graph=True)
+    for label, kw in (("fused", {}), ("fastteacher cl graph", fast)):
+        student = build_model("distilpose_s").to(dev).train()
+        distiller = Distiller(student, build_model("tokenpose_teacher").to(dev), **kw).to(dev)
+        opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+        data = {"img": torch.randn(64, 3, 256, 192, generator=g).to(dev),
+                "target_coords": torch.rand(64, 17, 2, generator=g).to(dev),
+                "target_weight": torch.ones(64, 17, 1, device=dev)}
+
+        def step(d=distiller, o=opt, b=data):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = d(b)["loss"]
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            o.step()
+
+        out.append((f"e2e distill step b64 bf16 {label}", step, None))
     return out
 
 
