@@ -150,26 +150,36 @@ def cases(dev: torch.device) -> List[tuple]:
         tag = " ".join(k if v is True else f"{k}={v}" for k, v in kw.items()) or "eager"
         out.append((f"e2e S b{batch} {prec} {'flip' if flip else 'noflip'} {tag}",
                     (lambda e=eng, c=crops, ce=center, sc=scale: e(c, ce, sc)), None))
-    # the distillation step (student fwd + bwd, frozen teacher, Adam), batch 64 bf16 autocast
+    out += distill_cases(dev, g)
+    return out
+
+
+def distill_cases(dev: torch.device, g: torch.Generator, student: str = "distilpose_s",
+                  teacher: str = "tokenpose_teacher", batch: int = 64) -> List[tuple]:
+    """The distillation step (student fwd + bwd, frozen teacher, Adam), bf16 autocast: the fused
+    path and the fast-teacher path (folded, fused, bf16, channels-last, CUDA graph)."""
+    from distilpose.models import build_model
     from distilpose.models.distiller import Distiller
 
+    out = []
     fast = dict(fold_teacher_bn=True, teacher_dtype=torch.bfloat16, teacher_channels_last=True, teacher_cuda_graph=True)
     for label, kw in (("fused", {}), ("fastteacher cl graph", fast)):
-        student = build_model("distilpose_s").to(dev).train()
-        distiller = Distiller(student, build_model("tokenpose_teacher").to(dev), **kw).to(dev)
-        opt = torch.optim.Adam(student.parameters(), lr=1e-4)
-        data = {"img": torch.randn(64, 3, 256, 192, generator=g).to(dev),
-                "target_coords": torch.rand(64, 17, 2, generator=g).to(dev),
-                "target_weight": torch.ones(64, 17, 1, device=dev)}
+        s_model = build_model(student).to(dev).train()
+        distiller = Distiller(s_model, build_model(teacher).to(dev), **kw).to(dev)
+        opt = torch.optim.Adam(s_model.parameters(), lr=1e-4)
+        data = {"img": torch.randn(batch, 3, *s_model.input_size, generator=g).to(dev),
+                "target_coords": torch.rand(batch, 17, 2, generator=g).to(dev),
+                "target_weight": torch.ones(batch, 17, 1, device=dev)}
 
         def step(d=distiller, o=opt, b=data):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
                 loss = d(b)["loss"]
             o.zero_grad(set_to_none=True)
             loss.backward()
             o.step()
+            return loss.detach()
 
-        out.append((f"e2e distill step b64 bf16 {label}", step, None))
+        out.append((f"e2e distill step b{batch} bf16 {label}", step, None))
     return out
 
 
