@@ -75,3 +75,20 @@ def test_kernel_resources_tool_soft_argmax(tmp_path):
     slope = {(r["kernel"], r["dtype"], r["items"]): r.get("sass_per_pixel") for r in rows}
     # the vectorised kernel's straight-line code per pixel is well under the default kernel's
     assert slope[("vec", "fp32", 4)] < 0.5 * slope[("reg", "fp32", 16)]
+
+
+def test_profile_ops_distill_cases_and_host_profile_run_on_cpu(monkeypatch):
+    """The profiler's distillation-step cases (tiny presets here) and its cProfile helper."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import profile_ops
+    finally:
+        sys.path.pop(0)
+    g = torch.Generator().manual_seed(0)
+    cases = profile_ops.distill_cases(torch.device("cpu"), g, "distilpose_tiny", "tokenpose_tiny", 2)
+    assert [c[0] for c in cases] == ["e2e distill step b2 bf16 fused", "e2e distill step b2 bf16 fastteacher cl graph"]
+    for _, step, _ in cases:
+        assert torch.isfinite(step())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    rows = profile_ops.host_profile(cases[0][1], calls=3, top=5)
+    assert 0 < len(rows) <= 5 and all(r["own_us"] >= 0 and r["calls_per_call"] > 0 for r in rows)
