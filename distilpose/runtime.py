@@ -432,7 +432,7 @@ class InferenceEngine:
         return (
             f"InferenceEngine({getattr(self.model, 'name', 'model')}, kind={self.kind}, device={self.device}, "
             f"precision={self.precision}, cast_model={self.cast_model}, flip_test={self.flip_test}, fold_bn={self.fold_bn}, "
-            f"fuse_epilogues={self.fuse_epilogues}, "
+            f"fuse_epilogues={self.fuse_epilogues}, fuse_pos_norm={self.fuse_pos_norm}, fuse_mlp={self.fuse_mlp}, "
             f"compile={self.compiled}, cuda_graph={self.cuda_graph})"
         )
 
