@@ -43,6 +43,8 @@ CASES = [  # (n, c, h, w, scales): HRNet rows (x2, x4, x8 up; full-size downsamp
     (3, 4, 4, 6, [1, 1, 2, 2]),   # four terms: two kernel passes
     (1, 48, 16, 24, [2, 4, 8]),
     (2, 6, 6, 9, []),             # no term: relu(base)
+    (1, 3, 4, 520, [2, 4]),       # NCHW: several tiles along W (masked tail)
+    (1, 300, 4, 6, [2]),          # channels-last: several tiles along C (masked tail)
 ]
 
 
@@ -152,8 +154,8 @@ import distilpose_kernels.multiscale_triton as mt
 
 fn = mt._upsample_sum_kernel
 for p in ("*bf16", "*fp32"):
-    for nt, cl in ((1, False), (3, True)):
-        consts = dict(NT=nt, CL=cl, RELU=True, BLOCK=1024)
+    for nt, cl, ba, bb in ((1, False, 16, 64), (3, True, 16, 64), (2, True, 4, 256)):
+        consts = dict(NT=nt, CL=cl, RELU=True, BLOCK_A=ba, BLOCK_B=bb)
         sig = {a: ("constexpr" if a in consts else (p if a in ("BASE", "OUT", "T0", "T1", "T2") else "i32"))
                for a in fn.arg_names}
         triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
