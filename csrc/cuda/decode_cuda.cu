@@ -110,6 +110,21 @@ __device__ void block_sum3(acc_t& a, acc_t& b, acc_t& c, acc_t* smem) {
   }
 }
 
+// The block's sums -> (x, y) = (Sx, Sy) / S, confidence 1 / S (the peak's probability, since
+// the max's exponent is 1), and the max, written by thread 0 for map b.
+template <typename acc_t>
+__device__ __forceinline__ void finish_soft_argmax(acc_t S, acc_t Sx, acc_t Sy, acc_t m, int64_t b, acc_t* smem,
+                                                   acc_t* __restrict__ coords, acc_t* __restrict__ conf,
+                                                   acc_t* __restrict__ hmax) {
+  block_sum3(S, Sx, Sy, smem);
+  if (threadIdx.x == 0) {
+    coords[2 * b] = Sx / S;
+    coords[2 * b + 1] = Sy / S;
+    conf[b] = acc_t(1) / S;
+    hmax[b] = m;
+  }
+}
+
 template <typename T, typename acc_t>
 __global__ void soft_argmax_fwd_kernel(const T* __restrict__ in, int HW, int W, acc_t beta, acc_t* __restrict__ coords,
                                        acc_t* __restrict__ conf, acc_t* __restrict__ hmax) {
@@ -139,13 +154,7 @@ __global__ void soft_argmax_fwd_kernel(const T* __restrict__ in, int HW, int W, 
       ++v;
     }
   }
-  block_sum3(S, Sx, Sy, smem);
-  if (threadIdx.x == 0) {
-    coords[2 * b] = Sx / S;
-    coords[2 * b + 1] = Sy / S;
-    conf[b] = acc_t(1) / S;
-    hmax[b] = m;
-  }
+  finish_soft_argmax(S, Sx, Sy, m, b, smem, coords, conf, hmax);
 }
 
 // The same computation with each thread's elements held in registers between the two passes:
@@ -187,13 +196,7 @@ __global__ void soft_argmax_fwd_reg_kernel(const T* __restrict__ in, int HW, int
       ++v;
     }
   }
-  block_sum3(S, Sx, Sy, smem);
-  if (threadIdx.x == 0) {
-    coords[2 * b] = Sx / S;
-    coords[2 * b + 1] = Sy / S;
-    conf[b] = acc_t(1) / S;
-    hmax[b] = m;
-  }
+  finish_soft_argmax(S, Sx, Sy, m, b, smem, coords, conf, hmax);
 }
 
 // 16-byte vector loads, per-vector (column, row) bookkeeping: see soft_argmax_vec.cuh.
@@ -212,13 +215,7 @@ __global__ void __launch_bounds__(kVecBlock)
   m = block_max_nan(m, smem);
   float S = 0.f, Sx = 0.f, Sy = 0.f;
   vec_partial_sums<T, ITEMS>(x, nvec, threadIdx.x, kVecBlock, W, m, beta, S, Sx, Sy);
-  block_sum3(S, Sx, Sy, smem);
-  if (threadIdx.x == 0) {
-    coords[2 * b] = Sx / S;
-    coords[2 * b + 1] = Sy / S;
-    conf[b] = 1.f / S;
-    hmax[b] = m;
-  }
+  finish_soft_argmax(S, Sx, Sy, m, b, smem, coords, conf, hmax);
 }
 
 template <typename T, typename acc_t>
