@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 from typing import Callable, Iterable, Optional, Sequence, TypeVar
 
 import torch
@@ -119,6 +120,67 @@ def select_triton_backend(op: str, tensors: Sequence[torch.Tensor], backend: Opt
         if not t.is_cuda:
             return "reference"
     return "triton"
+
+
+# ----------------------------------------------------------------------------- timed choice
+
+
+def agrees_at_dtype(got: torch.Tensor, ref: torch.Tensor, tol16: float, tol32: float) -> bool:
+    """``got`` equals ``ref`` up to rounding: the largest difference is within ``tol`` of the
+    output's scale (tol16 for fp16/bf16, tol32 otherwise), computed in the outputs' own dtype
+    (no float32 copies of large activations). Shape and dtype must match."""
+    if got.shape != ref.shape or got.dtype != ref.dtype:
+        return False
+    tol = tol16 if ref.dtype in (torch.float16, torch.bfloat16) else tol32
+    return float((got - ref).abs().max()) <= tol * float(ref.abs().max()) + 1e-6
+
+
+def cuda_time_ms(fn: Callable[[], object], rounds: int = 3, reps: int = 5) -> float:
+    """Best of ``rounds`` averages of ``reps`` back-to-back calls, in ms (CUDA events), after two
+    warm-up calls."""
+    fn()
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / reps)
+    return best
+
+
+def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor],
+                 agrees: Callable[[torch.Tensor, torch.Tensor], bool], what: str) -> bool:
+    """Whether an op's "auto" backend runs its fused path for ``key`` (cached in ``cache``).
+
+    Decided once: the fused path must agree with the reference on this input (``agrees``) and
+    be faster (``cuda_time_ms``). A failure or a disagreement warns (``what`` names the path,
+    e.g. "conv2d_relu: the fused cuDNN op") and picks the reference. Nothing is decided (the
+    reference runs, nothing is cached) inside a CUDA-graph capture or on non-finite outputs,
+    where the two paths may legitimately differ (e.g. NaN through a fused ReLU).
+    """
+    choice = cache.get(key)
+    if choice is not None:
+        return choice
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    try:
+        ref = reference()
+        if not bool(torch.isfinite(ref).all()):
+            return False
+        if not agrees(fused(), ref):
+            warnings.warn(f"{what} disagrees with the reference for {key}; using the reference")
+            choice = False
+        else:
+            choice = cuda_time_ms(fused) < cuda_time_ms(reference)
+    except Exception as e:  # noqa: BLE001 - the fused path is an optimisation: never fail the call for it
+        warnings.warn(f"{what} failed for {key} ({type(e).__name__}: {e}); using the reference")
+        choice = False
+    cache[key] = choice
+    return choice
 
 
 # ----------------------------------------------------------------------------- checks

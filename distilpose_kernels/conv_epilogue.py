@@ -36,14 +36,13 @@ ReLU may turn a NaN pre-activation into 0. "auto" makes its choice only on finit
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._utils import annotate, env_switch, force_reference
+from ._utils import agrees_at_dtype, annotate, env_switch, force_reference, timed_choice
 
 __all__ = ["conv2d_relu", "conv2d_relu_reference", "ConvReLU2d"]
 
@@ -171,64 +170,15 @@ def _cudnn(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional
 
 
 def _agrees(got: Tensor, ref: Tensor) -> bool:
-    """Equal up to the rounding of one extra intermediate and the conv algorithm: the largest
-    difference is small against the output's scale (a missing bias, residual or ReLU is not)."""
-    if got.shape != ref.shape or got.dtype != ref.dtype:
-        return False
-    if ref.dtype in (torch.float16, torch.bfloat16):
-        tol = 2e-2
-    elif ref.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        tol = 5e-3
-    else:
-        tol = 1e-4
-    # in the outputs' own dtype: no float32 copies of batch-256 activations (the difference's
-    # own rounding is far inside the tolerance)
-    scale = float(ref.abs().max())
-    return float((got - ref).abs().max()) <= tol * scale + 1e-6
-
-
-def _time_ms(fn: Callable[[], object], rounds: int = 3, reps: int = 5) -> float:
-    """Best of ``rounds`` averages of ``reps`` back-to-back calls, in ms (CUDA events)."""
-    fn()
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / reps)
-    return best
+    """Equal up to the rounding of one extra intermediate and the conv algorithm (a missing
+    bias, residual or ReLU is far outside)."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    return agrees_at_dtype(got, ref, 2e-2, 5e-3 if (ref.dtype == torch.float32 and tf32) else 1e-4)
 
 
 def _choose(key: tuple, fused: Callable[[], Tensor], reference: Callable[[], Tensor]) -> bool:
-    """Whether "auto" runs the fused op for ``key``: timed and compared once (see the module
-    docstring). Nothing is decided (or timed) inside a CUDA-graph capture or on non-finite
-    outputs; the reference runs then."""
-    choice = _CHOICE.get(key)
-    if choice is not None:
-        return choice
-    if torch.cuda.is_current_stream_capturing():
-        return False
-    try:
-        ref = reference()
-        if not bool(torch.isfinite(ref).all()):
-            return False  # decide on finite data: the two ReLUs may treat NaN differently
-        got = fused()
-        if not _agrees(got, ref):
-            warnings.warn(f"conv2d_relu: the fused cuDNN op disagrees with the reference for {key}; "
-                          "using the reference")
-            choice = False
-        else:
-            choice = _time_ms(fused) < _time_ms(reference)
-    except Exception as e:  # noqa: BLE001 - the fused op is an optimisation: never fail the call for it
-        warnings.warn(f"conv2d_relu: the fused cuDNN op failed for {key} ({type(e).__name__}: {e}); "
-                      "using the reference")
-        choice = False
-    _CHOICE[key] = choice
-    return choice
+    """Whether "auto" runs the fused op for ``key`` (``_utils.timed_choice``)."""
+    return timed_choice(_CHOICE, key, fused, reference, _agrees, "conv2d_relu: the fused cuDNN op")
 
 
 def _key(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],

@@ -22,14 +22,13 @@ pre-activation (nothing extra is saved) and runs the GEMMs in PyTorch. NaN propa
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import annotate, check_tensor, env_switch, lazy_module, select_triton_backend
+from ._utils import agrees_at_dtype, annotate, check_tensor, env_switch, lazy_module, select_triton_backend, timed_choice
 
 __all__ = ["linear_gelu", "linear_gelu_reference"]
 
@@ -69,48 +68,12 @@ def _kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 def _agrees(got: Tensor, ref: Tensor) -> bool:
-    tol = 2e-2 if ref.dtype in (torch.float16, torch.bfloat16) else 1e-3
-    scale = float(ref.abs().max())
-    return float((got - ref).abs().max()) <= tol * scale + 1e-6
-
-
-def _time_ms(fn: Callable[[], object], rounds: int = 3, reps: int = 5) -> float:
-    fn()
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / reps)
-    return best
+    return agrees_at_dtype(got, ref, 2e-2, 1e-3)
 
 
 def _choose(key: tuple, fused: Callable[[], Tensor], reference: Callable[[], Tensor]) -> bool:
-    """Whether "auto" runs the kernel for ``key``: compared and timed once against the reference;
-    nothing is decided inside a CUDA-graph capture or on non-finite outputs."""
-    choice = _CHOICE.get(key)
-    if choice is not None:
-        return choice
-    if torch.cuda.is_current_stream_capturing():
-        return False
-    try:
-        ref = reference()
-        if not bool(torch.isfinite(ref).all()):
-            return False
-        if not _agrees(fused(), ref):
-            warnings.warn(f"linear_gelu: the Triton kernel disagrees with the reference for {key}; using the reference")
-            choice = False
-        else:
-            choice = _time_ms(fused) < _time_ms(reference)
-    except Exception as e:  # noqa: BLE001 - an optimisation: never fail the call for it
-        warnings.warn(f"linear_gelu: the Triton kernel failed for {key} ({type(e).__name__}: {e}); using the reference")
-        choice = False
-    _CHOICE[key] = choice
-    return choice
+    """Whether "auto" runs the kernel for ``key`` (``_utils.timed_choice``)."""
+    return timed_choice(_CHOICE, key, fused, reference, _agrees, "linear_gelu: the Triton kernel")
 
 
 def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:

@@ -37,3 +37,16 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def stub_cuda_timer(monkeypatch):
+    """For the ops' timed "auto" choice (``_utils.timed_choice``) on a CPU: times come from the
+    returned dict by the timed function's name ({"fused": ms, "reference": ms}), and no CUDA
+    graph is being captured (CPU torch would raise on the query)."""
+    from distilpose_kernels import _utils
+
+    times = {"fused": 1.0, "reference": 2.0}
+    monkeypatch.setattr(_utils, "cuda_time_ms", lambda fn, rounds=3, reps=5: times[fn.__name__])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    return times

@@ -175,17 +175,11 @@ def test_bad_inputs_have_clear_errors():
 
 
 @pytest.fixture
-def tuner(monkeypatch):
+def tuner(monkeypatch, stub_cuda_timer):
     """_choose with a stub timer: times come from ``t`` ({"fused": ms, "reference": ms})."""
     monkeypatch.setattr(ce, "_CHOICE", {})
-    t = {"fused": 1.0, "reference": 2.0}
+    t = stub_cuda_timer
     calls = {"fused": 0, "reference": 0}
-
-    def fake_time(fn, rounds=3, reps=5):
-        return t[fn.__name__]
-
-    monkeypatch.setattr(ce, "_time_ms", fake_time)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU torch raises
     (x, w, b, r), _, args = _make(SHAPES[1])
     good = dk.conv2d_relu_reference(x, w, b, r, **args)
 

@@ -112,13 +112,9 @@ def test_linear_gelu_autocast_and_errors():
 
 
 @pytest.fixture
-def tuner(monkeypatch):
+def tuner(monkeypatch, stub_cuda_timer):
     monkeypatch.setattr(mlp_mod, "_CHOICE", {})
-    t = {"fused": 1.0, "reference": 2.0}
-    monkeypatch.setattr(mlp_mod, "_time_ms", lambda fn, rounds=3, reps=5: t[fn.__name__])
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    good = torch.randn(8, 16)
-    return t, good
+    return stub_cuda_timer, torch.randn(8, 16)
 
 
 def _named(name, fn):
