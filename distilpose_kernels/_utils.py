@@ -93,13 +93,26 @@ def triton_interpret() -> bool:
     return _env_flag("TRITON_INTERPRET")
 
 
-def select_triton_backend(op: str, tensors: Sequence[torch.Tensor], backend: Optional[str]) -> str:
+def select_triton_backend(op: str, tensors: Sequence[torch.Tensor], backend: Optional[str],
+                          dtypes: Optional[Sequence[torch.dtype]] = None, name: str = "x") -> str:
     """Resolve ``backend`` to "triton" or "reference" for a Triton-backed op.
 
     ``None``/"auto": Triton when every tensor is on CUDA, Triton is installed and
     the force-reference variable is unset; otherwise the reference.
     "triton": always the Triton kernel (on CPU tensors only under TRITON_INTERPRET=1).
+    ``dtypes``: the kernels' dtypes for ``tensors[0]`` (the argument called ``name``): another
+    dtype makes "auto" pick the reference and "triton" raise a TypeError.
     """
+    which = _select_triton_backend(op, tensors, backend)
+    if which == "triton" and dtypes is not None and tensors[0].dtype not in dtypes:
+        if backend == "triton":
+            raise TypeError(f"{name}: backend='triton' does not support dtype {tensors[0].dtype}; "
+                            "use backend='reference'")
+        return "reference"
+    return which
+
+
+def _select_triton_backend(op: str, tensors: Sequence[torch.Tensor], backend: Optional[str]) -> str:
     backend = "auto" if backend is None else backend
     if backend not in ("auto", "reference", "triton"):
         raise ValueError(f"{op}: backend must be 'auto', 'reference' or 'triton', got {backend!r}")

@@ -400,11 +400,7 @@ def add_pos_layernorm(
     """
     _check_apln(x, pos, weight, bias, residual)
     tensors = [t for t in (x, pos, weight, bias, residual) if t is not None]
-    which = select_triton_backend("add_pos_layernorm", tensors, backend)
-    if which == "triton" and x.dtype not in TRITON_DTYPES:
-        if backend == "triton":
-            raise TypeError(f"x: backend='triton' does not support dtype {x.dtype}; use backend='reference'")
-        which = "reference"
+    which = select_triton_backend("add_pos_layernorm", tensors, backend, TRITON_DTYPES)
     if which == "reference":
         return add_pos_layernorm_reference(x, pos, weight, bias, eps, residual)
     if torch.compiler.is_compiling():

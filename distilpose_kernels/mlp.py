@@ -141,11 +141,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backen
                            for t in (x, weight, bias))
     _check(x, weight, bias)
     tensors = [t for t in (x, weight, bias) if t is not None]
-    which = select_triton_backend("linear_gelu", tensors, backend)
-    if which == "triton" and x.dtype not in TRITON_DTYPES:
-        if backend == "triton":
-            raise TypeError(f"x: backend='triton' does not support dtype {x.dtype}; use backend='reference'")
-        which = "reference"
+    which = select_triton_backend("linear_gelu", tensors, backend, TRITON_DTYPES)
     if which == "reference":
         return linear_gelu_reference(x, weight, bias)
     mode = "triton" if backend == "triton" else "auto"

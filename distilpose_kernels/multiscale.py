@@ -150,11 +150,7 @@ def upsample_sum(base: Tensor, terms: Sequence[Tensor], scales: Sequence[int], r
     docstring). base (N, C, H, W); terms[k] (N, C, H/scales[k], W/scales[k])."""
     _check(base, terms, scales)
     relu = bool(relu)
-    which = select_triton_backend("upsample_sum", [base, *terms], backend)
-    if which == "triton" and base.dtype not in TRITON_DTYPES:
-        if backend == "triton":
-            raise TypeError(f"base: backend='triton' does not support dtype {base.dtype}; use backend='reference'")
-        which = "reference"
+    which = select_triton_backend("upsample_sum", [base, *terms], backend, TRITON_DTYPES, name="base")
     if which == "reference":
         return upsample_sum_reference(base, terms, scales, relu)
     tracked = torch.is_grad_enabled() and (base.requires_grad or any(t.requires_grad for t in terms))

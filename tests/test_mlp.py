@@ -196,3 +196,22 @@ def test_gpu_linear_gelu_tde_shape_and_auto(dtype):
             warnings.filterwarnings("error", message="linear_gelu")
             got = dk.linear_gelu(x, w, b, backend=backend)
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_triton_ops_reject_unsupported_dtypes_the_same_way():
+    """The shared dtype rule of select_triton_backend: backend="triton" names the argument and
+    the dtype; "auto" falls back to the reference (float64 here)."""
+    x = torch.randn(2, 3, 8, dtype=torch.float64, device=DEV)
+    w = torch.randn(4, 8, dtype=torch.float64, device=DEV)
+    base = torch.randn(1, 2, 4, 4, dtype=torch.float64, device=DEV)
+    calls = [
+        ("x", lambda be: dk.add_pos_layernorm(x, None, backend=be)[1], lambda: F.layer_norm(x, (8,))),
+        ("x", lambda be: dk.linear_gelu(x, w, backend=be), lambda: F.gelu(F.linear(x, w))),
+        ("base", lambda be: dk.upsample_sum(base, [], [], backend=be), lambda: torch.relu(base)),
+    ]
+    for name, op, want in calls:
+        with pytest.raises(TypeError, match=f"{name}: backend='triton' does not support dtype torch.float64"):
+            op("triton")
+        got = op(None)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want())
