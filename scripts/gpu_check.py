@@ -772,48 +772,32 @@ def evaluate_goals(benchmarks: List[dict], ceilings: Dict[str, float]) -> List[D
     else:
         row("distillation step b64 bf16 vs reference", ">= 1.5x", "-", None)
     # --- fused conv epilogue (info: the building block behind the backbone paths above)
+    def vs_baseline(goal: str, cases: List[dict], base_impl: str, impls: tuple) -> None:
+        """An info row: each impl's speed-up over ``base_impl`` (time, GB/s where bytes are known)."""
+        base = _fastest(select(cases, impl=base_impl))
+        if not base:
+            return
+        parts = []
+        for impl in impls:
+            b = _fastest(select(cases, impl=impl))
+            if b:
+                gbps = f", {(_info(b, 'bytes') or 0) / _median(b) / 1e9:.0f} GB/s" if _info(b, "bytes") else ""
+                parts.append(f"{impl} {_median(base) / _median(b):.2f}x ({_fmt_t(_median(b))}{gbps})")
+        row(goal, "(report)", f"{base_impl} {_fmt_t(_median(base))}; " + "; ".join(parts), "info")
+
     conv = [b for b in benchmarks if "test_conv2d_relu_gpu" in b["_file"]]
     for case in ("b1x1res", "b3x3"):
         for setting in ("b256_bf16_cl", "b2_fp32"):
-            cs = select(conv, case=case, setting=setting)
-            unf = _fastest(select(cs, impl="unfused"))
-            if not unf:
-                continue
-            parts = []
-            for impl in ("cudnn", "auto", "compile"):
-                b = _fastest(select(cs, impl=impl))
-                if b:
-                    g = (_info(b, "bytes") or 0) / _median(b) / 1e9
-                    parts.append(f"{impl} {_median(unf) / _median(b):.2f}x ({_fmt_t(_median(b))}, {g:.0f} GB/s)")
-            row(f"conv epilogue {case} {setting} vs unfused", "(report)",
-                f"unfused {_fmt_t(_median(unf))}; " + "; ".join(parts), "info")
+            vs_baseline(f"conv epilogue {case} {setting} vs unfused", select(conv, case=case, setting=setting),
+                        "unfused", ("cudnn", "auto", "compile"))
     ups = [b for b in benchmarks if "test_upsample_sum_gpu" in b["_file"]]
     for layout in ("cl", "nchw"):
-        cs = select(ups, layout=layout)
-        eager = _fastest(select(cs, impl="eager"))
-        if not eager:
-            continue
-        parts = []
-        for impl in ("fused", "compile"):
-            b = _fastest(select(cs, impl=impl))
-            if b:
-                g = (_info(b, "bytes") or 0) / _median(b) / 1e9
-                parts.append(f"{impl} {_median(eager) / _median(b):.2f}x ({_fmt_t(_median(b))}, {g:.0f} GB/s)")
-        row(f"HRNet fusion sum b64 bf16 {layout} vs eager", "(report)",
-            f"eager {_fmt_t(_median(eager))}; " + "; ".join(parts), "info")
+        vs_baseline(f"HRNet fusion sum b64 bf16 {layout} vs eager", select(ups, layout=layout), "eager",
+                    ("fused", "compile"))
     lg = [b for b in benchmarks if "test_linear_gelu_gpu" in b["_file"]]
-    for n in (256, 2):
-        cs = select(lg, batch=n)
-        eager = _fastest(select(cs, impl="eager"))
-        if not eager:
-            continue
-        parts = []
-        for impl in ("fused", "auto", "compile"):
-            b = _fastest(select(cs, impl=impl))
-            if b:
-                parts.append(f"{impl} {_median(eager) / _median(b):.2f}x ({_fmt_t(_median(b))})")
-        row(f"TDE fc1+GELU B={_info(eager, 'batch')} {_info(eager, 'dtype')} vs cuBLAS+GELU", "(report)",
-            f"eager {_fmt_t(_median(eager))}; " + "; ".join(parts), "info")
+    for n, dtype in ((256, "bfloat16"), (2, "float32")):
+        vs_baseline(f"TDE fc1+GELU B={n} {dtype} vs cuBLAS+GELU", select(lg, batch=n), "eager",
+                    ("fused", "auto", "compile"))
     return rows
 
 
