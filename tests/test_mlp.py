@@ -3,9 +3,6 @@ interpreter, or the GPU) vs float64, gradients, registration, the "auto" choice,
 fused TDE MLP."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -13,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import distilpose_kernels as dk
+from sm90 import compile_for_sm90
 from distilpose_kernels import mlp as mlp_mod
 
 triton = pytest.importorskip("triton")
@@ -160,28 +158,20 @@ def test_tde_mlp_fused_gelu_keeps_the_outputs():
 
 
 _AOT = r"""
-import triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
 import distilpose_kernels.mlp_triton as mt
 
-fn = mt._linear_gelu_kernel
 t = mt.DEFAULT_TILE
 for p, prec in (("*bf16", "tf32"), ("*fp32", "ieee")):
     consts = dict(HAS_B=True, GELU=True, PRECISION=prec, UPCAST=False, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                   BLOCK_K=t.block_k, GROUP_M=8)
-    sig = {a: ("constexpr" if a in consts else (p if a in ("X", "Wt", "B", "Y") else "i32")) for a in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=t.num_warps, num_stages=t.num_stages))
-print("AOT-OK")
+    compile_(mt._linear_gelu_kernel, dict(X=p, Wt=p, B=p, Y=p), {}, consts, num_warps=t.num_warps,
+             num_stages=t.num_stages)
 """
 
 
 @pytest.mark.slow
 def test_linear_gelu_kernel_compiles_for_sm90_without_a_gpu():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0 and "AOT-OK" in r.stdout, r.stderr[-3000:]
+    compile_for_sm90(_AOT)
 
 
 @pytest.mark.gpu

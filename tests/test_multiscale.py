@@ -3,14 +3,12 @@ interpreter, or the GPU) against a float64 reference, gradients, registration, e
 fused HRModule."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import distilpose_kernels as dk
+from sm90 import compile_for_sm90
 from distilpose_kernels import multiscale as ms
 
 triton = pytest.importorskip("triton")
@@ -147,28 +145,18 @@ def test_hrmodule_fused_sum_keeps_the_outputs():
 
 
 _AOT = r"""
-import triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
 import distilpose_kernels.multiscale_triton as mt
 
-fn = mt._upsample_sum_kernel
 for p in ("*bf16", "*fp32"):
     for nt, cl, ba, bb in ((1, False, 16, 64), (3, True, 16, 64), (2, True, 4, 256)):
-        consts = dict(NT=nt, CL=cl, RELU=True, BLOCK_A=ba, BLOCK_B=bb)
-        sig = {a: ("constexpr" if a in consts else (p if a in ("BASE", "OUT", "T0", "T1", "T2") else "i32"))
-               for a in fn.arg_names}
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=4))
-print("AOT-OK")
+        compile_(mt._upsample_sum_kernel, dict(BASE=p, OUT=p, T0=p, T1=p, T2=p), {},
+                 dict(NT=nt, CL=cl, RELU=True, BLOCK_A=ba, BLOCK_B=bb), num_warps=4)
 """
 
 
 @pytest.mark.slow
 def test_upsample_sum_kernel_compiles_for_sm90_without_a_gpu():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0 and "AOT-OK" in r.stdout, r.stderr[-3000:]
+    compile_for_sm90(_AOT)
 
 
 def test_upsample_sum_gradients_edge_cases():
