@@ -212,6 +212,35 @@ def test_linear_gelu_gpu(benchmark, impl, batch):
                       batch=n, dtype=str(dt).replace("torch.", ""), op="linear_gelu")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["192x576", "192x192", "576x192"])
+@pytest.mark.parametrize("impl", ["cublas", "triton_ieee", "triton_tf32x3", "auto"])
+def test_linear_fp32_gpu(benchmark, monkeypatch, impl, shape):
+    """The TDE's Linears at batch 1 with the flip test (2 x 273 tokens), fp32 with TF32 off (the
+    paper's setting), captured in a CUDA graph (device time: at batch 1 the graph replays them):
+    cuBLAS (FMA kernels) vs the Triton GEMM with FMA dots (``ieee``) or 3xTF32 tensor-core dots,
+    and ``auto`` (what the engine runs: the timed choice, 3xTF32)."""
+    from benchutils import cuda_graph
+
+    dev = torch.device("cuda")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    k, n = (int(v) for v in shape.split("x"))
+    if impl.startswith("triton_"):
+        monkeypatch.setenv("DISTILPOSE_FP32_DOT", impl.split("_")[1])
+    x = torch.randn(2, L, k, device=dev)
+    w = torch.randn(n, k, device=dev) / k ** 0.5
+    b = torch.randn(n, device=dev)
+    f = {"cublas": lambda: F.linear(x, w, b), "auto": lambda: dk.linear(x, w, b)}.get(
+        impl, lambda: dk.linear(x, w, b, backend="triton"))
+    with torch.inference_mode():
+        f()  # autotune / timed choice outside the capture
+        g = cuda_graph(f)
+        benchmark.group = f"linear fp32 B=2 {shape}"
+        run_benchmark(benchmark, g, device=dev, bytes_moved=(x.numel() + w.numel() + b.numel() + 2 * L * n) * 4,
+                      flops=2.0 * 2 * L * k * n, impl=impl, batch=2, dtype="fp32", op="linear", shape=shape,
+                      cuda_graph=True)
+
+
 # ----------------------------------------------------------------------------- CPU case
 
 

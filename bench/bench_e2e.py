@@ -14,10 +14,14 @@ ends in a sync). Paths compared (``path`` in the test id and ``extra_info["path"
 - ``compile_cudagraph``: compiled, then captured;
 - ``cudagraph_cl`` / ``cudagraph_tf32`` (DistilPose-S, batch 1 fp32): channels-last, or
   TF32 matmuls; TF32 cases are reported but not counted for the fp32 goal;
+- fp32 paths run the TDE's Linears through ``distilpose_kernels.linear`` where it is timed
+  faster than cuBLAS, and every fp32 Triton dot as 3xTF32 (fp32 accuracy on the tensor cores,
+  ``distilpose_kernels.fp32_dot_precision``); ``cudagraph_ieee`` is the same path with FMA dots
+  (``DISTILPOSE_FP32_DOT=ieee``) and cuBLAS Linears, to show what that buys;
 - every folded path also fuses each conv's bias, residual add and ReLU into the conv
   (``InferenceEngine(fuse_epilogues=...)``, on by default with folding, off under compile);
   ``*_noepi`` is the same path without that, to show what it buys; ``*_plain`` also without
-  the TDE fusions (``fuse_pos_norm``, ``fuse_mlp``); ``compile_cudagraph_ops``
+  the TDE fusions (``fuse_pos_norm``, ``fuse_mlp``, ``triton_linears``); ``compile_cudagraph_ops``
   (DistilPose-S, batch 1 fp32) keeps our fused epilogue / norm / HRNet-sum ops under
   ``torch.compile`` (opaque custom ops) instead of leaving those fusions to Inductor;
 - ``fused_cast`` / ``cudagraph_cast`` (bf16 only): the model stored in bf16 and run without
@@ -88,6 +92,7 @@ def _engine(model, device, path: str, flip: str, precision: str) -> InferenceEng
         fuse_epilogues=False if path.endswith(("_noepi", "_plain")) else (True if path.endswith("_ops") else None),
         fuse_pos_norm=False if path.endswith("_plain") else (True if path.endswith("_ops") else None),
         fuse_mlp=False if path.endswith("_plain") else (True if path.endswith("_ops") else None),
+        triton_linears=False if path.endswith(("_plain", "_ieee")) else None,
         cast_model="_cast" in path,
         channels_last="_cl" in path,
         compile="compile" in path,
@@ -122,6 +127,8 @@ def _model_gmacs(model) -> Optional[Dict[str, float]]:
 def _bench_infer(benchmark, monkeypatch, device, preset, flip, path, batch, precision):
     if path.endswith("_tf32"):  # TF32 matmuls (convolutions already default to TF32 in PyTorch)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    if path.endswith("_ieee"):  # FMA dots for fp32 in the Triton kernels (the default is 3xTF32)
+        monkeypatch.setenv("DISTILPOSE_FP32_DOT", "ieee")
     if path == "reference":
         monkeypatch.setenv(FORCE_REF, "1")
     else:
@@ -184,8 +191,9 @@ def cuda_device():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "preset,flip,path",
-    _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32", "cudagraph_noepi",
-                                                                    "cudagraph_plain", "compile_cudagraph_ops")],
+    _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32", "cudagraph_ieee",
+                                                                    "cudagraph_noepi", "cudagraph_plain",
+                                                                    "compile_cudagraph_ops")],
 )
 def test_e2e_infer_b1_fp32(benchmark, monkeypatch, cuda_device, preset, flip, path):
     """The paper's setting: batch 1, fp32, flip test on/off."""
@@ -222,6 +230,8 @@ def _train_batch(n: int, device, seed: int = 0):
 def _bench_train(benchmark, monkeypatch, device, student_preset, teacher_preset, batch, precision, path):
     from distilpose.models.distiller import Distiller
 
+    if path.endswith("_ieee"):  # FMA dots for fp32 in the Triton kernels (the default is 3xTF32)
+        monkeypatch.setenv("DISTILPOSE_FP32_DOT", "ieee")
     if path == "reference":
         monkeypatch.setenv(FORCE_REF, "1")
     else:

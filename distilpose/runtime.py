@@ -157,6 +157,12 @@ class InferenceEngine:
         fuse_mlp: run each TDE MLP's fc1 + bias + GELU as one kernel
             (``distilpose_kernels.linear_gelu``, used on CUDA where it is timed faster than
             cuBLAS + GELU). Default: on unless ``compile``.
+        triton_linears: run the TDE's other Linears (qkv, proj, fc2) through
+            ``distilpose_kernels.linear``: per shape, the Triton GEMM where it was timed faster
+            than cuBLAS and agreed with it. For fp32 its dots are 3xTF32 on the tensor cores at
+            fp32 accuracy (``distilpose_kernels.fp32_dot_precision``), where cuBLAS runs FMA
+            kernels with TF32 off. Default: on for precision "fp32" unless ``compile`` (16-bit
+            GEMMs already run on the tensor cores in cuBLAS; timing them only costs compiles).
         attention_backend: set on every module with a ``backend`` attribute (the TDE's
             attention): None/"auto", "reference" or "triton".
         compile: ``torch.compile`` the step (``compile_mode``, e.g. "default", "max-autotune-no-cudagraphs").
@@ -183,6 +189,7 @@ class InferenceEngine:
         channels_last: bool = False,
         fuse_pos_norm: Optional[bool] = None,
         fuse_mlp: Optional[bool] = None,
+        triton_linears: Optional[bool] = None,
         attention_backend: Optional[str] = None,
         compile: bool = False,
         compile_mode: Optional[str] = None,
@@ -222,11 +229,16 @@ class InferenceEngine:
             model = fuse_conv_epilogues(model, inplace=True)
         self.fuse_pos_norm = (not compile) if fuse_pos_norm is None else bool(fuse_pos_norm)
         self.fuse_mlp = (not compile) if fuse_mlp is None else bool(fuse_mlp)
+        if triton_linears is None:
+            triton_linears = precision == "fp32" and not compile
+        self.triton_linears = bool(triton_linears)
         for m in model.modules():
             if hasattr(m, "fuse_pos_norm"):
                 m.fuse_pos_norm = self.fuse_pos_norm
             if hasattr(m, "fuse_gelu"):
                 m.fuse_gelu = self.fuse_mlp
+            if hasattr(m, "triton_linears"):
+                m.triton_linears = self.triton_linears
         if attention_backend is not None:
             _set_attention_backend(model, None if attention_backend == "auto" else attention_backend)
         if hasattr(model, "check_finite"):
@@ -433,6 +445,7 @@ class InferenceEngine:
             f"InferenceEngine({getattr(self.model, 'name', 'model')}, kind={self.kind}, device={self.device}, "
             f"precision={self.precision}, cast_model={self.cast_model}, flip_test={self.flip_test}, fold_bn={self.fold_bn}, "
             f"fuse_epilogues={self.fuse_epilogues}, fuse_pos_norm={self.fuse_pos_norm}, fuse_mlp={self.fuse_mlp}, "
+            f"triton_linears={self.triton_linears}, "
             f"compile={self.compiled}, cuda_graph={self.cuda_graph})"
         )
 

@@ -135,6 +135,42 @@ def _select_triton_backend(op: str, tensors: Sequence[torch.Tensor], backend: Op
     return "triton"
 
 
+# ----------------------------------------------------------------------------- fp32 dot precision
+
+#: How the Triton kernels multiply float32 operands: "auto" (default), "ieee" or "tf32x3".
+FP32_DOT_ENV = "DISTILPOSE_FP32_DOT"
+_FP32_DOT_CHOICES = ("auto", "ieee", "tf32x3")
+_TF32_CORES: dict = {}  # CUDA device index -> compute capability >= 8.0
+
+
+def fp32_dot_precision(device: torch.device) -> str:
+    """``input_precision`` of ``tl.dot`` on float32 operands in this library's Triton kernels.
+
+    - "tf32" when torch allows TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32``): the
+      user traded fp32 accuracy for speed, as cuBLAS then does;
+    - otherwise ``DISTILPOSE_FP32_DOT`` when set to "ieee" (FMA dots) or "tf32x3";
+    - "auto": "tf32x3" on GPUs with TF32 tensor cores (compute capability 8.0 and up), "ieee"
+      elsewhere. 3xTF32 splits each operand into a TF32 head and a TF32 tail and sums three
+      tensor-core products in fp32 (hi*hi + hi*lo + lo*hi): the dropped lo*lo term is about
+      2^-22 of each product, below fp32 GEMM rounding at these inner sizes
+      (``tests/test_mlp.py`` measures the method against float64 and cuBLAS-style fp32).
+    """
+    choice = os.environ.get(FP32_DOT_ENV, "auto").strip().lower() or "auto"
+    if choice not in _FP32_DOT_CHOICES:
+        raise ValueError(f"{FP32_DOT_ENV}: expected one of {', '.join(_FP32_DOT_CHOICES)}, got {choice!r}")
+    if torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    if choice != "auto":
+        return choice
+    if device.type != "cuda":
+        return "ieee"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cores = _TF32_CORES.get(index)
+    if cores is None:
+        cores = _TF32_CORES[index] = torch.cuda.get_device_capability(index) >= (8, 0)
+    return "tf32x3" if cores else "ieee"
+
+
 # ----------------------------------------------------------------------------- timed choice
 
 

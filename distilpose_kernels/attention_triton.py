@@ -12,7 +12,8 @@ Layout conventions (N batch, L tokens, H heads, D head dim, C = H * D):
 
 Head dims that are not a power of two (16 <= BLOCK_D) are handled by masking the
 head-dim lanes inside the kernel; L of any size by masking the last token block.
-All matmuls accumulate in float32.
+All matmuls accumulate in float32; float32 operands get fp32-accurate dots
+(``_utils.fp32_dot_precision``: 3xTF32 tensor-core products on sm_80+, FMA elsewhere).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, env_switch, next_pow2, triton_interpret
+from ._utils import cdiv, env_switch, fp32_dot_precision, next_pow2, triton_interpret
 
 _LOG2E = 1.4426950408889634
 
@@ -303,11 +304,9 @@ _TUNED = (
 )
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: full-precision dots unless the user allowed TF32 for matmuls (torch's own switch).
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    # fp32 inputs: fp32-accurate dots (``_utils.fp32_dot_precision``); 16-bit inputs: the tensor cores.
+    return fp32_dot_precision(device) if dtype == torch.float32 else "tf32"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -358,7 +357,7 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[
         qkv, out, lse,
         *qkv.stride(), *out.stride(),
         L, num_heads, c, scale * _LOG2E,
-        HEAD_DIM=d, BLOCK_D=block_d, PRECISION=_precision(qkv.dtype), UPCAST=_upcast(qkv.dtype),
+        HEAD_DIM=d, BLOCK_D=block_d, PRECISION=_precision(qkv.dtype, qkv.device), UPCAST=_upcast(qkv.dtype),
     )
     return out, lse
 
@@ -394,7 +393,7 @@ def attention_backward(
         *qkv.stride(), *dout.stride(), *dqkv.stride(),
         L, num_heads, c, scale * _LOG2E, scale,
     )
-    prec = _precision(qkv.dtype)
+    prec = _precision(qkv.dtype, qkv.device)
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, PRECISION=prec, UPCAST=_upcast(qkv.dtype))
     _launch("dkdv", L, nh, block_d, qkv.dtype, *common, **meta)
     _launch("dq", L, nh, block_d, qkv.dtype, *common, **meta)

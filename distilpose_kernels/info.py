@@ -17,7 +17,8 @@ from typing import Any, Optional
 import torch
 
 from . import _ext
-from ._utils import FORCE_REFERENCE_ENV, force_reference, select_triton_backend, triton_available, triton_interpret
+from ._utils import (FORCE_REFERENCE_ENV, FP32_DOT_ENV, force_reference, fp32_dot_precision, select_triton_backend,
+                     triton_available, triton_interpret)
 
 #: Triton-backed ops of the library (dispatch: distilpose_kernels._utils.select_triton_backend).
 TRITON_OPS = (
@@ -28,6 +29,7 @@ TRITON_OPS = (
     "gaussian_heatmap_targets",
     "upsample_sum",
     "linear_gelu",
+    "linear",
 )
 #: Ops backed by the compiled extension (distilpose_kernels/decode.py).
 EXTENSION_OPS = ("soft_argmax", "decode_heatmaps")
@@ -88,7 +90,8 @@ SWITCHES = (
     ("DISTILPOSE_ATTN_AUTOTUNE", "1", "autotune the attention kernels' blocks on the GPU"),
     ("DISTILPOSE_HEATMAP_AUTOTUNE", "1", "time the loss forward's launch shapes on the GPU"),
     ("DISTILPOSE_CONV_EPILOGUE_AUTOTUNE", "1", "time cuDNN's fused conv epilogue against the unfused ops on the GPU"),
-    ("DISTILPOSE_LINEAR_GELU_AUTOTUNE", "1", "time the fused fc1+GELU kernel against cuBLAS + GELU on the GPU"),
+    ("DISTILPOSE_LINEAR_GELU_AUTOTUNE", "1", "time the Triton GEMM (linear_gelu, linear) against cuBLAS on the GPU"),
+    (FP32_DOT_ENV, "auto", "float32 dots in the Triton kernels: auto (3xTF32 on sm_80+, else ieee), ieee, tf32x3"),
     ("DISTILPOSE_SOFTARGMAX_VEC", "0", "vectorised CUDA soft-argmax forward (opt-in, not yet run on a GPU)"),
     ("DISTILPOSE_NVTX", "0", "NVTX ranges around ops and model stages (read at import)"),
 )
@@ -127,6 +130,7 @@ def info(verbose: bool = False) -> dict[str, Any]:
         },
         "dispatch": {},
         "switches": _switches(),
+        "fp32_dot": {},
     }
     for dev in _devices():
         table = {}
@@ -137,6 +141,10 @@ def info(verbose: bool = False) -> dict[str, Any]:
             table[op] = dict(zip(("backend", "why"), _triton_dispatch(op, dev)))
         table["conv2d_relu"] = dict(zip(("backend", "why"), _conv_epilogue_dispatch(dev)))
         report["dispatch"][dev] = table
+        try:
+            report["fp32_dot"][dev] = fp32_dot_precision(torch.device(dev))
+        except ValueError as e:  # a bad DISTILPOSE_FP32_DOT: report it, the ops will raise it
+            report["fp32_dot"][dev] = f"error: {e}"
     if verbose:
         print(format_info(report))
     return report
@@ -158,6 +166,9 @@ def format_info(report: dict[str, Any]) -> str:
     else:
         lines.append(f"extension distilpose_kernels._C: not available: {ext['error']}")
     lines.append("switches: " + ", ".join(f"{k}={v['value']}" for k, v in report.get("switches", {}).items()))
+    if report.get("fp32_dot"):
+        lines.append("float32 dots in the Triton kernels (tl.dot input_precision): "
+                     + ", ".join(f"{dev} {p}" for dev, p in report["fp32_dot"].items()))
     for dev, table in report["dispatch"].items():
         lines.append(f"dispatch for {dev} tensors:")
         width = max(len(op) for op in table)

@@ -1,8 +1,11 @@
-"""Triton kernel for ``linear_gelu`` (imported only when the Triton path runs).
+"""Triton GEMM for ``linear_gelu`` and ``linear`` (imported only when the Triton path runs).
 
-y = gelu_erf(x @ w^T + b): a tiled GEMM (fp32 accumulation) whose epilogue adds the bias and
-applies the exact (erf) GELU before the single store, so the pre-activation never goes to
-memory. Grouped program order for L2 reuse of x tiles.
+y = gelu_erf(x @ w^T + b) (or without the GELU): a tiled GEMM (fp32 accumulation) whose
+epilogue adds the bias and applies the exact (erf) GELU before the single store, so the
+pre-activation never goes to memory. Grouped program order for L2 reuse of x tiles. float32
+operands get fp32-accurate dots (``_utils.fp32_dot_precision``: 3xTF32 on sm_80+). On a GPU the
+tile is autotuned per (M, N, K) among a few shapes: small-M GEMMs (batch 1) need narrow tiles
+to occupy the SMs, large ones wide tiles.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, triton_interpret
+from ._utils import cdiv, fp32_dot_precision, triton_interpret
 
 _INTERPRET = triton_interpret()
 
@@ -72,11 +75,17 @@ def _linear_gelu_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: full-precision dots unless the user allowed TF32 for matmuls (torch's own switch)
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    return fp32_dot_precision(device) if dtype == torch.float32 else "tf32"
+
+
+#: autotuned tiles (GPU only): few, because each is compiled on first use of a shape
+TUNE_TILES = (GemmTile(128, 64, 32, 4, 3), GemmTile(64, 64, 32, 4, 3), GemmTile(32, 64, 32, 4, 3))
+_TUNED = None if _INTERPRET else triton.autotune(
+    [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k},
+                   num_warps=t.num_warps, num_stages=t.num_stages) for t in TUNE_TILES],
+    key=["M", "N", "K"],
+)(_linear_gelu_kernel)
 
 
 def linear_gelu_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -91,15 +100,16 @@ def linear_gelu_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         z = (bias.float() if bias is not None else torch.zeros(n, device=x2.device)).expand(m, n)
         y.copy_(torch.nn.functional.gelu(z) if gelu else z)
         return y
+    args = (x2, weight, bias if bias is not None else weight, y, m, n, k,
+            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1))
+    meta = dict(HAS_B=bias is not None, GELU=bool(gelu), PRECISION=_precision(x2.dtype, x2.device),
+                UPCAST=_INTERPRET and x2.dtype == torch.bfloat16, GROUP_M=8)
+    if _TUNED is not None and TILE_OVERRIDE is None and x2.is_cuda:
+        _TUNED[lambda c: (cdiv(m, c["BLOCK_M"]) * cdiv(n, c["BLOCK_N"]),)](*args, **meta)
+        return y
     t = TILE_OVERRIDE or DEFAULT_TILE
-    grid = (cdiv(m, t.block_m) * cdiv(n, t.block_n),)
-    _linear_gelu_kernel[grid](
-        x2, weight, bias if bias is not None else weight, y,
-        m, n, k,
-        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
-        HAS_B=bias is not None, GELU=bool(gelu), PRECISION=_precision(x2.dtype),
-        UPCAST=_INTERPRET and x2.dtype == torch.bfloat16,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=8,
+    _linear_gelu_kernel[(cdiv(m, t.block_m) * cdiv(n, t.block_n),)](
+        *args, **meta, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return y

@@ -58,7 +58,7 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
     "bench-attention": ("bench/bench_attention.py",
                         "(test_token_attention_gpu and 64 and bf16 and (fused or eager or sdpa) and not cudagraph) or "
                         "(test_add_pos_layernorm_gpu and 64 and bf16 and (fused or eager)) or "
-                        "(test_linear_gelu_gpu and not compile)"),
+                        "(test_linear_gelu_gpu and not compile) or test_linear_fp32_gpu"),
     # Reg2HM + score loss fwd+bwd N=256 (fused / eager / compile, fp32 teacher); targets N=64
     "bench-heatmap": ("bench/bench_heatmap.py",
                       "(test_loss_fwd_bwd_gpu and 256 and fp32 and not cudagraph) or (test_targets and unbiased)"),
@@ -627,6 +627,8 @@ def _fastest(cases: List[dict]) -> Optional[dict]:
 def _fmt_t(s: Optional[float]) -> str:
     if s is None:
         return "-"
+    if s < 1e-4:  # kernels of a few microseconds (batch-1 GEMMs in a graph)
+        return f"{s * 1e6:.1f} us"
     return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.2f} s"
 
 
@@ -798,6 +800,10 @@ def evaluate_goals(benchmarks: List[dict], ceilings: Dict[str, float]) -> List[D
     for n, dtype in ((256, "bfloat16"), (2, "float32")):
         vs_baseline(f"TDE fc1+GELU B={n} {dtype} vs cuBLAS+GELU", select(lg, batch=n), "eager",
                     ("fused", "auto", "compile"))
+    lf = [b for b in benchmarks if "test_linear_fp32_gpu" in b["_file"]]
+    for shape in ("192x576", "192x192", "576x192"):
+        vs_baseline(f"TDE Linear {shape} B=2 fp32 graph vs cuBLAS", select(lf, shape=shape), "cublas",
+                    ("triton_ieee", "triton_tf32x3", "auto"))
     return rows
 
 

@@ -470,7 +470,7 @@ def test_gpu_compile_inductor_tde_layer():
 _AOT_SCRIPT = r"""
 import distilpose_kernels.attention_triton as at
 
-for p, prec in (("*bf16", "tf32"), ("*fp32", "ieee")):
+for p, prec in (("*bf16", "tf32"), ("*fp32", "ieee"), ("*fp32", "tf32x3")):
     c = dict(HEAD_DIM=24, BLOCK_D=32, BLOCK_M=64, BLOCK_N=64, PRECISION=prec, UPCAST=False)
     bwd = dict(QKV=p, DO=p, LSE="*fp32", Delta="*fp32", DQKV=p)
     compile_(at._attn_fwd_kernel, dict(QKV=p, Out=p, LSE="*fp32"), dict(qk_scale="fp32"), c, num_warps=4, num_stages=3)

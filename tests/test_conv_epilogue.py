@@ -459,7 +459,7 @@ def test_gpu_engine_with_fused_epilogues_matches(preset):
     _random_bn_stats(model)
     crops = torch.randn(4, 3, *model.input_size, device="cuda")
     a = InferenceEngine(model, device="cuda", fold_bn=True, fuse_epilogues=False, fuse_pos_norm=False,
-                        fuse_mlp=False)(crops)
+                        fuse_mlp=False, triton_linears=False)(crops)
     b = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True, precision="bf16",
                         cast_model=True, channels_last=True)(crops)
     c = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True)(crops)
@@ -481,6 +481,15 @@ def test_engine_fuses_the_pos_norm_step_by_default_and_not_under_compile():
     assert not any(layer.mlp.fuse_gelu for layer in model.tde.layers)
     compiled = InferenceEngine(model, compile=True)
     assert not compiled.model.tde.fuse_pos_norm and not compiled.model.tde.layers[0].mlp.fuse_gelu
+
+    def linears(e):
+        return {m.triton_linears for layer in e.model.tde.layers for m in (layer.attn, layer.mlp)}
+
+    # the TDE's Linears through distilpose_kernels.linear: fp32 engines only, not under compile
+    assert linears(on) == {True} and on.triton_linears and "triton_linears=True" in repr(on)
+    assert linears(compiled) == {False} and linears(InferenceEngine(model, precision="bf16")) == {False}
+    assert linears(InferenceEngine(model, triton_linears=False)) == {False}
+    assert not any(layer.attn.triton_linears for layer in model.tde.layers)
     a, b = on(crops), off(crops)
     for k in a:  # the CPU runs the op's reference: the same ops as the unfused step
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

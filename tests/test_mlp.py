@@ -1,6 +1,7 @@
-"""linear_gelu (the TDE MLP's fc1 + bias + exact GELU in one kernel): Triton kernel (CPU
-interpreter, or the GPU) vs float64, gradients, registration, the "auto" choice, errors, and the
-fused TDE MLP."""
+"""linear_gelu (the TDE MLP's fc1 + bias + exact GELU in one kernel) and linear (the same GEMM
+without the GELU): Triton kernel (CPU interpreter, or the GPU) vs float64, gradients,
+registration, the "auto" choice, errors, the fused TDE MLP, and the fp32 dot precision policy
+(3xTF32) with a float64 check of the method itself."""
 from __future__ import annotations
 
 import warnings
@@ -38,17 +39,23 @@ def _inputs(shape, k, n, dtype=torch.float32, bias=True, seed=0):
 CASES = [((37,), 24, 40), ((2, 9), 48, 33), ((1,), 7, 3), ((3, 17), 32, 96)]
 
 
+OPS = {"linear_gelu": (lambda *a, **k: dk.linear_gelu(*a, **k), lambda x, w, b: F.gelu(F.linear(x, w, b))),
+       "linear": (lambda *a, **k: dk.linear(*a, **k), F.linear)}
+
+
+@pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_linear_gelu_matches_float64(case, bias, monkeypatch):
+def test_linear_gelu_matches_float64(case, bias, op, monkeypatch):
     from distilpose_kernels import mlp_triton
 
     monkeypatch.setattr(mlp_triton, "_new_output", lambda shape, device, dtype: torch.full(shape, float("nan"),
                                                                                             device=device, dtype=dtype))
+    fn, ref = OPS[op]
     shape, k, n = case
     (x, w, b), (x64, w64, b64) = _inputs(shape, k, n, bias=bias, seed=k + n)
-    got = dk.linear_gelu(x, w, b, backend="triton")
-    want = F.gelu(F.linear(x64, w64, b64))
+    got = fn(x, w, b, backend="triton")
+    want = ref(x64, w64, b64)
     assert got.shape == (*shape, n) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
@@ -69,31 +76,35 @@ def test_linear_gelu_strided_input():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_linear_gelu_gradients_and_registration():
+@pytest.mark.parametrize("op", list(OPS))
+def test_linear_gelu_gradients_and_registration(op):
+    fn, ref = OPS[op]
+    lib = getattr(torch.ops.distilpose, op)
     (x, w, b), _ = _inputs((3, 11), 24, 40, seed=8)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     refs = [t.clone().requires_grad_() for t in (x, w, b)]
-    out = dk.linear_gelu(*leaves, backend="triton")
+    out = fn(*leaves, backend="triton")
     g = torch.randn_like(out)
     out.backward(g)
-    F.gelu(F.linear(*refs)).backward(g)
+    ref(*refs).backward(g)
     for a, r in zip(leaves, refs):
         torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-5)
     x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
-    assert torch.autograd.gradcheck(lambda *t: torch.ops.distilpose.linear_gelu(*t, "reference"), (x64, w64, b64),
-                                    eps=1e-6, atol=1e-5)
-    torch.library.opcheck(torch.ops.distilpose.linear_gelu.default, (x.clone().requires_grad_(), w, b, "triton"))
-    torch.library.opcheck(torch.ops.distilpose.linear_gelu.default, (x, w, None, "reference"))
-    f = torch.compile(lambda a: dk.linear_gelu(a, w, b, backend="triton") * 2, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(f(x), 2 * F.gelu(F.linear(x, w, b)), rtol=1e-5, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda *t: lib(*t, "reference"), (x64, w64, b64), eps=1e-6, atol=1e-5)
+    torch.library.opcheck(lib.default, (x.clone().requires_grad_(), w, b, "triton"))
+    torch.library.opcheck(lib.default, (x, w, None, "reference"))
+    f = torch.compile(lambda a: fn(a, w, b, backend="triton") * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(f(x), 2 * ref(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_linear_gelu_autocast_and_errors():
+@pytest.mark.parametrize("op", list(OPS))
+def test_linear_gelu_autocast_and_errors(op):
+    fn, ref = OPS[op]
     (x, w, b), _ = _inputs((4,), 16, 8, seed=9)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = dk.linear_gelu(x.cpu(), w.cpu(), b.cpu())
+        got = fn(x.cpu(), w.cpu(), b.cpu())
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, F.gelu(F.linear(x.cpu().bfloat16(), w.cpu().bfloat16(), b.cpu().bfloat16())))
+    torch.testing.assert_close(got, ref(x.cpu().bfloat16(), w.cpu().bfloat16(), b.cpu().bfloat16()))
     cases = [
         (dict(weight=w[:, :3]), ValueError, "weight: expected shape"),
         (dict(weight=w[0]), ValueError, "weight: expected a 2-D"),
@@ -106,7 +117,7 @@ def test_linear_gelu_autocast_and_errors():
     base = dict(x=x, weight=w, bias=b)
     for change, exc, msg in cases:
         with pytest.raises(exc, match=msg):
-            dk.linear_gelu(**{**base, **change})
+            fn(**{**base, **change})
 
 
 @pytest.fixture
@@ -141,6 +152,102 @@ def test_auto_choice_times_checks_and_caches(tuner):
     assert mlp_mod._choose(("k5",), fused, _named("reference", lambda: nan)) is False and ("k5",) not in mlp_mod._CHOICE
 
 
+def test_fp32_dot_precision_policy(monkeypatch):
+    """auto: 3xTF32 on GPUs with TF32 tensor cores, FMA elsewhere; the variable overrides it;
+    torch's allow_tf32 switch means plain TF32; a bad value is a clear error."""
+    from distilpose_kernels import _utils
+
+    monkeypatch.delenv(_utils.FP32_DOT_ENV, raising=False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(_utils, "_TF32_CORES", {})
+    caps = {0: (9, 0), 1: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    p = dk.fp32_dot_precision
+    assert p(torch.device("cpu")) == "ieee"
+    assert p(torch.device("cuda", 0)) == "tf32x3" and p(torch.device("cuda", 1)) == "ieee"
+    monkeypatch.setenv(_utils.FP32_DOT_ENV, "ieee")
+    assert p(torch.device("cuda", 0)) == "ieee"
+    monkeypatch.setenv(_utils.FP32_DOT_ENV, " TF32x3 ")
+    assert p(torch.device("cpu")) == "tf32x3" and p(torch.device("cuda", 1)) == "tf32x3"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert p(torch.device("cuda", 0)) == "tf32"
+    monkeypatch.setenv(_utils.FP32_DOT_ENV, "fast")
+    with pytest.raises(ValueError, match="DISTILPOSE_FP32_DOT: expected one of auto, ieee, tf32x3, got 'fast'"):
+        p(torch.device("cpu"))
+
+
+class _Spy:
+    """Stands in for a @triton.jit kernel: records each launch's PRECISION, then launches."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.seen.append(kw["PRECISION"])
+            return self.kernel[grid](*args, **kw)
+
+        return launch
+
+
+def test_fp32_dot_precision_reaches_the_gemm_and_attention_kernels(monkeypatch):
+    from distilpose_kernels import _utils, attention_triton, mlp_triton
+
+    seen = []
+    monkeypatch.setattr(mlp_triton, "_linear_gelu_kernel", _Spy(mlp_triton._linear_gelu_kernel, seen))
+    monkeypatch.setattr(attention_triton, "_RAW", {k: _Spy(f, seen) for k, f in attention_triton._RAW.items()})
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x = torch.randn(1, 5, 48, device=DEV, requires_grad=True)
+    w = torch.randn(48, 48, device=DEV)
+    for env, dtype, want in (("tf32x3", torch.float32, "tf32x3"), ("ieee", torch.float32, "ieee"),
+                             ("tf32x3", torch.bfloat16, "tf32")):
+        monkeypatch.setenv(_utils.FP32_DOT_ENV, env)
+        seen.clear()
+        xi = x.detach().to(dtype).requires_grad_()
+        dk.linear(xi, w.to(dtype), backend="triton")
+        dk.token_attention(torch.cat([xi] * 3, -1), 2, backend="triton").sum().backward()
+        assert seen == [want] * 4, (env, dtype, seen)  # linear, attention fwd, dkdv, dq
+
+
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 to TF32 as cvt.rna.tf32.f32 does: nearest, ties away, 10 mantissa bits."""
+    return ((x.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.parametrize("m,k,n", [(546, 192, 576), (546, 576, 192), (273, 24, 273), (273, 273, 24)])
+def test_3xtf32_method_is_as_accurate_as_an_fp32_gemm(m, k, n):
+    """The numerical claim behind fp32_dot_precision's default, checked on the CPU: what a
+    "tf32x3" dot computes (hi*hi + hi*lo + lo*hi, hi and lo TF32; each product of two 11-bit
+    mantissas is exact in fp32, so fp32 matmuls reproduce it) is within 2x of an fp32 GEMM's
+    error against float64 at the TDE's shapes (batch 1 with flip: 546 tokens), while a single
+    TF32 product is far outside that bound."""
+    g = torch.Generator().manual_seed(m + k + n)
+    a = torch.randn(m, k, generator=g)
+    b = torch.randn(k, n, generator=g) / k ** 0.5
+    want = a.double() @ b.double()
+
+    def err(c):
+        return float((c.double() - want).abs().max())
+
+    ah, bh = _tf32(a), _tf32(b)
+    al, bl = _tf32(a - ah), _tf32(b - bh)
+    assert float((a - ah - al).abs().max()) <= 2.0 ** -21 * float(a.abs().max())  # hi + lo keeps ~22 bits
+    e_fp32 = err(a @ b)
+    assert err(ah @ bl + al @ bh + ah @ bh) <= 2 * e_fp32
+    assert err(ah @ bh) > 50 * e_fp32
+
+
+def test_auto_choice_holds_fp32_dots_to_fp32_accuracy(tuner):
+    """With fp32-accurate dots the kernel must match cuBLAS fp32 to 1e-5 of the output's scale;
+    with TF32 dots (the user's allow_tf32) to 1e-3."""
+    _, good = tuner
+    off = _named("fused", lambda: good + 1e-4 * good.abs().max())
+    ref = _named("reference", lambda: good.clone())
+    assert mlp_mod._choose((False, 8, 16, 16, torch.float32, None, "tf32"), off, ref) is True
+    with pytest.warns(UserWarning, match="linear: the Triton kernel disagrees"):
+        assert mlp_mod._choose((False, 8, 16, 16, torch.float32, None, "tf32x3"), off, ref) is False
+
+
 def test_tde_mlp_fused_gelu_keeps_the_outputs():
     from distilpose.models.tde import Mlp
 
@@ -157,20 +264,49 @@ def test_tde_mlp_fused_gelu_keeps_the_outputs():
         torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5)
 
 
+def test_tde_layer_with_triton_linears_keeps_outputs_and_gradients(monkeypatch):
+    """TransformerLayer with ``triton_linears``: qkv, proj, fc1 and fc2 go through
+    distilpose_kernels.linear (forced onto the Triton kernel here), values and gradients as the
+    plain layer's."""
+    from distilpose.models.tde import TransformerLayer
+
+    calls = []
+
+    def spy(x, w, b=None, backend=None):
+        calls.append(tuple(w.shape))
+        return mlp_mod.linear(x, w, b, backend="triton")
+
+    torch.manual_seed(0)
+    layer = TransformerLayer(48, 2, 72).to(DEV)
+    x = torch.randn(2, 11, 48, device=DEV, requires_grad=True)
+    want = layer(x)
+    gw = torch.autograd.grad(want.square().sum(), (x, layer.attn.qkv.weight, layer.mlp.fc2.bias))
+    monkeypatch.setattr(dk, "linear", spy)
+    layer.attn.triton_linears = layer.mlp.triton_linears = True
+    got = layer(x)
+    gg = torch.autograd.grad(got.square().sum(), (x, layer.attn.qkv.weight, layer.mlp.fc2.bias))
+    assert sorted(calls) == sorted([(144, 48), (48, 48), (72, 48), (48, 72)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for u, v in zip(gw, gg):
+        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-4)
+
+
 _AOT = r"""
 import distilpose_kernels.mlp_triton as mt
 
-t = mt.DEFAULT_TILE
-for p, prec in (("*bf16", "tf32"), ("*fp32", "ieee")):
-    consts = dict(HAS_B=True, GELU=True, PRECISION=prec, UPCAST=False, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                  BLOCK_K=t.block_k, GROUP_M=8)
-    compile_(mt._linear_gelu_kernel, dict(X=p, Wt=p, B=p, Y=p), {}, consts, num_warps=t.num_warps,
-             num_stages=t.num_stages)
+for t in (mt.DEFAULT_TILE, *mt.TUNE_TILES):
+    for p, prec in (("*bf16", "tf32"), ("*fp32", "ieee"), ("*fp32", "tf32x3")):
+        for gelu in (True, False):
+            consts = dict(HAS_B=True, GELU=gelu, PRECISION=prec, UPCAST=False, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                          BLOCK_K=t.block_k, GROUP_M=8)
+            compile_(mt._linear_gelu_kernel, dict(X=p, Wt=p, B=p, Y=p), {}, consts, num_warps=t.num_warps,
+                     num_stages=t.num_stages)
 """
 
 
 @pytest.mark.slow
 def test_linear_gelu_kernel_compiles_for_sm90_without_a_gpu():
+    """Every tile the GPU may autotune, with and without the GELU, for bf16 and fp32 (FMA and 3xTF32 dots)."""
     compile_for_sm90(_AOT)
 
 
@@ -186,6 +322,28 @@ def test_gpu_linear_gelu_tde_shape_and_auto(dtype):
             warnings.filterwarnings("error", message="linear_gelu")
             got = dk.linear_gelu(x, w, b, backend=backend)
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n", [(546, 192, 576), (546, 192, 192), (546, 576, 192), (17472, 192, 576)])
+def test_gpu_linear_fp32_dots_are_as_accurate_as_cublas(m, k, n, monkeypatch):
+    """Both fp32 dot precisions of the GEMM (FMA and 3xTF32) against float64, held to 2x the
+    error of cuBLAS fp32 (TF32 off) on the same inputs; and "auto" picks without a warning."""
+    from distilpose_kernels import _utils
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    (x, w, b), (x64, w64, b64) = _inputs((m,), k, n, seed=m + n)
+    want = F.linear(x64, w64, b64)
+    floor = 4 * torch.finfo(torch.float32).eps * float(want.abs().max())
+    e_cublas = float((F.linear(x, w, b).double() - want).abs().max())
+    for prec in ("ieee", "tf32x3"):
+        monkeypatch.setenv(_utils.FP32_DOT_ENV, prec)
+        for backend in ("triton", None):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message="linear")
+                got = dk.linear(x, w, b, backend=backend)
+            e = float((got.double() - want).abs().max())
+            assert e <= max(2 * e_cublas, floor), (prec, backend, e, e_cublas)
 
 
 def test_triton_ops_reject_unsupported_dtypes_the_same_way():

@@ -35,8 +35,17 @@ def sine_position_table(grid_h: int, grid_w: int, dim: int, temperature: float =
     return table.reshape(1, grid_h * grid_w, dim).float()
 
 
+def _linear(layer: nn.Linear, x: torch.Tensor, triton: bool) -> torch.Tensor:
+    """``layer(x)``, or the same Linear through ``distilpose_kernels.linear`` (the Triton GEMM where
+    it was timed faster than cuBLAS: fp32 3xTF32 tensor cores; cuBLAS elsewhere)."""
+    return dk.linear(x, layer.weight, layer.bias) if triton else layer(x)
+
+
 class TokenAttentionBlock(nn.Module):
-    """Multi-head self-attention on (N, L, C): qkv Linear (no bias) -> token_attention -> proj."""
+    """Multi-head self-attention on (N, L, C): qkv Linear (no bias) -> token_attention -> proj.
+    ``triton_linears``: qkv and proj through ``distilpose_kernels.linear`` (set by InferenceEngine)."""
+
+    triton_linears = False
 
     def __init__(self, dim: int, num_heads: int, backend: Optional[str] = None):
         super().__init__()
@@ -49,15 +58,18 @@ class TokenAttentionBlock(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = dk.token_attention(self.qkv(x), self.num_heads, self.scale, backend=self.backend)
-        return self.proj(out)
+        tl = self.triton_linears
+        out = dk.token_attention(_linear(self.qkv, x, tl), self.num_heads, self.scale, backend=self.backend)
+        return _linear(self.proj, out, tl)
 
 
 class Mlp(nn.Module):
     """fc1 -> GELU (erf) -> fc2. ``fuse_gelu``: fc1's bias and the GELU run in the GEMM's
-    epilogue (``distilpose_kernels.linear_gelu``); same math, set by InferenceEngine."""
+    epilogue (``distilpose_kernels.linear_gelu``); ``triton_linears``: fc1 and fc2 through
+    ``distilpose_kernels.linear``. Same math; both set by InferenceEngine."""
 
     fuse_gelu = False
+    triton_linears = False
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -66,9 +78,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tl = self.triton_linears
         if self.fuse_gelu:
-            return self.fc2(dk.linear_gelu(x, self.fc1.weight, self.fc1.bias))
-        return self.fc2(self.act(self.fc1(x)))
+            return _linear(self.fc2, dk.linear_gelu(x, self.fc1.weight, self.fc1.bias), tl)
+        return _linear(self.fc2, self.act(_linear(self.fc1, x, tl)), tl)
 
 
 class TransformerLayer(nn.Module):
