@@ -230,8 +230,6 @@ def _train_batch(n: int, device, seed: int = 0):
 def _bench_train(benchmark, monkeypatch, device, student_preset, teacher_preset, batch, precision, path):
     from distilpose.models.distiller import Distiller
 
-    if path.endswith("_ieee"):  # FMA dots for fp32 in the Triton kernels (the default is 3xTF32)
-        monkeypatch.setenv("DISTILPOSE_FP32_DOT", "ieee")
     if path == "reference":
         monkeypatch.setenv(FORCE_REF, "1")
     else:
