@@ -212,6 +212,36 @@ def test_linear_gelu_gpu(benchmark, impl, batch):
                       batch=n, dtype=str(dt).replace("torch.", ""), op="linear_gelu")
 
 
+@functools.lru_cache(maxsize=None)
+def _mlp_compiled():
+    return torch.compile(dk.fused_mlp_reference, dynamic=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [2, 256])
+@pytest.mark.parametrize("impl", ["fused", "auto", "eager", "linear_gelu", "compile"])
+def test_fused_mlp_gpu(benchmark, impl, batch):
+    """The TDE's whole MLP (192 -> 576 -> GELU -> 192), forward: one kernel (``fused``; ``auto``:
+    the timed choice the engine runs) vs cuBLAS + GELU + cuBLAS (``eager``), our fc1+GELU kernel +
+    Linear (``linear_gelu``, each on its own timed choice) and torch.compile. Batch 256 bf16
+    and batch 1 with the flip test (2 crops) fp32. Bytes: x, the weights and the output once
+    (the hidden activation is what the fused kernel never writes)."""
+    dev = torch.device("cuda")
+    n, dt = (256, torch.bfloat16) if batch == 256 else (2, torch.float32)
+    x = torch.randn(n, L, C, device=dev, dtype=dt)
+    w1, b1 = torch.randn(3 * C, C, device=dev, dtype=dt) / C ** 0.5, torch.randn(3 * C, device=dev, dtype=dt)
+    w2, b2 = torch.randn(C, 3 * C, device=dev, dtype=dt) / (3 * C) ** 0.5, torch.randn(C, device=dev, dtype=dt)
+    args = (x, w1, b1, w2, b2)
+    f = {"fused": lambda: dk.fused_mlp(*args, backend="triton"), "auto": lambda: dk.fused_mlp(*args),
+         "eager": lambda: dk.fused_mlp_reference(*args), "compile": lambda: _mlp_compiled()(*args),
+         "linear_gelu": lambda: dk.linear(dk.linear_gelu(x, w1, b1), w2, b2)}[impl]
+    benchmark.group = f"fused_mlp fwd {str(dt).replace('torch.', '')} B={n}"
+    nbytes = (2 * x.numel() + w1.numel() + w2.numel() + b1.numel() + b2.numel()) * x.element_size()
+    with torch.inference_mode():
+        run_benchmark(benchmark, f, device=dev, bytes_moved=nbytes, flops=2.0 * 2 * n * L * C * 3 * C, impl=impl,
+                      batch=n, dtype=str(dt).replace("torch.", ""), op="fused_mlp")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", ["192x576", "192x192", "576x192"])
 @pytest.mark.parametrize("impl", ["cublas", "triton_ieee", "triton_tf32x3", "auto"])

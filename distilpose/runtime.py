@@ -163,6 +163,12 @@ class InferenceEngine:
             fp32 accuracy (``distilpose_kernels.fp32_dot_precision``), where cuBLAS runs FMA
             kernels with TF32 off. Default: on for precision "fp32" unless ``compile`` (16-bit
             GEMMs already run on the tensor cores in cuBLAS; timing them only costs compiles).
+        mlp_kernel: run each TDE MLP (fc1, GELU, fc2) as one kernel
+            (``distilpose_kernels.fused_mlp``; the 576-wide hidden activation is never written),
+            used on CUDA where it is timed faster than cuBLAS + GELU + cuBLAS; it replaces
+            ``fuse_mlp`` / ``triton_linears`` inside the MLP. Default: on for bf16/fp16 unless
+            ``compile`` (at large batches the hidden activation is most of the MLP's memory
+            traffic; at fp32 batch 1 the separate 3xTF32 GEMMs spread over more SMs).
         attention_backend: set on every module with a ``backend`` attribute (the TDE's
             attention): None/"auto", "reference" or "triton".
         compile: ``torch.compile`` the step (``compile_mode``, e.g. "default", "max-autotune-no-cudagraphs").
@@ -190,6 +196,7 @@ class InferenceEngine:
         fuse_pos_norm: Optional[bool] = None,
         fuse_mlp: Optional[bool] = None,
         triton_linears: Optional[bool] = None,
+        mlp_kernel: Optional[bool] = None,
         attention_backend: Optional[str] = None,
         compile: bool = False,
         compile_mode: Optional[str] = None,
@@ -232,6 +239,9 @@ class InferenceEngine:
         if triton_linears is None:
             triton_linears = precision == "fp32" and not compile
         self.triton_linears = bool(triton_linears)
+        if mlp_kernel is None:
+            mlp_kernel = precision != "fp32" and not compile
+        self.mlp_kernel = bool(mlp_kernel)
         for m in model.modules():
             if hasattr(m, "fuse_pos_norm"):
                 m.fuse_pos_norm = self.fuse_pos_norm
@@ -239,6 +249,8 @@ class InferenceEngine:
                 m.fuse_gelu = self.fuse_mlp
             if hasattr(m, "triton_linears"):
                 m.triton_linears = self.triton_linears
+            if hasattr(m, "mlp_kernel"):
+                m.mlp_kernel = self.mlp_kernel
         if attention_backend is not None:
             _set_attention_backend(model, None if attention_backend == "auto" else attention_backend)
         if hasattr(model, "check_finite"):
@@ -445,7 +457,7 @@ class InferenceEngine:
             f"InferenceEngine({getattr(self.model, 'name', 'model')}, kind={self.kind}, device={self.device}, "
             f"precision={self.precision}, cast_model={self.cast_model}, flip_test={self.flip_test}, fold_bn={self.fold_bn}, "
             f"fuse_epilogues={self.fuse_epilogues}, fuse_pos_norm={self.fuse_pos_norm}, fuse_mlp={self.fuse_mlp}, "
-            f"triton_linears={self.triton_linears}, "
+            f"triton_linears={self.triton_linears}, mlp_kernel={self.mlp_kernel}, "
             f"compile={self.compiled}, cuda_graph={self.cuda_graph})"
         )
 

@@ -43,6 +43,8 @@ _LAZY = {
     "linear_gelu_reference": "mlp",
     "linear": "mlp",
     "linear_reference": "mlp",
+    "fused_mlp": "mlp",
+    "fused_mlp_reference": "mlp",
     "fp32_dot_precision": "_utils",
     "FP32_DOT_ENV": "_utils",
     "upsample_sum": "multiscale",

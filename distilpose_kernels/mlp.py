@@ -1,5 +1,5 @@
 """Linear layers as one Triton GEMM: ``gelu(x @ weight^T + bias)`` (the TDE MLP's fc1) and
-``x @ weight^T + bias``.
+``x @ weight^T + bias``; and the whole MLP as one kernel.
 
 Eager PyTorch writes the Linear's output, then reads and writes it again for the GELU; in
 the TDE (576 hidden units against 192) that is the largest activation of the layer. The
@@ -8,11 +8,17 @@ Triton kernel applies the bias and the erf GELU in its epilogue, before the sing
 with 3xTF32 (fp32 accuracy, ``_utils.fp32_dot_precision``) where cuBLAS, with TF32 off, runs
 FMA kernels; that is the case of fp32 inference at batch 1, the paper's FPS setting.
 
+``fused_mlp`` is the whole transformer MLP, fc2(gelu(fc1(x))), in one kernel: the hidden
+activation (576 wide in the TDE, 3x the tokens' width) is made and consumed in chunks inside
+each program and never written; at batch 256 that is most of the MLP's memory traffic.
+
 Public API
 - ``linear_gelu(x, weight, bias=None, backend=None)``: x (..., K), weight (N, K), bias (N,)
   -> (..., N) in x's dtype, fp32 accumulation; GELU is the exact (erf) form, as ``nn.GELU()``.
 - ``linear(x, weight, bias=None, backend=None)``: ``F.linear`` semantics, same shapes.
-- ``linear_gelu_reference`` / ``linear_reference``: ``F.gelu(F.linear(...))`` / ``F.linear``.
+- ``fused_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, backend=None)``: x (..., K),
+  fc1_weight (HID, K), fc2_weight (N, HID), N <= 512 -> (..., N).
+- ``linear_gelu_reference`` / ``linear_reference`` / ``fused_mlp_reference``: the same in PyTorch.
 
 Backends: "reference"; "triton" (CUDA; CPU tensors under TRITON_INTERPRET=1); None/"auto": on
 CUDA the Triton kernel where it was timed faster than cuBLAS (+ GELU) and agreed with it,
@@ -21,8 +27,8 @@ reference until then, and elsewhere). ``DISTILPOSE_LINEAR_GELU_AUTOTUNE=0`` make
 the kernel on CUDA untimed; DISTILPOSE_FORCE_REFERENCE=1 makes it pick the reference.
 
 Autocast: x, weight and bias are cast to the autocast dtype first, as ``F.linear`` does.
-Autograd: ``torch.ops.distilpose.linear_gelu`` / ``linear`` have registered backwards that run
-the GEMMs in PyTorch (linear_gelu recomputes the pre-activation: nothing extra is saved).
+Autograd: ``torch.ops.distilpose.linear_gelu`` / ``linear`` / ``fused_mlp`` have registered
+backwards that run the GEMMs in PyTorch (recomputing the pre-activation: nothing extra is saved).
 NaN propagates.
 """
 from __future__ import annotations
@@ -37,31 +43,33 @@ from torch import Tensor
 from ._utils import (agrees_at_dtype, annotate, check_tensor, env_switch, fp32_dot_precision, lazy_module,
                      select_triton_backend, timed_choice)
 
-__all__ = ["linear", "linear_gelu", "linear_gelu_reference", "linear_reference"]
+__all__ = ["linear", "linear_gelu", "linear_gelu_reference", "linear_reference", "fused_mlp", "fused_mlp_reference"]
 
 AUTOTUNE_ENV = "DISTILPOSE_LINEAR_GELU_AUTOTUNE"
 AUTOTUNE = env_switch(AUTOTUNE_ENV, True)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _triton_module = lazy_module("distilpose_kernels.mlp_triton")
-# (GELU, M, N, K, dtype, device index, fp32 dot precision) -> True: Triton kernel, False: reference
+# (GELU or "mlp", sizes..., dtype, device index, fp32 dot precision) -> True: Triton kernel, False: reference
 _CHOICE: Dict[tuple, bool] = {}
+#: the widest MLP output the fused kernel keeps in registers; wider ones run the reference
+MLP_MAX_N = 512
 
 
-def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+def _check_like(name: str, t: Tensor, x: Tensor, **shape) -> None:
+    check_tensor(name, t, **shape)
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} (like x), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: expected a tensor on {x.device} (like x), got one on {t.device}")
+
+
+def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], wname: str = "weight", bname: str = "bias") -> None:
     check_tensor("x", x, floating=True)
     if x.dim() < 1:
         raise ValueError("x: expected at least 1 dimension (..., K)")
-    check_tensor("weight", weight, ndim=2, shape=(None, x.shape[-1]))
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight: expected dtype {x.dtype} (like x), got {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"weight: expected a tensor on {x.device} (like x), got one on {weight.device}")
+    _check_like(wname, weight, x, ndim=2, shape=(None, x.shape[-1]))
     if bias is not None:
-        check_tensor("bias", bias, shape=(weight.shape[0],))
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias: expected dtype {x.dtype} (like x), got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias: expected a tensor on {x.device} (like x), got one on {bias.device}")
+        _check_like(bname, bias, x, shape=(weight.shape[0],))
 
 
 def linear_gelu_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -87,29 +95,38 @@ def _agrees_fp32(got: Tensor, ref: Tensor) -> bool:  # fp32-accurate dots (ieee 
     return agrees_at_dtype(got, ref, 2e-2, 1e-5)
 
 
-def _choose(key: tuple, fused: Callable[[], Tensor], reference: Callable[[], Tensor]) -> bool:
-    """Whether "auto" runs the kernel for ``key`` (``_utils.timed_choice``); ``key[-1]`` is the
-    fp32 dot precision, which sets how close to cuBLAS fp32 the kernel must come."""
+def _choose(key: tuple, fused: Callable[[], Tensor], reference: Callable[[], Tensor], op: str = "linear_gelu") -> bool:
+    """Whether "auto" runs ``op``'s kernel for ``key`` (``_utils.timed_choice``); ``key[-1]`` is
+    the fp32 dot precision, which sets how close to cuBLAS fp32 the kernel must come."""
     agrees = _agrees_fp32 if key[-1] in ("ieee", "tf32x3") else _agrees_tf32
-    what = "linear_gelu: the Triton kernel" if key[0] else "linear: the Triton kernel"
-    return timed_choice(_CHOICE, key, fused, reference, agrees, what)
+    return timed_choice(_CHOICE, key, fused, reference, agrees, f"{op}: the Triton kernel")
 
 
-def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str, gelu: bool) -> Tensor:
-    ref = linear_gelu_reference if gelu else linear_reference
+def _precision_key(x: Tensor) -> str:
+    return fp32_dot_precision(x.device) if x.dtype == torch.float32 else "tf32"
+
+
+def _dispatch(backend: str, x: Tensor, key: Callable[[], tuple], op: str, kernel: Callable[[], Tensor],
+              reference: Callable[[], Tensor]) -> Tensor:
+    """Run ``kernel`` or ``reference`` for ``backend`` ("triton", "reference" or "auto": on CUDA
+    the timed choice for ``key()``, the reference elsewhere)."""
     if backend == "auto":
         if not x.is_cuda:
             backend = "reference"
         elif not AUTOTUNE:
             backend = "triton"
         else:
-            prec = fp32_dot_precision(x.device) if x.dtype == torch.float32 else "tf32"
-            key = (gelu, x.numel() // max(x.shape[-1], 1), weight.shape[0], x.shape[-1], x.dtype, x.device.index, prec)
-            use = _choose(key, lambda: _kernel(x, weight, bias, gelu), lambda: ref(x, weight, bias))
-            backend = "triton" if use else "reference"
-    if backend == "triton":
-        return _kernel(x, weight, bias, gelu)
-    return ref(x, weight, bias)
+            backend = "triton" if _choose(key(), kernel, reference, op) else "reference"
+    return kernel() if backend == "triton" else reference()
+
+
+def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str, gelu: bool) -> Tensor:
+    ref = linear_gelu_reference if gelu else linear_reference
+    return _dispatch(
+        backend, x,
+        lambda: (gelu, x.numel() // max(x.shape[-1], 1), weight.shape[0], x.shape[-1], x.dtype, x.device.index,
+                 _precision_key(x)),
+        "linear_gelu" if gelu else "linear", lambda: _kernel(x, weight, bias, gelu), lambda: ref(x, weight, bias))
 
 
 def _interpret() -> bool:
@@ -123,22 +140,32 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias)
 
 
-def _linear_backward(ctx, gz):
-    """Gradients of ``x @ weight^T + bias`` for the output gradient ``gz`` (PyTorch GEMMs)."""
-    x, weight, bias = ctx.saved_tensors
-    need = ctx.needs_input_grad
+def _gemm_grads(gz: Tensor, x: Tensor, weight: Tensor, has_bias: bool, need) -> tuple:
+    """(dx, dweight, dbias) of ``x @ weight^T (+ bias)`` for the output gradient ``gz`` (PyTorch
+    GEMMs); ``need``: which of the three are wanted."""
     gx = gz @ weight if need[0] else None
     g2, x2 = gz.reshape(-1, gz.shape[-1]), x.reshape(-1, x.shape[-1])
     gw = g2.t() @ x2 if need[1] else None
-    gb = g2.sum(0) if bias is not None and need[2] else None
-    return gx, gw, gb, None
+    gb = g2.sum(0) if has_bias and need[2] else None
+    return gx, gw, gb
+
+
+def _gelu_grad(grad: Tensor, z: Tensor) -> Tensor:
+    """d gelu(z) / dz * grad (exact erf GELU), in fp32, returned in z's dtype."""
+    zf = z.float()
+    d = 0.5 * (1.0 + torch.erf(zf * (1.0 / math.sqrt(2.0)))) + zf * torch.exp(-0.5 * zf * zf) / math.sqrt(2.0 * math.pi)
+    return (grad.float() * d).to(z.dtype)
+
+
+def _linear_backward(ctx, gz):
+    x, weight, bias = ctx.saved_tensors
+    return (*_gemm_grads(gz, x, weight, bias is not None, ctx.needs_input_grad), None)
 
 
 def _gelu_backward(ctx, grad):
     x, weight, bias = ctx.saved_tensors
-    z = F.linear(x, weight, bias).float()  # recomputed: the forward stored no pre-activation
-    dgelu = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0)))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-    return _linear_backward(ctx, (grad.float() * dgelu).to(x.dtype))
+    z = F.linear(x, weight, bias)  # recomputed: the forward stored no pre-activation
+    return (*_gemm_grads(_gelu_grad(grad, z), x, weight, bias is not None, ctx.needs_input_grad), None)
 
 
 def _register(name: str, gelu: bool, backward: Callable):
@@ -191,3 +218,88 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, backend: Op
     "auto" on CUDA: the Triton GEMM where it was timed faster than cuBLAS (fp32: 3xTF32 tensor
     cores at fp32 accuracy), else cuBLAS."""
     return _call("linear", x, weight, bias, backend)
+
+
+# ----------------------------------------------------------------------------- the whole MLP
+
+
+def fused_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                  fc2_bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)``."""
+    return F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+
+
+def _mlp_fused(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor]) -> Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return _triton_module().mlp_forward(x2, w1, b1, w2, b2).reshape(*x.shape[:-1], w2.shape[0])
+
+
+def _mlp_run(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], backend: str) -> Tensor:
+    return _dispatch(
+        backend, x,
+        lambda: ("mlp", x.numel() // max(x.shape[-1], 1), x.shape[-1], w1.shape[0], w2.shape[0], x.dtype,
+                 x.device.index, _precision_key(x)),
+        "fused_mlp", lambda: _mlp_fused(x, w1, b1, w2, b2), lambda: fused_mlp_reference(x, w1, b1, w2, b2))
+
+
+@torch.library.custom_op("distilpose::fused_mlp", mutates_args=())
+def _mlp_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+            fc2_bias: Optional[Tensor], backend: str) -> Tensor:
+    with torch.no_grad():
+        if backend != "reference" and not x.is_cuda and not _interpret():
+            backend = "reference"
+        return _mlp_run(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, backend)
+
+
+@_mlp_op.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, backend):
+    return x.new_empty((*x.shape[:-1], fc2_weight.shape[0]))
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, _backend = inputs
+    ctx.save_for_backward(x, w1, b1, w2)
+    ctx.has_b2 = b2 is not None
+
+
+def _mlp_backward(ctx, grad):
+    x, w1, b1, w2 = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    z = F.linear(x, w1, b1)  # recomputed: the forward stored no hidden activation
+    _, gw2, gb2 = _gemm_grads(grad, F.gelu(z), w2, ctx.has_b2, (False, need[3], need[4]))
+    gx, gw1, gb1 = _gemm_grads(_gelu_grad(grad @ w2, z), x, w1, b1 is not None, need[:3])
+    return gx, gw1, gb1, gw2, gb2, None
+
+
+_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+@annotate("distilpose.fused_mlp")
+def fused_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+        backend: Optional[str] = None) -> Tensor:
+    """``fc2(gelu(fc1(x)))`` (exact GELU) in one kernel; x (..., K), fc1_weight (HID, K),
+    fc1_bias (HID,), fc2_weight (N, HID), fc2_bias (N,) -> (..., N). The hidden activation is
+    never written to memory. "auto" on CUDA: the kernel where it was timed faster than cuBLAS +
+    GELU + cuBLAS and agreed with them. Outputs wider than ``MLP_MAX_N`` run the reference."""
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = (
+            t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+    _check(x, fc1_weight, fc1_bias, "fc1_weight", "fc1_bias")
+    _check_like("fc2_weight", fc2_weight, x, ndim=2, shape=(None, fc1_weight.shape[0]))
+    if fc2_bias is not None:
+        _check_like("fc2_bias", fc2_bias, x, shape=(fc2_weight.shape[0],))
+    tensors = [t for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) if t is not None]
+    which = select_triton_backend("fused_mlp", tensors, backend, TRITON_DTYPES)
+    if which != "reference" and fc2_weight.shape[0] > MLP_MAX_N:
+        if backend == "triton":
+            raise ValueError(f"fc2_weight: backend='triton' supports at most {MLP_MAX_N} output features, "
+                             f"got {fc2_weight.shape[0]}")
+        which = "reference"
+    if which == "reference":
+        return fused_mlp_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    mode = "triton" if backend == "triton" else "auto"
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or torch.compiler.is_compiling():
+        return _mlp_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mode)
+    return _mlp_run(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mode)

@@ -363,6 +363,8 @@ def test_distiller_fuses_the_frozen_teachers_epilogues():
     d = Distiller(student, teacher, fold_teacher_bn=True)
     assert d.teacher._distilpose_fused_epilogues > 0
     assert d.teacher.tde.fuse_pos_norm and all(layer.mlp.fuse_gelu for layer in d.teacher.tde.layers)
+    assert all(layer.mlp.mlp_kernel for layer in d.teacher.tde.layers)
+    assert not any(layer.mlp.mlp_kernel for layer in d.student.tde.layers)  # the trained student: plain
     assert not teacher.tde.fuse_pos_norm  # the caller's teacher is untouched
     plain = Distiller(copy.deepcopy(student), teacher, fold_teacher_bn=True, fuse_teacher_epilogues=False)
     assert not any(isinstance(m, dk.ConvReLU2d) for m in plain.teacher.modules()) and not plain.teacher.tde.fuse_pos_norm
@@ -459,7 +461,7 @@ def test_gpu_engine_with_fused_epilogues_matches(preset):
     _random_bn_stats(model)
     crops = torch.randn(4, 3, *model.input_size, device="cuda")
     a = InferenceEngine(model, device="cuda", fold_bn=True, fuse_epilogues=False, fuse_pos_norm=False,
-                        fuse_mlp=False, triton_linears=False)(crops)
+                        fuse_mlp=False, triton_linears=False, mlp_kernel=False)(crops)
     b = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True, precision="bf16",
                         cast_model=True, channels_last=True)(crops)
     c = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True)(crops)
@@ -490,6 +492,13 @@ def test_engine_fuses_the_pos_norm_step_by_default_and_not_under_compile():
     assert linears(compiled) == {False} and linears(InferenceEngine(model, precision="bf16")) == {False}
     assert linears(InferenceEngine(model, triton_linears=False)) == {False}
     assert not any(layer.attn.triton_linears for layer in model.tde.layers)
+    # the whole MLP as one kernel: 16-bit engines only, not under compile
+    bf16 = InferenceEngine(model, precision="bf16")
+    assert all(layer.mlp.mlp_kernel for layer in bf16.model.tde.layers) and "mlp_kernel=True" in repr(bf16)
+    assert not any(layer.mlp.mlp_kernel for e in (on, InferenceEngine(model, precision="bf16", compile=True),
+                                                   InferenceEngine(model, precision="bf16", mlp_kernel=False))
+                   for layer in e.model.tde.layers)
+    assert not any(layer.mlp.mlp_kernel for layer in model.tde.layers)
     a, b = on(crops), off(crops)
     for k in a:  # the CPU runs the op's reference: the same ops as the unfused step
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

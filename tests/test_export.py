@@ -376,6 +376,8 @@ def test_gpu_check_goal_table_from_results():
         _fake_bench("u[cl-fused]", 1.0e-4, impl="fused", layout="cl", bytes=1e9),
         _fake_bench("g[eager-256]", 2.0e-4, impl="eager", batch=256, dtype="bfloat16"),
         _fake_bench("g[auto-256]", 1.0e-4, impl="auto", batch=256, dtype="bfloat16"),
+        _fake_bench("m[eager-256]", 3.0e-4, impl="eager", batch=256, dtype="bfloat16"),
+        _fake_bench("m[fused-256]", 2.0e-4, impl="fused", batch=256, dtype="bfloat16"),
         _fake_bench("l[cublas-192x576]", 9.0e-6, impl="cublas", shape="192x576"),
         _fake_bench("l[triton_tf32x3-192x576]", 4.5e-6, impl="triton_tf32x3", shape="192x576"),
         _fake_bench("l[triton_tf32x3-192x192]", 1.0e-6, impl="triton_tf32x3", shape="192x192"),  # no cuBLAS case
@@ -386,7 +388,8 @@ def test_gpu_check_goal_table_from_results():
                  "c": "conv-x.json bench/bench_conv.py::test_conv2d_relu_gpu",
                  "u": "conv-x.json bench/bench_conv.py::test_upsample_sum_gpu",
                  "g": "attention-x.json bench/bench_attention.py::test_linear_gelu_gpu",
-                 "l": "attention-x.json bench/bench_attention.py::test_linear_fp32_gpu"}
+                 "l": "attention-x.json bench/bench_attention.py::test_linear_fp32_gpu",
+                 "m": "attention-x.json bench/bench_attention.py::test_fused_mlp_gpu"}
         b["_file"] = suite.get(b["name"][0], "e2e-x.json")
     rows = {r["goal"]: r for r in gc.evaluate_goals(benches, {"fp32_tflops": 50.0, "copy_gbps": 3000.0})}
     att = rows["attention B=64 bf16 fwd+bwd vs best SDPA (per call)"]
@@ -404,6 +407,8 @@ def test_gpu_check_goal_table_from_results():
     assert "auto 1.82x" in conv["measured"] and "conv epilogue b3x3 b256_bf16_cl vs unfused" not in rows
     lg = rows["TDE fc1+GELU B=256 bfloat16 vs cuBLAS+GELU"]
     assert lg["status"] == "info" and "auto 2.00x" in lg["measured"]
+    fm = rows["TDE MLP B=256 bfloat16 one kernel vs cuBLAS+GELU+cuBLAS"]
+    assert fm["status"] == "info" and "fused 1.50x (0.200 ms" in fm["measured"]
     lin = rows["TDE Linear 192x576 B=2 fp32 graph vs cuBLAS"]
     assert lin["status"] == "info" and "cublas 9.0 us; triton_tf32x3 2.00x (4.5 us" in lin["measured"]
     assert "TDE Linear 192x192 B=2 fp32 graph vs cuBLAS" not in rows  # nothing to compare with

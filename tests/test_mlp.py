@@ -25,6 +25,7 @@ def _small_tile(monkeypatch):
         from distilpose_kernels import mlp_triton
 
         monkeypatch.setattr(mlp_triton, "TILE_OVERRIDE", mlp_triton.GemmTile(16, 16, 16, 4, 1))
+        monkeypatch.setattr(mlp_triton, "MLP_TILE_OVERRIDE", mlp_triton.MlpTile(16, 16, 4, 1))
 
 
 def _inputs(shape, k, n, dtype=torch.float32, bias=True, seed=0):
@@ -152,6 +153,100 @@ def test_auto_choice_times_checks_and_caches(tuner):
     assert mlp_mod._choose(("k5",), fused, _named("reference", lambda: nan)) is False and ("k5",) not in mlp_mod._CHOICE
 
 
+def _mlp_inputs(shape, k, hid, n, dtype=torch.float32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = [torch.randn(*shape, k, generator=g, dtype=torch.float64), torch.randn(hid, k, generator=g, dtype=torch.float64) / k ** 0.5,
+         torch.randn(hid, generator=g, dtype=torch.float64) if bias else None,
+         torch.randn(n, hid, generator=g, dtype=torch.float64) / hid ** 0.5,
+         torch.randn(n, generator=g, dtype=torch.float64) if bias else None]
+    return [None if a is None else a.to(device=DEV, dtype=dtype) for a in t], [None if a is None else a.to(DEV) for a in t]
+
+
+MLP_CASES = [((37,), 24, 40, 24), ((2, 9), 48, 72, 33), ((1,), 7, 9, 3), ((3, 5), 20, 100, 17)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", MLP_CASES, ids=str)
+def test_fused_mlp_matches_float64(case, bias, monkeypatch):
+    """Odd sizes everywhere (K, hidden and N not multiples of the tiles), batch 1, no biases;
+    the output is poisoned first, so every element must be written."""
+    from distilpose_kernels import mlp_triton
+
+    monkeypatch.setattr(mlp_triton, "_new_output", lambda shape, device, dtype: torch.full(shape, float("nan"),
+                                                                                            device=device, dtype=dtype))
+    shape, k, hid, n = case
+    args, args64 = _mlp_inputs(shape, k, hid, n, bias=bias, seed=k + hid)
+    got = dk.fused_mlp(*args, backend="triton")
+    want = dk.fused_mlp_reference(*args64)
+    assert got.shape == (*shape, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_mlp_low_precision_and_strided_input(dtype):
+    args, _ = _mlp_inputs((2, 19), 48, 64, 40, dtype=dtype, seed=3)
+    want = dk.fused_mlp_reference(*[a.double() for a in args])
+    got = dk.fused_mlp(*args, backend="triton")
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2)
+    xt = args[0].transpose(0, 1)  # (19, 2, 48) non-contiguous
+    torch.testing.assert_close(dk.fused_mlp(xt, *args[1:], backend="triton").double(),
+                               dk.fused_mlp_reference(xt.double(), *[a.double() for a in args[1:]]), rtol=3e-2, atol=3e-2)
+
+
+def test_fused_mlp_gradients_registration_autocast_and_errors():
+    args, _ = _mlp_inputs((3, 7), 24, 40, 16, seed=11)
+    leaves = [a.clone().requires_grad_() for a in args]
+    refs = [a.clone().requires_grad_() for a in args]
+    out = dk.fused_mlp(*leaves, backend="triton")
+    g = torch.randn_like(out)
+    out.backward(g)
+    dk.fused_mlp_reference(*refs).backward(g)
+    for a, r in zip(leaves, refs):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-5)
+    a64 = [a.double().requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(lambda *t: torch.ops.distilpose.fused_mlp(*t, "reference"), a64, eps=1e-6, atol=1e-5)
+    op = torch.ops.distilpose.fused_mlp.default
+    torch.library.opcheck(op, (args[0].clone().requires_grad_(), *args[1:], "triton"))
+    torch.library.opcheck(op, (args[0], args[1], None, args[3], None, "reference"))
+    f = torch.compile(lambda x: dk.fused_mlp(x, *args[1:], backend="triton") + 1, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(f(args[0]), dk.fused_mlp_reference(*args) + 1, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = dk.fused_mlp(*[a.cpu() for a in args])
+    assert got.dtype == torch.bfloat16
+    x, w1, b1, w2, b2 = args
+    cases = [
+        (dict(fc2_weight=w2[:, :5]), ValueError, "fc2_weight: expected shape"),
+        (dict(fc1_weight=w1[:, :5]), ValueError, "fc1_weight: expected shape"),
+        (dict(fc2_bias=b2[:3]), ValueError, "fc2_bias: expected shape"),
+        (dict(fc1_bias=b1.double()), TypeError, "fc1_bias: expected dtype"),
+        (dict(fc2_weight=w2.half()), TypeError, "fc2_weight: expected dtype"),
+        (dict(backend="cuda"), ValueError, "backend must be"),
+    ]
+    base = dict(x=x, fc1_weight=w1, fc1_bias=b1, fc2_weight=w2, fc2_bias=b2)
+    for change, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            dk.fused_mlp(**{**base, **change})
+
+
+def test_fused_mlp_wide_output_runs_the_reference_or_says_why():
+    args, _ = _mlp_inputs((4,), 8, 16, mlp_mod.MLP_MAX_N + 1, seed=2)
+    with pytest.raises(ValueError, match="fc2_weight: backend='triton' supports at most 512 output features, got 513"):
+        dk.fused_mlp(*args, backend="triton")
+    torch.testing.assert_close(dk.fused_mlp(*args), dk.fused_mlp_reference(*args))
+
+
+def test_fused_mlp_auto_choice_key_and_fp32_tolerance(tuner, monkeypatch):
+    """On CUDA, "auto" decides once per (sizes, dtype, device, precision) under the name fused_mlp."""
+    seen = []
+    monkeypatch.setattr(mlp_mod, "_choose", lambda key, fused, ref, op: seen.append((key, op)) or False)
+    args, _ = _mlp_inputs((5,), 8, 16, 4, seed=1)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    got = mlp_mod._mlp_run(*args, "auto")
+    assert seen == [(("mlp", 5, 8, 16, 4, torch.float32, None, "ieee"), "fused_mlp")]
+    torch.testing.assert_close(got, dk.fused_mlp_reference(*args))
+
+
 def test_fp32_dot_precision_policy(monkeypatch):
     """auto: 3xTF32 on GPUs with TF32 tensor cores, FMA elsewhere; the variable overrides it;
     torch's allow_tf32 switch means plain TF32; a bad value is a clear error."""
@@ -245,7 +340,33 @@ def test_auto_choice_holds_fp32_dots_to_fp32_accuracy(tuner):
     ref = _named("reference", lambda: good.clone())
     assert mlp_mod._choose((False, 8, 16, 16, torch.float32, None, "tf32"), off, ref) is True
     with pytest.warns(UserWarning, match="linear: the Triton kernel disagrees"):
-        assert mlp_mod._choose((False, 8, 16, 16, torch.float32, None, "tf32x3"), off, ref) is False
+        assert mlp_mod._choose((False, 8, 16, 16, torch.float32, None, "tf32x3"), off, ref, "linear") is False
+
+
+def test_tde_mlp_kernel_flag_keeps_outputs_and_gradients(monkeypatch):
+    """Mlp with ``mlp_kernel``: the whole MLP through distilpose_kernels.fused_mlp (forced onto
+    the Triton kernel here), values and gradients as the plain module's."""
+    from distilpose.models.tde import Mlp
+
+    calls = []
+
+    def spy(x, w1, b1, w2, b2, backend=None):
+        calls.append((tuple(w1.shape), tuple(w2.shape)))
+        return mlp_mod.fused_mlp(x, w1, b1, w2, b2, backend="triton")
+
+    torch.manual_seed(0)
+    m = Mlp(24, 40).to(DEV)
+    x = torch.randn(2, 9, 24, device=DEV, requires_grad=True)
+    a = m(x)
+    ga = torch.autograd.grad(a.square().sum(), (x, m.fc1.weight, m.fc2.bias))
+    monkeypatch.setattr(dk, "fused_mlp", spy)
+    m.mlp_kernel = True
+    b = m(x)
+    gb = torch.autograd.grad(b.square().sum(), (x, m.fc1.weight, m.fc2.bias))
+    assert calls == [((40, 24), (24, 40))]
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5)
 
 
 def test_tde_mlp_fused_gelu_keeps_the_outputs():
@@ -294,6 +415,12 @@ def test_tde_layer_with_triton_linears_keeps_outputs_and_gradients(monkeypatch):
 _AOT = r"""
 import distilpose_kernels.mlp_triton as mt
 
+for t in mt.MLP_TUNE_TILES:
+    for p, prec in (("*bf16", "tf32"), ("*fp32", "ieee"), ("*fp32", "tf32x3")):
+        consts = dict(HAS_B1=True, HAS_B2=True, PRECISION=prec, UPCAST=False, BLOCK_M=t.block_m, BLOCK_K=64,
+                      BLOCK_H=t.block_h, BLOCK_N=256)
+        compile_(mt._mlp_kernel, dict(X=p, W1=p, B1=p, W2=p, B2=p, Y=p), {}, consts, num_warps=t.num_warps,
+                 num_stages=t.num_stages)
 for t in (mt.DEFAULT_TILE, *mt.TUNE_TILES):
     for p, prec in (("*bf16", "tf32"), ("*fp32", "ieee"), ("*fp32", "tf32x3")):
         for gelu in (True, False):
@@ -306,7 +433,8 @@ for t in (mt.DEFAULT_TILE, *mt.TUNE_TILES):
 
 @pytest.mark.slow
 def test_linear_gelu_kernel_compiles_for_sm90_without_a_gpu():
-    """Every tile the GPU may autotune, with and without the GELU, for bf16 and fp32 (FMA and 3xTF32 dots)."""
+    """Every tile the GPU may autotune, with and without the GELU, for bf16 and fp32 (FMA and 3xTF32
+    dots); the whole-MLP kernel at the TDE's output width (192, padded to 256) likewise."""
     compile_for_sm90(_AOT)
 
 
@@ -344,6 +472,23 @@ def test_gpu_linear_fp32_dots_are_as_accurate_as_cublas(m, k, n, monkeypatch):
                 got = dk.linear(x, w, b, backend=backend)
             e = float((got.double() - want).abs().max())
             assert e <= max(2 * e_cublas, floor), (prec, backend, e, e_cublas)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,dtype", [(256, torch.bfloat16), (2, torch.float32), (1, torch.float16)])
+def test_gpu_fused_mlp_tde_shapes(batch, dtype):
+    """The TDE's MLP (192 -> 576 -> 192, 273 tokens): the kernel and "auto" against float64, held
+    to twice the error of cuBLAS + GELU + cuBLAS on the same inputs."""
+    args, args64 = _mlp_inputs((batch, 273), 192, 576, 192, dtype=dtype, seed=batch)
+    want = dk.fused_mlp_reference(*[a.double() for a in args])
+    e_ref = float((dk.fused_mlp_reference(*args).double() - want).abs().max())
+    floor = 4 * torch.finfo(dtype).eps * float(want.abs().max())
+    for backend in ("triton", None):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="fused_mlp")
+            got = dk.fused_mlp(*args, backend=backend)
+        e = float((got.double() - want).abs().max())
+        assert e <= max(2 * e_ref, floor), (backend, e, e_ref)
 
 
 def test_triton_ops_reject_unsupported_dtypes_the_same_way():

@@ -117,6 +117,8 @@ class Distiller(nn.Module):
                             m.fuse_pos_norm = True
                         if hasattr(m, "fuse_gelu"):
                             m.fuse_gelu = True
+                        if hasattr(m, "mlp_kernel"):  # the whole MLP in one kernel where timed faster
+                            m.mlp_kernel = True
             if self.teacher_dtype is not None:
                 teacher.to(self.teacher_dtype)
             if self.teacher_channels_last:

@@ -66,10 +66,13 @@ class TokenAttentionBlock(nn.Module):
 class Mlp(nn.Module):
     """fc1 -> GELU (erf) -> fc2. ``fuse_gelu``: fc1's bias and the GELU run in the GEMM's
     epilogue (``distilpose_kernels.linear_gelu``); ``triton_linears``: fc1 and fc2 through
-    ``distilpose_kernels.linear``. Same math; both set by InferenceEngine."""
+    ``distilpose_kernels.linear``; ``mlp_kernel`` (first): the whole MLP as one
+    ``distilpose_kernels.fused_mlp`` (the hidden activation never written). Same math; all set
+    by InferenceEngine."""
 
     fuse_gelu = False
     triton_linears = False
+    mlp_kernel = False
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -78,6 +81,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mlp_kernel:
+            return dk.fused_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         tl = self.triton_linears
         if self.fuse_gelu:
             return _linear(self.fc2, dk.linear_gelu(x, self.fc1.weight, self.fc1.bias), tl)
