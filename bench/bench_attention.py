@@ -243,6 +243,44 @@ def test_fused_mlp_gpu(benchmark, impl, batch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch", [2, 256])
+@pytest.mark.parametrize("impl", ["fused", "auto", "eager", "split"])
+@pytest.mark.parametrize("op", ["proj", "mlp"])
+def test_add_norm_gpu(benchmark, op, impl, batch):
+    """The TDE's GEMM + residual add + position re-add + LayerNorm step, forward, no grad:
+    ``proj`` (attention projection 192 -> 192, then norm2) and ``mlp`` (192 -> 576 -> GELU -> 192,
+    then the next layer's norm1 with the position table on the 256 visual tokens). ``fused``: one
+    kernel (``linear_add_norm`` / ``fused_mlp_add_norm``); ``auto``: the timed choice the engine
+    runs; ``eager``: the PyTorch ops; ``split``: our previous two kernels (``linear`` /
+    ``fused_mlp``, then ``add_pos_layernorm``). Batch 256 bf16 and batch 1 with flip (2) fp32."""
+    dev = torch.device("cuda")
+    n, dt = (256, torch.bfloat16) if batch == 256 else (2, torch.float32)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dev, dt)
+
+    hid = 3 * C if op == "mlp" else None
+    x = r(n, L, C)
+    weights = (r(hid, C, scale=C ** -0.5), r(hid), r(C, hid, scale=hid ** -0.5), r(C)) if hid else (r(C, C, scale=C ** -0.5), r(C))
+    res, lw, lb = r(n, L, C), r(C).abs() + 0.5, r(C)
+    pos = r(1, 256, C) if op == "mlp" else None
+    fused_op = dk.fused_mlp_add_norm if hid else dk.linear_add_norm
+    ref_op = dk.fused_mlp_add_norm_reference if hid else dk.linear_add_norm_reference
+    out_op = (lambda: dk.fused_mlp(x, *weights)) if hid else (lambda: dk.linear(x, *weights))
+    f = {"fused": lambda: fused_op(x, *weights, res, lw, lb, 1e-5, pos, backend="triton"),
+         "auto": lambda: fused_op(x, *weights, res, lw, lb, 1e-5, pos),
+         "eager": lambda: ref_op(x, *weights, res, lw, lb, 1e-5, pos),
+         "split": lambda: dk.add_pos_layernorm(res, pos, lw, lb, 1e-5, residual=out_op())}[impl]
+    benchmark.group = f"{op} + add + LayerNorm fwd {str(dt).replace('torch.', '')} B={n}"
+    nbytes = (x.numel() + sum(w.numel() for w in weights) + 3 * res.numel()) * x.element_size()
+    flops = 2.0 * n * L * C * (2 * hid if hid else C)
+    with torch.inference_mode():
+        run_benchmark(benchmark, f, device=dev, bytes_moved=nbytes, flops=flops, impl=impl, batch=n,
+                      dtype=str(dt).replace("torch.", ""), op=f"{op}_add_norm")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", ["192x576", "192x192", "576x192"])
 @pytest.mark.parametrize("impl", ["cublas", "triton_ieee", "triton_tf32x3", "auto"])
 def test_linear_fp32_gpu(benchmark, monkeypatch, impl, shape):

@@ -21,7 +21,8 @@ ends in a sync). Paths compared (``path`` in the test id and ``extra_info["path"
 - every folded path also fuses each conv's bias, residual add and ReLU into the conv
   (``InferenceEngine(fuse_epilogues=...)``, on by default with folding, off under compile);
   ``*_noepi`` is the same path without that, to show what it buys; ``*_plain`` also without
-  the TDE fusions (``fuse_pos_norm``, ``fuse_mlp``, ``triton_linears``, ``mlp_kernel``); ``compile_cudagraph_ops``
+  the TDE fusions (``fuse_pos_norm``, ``fuse_mlp``, ``triton_linears``, ``mlp_kernel``,
+  ``fuse_add_norm``); ``compile_cudagraph_ops``
   (DistilPose-S, batch 1 fp32) keeps our fused epilogue / norm / HRNet-sum ops under
   ``torch.compile`` (opaque custom ops) instead of leaving those fusions to Inductor;
 - ``fused_cast`` / ``cudagraph_cast`` (bf16 only): the model stored in bf16 and run without
@@ -94,6 +95,7 @@ def _engine(model, device, path: str, flip: str, precision: str) -> InferenceEng
         fuse_mlp=False if path.endswith("_plain") else (True if path.endswith("_ops") else None),
         triton_linears=False if path.endswith(("_plain", "_ieee")) else None,
         mlp_kernel=False if path.endswith("_plain") else None,
+        fuse_add_norm=False if path.endswith("_plain") else None,
         cast_model="_cast" in path,
         channels_last="_cl" in path,
         compile="compile" in path,

@@ -201,13 +201,18 @@ def cuda_time_ms(fn: Callable[[], object], rounds: int = 3, reps: int = 5) -> fl
     return best
 
 
+def _as_tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
 def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor],
                  agrees: Callable[[torch.Tensor, torch.Tensor], bool], what: str) -> bool:
     """Whether an op's "auto" backend runs its fused path for ``key`` (cached in ``cache``).
 
-    Decided once: the fused path must agree with the reference on this input (``agrees``) and
-    be faster (``cuda_time_ms``). A failure or a disagreement warns (``what`` names the path,
-    e.g. "conv2d_relu: the fused cuDNN op") and picks the reference. Nothing is decided (the
+    Decided once: the fused path must agree with the reference on this input (``agrees``, per
+    output when the paths return tuples) and be faster (``cuda_time_ms``). A failure or a
+    disagreement warns (``what`` names the path, e.g. "conv2d_relu: the fused cuDNN op") and
+    picks the reference. Nothing is decided (the
     reference runs, nothing is cached) inside a CUDA-graph capture or on non-finite outputs,
     where the two paths may legitimately differ (e.g. NaN through a fused ReLU).
     """
@@ -217,10 +222,11 @@ def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], ref
     if torch.cuda.is_current_stream_capturing():
         return False
     try:
-        ref = reference()
-        if not bool(torch.isfinite(ref).all()):
+        ref = _as_tuple(reference())
+        if not all(bool(torch.isfinite(r).all()) for r in ref):
             return False
-        if not agrees(fused(), ref):
+        got = _as_tuple(fused())
+        if len(got) != len(ref) or not all(agrees(g, r) for g, r in zip(got, ref)):
             warnings.warn(f"{what} disagrees with the reference for {key}; using the reference")
             choice = False
         else:

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_helpers import dot as _dot
+from ._triton_helpers import layernorm_rows
 from ._utils import cdiv, env_switch, fp32_dot_precision, next_pow2, triton_interpret
 
 _LOG2E = 1.4426950408889634
@@ -40,17 +42,6 @@ def _new_output(shape, device, dtype) -> torch.Tensor:
 
 
 # ============================================================================ attention forward
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot with fp32 accumulation. UPCAST: the Triton 3.9 CPU interpreter multiplies
-    bfloat16 operands wrongly, so under TRITON_INTERPRET bf16 operands are widened first."""
-    if UPCAST:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        r = tl.dot(a, b, input_precision=PRECISION)
-    return r
 
 
 
@@ -437,16 +428,7 @@ def _apln_fwd_kernel(
     xo = acc.to(XO.dtype.element_ty)
     out_off = rows.to(tl.int64)[:, None] * C + cols[None, :]
     tl.store(XO + out_off, xo, mask=mask)
-    xf = xo.to(tl.float32)
-    mean = tl.sum(xf, 1) / C
-    xc = tl.where(c_ok[None, :], xf - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, 1) / C
-    rstd = 1.0 / tl.sqrt(var + eps)
-    y = xc * rstd[:, None]
-    if HAS_W:
-        y = y * tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_B:
-        y = y + tl.load(B + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    y, mean, rstd = layernorm_rows(xo.to(tl.float32), cols, c_ok, C, eps, W, B, HAS_W, HAS_B)
     tl.store(Y + out_off, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + rows, mean, mask=r_ok)
     tl.store(Rstd + rows, rstd, mask=r_ok)

@@ -31,6 +31,8 @@ TRITON_OPS = (
     "linear_gelu",
     "linear",
     "fused_mlp",
+    "linear_add_norm",
+    "fused_mlp_add_norm",
 )
 #: Ops backed by the compiled extension (distilpose_kernels/decode.py).
 EXTENSION_OPS = ("soft_argmax", "decode_heatmaps")
@@ -91,7 +93,7 @@ SWITCHES = (
     ("DISTILPOSE_ATTN_AUTOTUNE", "1", "autotune the attention kernels' blocks on the GPU"),
     ("DISTILPOSE_HEATMAP_AUTOTUNE", "1", "time the loss forward's launch shapes on the GPU"),
     ("DISTILPOSE_CONV_EPILOGUE_AUTOTUNE", "1", "time cuDNN's fused conv epilogue against the unfused ops on the GPU"),
-    ("DISTILPOSE_LINEAR_GELU_AUTOTUNE", "1", "time the Triton GEMMs (linear_gelu, linear, fused_mlp) against cuBLAS on the GPU"),
+    ("DISTILPOSE_LINEAR_GELU_AUTOTUNE", "1", "time the Triton GEMMs (linear_gelu, linear, fused_mlp, *_add_norm) against cuBLAS on the GPU"),
     (FP32_DOT_ENV, "auto", "float32 dots in the Triton kernels: auto (3xTF32 on sm_80+, else ieee), ieee, tf32x3"),
     ("DISTILPOSE_SOFTARGMAX_VEC", "0", "vectorised CUDA soft-argmax forward (opt-in, not yet run on a GPU)"),
     ("DISTILPOSE_NVTX", "0", "NVTX ranges around ops and model stages (read at import)"),

@@ -12,13 +12,24 @@ FMA kernels; that is the case of fp32 inference at batch 1, the paper's FPS sett
 activation (576 wide in the TDE, 3x the tokens' width) is made and consumed in chunks inside
 each program and never written; at batch 256 that is most of the MLP's memory traffic.
 
+``linear_add_norm`` / ``fused_mlp_add_norm`` finish a pre-norm transformer step in the
+kernel's epilogue: a program holds whole output rows, so it adds the residual stream (and the
+position table on the visual tokens), stores it, and stores its LayerNorm. The TDE's attention
+projection and MLP then need no separate add + LayerNorm kernel (inference; with autograd they
+run the reference ops).
+
 Public API
 - ``linear_gelu(x, weight, bias=None, backend=None)``: x (..., K), weight (N, K), bias (N,)
   -> (..., N) in x's dtype, fp32 accumulation; GELU is the exact (erf) form, as ``nn.GELU()``.
 - ``linear(x, weight, bias=None, backend=None)``: ``F.linear`` semantics, same shapes.
 - ``fused_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, backend=None)``: x (..., K),
   fc1_weight (HID, K), fc2_weight (N, HID), N <= 512 -> (..., N).
-- ``linear_gelu_reference`` / ``linear_reference`` / ``fused_mlp_reference``: the same in PyTorch.
+- ``linear_add_norm(x, weight, bias, residual, norm_weight, norm_bias, eps=1e-5, pos=None,
+  backend=None)``: x (B, L, K), residual (B, L, N), pos (1, P, N) / (P, N) on the last P
+  tokens -> (x_out = residual + x @ weight^T + bias [+ pos], y = LayerNorm(x_out)); N <= 512.
+- ``fused_mlp_add_norm(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, norm_weight,
+  norm_bias, eps=1e-5, pos=None, backend=None)``: the same with ``fused_mlp(x, ...)``.
+- ``*_reference``: the same in PyTorch.
 
 Backends: "reference"; "triton" (CUDA; CPU tensors under TRITON_INTERPRET=1); None/"auto": on
 CUDA the Triton kernel where it was timed faster than cuBLAS (+ GELU) and agreed with it,
@@ -34,7 +45,7 @@ NaN propagates.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +54,8 @@ from torch import Tensor
 from ._utils import (agrees_at_dtype, annotate, check_tensor, env_switch, fp32_dot_precision, lazy_module,
                      select_triton_backend, timed_choice)
 
-__all__ = ["linear", "linear_gelu", "linear_gelu_reference", "linear_reference", "fused_mlp", "fused_mlp_reference"]
+__all__ = ["fused_mlp", "fused_mlp_add_norm", "fused_mlp_add_norm_reference", "fused_mlp_reference", "linear",
+           "linear_add_norm", "linear_add_norm_reference", "linear_gelu", "linear_gelu_reference", "linear_reference"]
 
 AUTOTUNE_ENV = "DISTILPOSE_LINEAR_GELU_AUTOTUNE"
 AUTOTUNE = env_switch(AUTOTUNE_ENV, True)
@@ -303,3 +315,169 @@ def fused_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_wei
     if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or torch.compiler.is_compiling():
         return _mlp_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mode)
     return _mlp_run(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mode)
+
+
+# ----------------------------------------------------------------------------- + residual + LayerNorm
+
+
+def _add_pos_norm(out: Tensor, residual: Tensor, pos: Optional[Tensor], norm_weight, norm_bias, eps: float):
+    x_out = residual + out
+    if pos is not None:
+        p = pos.shape[-2]
+        x_out = torch.cat((x_out[:, : x_out.shape[1] - p], x_out[:, x_out.shape[1] - p:] + pos.reshape(p, -1)), dim=1)
+    # y in x_out's dtype (under autocast layer_norm would return fp32)
+    return x_out, F.layer_norm(x_out, (x_out.shape[-1],), norm_weight, norm_bias, eps).to(x_out.dtype)
+
+
+def linear_add_norm_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor,
+                              norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float = 1e-5,
+                              pos: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``x_out = residual + F.linear(x, weight, bias)`` (+ pos on the last P tokens),
+    ``(x_out, F.layer_norm(x_out, ...))``."""
+    return _add_pos_norm(F.linear(x, weight, bias), residual, pos, norm_weight, norm_bias, eps)
+
+
+def fused_mlp_add_norm_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                                 fc2_bias: Optional[Tensor], residual: Tensor, norm_weight: Optional[Tensor],
+                                 norm_bias: Optional[Tensor], eps: float = 1e-5,
+                                 pos: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``linear_add_norm_reference`` with the MLP ``fused_mlp_reference(x, ...)`` as the output."""
+    return _add_pos_norm(fused_mlp_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias), residual, pos,
+                         norm_weight, norm_bias, eps)
+
+
+def _check_add_norm(x: Tensor, n: int, residual: Tensor, norm_weight, norm_bias, pos) -> Optional[Tensor]:
+    """Checks of the epilogue's arguments (any floating dtypes: the kernel computes in fp32 and
+    stores in residual's dtype); returns pos as (P, N) (or None)."""
+    if x.dim() != 3:
+        raise ValueError(f"x: expected a 3-D (B, L, K) tensor, got shape {tuple(x.shape)}")
+    check_tensor("residual", residual, shape=(x.shape[0], x.shape[1], n), floating=True, device=x.device)
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is not None:
+            check_tensor(name, t, shape=(n,), floating=True, device=x.device)
+    if pos is None:
+        return None
+    if pos.dim() == 3 and pos.shape[0] == 1:
+        pos = pos[0]
+    check_tensor("pos", pos, ndim=2, shape=(None, n), floating=True, device=x.device)
+    if pos.shape[0] > x.shape[1]:
+        raise ValueError(f"pos: expected at most L={x.shape[1]} rows (the last tokens), got {pos.shape[0]}")
+    return pos
+
+
+def _add_norm_call(op: str, x: Tensor, weights: tuple, residual: Tensor, norm_weight, norm_bias, eps: float,
+                   pos: Optional[Tensor], backend: Optional[str]) -> Tuple[Tensor, Tensor]:
+    """Shared body of linear_add_norm (weights: (weight, bias)) and fused_mlp_add_norm (weights:
+    (fc1_weight, fc1_bias, fc2_weight, fc2_bias))."""
+    mlp = len(weights) == 4
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weights = (x.to(dt) if x.is_floating_point() else x), tuple(
+            t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t for t in weights)
+    if mlp:
+        _check(x, weights[0], weights[1], "fc1_weight", "fc1_bias")
+        _check_like("fc2_weight", weights[2], x, ndim=2, shape=(None, weights[0].shape[0]))
+        if weights[3] is not None:
+            _check_like("fc2_bias", weights[3], x, shape=(weights[2].shape[0],))
+    else:
+        _check(x, weights[0], weights[1])
+    n = weights[-2].shape[0]
+    pos2 = _check_add_norm(x, n, residual, norm_weight, norm_bias, pos)
+    ref_fn = fused_mlp_add_norm_reference if mlp else linear_add_norm_reference
+
+    def reference():
+        return ref_fn(x, *weights, residual, norm_weight, norm_bias, eps, pos)
+
+    tensors = [t for t in (x, *weights, residual, norm_weight, norm_bias, pos2) if t is not None]
+    which = select_triton_backend(op, tensors, backend, TRITON_DTYPES)
+    if which != "reference" and n > MLP_MAX_N:
+        if backend == "triton":
+            raise ValueError(f"{'fc2_weight' if mlp else 'weight'}: backend='triton' supports at most {MLP_MAX_N} "
+                             f"output features, got {n}")
+        which = "reference"
+    if which == "reference" or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return reference()  # the fused epilogue is an inference path: autograd records the reference ops
+    mode = "triton" if backend == "triton" else "auto"
+    if torch.compiler.is_compiling():
+        lib = _mlp_add_norm_op if mlp else _linear_add_norm_op
+        return tuple(lib(x, *weights, residual, norm_weight, norm_bias, pos2, float(eps), mode))
+    return _add_norm_run(x, weights, residual, norm_weight, norm_bias, pos2, float(eps), mode, reference)
+
+
+def _add_norm_kernel(x: Tensor, weights: tuple, residual: Tensor, norm_weight, norm_bias, pos2, eps: float):
+    x2 = x.reshape(-1, x.shape[-1])
+    mod = _triton_module()
+    if len(weights) == 4:
+        xo, y = mod.mlp_forward(x2, *weights, residual, pos2, norm_weight, norm_bias, eps)
+    else:
+        xo, y = mod.linear_add_norm_forward(x2, *weights, residual, pos2, norm_weight, norm_bias, eps)
+    return xo.view(residual.shape), y.view(residual.shape)
+
+
+def _add_norm_run(x, weights, residual, norm_weight, norm_bias, pos2, eps, backend, reference) -> Tuple[Tensor, Tensor]:
+    mlp = len(weights) == 4
+    return _dispatch(
+        backend, x,
+        lambda: ("mlp_add_norm" if mlp else "add_norm", x.numel() // max(x.shape[-1], 1), x.shape[-1],
+                 *(w.shape[0] for w in weights[::2]), pos2 is not None, x.dtype, x.device.index, _precision_key(x)),
+        "fused_mlp_add_norm" if mlp else "linear_add_norm",
+        lambda: _add_norm_kernel(x, weights, residual, norm_weight, norm_bias, pos2, eps), reference)
+
+
+@torch.library.custom_op("distilpose::linear_add_norm", mutates_args=())
+def _linear_add_norm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor,
+                        norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], pos: Optional[Tensor], eps: float,
+                        backend: str) -> Tuple[Tensor, Tensor]:
+    def reference():
+        return linear_add_norm_reference(x, weight, bias, residual, norm_weight, norm_bias, eps, pos)
+
+    if backend != "reference" and not x.is_cuda and not _interpret():
+        backend = "reference"
+    out = _add_norm_run(x, (weight, bias), residual, norm_weight, norm_bias, pos, eps, backend, reference)
+    return tuple(t.contiguous() for t in out)  # the reference follows residual's layout; the op's outputs do not
+
+
+@torch.library.custom_op("distilpose::fused_mlp_add_norm", mutates_args=())
+def _mlp_add_norm_op(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                     fc2_bias: Optional[Tensor], residual: Tensor, norm_weight: Optional[Tensor],
+                     norm_bias: Optional[Tensor], pos: Optional[Tensor], eps: float,
+                     backend: str) -> Tuple[Tensor, Tensor]:
+    def reference():
+        return fused_mlp_add_norm_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, norm_weight,
+                                            norm_bias, eps, pos)
+
+    if backend != "reference" and not x.is_cuda and not _interpret():
+        backend = "reference"
+    out = _add_norm_run(x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias), residual, norm_weight, norm_bias, pos, eps,
+                        backend, reference)
+    return tuple(t.contiguous() for t in out)
+
+
+def _add_norm_outputs(residual: Tensor) -> Tuple[Tensor, Tensor]:
+    return tuple(torch.empty(residual.shape, dtype=residual.dtype, device=residual.device) for _ in range(2))
+
+
+_linear_add_norm_op.register_fake(lambda x, weight, bias, residual, *rest: _add_norm_outputs(residual))
+_mlp_add_norm_op.register_fake(lambda x, w1, b1, w2, b2, residual, *rest: _add_norm_outputs(residual))
+
+
+@annotate("distilpose.linear_add_norm")
+def linear_add_norm(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor,
+                    norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float = 1e-5,
+                    pos: Optional[Tensor] = None, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """``x_out = residual + x @ weight^T + bias`` (+ ``pos`` on the last P tokens) and
+    ``y = LayerNorm(x_out)`` in one kernel (the GEMM's epilogue); x (B, L, K), weight (N, K),
+    residual (B, L, N), pos (1, P, N) or (P, N) -> (x_out, y), each (B, L, N). With autograd
+    (or on CPU, or N > 512) it runs the reference ops."""
+    return _add_norm_call("linear_add_norm", x, (weight, bias), residual, norm_weight, norm_bias, eps, pos, backend)
+
+
+@annotate("distilpose.fused_mlp_add_norm")
+def fused_mlp_add_norm(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                       fc2_bias: Optional[Tensor], residual: Tensor, norm_weight: Optional[Tensor],
+                       norm_bias: Optional[Tensor], eps: float = 1e-5, pos: Optional[Tensor] = None,
+                       backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """``linear_add_norm`` with the whole MLP ``fc2(gelu(fc1(x)))`` (``fused_mlp``) as the output
+    in the same kernel: the pre-norm layer's second half and the next layer's LayerNorm."""
+    return _add_norm_call("fused_mlp_add_norm", x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias), residual,
+                          norm_weight, norm_bias, eps, pos, backend)

@@ -11,6 +11,11 @@ to occupy the SMs, large ones wide tiles.
 made and consumed chunk by chunk (BLOCK_H columns at a time) inside the program: it is never
 written to memory, and the output row block stays in registers until its single store. The
 output width must fit one tile (N <= 512).
+
+``_linear_add_norm_kernel`` and ``_mlp_kernel`` with ADD_NORM: since a program holds whole
+output rows, it can finish the pre-norm transformer step itself: add the residual stream (and
+the position table on the visual tokens), store that, and store its LayerNorm
+(``_add_norm_store``); the GEMM's output never goes to memory on its own.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_helpers import dot as _dot
+from ._triton_helpers import layernorm_rows
 from ._utils import cdiv, fp32_dot_precision, triton_interpret
 
 _INTERPRET = triton_interpret()
@@ -41,14 +48,19 @@ _new_output = torch.empty
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot with fp32 accumulation; UPCAST: the CPU interpreter multiplies bfloat16 operands
-    wrongly, so there they are widened first."""
-    if UPCAST:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        r = tl.dot(a, b, input_precision=PRECISION)
-    return r
+def _gemm_tile(X, Wt, rm, rn, m_ok, n_ok, K, sxm, sxk, swn, swk, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32 tile of X @ Wt^T for rows ``rm`` and output columns ``rn``
+    (X (M, K), Wt (N, K) through their strides; masked rows / columns give zeros)."""
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_rows = X + rm.to(tl.int64)[:, None] * sxm
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        a = tl.load(x_rows + (k0 + rk)[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(Wt + (k0 + rk)[:, None] * swk + rn[None, :] * swn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += _dot(a, b, PRECISION, UPCAST)
+    return acc
 
 
 @triton.jit
@@ -69,17 +81,9 @@ def _linear_gelu_kernel(
     pid_n = (pid % in_group) // group_m
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + rk) < K
-        a = tl.load(X + rm.to(tl.int64)[:, None] * sxm + (k0 + rk)[None, :] * sxk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(Wt + (k0 + rk)[:, None] * swk + rn[None, :] * swn,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += _dot(a, b, PRECISION, UPCAST)
+    acc = _gemm_tile(X, Wt, rm, rn, m_ok, n_ok, K, sxm, sxk, swn, swk, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_B:
         acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if GELU:
@@ -128,47 +132,153 @@ def linear_gelu_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return y
 
 
-# ----------------------------------------------------------------------------- whole MLP
+# ----------------------------------------------------------------------------- add + LayerNorm epilogue
 
 
-class MlpTile(NamedTuple):
+@triton.jit
+def _add_norm_store(
+    acc, rm, rn, m_ok, n_ok, N, L, P_START, eps,
+    RES, srn, srl, src, POS, spp, spc, LNW, LNB, XO, Y,
+    HAS_POS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+):
+    """``acc``: (BLOCK_M rows, every one of the N columns) fp32, zero in padded columns. Stores
+    x_out = acc + residual (+ pos on the rows whose token index l >= P_START) and
+    y = LayerNorm(x_out) over the N columns, both (rows, N) contiguous; rows are (n, l) pairs
+    of sequences of length L (the residual is read through its (n, l, c) strides)."""
+    mask = m_ok[:, None] & n_ok[None, :]
+    n = (rm // L).to(tl.int64)
+    l = rm % L
+    acc += tl.load(RES + n[:, None] * srn + l[:, None] * srl + rn[None, :] * src, mask=mask, other=0.0).to(tl.float32)
+    if HAS_POS:
+        pi = l - P_START
+        p_ok = m_ok & (pi >= 0)
+        acc += tl.load(POS + pi[:, None] * spp + rn[None, :] * spc, mask=p_ok[:, None] & n_ok[None, :],
+                       other=0.0).to(tl.float32)
+    # round to the storage dtype first, so y is the LayerNorm of exactly the x_out returned
+    xo = acc.to(XO.dtype.element_ty)
+    off = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.store(XO + off, xo, mask=mask)
+    y, _, _ = layernorm_rows(tl.where(n_ok[None, :], xo.to(tl.float32), 0.0), rn, n_ok, N, eps, LNW, LNB, HAS_W, HAS_B)
+    tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_add_norm_kernel(
+    X, Wt, B, RES, POS, LNW, LNB, XO, Y,
+    M, N, K, L, P_START, eps,
+    sxm, sxk, swn, swk, srn, srl, src, spp, spc,
+    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program per BLOCK_M rows, all N output columns (N <= BLOCK_N): the GEMM, its bias,
+    then the residual / position add and the LayerNorm of the result (``_add_norm_store``)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = _gemm_tile(X, Wt, rm, rn, m_ok, n_ok, K, sxm, sxk, swn, swk, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    _add_norm_store(acc, rm, rn, m_ok, n_ok, N, L, P_START, eps, RES, srn, srl, src, POS, spp, spc, LNW, LNB, XO, Y,
+                    HAS_POS, HAS_W, HAS_B)
+
+
+class RowTile(NamedTuple):
+    """Launch shape of a kernel that owns whole output rows: rows per program, the inner block
+    (BLOCK_K of the GEMM + add + LayerNorm kernel, BLOCK_H of the whole-MLP kernel)."""
+
     block_m: int
-    block_h: int
+    block_inner: int
     num_warps: int
     num_stages: int
 
 
+def _row_tuner(kernel, tiles, inner: str, key: list):
+    """triton.autotune of ``kernel`` over ``tiles`` (None under the interpreter)."""
+    if _INTERPRET:
+        return None
+    return triton.autotune([triton.Config({"BLOCK_M": t.block_m, inner: t.block_inner}, num_warps=t.num_warps,
+                                          num_stages=t.num_stages) for t in tiles], key=key)(kernel)
+
+
+def _launch_rows(tuned, kernel, override: Optional[RowTile], tiles, inner: str, m: int, args: tuple,
+                 meta: dict, on_gpu: bool) -> None:
+    """One program per BLOCK_M rows: autotuned on a GPU, else the override or the first tile."""
+    if tuned is not None and override is None and on_gpu:
+        tuned[lambda c: (cdiv(m, c["BLOCK_M"]),)](*args, **meta)
+        return
+    t = override or tiles[0]
+    kernel[(cdiv(m, t.block_m),)](*args, **meta, BLOCK_M=t.block_m, **{inner: t.block_inner},
+                                  num_warps=t.num_warps, num_stages=t.num_stages)
+
+
 #: tests pin a small tile (the interpreter is slow)
-MLP_TILE_OVERRIDE: Optional[MlpTile] = None
-MLP_TUNE_TILES = (MlpTile(64, 64, 8, 2), MlpTile(32, 64, 4, 2), MlpTile(128, 32, 8, 2))
+ADD_NORM_TILE_OVERRIDE: Optional[RowTile] = None
+ADD_NORM_TUNE_TILES = (RowTile(64, 32, 8, 3), RowTile(32, 32, 4, 3), RowTile(16, 64, 4, 3))
+_ADD_NORM_TUNED = _row_tuner(_linear_add_norm_kernel, ADD_NORM_TUNE_TILES, "BLOCK_K", ["M", "N", "K"])
+
+
+def _epilogue_args(residual: torch.Tensor, pos: Optional[torch.Tensor], norm_weight, norm_bias, eps: float):
+    """(tensor args, scalar args, stride args, constexprs) of the add + LayerNorm epilogue.
+    residual (N, L, C); pos (P, C) or None."""
+    L = residual.shape[1]
+    p = pos.shape[0] if pos is not None else 0
+    tensors = (residual, pos if pos is not None else residual,
+               norm_weight if norm_weight is not None else residual, norm_bias if norm_bias is not None else residual)
+    strides = (*residual.stride(), *(pos.stride() if pos is not None else (0, 0)))
+    meta = dict(HAS_POS=pos is not None, HAS_W=norm_weight is not None, HAS_B=norm_bias is not None)
+    return tensors, (L, L - p, float(eps)), strides, meta
+
+
+def linear_add_norm_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            residual: torch.Tensor, pos: Optional[torch.Tensor], norm_weight, norm_bias,
+                            eps: float) -> tuple:
+    """x2 (M, K) any strides, weight (N, K), residual (B, L, N) with B*L == M, pos (P, N) or None
+    -> (x_out, y), each (M, N) in residual's dtype."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    x_out = _new_output((m, n), device=x2.device, dtype=residual.dtype)
+    y = _new_output((m, n), device=x2.device, dtype=residual.dtype)
+    if m == 0:
+        return x_out, y
+    (res, pos_t, lnw, lnb), scalars, strides, meta = _epilogue_args(residual, pos, norm_weight, norm_bias, eps)
+    args = (x2, weight, bias if bias is not None else weight, res, pos_t, lnw, lnb, x_out, y, m, n, k, *scalars,
+            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *strides)
+    meta.update(HAS_BIAS=bias is not None, PRECISION=_precision(x2.dtype, x2.device),
+                UPCAST=_INTERPRET and x2.dtype == torch.bfloat16, BLOCK_N=max(16, 1 << (n - 1).bit_length()))
+    _launch_rows(_ADD_NORM_TUNED, _linear_add_norm_kernel, ADD_NORM_TILE_OVERRIDE, ADD_NORM_TUNE_TILES, "BLOCK_K", m,
+                 args, meta, x2.is_cuda)
+    return x_out, y
+
+
+# ----------------------------------------------------------------------------- whole MLP
+
+
+#: tests pin a small tile (the interpreter is slow)
+MLP_TILE_OVERRIDE: Optional[RowTile] = None
+MLP_TUNE_TILES = (RowTile(64, 64, 8, 2), RowTile(32, 64, 4, 2), RowTile(128, 32, 8, 2))
 
 
 @triton.jit
 def _mlp_kernel(
-    X, W1, B1, W2, B2, Y,
-    M, K, HID, N,
-    sxm, sxk, s1h, s1k, s2n, s2h, sym, syn,
-    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    X, W1, B1, W2, B2, Y, RES, POS, LNW, LNB, XO,
+    M, K, HID, N, L, P_START, eps,
+    sxm, sxk, s1h, s1k, s2n, s2h, sym, syn, srn, srl, src, spp, spc,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ADD_NORM: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rh = tl.arange(0, BLOCK_H)
     rn = tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    x_rows = X + rm.to(tl.int64)[:, None] * sxm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for h0 in range(0, HID, BLOCK_H):
         h_ok = (h0 + rh) < HID
-        u = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + rk) < K
-            a = tl.load(x_rows + (k0 + rk)[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(W1 + (k0 + rk)[:, None] * s1k + (h0 + rh)[None, :] * s1h,
-                        mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-            u += _dot(a, b, PRECISION, UPCAST)
+        u = _gemm_tile(X, W1 + h0 * s1h, rm, rh, m_ok, h_ok, K, sxm, sxk, s1h, s1k, PRECISION, UPCAST, BLOCK_M,
+                       BLOCK_H, BLOCK_K)
         if HAS_B1:
             u += tl.load(B1 + h0 + rh, mask=h_ok, other=0.0).to(tl.float32)[None, :]
         u = 0.5 * u * (1.0 + tl.erf(u * 0.7071067811865476))  # padded columns: gelu(0) = 0
@@ -176,36 +286,43 @@ def _mlp_kernel(
         acc += _dot(u.to(W2.dtype.element_ty), w2, PRECISION, UPCAST)
     if HAS_B2:
         acc += tl.load(B2 + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rm.to(tl.int64)[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    if ADD_NORM:  # Y is then the LayerNorm output, XO the residual stream
+        _add_norm_store(acc, rm, rn, m_ok, n_ok, N, L, P_START, eps, RES, srn, srl, src, POS, spp, spc, LNW, LNB,
+                        XO, Y, HAS_POS, HAS_W, HAS_B)
+    else:
+        tl.store(Y + rm.to(tl.int64)[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
 
 
-_MLP_TUNED = None if _INTERPRET else triton.autotune(
-    [triton.Config({"BLOCK_M": t.block_m, "BLOCK_H": t.block_h}, num_warps=t.num_warps, num_stages=t.num_stages)
-     for t in MLP_TUNE_TILES],
-    key=["M", "K", "HID", "N"],
-)(_mlp_kernel)
+_MLP_TUNED = _row_tuner(_mlp_kernel, MLP_TUNE_TILES, "BLOCK_H", ["M", "K", "HID", "N"])
 
 
 def mlp_forward(x2: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-                b2: Optional[torch.Tensor]) -> torch.Tensor:
-    """x2 (M, K) any strides, w1 (HID, K), w2 (N, HID) with N <= mlp.MLP_MAX_N -> (M, N) in x2's dtype."""
+                b2: Optional[torch.Tensor], residual: Optional[torch.Tensor] = None, pos: Optional[torch.Tensor] = None,
+                norm_weight: Optional[torch.Tensor] = None, norm_bias: Optional[torch.Tensor] = None,
+                eps: float = 1e-5):
+    """x2 (M, K) any strides, w1 (HID, K), w2 (N, HID) with N <= mlp.MLP_MAX_N -> (M, N) in x2's
+    dtype; with ``residual`` (B, L, N), B*L == M: (x_out, y) of the add + LayerNorm epilogue."""
     m, k = x2.shape
     hid, n = w1.shape[0], w2.shape[0]
-    y = _new_output((m, n), device=x2.device, dtype=x2.dtype)
+    add_norm = residual is not None
+    y = _new_output((m, n), device=x2.device, dtype=residual.dtype if add_norm else x2.dtype)
+    x_out = _new_output((m, n), device=x2.device, dtype=residual.dtype) if add_norm else y
     if m == 0 or n == 0:
-        return y
+        return (x_out, y) if add_norm else y
+    if add_norm:
+        (res, pos_t, lnw, lnb), scalars, strides, emeta = _epilogue_args(residual, pos, norm_weight, norm_bias, eps)
+    else:
+        res = pos_t = lnw = lnb = y
+        scalars, strides, emeta = (1, 1, 0.0), (0, 0, 0, 0, 0), dict(HAS_POS=False, HAS_W=False, HAS_B=False)
     block_n = max(16, 1 << (n - 1).bit_length())
     block_k = min(64, max(16, 1 << (k - 1).bit_length()))
-    args = (x2, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, y, m, k, hid, n,
+    args = (x2, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, y, res, pos_t, lnw, lnb, x_out,
+            m, k, hid, n, *scalars,
             x2.stride(0), x2.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
-            y.stride(0), y.stride(1))
-    meta = dict(HAS_B1=b1 is not None, HAS_B2=b2 is not None, PRECISION=_precision(x2.dtype, x2.device),
-                UPCAST=_INTERPRET and x2.dtype == torch.bfloat16, BLOCK_K=block_k, BLOCK_N=block_n)
-    if _MLP_TUNED is not None and MLP_TILE_OVERRIDE is None and x2.is_cuda:
-        _MLP_TUNED[lambda c: (cdiv(m, c["BLOCK_M"]),)](*args, **meta)
-        return y
-    t = MLP_TILE_OVERRIDE or MLP_TUNE_TILES[0]
-    _mlp_kernel[(cdiv(m, t.block_m),)](*args, **meta, BLOCK_M=t.block_m, BLOCK_H=t.block_h,
-                                       num_warps=t.num_warps, num_stages=t.num_stages)
-    return y
+            y.stride(0), y.stride(1), *strides)
+    meta = dict(HAS_B1=b1 is not None, HAS_B2=b2 is not None, ADD_NORM=add_norm, **emeta,
+                PRECISION=_precision(x2.dtype, x2.device), UPCAST=_INTERPRET and x2.dtype == torch.bfloat16,
+                BLOCK_K=block_k, BLOCK_N=block_n)
+    _launch_rows(_MLP_TUNED, _mlp_kernel, MLP_TILE_OVERRIDE, MLP_TUNE_TILES, "BLOCK_H", m, args, meta, x2.is_cuda)
+    return (x_out, y) if add_norm else y

@@ -59,7 +59,7 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
                         "(test_token_attention_gpu and 64 and bf16 and (fused or eager or sdpa) and not cudagraph) or "
                         "(test_add_pos_layernorm_gpu and 64 and bf16 and (fused or eager)) or "
                         "(test_linear_gelu_gpu and not compile) or test_linear_fp32_gpu or "
-                        "(test_fused_mlp_gpu and not compile)"),
+                        "(test_fused_mlp_gpu and not compile) or test_add_norm_gpu"),
     # Reg2HM + score loss fwd+bwd N=256 (fused / eager / compile, fp32 teacher); targets N=64
     "bench-heatmap": ("bench/bench_heatmap.py",
                       "(test_loss_fwd_bwd_gpu and 256 and fp32 and not cudagraph) or (test_targets and unbiased)"),
@@ -805,6 +805,11 @@ def evaluate_goals(benchmarks: List[dict], ceilings: Dict[str, float]) -> List[D
     for n, dtype in ((256, "bfloat16"), (2, "float32")):
         vs_baseline(f"TDE MLP B={n} {dtype} one kernel vs cuBLAS+GELU+cuBLAS", select(fm, batch=n), "eager",
                     ("fused", "auto", "linear_gelu", "compile"))
+    an = [b for b in benchmarks if "test_add_norm_gpu" in b["_file"]]
+    for op in ("proj", "mlp"):
+        for n, dtype in ((256, "bfloat16"), (2, "float32")):
+            vs_baseline(f"TDE {op} + add + LayerNorm B={n} {dtype} one kernel vs eager",
+                        select(an, op=f"{op}_add_norm", batch=n), "eager", ("fused", "auto", "split"))
     lf = [b for b in benchmarks if "test_linear_fp32_gpu" in b["_file"]]
     for shape in ("192x576", "192x192", "576x192"):
         vs_baseline(f"TDE Linear {shape} B=2 fp32 graph vs cuBLAS", select(lf, shape=shape), "cublas",

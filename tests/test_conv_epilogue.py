@@ -363,7 +363,8 @@ def test_distiller_fuses_the_frozen_teachers_epilogues():
     d = Distiller(student, teacher, fold_teacher_bn=True)
     assert d.teacher._distilpose_fused_epilogues > 0
     assert d.teacher.tde.fuse_pos_norm and all(layer.mlp.fuse_gelu for layer in d.teacher.tde.layers)
-    assert all(layer.mlp.mlp_kernel for layer in d.teacher.tde.layers)
+    assert all(layer.mlp.mlp_kernel for layer in d.teacher.tde.layers) and d.teacher.tde.fuse_add_norm
+    assert not d.student.tde.fuse_add_norm
     assert not any(layer.mlp.mlp_kernel for layer in d.student.tde.layers)  # the trained student: plain
     assert not teacher.tde.fuse_pos_norm  # the caller's teacher is untouched
     plain = Distiller(copy.deepcopy(student), teacher, fold_teacher_bn=True, fuse_teacher_epilogues=False)
@@ -461,7 +462,7 @@ def test_gpu_engine_with_fused_epilogues_matches(preset):
     _random_bn_stats(model)
     crops = torch.randn(4, 3, *model.input_size, device="cuda")
     a = InferenceEngine(model, device="cuda", fold_bn=True, fuse_epilogues=False, fuse_pos_norm=False,
-                        fuse_mlp=False, triton_linears=False, mlp_kernel=False)(crops)
+                        fuse_mlp=False, triton_linears=False, mlp_kernel=False, fuse_add_norm=False)(crops)
     b = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True, precision="bf16",
                         cast_model=True, channels_last=True)(crops)
     c = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True)(crops)
@@ -499,6 +500,10 @@ def test_engine_fuses_the_pos_norm_step_by_default_and_not_under_compile():
                                                    InferenceEngine(model, precision="bf16", mlp_kernel=False))
                    for layer in e.model.tde.layers)
     assert not any(layer.mlp.mlp_kernel for layer in model.tde.layers)
+    # the residual adds + LayerNorms in the GEMM epilogues: on unless compile
+    assert on.model.tde.fuse_add_norm and bf16.model.tde.fuse_add_norm and "fuse_add_norm=True" in repr(on)
+    assert not compiled.model.tde.fuse_add_norm and not model.tde.fuse_add_norm
+    assert not InferenceEngine(model, fuse_add_norm=False).model.tde.fuse_add_norm
     a, b = on(crops), off(crops)
     for k in a:  # the CPU runs the op's reference: the same ops as the unfused step
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -521,10 +526,12 @@ def test_cudnn_call_arguments_and_benchmark_flag(monkeypatch):
     assert torch.backends.cudnn.benchmark is True
 
 
+@pytest.mark.parametrize("tde_path", ["pos_norm", "add_norm"])
 @pytest.mark.parametrize("preset", ["distilpose_tiny", "tokenpose_tiny"])
-def test_fully_fused_model_compiles_without_graph_breaks(preset):
-    """Folded + epilogue-fused + fused-norm model (ConvReLU2d, add_pos_layernorm with residual,
-    upsample_sum) traces with fullgraph=True and gives the eager outputs."""
+def test_fully_fused_model_compiles_without_graph_breaks(preset, tde_path):
+    """Folded + epilogue-fused + fused-norm model (ConvReLU2d, add_pos_layernorm with residual or
+    the GEMM add + LayerNorm epilogues and the one-kernel MLP, upsample_sum) traces with
+    fullgraph=True and gives the eager outputs."""
     from distilpose.fuse import fuse_conv_bn_model, fuse_conv_epilogues
     from distilpose.models import build_model
 
@@ -532,8 +539,10 @@ def test_fully_fused_model_compiles_without_graph_breaks(preset):
     model.check_finite = False
     fused = fuse_conv_epilogues(fuse_conv_bn_model(model))
     fused.tde.fuse_pos_norm = True
-    for layer in fused.tde.layers:
+    fused.tde.fuse_add_norm = tde_path == "add_norm"
+    for i, layer in enumerate(fused.tde.layers):
         layer.mlp.fuse_gelu = True
+        layer.mlp.mlp_kernel = tde_path == "add_norm" and i % 2 == 0
     x = torch.randn(2, 3, *model.input_size)
     with torch.no_grad():
         got = torch.compile(fused, backend="aot_eager", fullgraph=True)(x)

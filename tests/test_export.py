@@ -378,6 +378,8 @@ def test_gpu_check_goal_table_from_results():
         _fake_bench("g[auto-256]", 1.0e-4, impl="auto", batch=256, dtype="bfloat16"),
         _fake_bench("m[eager-256]", 3.0e-4, impl="eager", batch=256, dtype="bfloat16"),
         _fake_bench("m[fused-256]", 2.0e-4, impl="fused", batch=256, dtype="bfloat16"),
+        _fake_bench("n[eager-256]", 4.0e-4, impl="eager", batch=256, op="proj_add_norm"),
+        _fake_bench("n[fused-256]", 1.0e-4, impl="fused", batch=256, op="proj_add_norm"),
         _fake_bench("l[cublas-192x576]", 9.0e-6, impl="cublas", shape="192x576"),
         _fake_bench("l[triton_tf32x3-192x576]", 4.5e-6, impl="triton_tf32x3", shape="192x576"),
         _fake_bench("l[triton_tf32x3-192x192]", 1.0e-6, impl="triton_tf32x3", shape="192x192"),  # no cuBLAS case
@@ -389,7 +391,8 @@ def test_gpu_check_goal_table_from_results():
                  "u": "conv-x.json bench/bench_conv.py::test_upsample_sum_gpu",
                  "g": "attention-x.json bench/bench_attention.py::test_linear_gelu_gpu",
                  "l": "attention-x.json bench/bench_attention.py::test_linear_fp32_gpu",
-                 "m": "attention-x.json bench/bench_attention.py::test_fused_mlp_gpu"}
+                 "m": "attention-x.json bench/bench_attention.py::test_fused_mlp_gpu",
+                 "n": "attention-x.json bench/bench_attention.py::test_add_norm_gpu"}
         b["_file"] = suite.get(b["name"][0], "e2e-x.json")
     rows = {r["goal"]: r for r in gc.evaluate_goals(benches, {"fp32_tflops": 50.0, "copy_gbps": 3000.0})}
     att = rows["attention B=64 bf16 fwd+bwd vs best SDPA (per call)"]
@@ -409,6 +412,9 @@ def test_gpu_check_goal_table_from_results():
     assert lg["status"] == "info" and "auto 2.00x" in lg["measured"]
     fm = rows["TDE MLP B=256 bfloat16 one kernel vs cuBLAS+GELU+cuBLAS"]
     assert fm["status"] == "info" and "fused 1.50x (0.200 ms" in fm["measured"]
+    an = rows["TDE proj + add + LayerNorm B=256 bfloat16 one kernel vs eager"]
+    assert an["status"] == "info" and "fused 4.00x" in an["measured"]
+    assert "TDE mlp + add + LayerNorm B=256 bfloat16 one kernel vs eager" not in rows
     lin = rows["TDE Linear 192x576 B=2 fp32 graph vs cuBLAS"]
     assert lin["status"] == "info" and "cublas 9.0 us; triton_tf32x3 2.00x (4.5 us" in lin["measured"]
     assert "TDE Linear 192x192 B=2 fp32 graph vs cuBLAS" not in rows  # nothing to compare with

@@ -25,7 +25,8 @@ def _small_tile(monkeypatch):
         from distilpose_kernels import mlp_triton
 
         monkeypatch.setattr(mlp_triton, "TILE_OVERRIDE", mlp_triton.GemmTile(16, 16, 16, 4, 1))
-        monkeypatch.setattr(mlp_triton, "MLP_TILE_OVERRIDE", mlp_triton.MlpTile(16, 16, 4, 1))
+        monkeypatch.setattr(mlp_triton, "MLP_TILE_OVERRIDE", mlp_triton.RowTile(16, 16, 4, 1))
+        monkeypatch.setattr(mlp_triton, "ADD_NORM_TILE_OVERRIDE", mlp_triton.RowTile(16, 16, 4, 1))
 
 
 def _inputs(shape, k, n, dtype=torch.float32, bias=True, seed=0):
@@ -247,6 +248,161 @@ def test_fused_mlp_auto_choice_key_and_fp32_tolerance(tuner, monkeypatch):
     torch.testing.assert_close(got, dk.fused_mlp_reference(*args))
 
 
+# ----------------------------------------------------------------------------- + residual + LayerNorm epilogue
+
+
+def _add_norm_inputs(b, L, k, n, p, hid=None, dtype=torch.float32, affine=True, bias=True, seed=0):
+    """(x, weights..., residual, norm_weight, norm_bias, pos) in dtype and in float64; the
+    residual is a non-contiguous view (its strides are honoured)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    weights = ([r(hid, k, scale=k ** -0.5), r(hid) if bias else None, r(n, hid, scale=hid ** -0.5), r(n) if bias else None]
+               if hid else [r(n, k, scale=k ** -0.5), r(n) if bias else None])
+    t = [r(b, L, k), *weights, r(L, b, n).transpose(0, 1), (r(n).abs() + 0.5) if affine else None,
+         r(n) if affine else None, r(1, p, n) if p else None]
+    cast = [None if a is None else a.to(device=DEV, dtype=dtype) for a in t]
+    return cast, [None if a is None else a.to(DEV) for a in t]
+
+
+ADD_NORM_OPS = {"linear": (lambda *a, **k: dk.linear_add_norm(*a, **k), dk.linear_add_norm_reference, None),
+                "mlp": (lambda *a, **k: dk.fused_mlp_add_norm(*a, **k), dk.fused_mlp_add_norm_reference, 56)}
+
+
+def _split(args):  # -> (x, weights..., residual, norm_weight, norm_bias), pos
+    return args[:-1], args[-1]
+
+
+@pytest.mark.parametrize("op", list(ADD_NORM_OPS))
+@pytest.mark.parametrize("b,L,k,n,p,affine,bias", [
+    (2, 11, 24, 40, 7, True, True),  # pos on the last 7 of 11 tokens: a 16-row block spans 2 sequences
+    (1, 5, 7, 17, 5, True, False),  # batch 1, pos on every token, odd K and N
+    (3, 9, 32, 24, 0, False, True),  # no pos, no affine LayerNorm
+])
+def test_add_norm_ops_match_float64(op, b, L, k, n, p, affine, bias, monkeypatch):
+    from distilpose_kernels import mlp_triton
+
+    monkeypatch.setattr(mlp_triton, "_new_output", lambda shape, device, dtype: torch.full(shape, float("nan"),
+                                                                                            device=device, dtype=dtype))
+    fn, ref, hid = ADD_NORM_OPS[op]
+    args, args64 = _add_norm_inputs(b, L, k, n, p, hid, affine=affine, bias=bias, seed=L + n)
+    (*main, pos), (*main64, pos64) = args, args64
+    x_out, y = fn(*main, 1e-5, pos, backend="triton")
+    want_x, want_y = ref(*main64, 1e-5, pos64)
+    assert x_out.shape == y.shape == (b, L, n) and x_out.dtype == y.dtype == torch.float32
+    torch.testing.assert_close(x_out.double(), want_x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("op", list(ADD_NORM_OPS))
+def test_add_norm_ops_low_precision_and_mixed_dtypes(op):
+    """bf16 activations with fp32 LayerNorm weights and position table (as under autocast):
+    x_out and y come out in the residual's dtype."""
+    fn, ref, hid = ADD_NORM_OPS[op]
+    args, args64 = _add_norm_inputs(2, 13, 32, 48, 9, hid, dtype=torch.bfloat16, seed=5)
+    *main, pos = args
+    main[-2:] = [args64[-3].float(), args64[-2].float()]  # LayerNorm weights in fp32
+    x_out, y = fn(*main, 1e-5, args64[-1].float(), backend="triton")
+    want_x, want_y = ref(*[None if a is None else a.double() for a in main], 1e-5, args64[-1])
+    assert x_out.dtype == y.dtype == torch.bfloat16
+    torch.testing.assert_close(x_out.double(), want_x, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(y.double(), want_y, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("op", list(ADD_NORM_OPS))
+def test_add_norm_ops_autograd_runs_the_reference_and_compile_uses_the_op(op, monkeypatch):
+    fn, ref, hid = ADD_NORM_OPS[op]
+    args, _ = _add_norm_inputs(2, 7, 16, 24, 3, hid, seed=9)
+    *main, pos = args
+    leaves = [a.clone().requires_grad_() for a in main]
+    refs = [a.clone().requires_grad_() for a in main]
+    from distilpose_kernels import mlp as mm
+
+    monkeypatch.setattr(mm, "_add_norm_kernel", lambda *a: (_ for _ in ()).throw(AssertionError("kernel with grad")))
+    xo, y = fn(*leaves, 1e-5, pos, backend="triton")  # with autograd: the reference ops, not the kernel
+    xr, yr = ref(*refs, 1e-5, pos)
+    ((xo * 2).sum() + (y * y).sum()).backward()
+    ((xr * 2).sum() + (yr * yr).sum()).backward()
+    for a, r in zip(leaves, refs):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-6, atol=1e-6)
+    monkeypatch.undo()
+    lib = torch.ops.distilpose.fused_mlp_add_norm if hid else torch.ops.distilpose.linear_add_norm
+    torch.library.opcheck(lib.default, (*main, pos[0], 1e-5, "triton"))
+    torch.library.opcheck(lib.default, (*main[:-2], None, None, None, 1e-5, "reference"))
+    f = torch.compile(lambda *a: fn(*a, 1e-5, pos, backend="triton"), backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for a, b in zip(f(*main), ref(*main, 1e-5, pos)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_add_norm_errors_name_the_argument():
+    args, _ = _add_norm_inputs(2, 7, 16, 24, 3, seed=1)
+    x, w, b, res, lw, lb, pos = args
+    cases = [
+        (dict(x=x[0]), ValueError, r"x: expected a 3-D \(B, L, K\) tensor"),
+        (dict(residual=res[:, :5]), ValueError, "residual: expected shape"),
+        (dict(norm_weight=lw[:5]), ValueError, "norm_weight: expected shape"),
+        (dict(pos=pos[..., :5]), ValueError, "pos: expected shape"),
+        (dict(pos=torch.randn(1, 9, 24, device=DEV)), ValueError, "pos: expected at most L=7 rows"),
+        (dict(weight=w.double()), TypeError, "weight: expected dtype"),
+        (dict(residual=res.long()), TypeError, "residual: expected a floating-point"),
+    ]
+    base = dict(x=x, weight=w, bias=b, residual=res, norm_weight=lw, norm_bias=lb, pos=pos)
+    for change, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            dk.linear_add_norm(**{**base, **change})
+    wide = torch.randn(mlp_mod.MLP_MAX_N + 1, 16, device=DEV)
+    res_w = torch.randn(2, 7, mlp_mod.MLP_MAX_N + 1, device=DEV)
+    with pytest.raises(ValueError, match="weight: backend='triton' supports at most 512 output features, got 513"):
+        dk.linear_add_norm(x, wide, None, res_w, None, None, backend="triton")
+    xo, y = dk.linear_add_norm(x, wide, None, res_w, None, None)  # auto: the reference
+    torch.testing.assert_close(xo, res_w + F.linear(x, wide))
+
+
+def test_timed_choice_compares_tuple_outputs(stub_cuda_timer):
+    from distilpose_kernels import _utils
+
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    agree = lambda g, r: bool(torch.equal(g, r))  # noqa: E731
+    ref = _named("reference", lambda: (a, b))
+    assert _utils.timed_choice({}, "k", _named("fused", lambda: (a.clone(), b.clone())), ref, agree, "t") is True
+    with pytest.warns(UserWarning, match="t disagrees"):  # the second output differs
+        assert _utils.timed_choice({}, "k", _named("fused", lambda: (a.clone(), b + 1)), ref, agree, "t") is False
+    bad = b.clone()
+    bad[0, 0] = float("inf")  # a non-finite reference output decides nothing
+    cache = {}
+    assert _utils.timed_choice(cache, "k", ref, _named("reference", lambda: (a, bad)), agree, "t") is False and not cache
+
+
+@pytest.mark.parametrize("pos_mode", ["sine-full", "sine", "none"])
+@pytest.mark.parametrize("mlp_kernel", [False, True])
+def test_tde_with_add_norm_epilogues_keeps_the_outputs(pos_mode, mlp_kernel, monkeypatch):
+    """TokenDistillingEncoder(fuse_add_norm): the same tokens as the plain encoder, with the
+    reference ops (bit for bit) and with the Triton kernels forced."""
+    from distilpose.models.tde import TokenDistillingEncoder
+
+    torch.manual_seed(0)
+    tde = TokenDistillingEncoder(8, feature_size=(8, 6), patch_size=(4, 3), num_keypoints=3, dim=32, depth=3,
+                                 num_heads=2, mlp_dim=48, pos_mode=pos_mode).to(DEV).eval()
+    feat = torch.randn(2, 8, 8, 6, device=DEV)
+    with torch.no_grad():
+        want = tde(feat)
+        tde.fuse_add_norm = True
+        for layer in tde.layers:
+            layer.mlp.mlp_kernel = mlp_kernel
+        if DEV == "cpu":
+            for a, b in zip(tde(feat), want):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        from distilpose_kernels import mlp as mm
+
+        for name in ("linear_add_norm", "fused_mlp_add_norm"):
+            monkeypatch.setattr(dk, name, lambda *a, _f=getattr(mm, name), **k: _f(*a, **{**k, "backend": "triton"}))
+        for a, b in zip(tde(feat), want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_fp32_dot_precision_policy(monkeypatch):
     """auto: 3xTF32 on GPUs with TF32 tensor cores, FMA elsewhere; the variable overrides it;
     torch's allow_tf32 switch means plain TF32; a bad value is a clear error."""
@@ -415,26 +571,35 @@ def test_tde_layer_with_triton_linears_keeps_outputs_and_gradients(monkeypatch):
 _AOT = r"""
 import distilpose_kernels.mlp_triton as mt
 
-for t in mt.MLP_TUNE_TILES:
-    for p, prec in (("*bf16", "tf32"), ("*fp32", "ieee"), ("*fp32", "tf32x3")):
-        consts = dict(HAS_B1=True, HAS_B2=True, PRECISION=prec, UPCAST=False, BLOCK_M=t.block_m, BLOCK_K=64,
-                      BLOCK_H=t.block_h, BLOCK_N=256)
-        compile_(mt._mlp_kernel, dict(X=p, W1=p, B1=p, W2=p, B2=p, Y=p), {}, consts, num_warps=t.num_warps,
+ptrs = lambda p, names: {n: p for n in names}  # noqa: E731
+# every tile in bf16; the first tile also in fp32 with FMA and with 3xTF32 dots
+VARIANTS = lambda tiles: [(t, "*bf16", "tf32") for t in tiles] + [(tiles[0], "*fp32", pr) for pr in ("ieee", "tf32x3")]  # noqa: E731
+for t, p, prec in VARIANTS(mt.MLP_TUNE_TILES):
+    for add_norm in (False, True):
+        consts = dict(HAS_B1=True, HAS_B2=True, ADD_NORM=add_norm, HAS_POS=add_norm, HAS_W=add_norm,
+                      HAS_B=add_norm, PRECISION=prec, UPCAST=False, BLOCK_M=t.block_m, BLOCK_K=64,
+                      BLOCK_H=t.block_inner, BLOCK_N=256)
+        compile_(mt._mlp_kernel, ptrs(p, ("X", "W1", "B1", "W2", "B2", "Y", "RES", "POS", "LNW", "LNB", "XO")),
+                 dict(eps="fp32"), consts, num_warps=t.num_warps, num_stages=t.num_stages)
+for t, p, prec in VARIANTS(mt.ADD_NORM_TUNE_TILES):
+    consts = dict(HAS_BIAS=True, HAS_POS=True, HAS_W=True, HAS_B=True, PRECISION=prec, UPCAST=False,
+                  BLOCK_M=t.block_m, BLOCK_N=256, BLOCK_K=t.block_inner)
+    compile_(mt._linear_add_norm_kernel, ptrs(p, ("X", "Wt", "B", "RES", "POS", "LNW", "LNB", "XO", "Y")),
+             dict(eps="fp32"), consts, num_warps=t.num_warps, num_stages=t.num_stages)
+for t, p, prec in VARIANTS((mt.DEFAULT_TILE, *mt.TUNE_TILES)):
+    for gelu in (True, False):
+        consts = dict(HAS_B=True, GELU=gelu, PRECISION=prec, UPCAST=False, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                      BLOCK_K=t.block_k, GROUP_M=8)
+        compile_(mt._linear_gelu_kernel, dict(X=p, Wt=p, B=p, Y=p), {}, consts, num_warps=t.num_warps,
                  num_stages=t.num_stages)
-for t in (mt.DEFAULT_TILE, *mt.TUNE_TILES):
-    for p, prec in (("*bf16", "tf32"), ("*fp32", "ieee"), ("*fp32", "tf32x3")):
-        for gelu in (True, False):
-            consts = dict(HAS_B=True, GELU=gelu, PRECISION=prec, UPCAST=False, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                          BLOCK_K=t.block_k, GROUP_M=8)
-            compile_(mt._linear_gelu_kernel, dict(X=p, Wt=p, B=p, Y=p), {}, consts, num_warps=t.num_warps,
-                     num_stages=t.num_stages)
 """
 
 
 @pytest.mark.slow
 def test_linear_gelu_kernel_compiles_for_sm90_without_a_gpu():
-    """Every tile the GPU may autotune, with and without the GELU, for bf16 and fp32 (FMA and 3xTF32
-    dots); the whole-MLP kernel at the TDE's output width (192, padded to 256) likewise."""
+    """Every tile the GPU may autotune (GEMM with and without the GELU, whole MLP with and without
+    the add + LayerNorm epilogue, GEMM + add + LayerNorm) in bf16, and one tile of each in fp32 with
+    FMA and with 3xTF32 dots, at the TDE's output width (192, padded to 256)."""
     compile_for_sm90(_AOT)
 
 

@@ -115,6 +115,8 @@ class Distiller(nn.Module):
                     for m in teacher.modules():  # and the TDE's inference fusions, as InferenceEngine
                         if hasattr(m, "fuse_pos_norm"):
                             m.fuse_pos_norm = True
+                        if hasattr(m, "fuse_add_norm"):
+                            m.fuse_add_norm = True
                         if hasattr(m, "fuse_gelu"):
                             m.fuse_gelu = True
                         if hasattr(m, "mlp_kernel"):  # the whole MLP in one kernel where timed faster

@@ -130,6 +130,34 @@ class TransformerLayer(nn.Module):
         return x, self.mlp(h)
 
 
+    @annotate("distilpose.tde.layer")
+    def forward_add_norm(
+        self, x: torch.Tensor, h: torch.Tensor, next_norm: Optional[nn.LayerNorm], pos: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The layer with its residual adds and LayerNorms in the GEMMs' epilogues (inference).
+
+        ``h = norm1(x)`` is given (the previous layer's epilogue made it). Returns ``(x, h_next)``:
+        the layer's output ``x`` (with ``pos`` added to its last P tokens when given) and
+        ``next_norm(x)``; for the last layer (``next_norm`` None) ``(x, None)``.
+        """
+        attn, mlp = self.attn, self.mlp
+        a = dk.token_attention(_linear(attn.qkv, h, attn.triton_linears), attn.num_heads, attn.scale,
+                               backend=attn.backend)
+        x, h = dk.linear_add_norm(a, attn.proj.weight, attn.proj.bias, x, self.norm2.weight, self.norm2.bias,
+                                  self.norm2.eps)
+        if next_norm is None:
+            return x + mlp(h), None
+        nw, nb, eps = next_norm.weight, next_norm.bias, next_norm.eps
+        if mlp.mlp_kernel:
+            return dk.fused_mlp_add_norm(h, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, x, nw, nb,
+                                         eps, pos)
+        if mlp.fuse_gelu:
+            u = dk.linear_gelu(h, mlp.fc1.weight, mlp.fc1.bias)
+        else:
+            u = mlp.act(_linear(mlp.fc1, h, mlp.triton_linears))
+        return dk.linear_add_norm(u, mlp.fc2.weight, mlp.fc2.bias, x, nw, nb, eps, pos)
+
+
 class TokenDistillingEncoder(nn.Module):
     """(N, C, H, W) feature map -> (keypoint tokens (N, K, D), visual tokens (N, P, D)).
 
@@ -172,6 +200,11 @@ class TokenDistillingEncoder(nn.Module):
         #: op (TransformerLayer.forward_fused). Off by default for training until a GPU
         #: measurement shows it pays; InferenceEngine turns it on. Same math either way.
         self.fuse_pos_norm = fuse_pos_norm
+        #: Inference: run those steps in the epilogues of the attention projection and the MLP's
+        #: last GEMM instead (TransformerLayer.forward_add_norm, 4 to 5 kernels per layer). Takes
+        #: precedence over fuse_pos_norm; with autograd the ops run their reference. Set by
+        #: InferenceEngine.
+        self.fuse_add_norm = False
         self.patch_embed = nn.Linear(ph * pw * in_channels, dim)
         self.keypoint_token = nn.Parameter(torch.zeros(1, num_keypoints, dim))
         self.register_buffer("pos_embedding", sine_position_table(self.grid[0], self.grid[1], dim))
@@ -227,6 +260,14 @@ class TokenDistillingEncoder(nn.Module):
         if self.pos_mode != "none":
             vis = vis + pos
         x = torch.cat((self.keypoint_token.expand(vis.shape[0], -1, -1).to(vis.dtype), vis), dim=1)
+        if self.fuse_add_norm:
+            re_add = self.pos_mode == "sine-full"
+            h = self.layers[0].norm1(x)
+            for i, layer in enumerate(self.layers):
+                last = i + 1 == len(self.layers)
+                x, h = layer.forward_add_norm(x, h, None if last else self.layers[i + 1].norm1,
+                                              pos if re_add and not last else None)
+            return x[:, :k], x[:, k:]
         if self.fuse_pos_norm:
             res = None
             for i, layer in enumerate(self.layers):

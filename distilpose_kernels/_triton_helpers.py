@@ -1,0 +1,31 @@
+"""@triton.jit helpers shared by the Triton kernel modules (imported only with them: imports triton)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation. UPCAST: the Triton 3.9 CPU interpreter multiplies
+    bfloat16 operands wrongly, so under TRITON_INTERPRET bf16 operands are widened first."""
+    if UPCAST:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a, b, input_precision=PRECISION)
+    return r
+
+
+@triton.jit
+def layernorm_rows(xf, cols, c_ok, C, eps, W, B, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """LayerNorm of each row of ``xf`` (fp32, zero in the padded columns) over its C columns:
+    -> (y fp32, mean, rstd); W / B (C,) applied when HAS_W / HAS_B."""
+    mean = tl.sum(xf, 1) / C
+    xc = tl.where(c_ok[None, :], xf - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    return y, mean, rstd
