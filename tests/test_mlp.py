@@ -309,6 +309,15 @@ def test_add_norm_ops_low_precision_and_mixed_dtypes(op):
     assert x_out.dtype == y.dtype == torch.bfloat16
     torch.testing.assert_close(x_out.double(), want_x, rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(y.double(), want_y, rtol=5e-2, atol=5e-2)
+    # under autocast (fp32 tensors): the GEMM in bf16, the outputs in the residual's dtype (fp32),
+    # kernel and reference alike
+    f32 = [None if a is None else a.float() for a in args64]
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        got = fn(*f32[:-1], 1e-5, f32[-1], backend="triton")
+        want = fn(*f32[:-1], 1e-5, f32[-1], backend="reference")
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("op", list(ADD_NORM_OPS))
@@ -654,6 +663,27 @@ def test_gpu_fused_mlp_tde_shapes(batch, dtype):
             got = dk.fused_mlp(*args, backend=backend)
         e = float((got.double() - want).abs().max())
         assert e <= max(2 * e_ref, floor), (backend, e, e_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", list(ADD_NORM_OPS))
+@pytest.mark.parametrize("batch,dtype", [(256, torch.bfloat16), (2, torch.float32)])
+def test_gpu_add_norm_tde_shapes(op, batch, dtype):
+    """The TDE's proj / MLP + residual + position re-add + LayerNorm (273 tokens, pos on the last
+    256): the kernel and "auto" against float64, within twice the eager ops' error."""
+    fn, ref, hid = ADD_NORM_OPS[op]
+    args, _ = _add_norm_inputs(batch, 273, 192, 192, 256, 576 if hid else None, dtype=dtype, seed=batch)
+    *main, pos = args
+    want = ref(*[None if a is None else a.double() for a in main], 1e-5, pos.double())
+    eager = ref(*main, 1e-5, pos)
+    for backend in ("triton", None):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*add_norm")
+            got = fn(*main, 1e-5, pos, backend=backend)
+        for name, g, e, w in zip(("x_out", "y"), got, eager, want):
+            err, err_e = float((g.double() - w).abs().max()), float((e.double() - w).abs().max())
+            floor = 4 * torch.finfo(dtype).eps * float(w.abs().max())
+            assert err <= max(2 * err_e, floor), (op, backend, name, err, err_e)
 
 
 def test_triton_ops_reject_unsupported_dtypes_the_same_way():
