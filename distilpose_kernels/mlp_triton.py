@@ -101,7 +101,7 @@ TUNE_TILES = (GemmTile(128, 64, 32, 4, 3), GemmTile(64, 64, 32, 4, 3), GemmTile(
 _TUNED = None if _INTERPRET else triton.autotune(
     [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k},
                    num_warps=t.num_warps, num_stages=t.num_stages) for t in TUNE_TILES],
-    key=["M", "N", "K"],
+    key=["M", "N", "K", "GELU", "PRECISION"],
 )(_linear_gelu_kernel)
 
 
@@ -195,7 +195,8 @@ class RowTile(NamedTuple):
 
 
 def _row_tuner(kernel, tiles, inner: str, key: list):
-    """triton.autotune of ``kernel`` over ``tiles`` (None under the interpreter)."""
+    """triton.autotune of ``kernel`` over ``tiles`` (None under the interpreter). ``key`` names
+    the sizes and the constexprs that change the code (the autotuner adds the dtypes)."""
     if _INTERPRET:
         return None
     return triton.autotune([triton.Config({"BLOCK_M": t.block_m, inner: t.block_inner}, num_warps=t.num_warps,
@@ -216,7 +217,7 @@ def _launch_rows(tuned, kernel, override: Optional[RowTile], tiles, inner: str, 
 #: tests pin a small tile (the interpreter is slow)
 ADD_NORM_TILE_OVERRIDE: Optional[RowTile] = None
 ADD_NORM_TUNE_TILES = (RowTile(64, 32, 8, 3), RowTile(32, 32, 4, 3), RowTile(16, 64, 4, 3))
-_ADD_NORM_TUNED = _row_tuner(_linear_add_norm_kernel, ADD_NORM_TUNE_TILES, "BLOCK_K", ["M", "N", "K"])
+_ADD_NORM_TUNED = _row_tuner(_linear_add_norm_kernel, ADD_NORM_TUNE_TILES, "BLOCK_K", ["M", "N", "K", "PRECISION"])
 
 
 def _epilogue_args(residual: torch.Tensor, pos: Optional[torch.Tensor], norm_weight, norm_bias, eps: float):
@@ -294,7 +295,7 @@ def _mlp_kernel(
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
-_MLP_TUNED = _row_tuner(_mlp_kernel, MLP_TUNE_TILES, "BLOCK_H", ["M", "K", "HID", "N"])
+_MLP_TUNED = _row_tuner(_mlp_kernel, MLP_TUNE_TILES, "BLOCK_H", ["M", "K", "HID", "N", "ADD_NORM", "PRECISION"])
 
 
 def mlp_forward(x2: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,

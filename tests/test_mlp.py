@@ -580,6 +580,10 @@ def test_tde_layer_with_triton_linears_keeps_outputs_and_gradients(monkeypatch):
 _AOT = r"""
 import distilpose_kernels.mlp_triton as mt
 
+# the GPU autotuners key on argument names that exist (a typo would be ignored silently)
+for tuner in (mt._TUNED, mt._ADD_NORM_TUNED, mt._MLP_TUNED):
+    assert set(tuner.keys) <= set(tuner.arg_names), (tuner.keys, tuner.arg_names)
+
 ptrs = lambda p, names: {n: p for n in names}  # noqa: E731
 # every tile in bf16; the first tile also in fp32 with FMA and with 3xTF32 dots
 VARIANTS = lambda tiles: [(t, "*bf16", "tf32") for t in tiles] + [(tiles[0], "*fp32", pr) for pr in ("ieee", "tf32x3")]  # noqa: E731
