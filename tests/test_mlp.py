@@ -346,6 +346,26 @@ def test_add_norm_ops_autograd_runs_the_reference_and_compile_uses_the_op(op, mo
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_nan_in_one_row_stays_in_that_row():
+    """NaN policy of the row kernels: a NaN input row gives NaN in that row's outputs (GELU,
+    LayerNorm), and every other row is unaffected."""
+    args, _ = _mlp_inputs((2, 9), 24, 40, 24, seed=4)
+    args[0][1, 3, 5] = float("nan")
+    out = dk.fused_mlp(*args, backend="triton")
+    bad = torch.zeros(2, 9, dtype=torch.bool, device=DEV)
+    bad[1, 3] = True
+    assert out[bad].isnan().all() and torch.isfinite(out[~bad]).all()
+    torch.testing.assert_close(out[~bad], dk.fused_mlp_reference(*args)[~bad], rtol=1e-5, atol=1e-5)
+    for op in ADD_NORM_OPS:
+        fn, ref, hid = ADD_NORM_OPS[op]
+        a, _ = _add_norm_inputs(2, 9, 24, 24, 4, hid, seed=6)
+        a[0][1, 3, 5] = float("nan")
+        got, want = fn(*a[:-1], 1e-5, a[-1], backend="triton"), ref(*a[:-1], 1e-5, a[-1])
+        for g, w in zip(got, want):
+            assert g[bad].isnan().all() and torch.isfinite(g[~bad]).all(), op
+            torch.testing.assert_close(g[~bad], w[~bad], rtol=1e-5, atol=2e-5)
+
+
 def test_add_norm_errors_name_the_argument():
     args, _ = _add_norm_inputs(2, 7, 16, 24, 3, seed=1)
     x, w, b, res, lw, lb, pos = args
