@@ -31,6 +31,21 @@ def test_host_overhead_tool(tmp_path):
         assert r["op_us"] > 0 and r["floor_us"] > 0 and r["op_us"] >= r["overhead_us"]
 
 
+def test_count_kernels_tool_tde_fusions_cut_the_kernels_per_layer(tmp_path):
+    """Each TDE inference fusion setting launches fewer kernels per layer than the one before
+    (counted with the Triton kernels run in the interpreter), with the plain encoder's outputs."""
+    pytest.importorskip("triton")
+    out = tmp_path / "kernels.json"
+    proc = _run_tool(["tools/count_kernels.py", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    per_layer = [r["per_layer"] for r in res.values()]
+    assert per_layer == [12, 7, 5, 4], res
+    assert all(r["max_abs_diff"] < 1e-5 for r in res.values())
+    bf16 = res["bf16 engine: + fuse_add_norm + mlp_kernel"]["depth4"]
+    assert bf16["triton:_mlp_kernel"] == 4 and bf16["triton:_linear_add_norm_kernel"] == 4
+
+
 def test_kernel_resources_tool_loss_candidates(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the GPU machine times the candidates instead")
