@@ -291,7 +291,7 @@ def test_linear_fp32_gpu(benchmark, monkeypatch, impl, shape):
     from benchutils import cuda_graph
 
     dev = torch.device("cuda")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.backends.cuda.matmul.allow_tf32 = False  # restored by bench/conftest.py
     k, n = (int(v) for v in shape.split("x"))
     if impl.startswith("triton_"):
         monkeypatch.setenv("DISTILPOSE_FP32_DOT", impl.split("_")[1])

@@ -129,7 +129,7 @@ def _model_gmacs(model) -> Optional[Dict[str, float]]:
 
 def _bench_infer(benchmark, monkeypatch, device, preset, flip, path, batch, precision):
     if path.endswith("_tf32"):  # TF32 matmuls (convolutions already default to TF32 in PyTorch)
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+        torch.backends.cuda.matmul.allow_tf32 = True  # restored by bench/conftest.py
     if path.endswith("_ieee"):  # FMA dots for fp32 in the Triton kernels (the default is 3xTF32)
         monkeypatch.setenv("DISTILPOSE_FP32_DOT", "ieee")
     if path == "reference":

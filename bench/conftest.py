@@ -40,3 +40,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+
+
+@pytest.fixture(autouse=True)
+def _restore_matmul_tf32():
+    """Cases that set ``torch.backends.cuda.matmul.allow_tf32`` set it directly; it is restored
+    here. (pytest's monkeypatch cannot: that module answers the attribute from ``__getattr__``,
+    and recent pytest then tries to delete it on undo.)"""
+    old = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old

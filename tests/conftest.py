@@ -50,3 +50,17 @@ def stub_cuda_timer(monkeypatch):
     monkeypatch.setattr(_utils, "cuda_time_ms", lambda fn, rounds=3, reps=5: times[fn.__name__])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     return times
+
+
+@pytest.fixture
+def matmul_tf32():
+    """``matmul_tf32(flag)`` sets ``torch.backends.cuda.matmul.allow_tf32`` for the test and
+    restores it afterwards. (pytest's monkeypatch cannot: that module answers the attribute
+    from ``__getattr__``, and recent pytest then tries to delete it on undo.)"""
+    old = torch.backends.cuda.matmul.allow_tf32
+
+    def set_flag(flag: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+
+    yield set_flag
+    torch.backends.cuda.matmul.allow_tf32 = old

@@ -432,13 +432,13 @@ def test_tde_with_add_norm_epilogues_keeps_the_outputs(pos_mode, mlp_kernel, mon
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_fp32_dot_precision_policy(monkeypatch):
+def test_fp32_dot_precision_policy(monkeypatch, matmul_tf32):
     """auto: 3xTF32 on GPUs with TF32 tensor cores, FMA elsewhere; the variable overrides it;
     torch's allow_tf32 switch means plain TF32; a bad value is a clear error."""
     from distilpose_kernels import _utils
 
     monkeypatch.delenv(_utils.FP32_DOT_ENV, raising=False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    matmul_tf32(False)
     monkeypatch.setattr(_utils, "_TF32_CORES", {})
     caps = {0: (9, 0), 1: (7, 5)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
@@ -449,7 +449,7 @@ def test_fp32_dot_precision_policy(monkeypatch):
     assert p(torch.device("cuda", 0)) == "ieee"
     monkeypatch.setenv(_utils.FP32_DOT_ENV, " TF32x3 ")
     assert p(torch.device("cpu")) == "tf32x3" and p(torch.device("cuda", 1)) == "tf32x3"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    matmul_tf32(True)
     assert p(torch.device("cuda", 0)) == "tf32"
     monkeypatch.setenv(_utils.FP32_DOT_ENV, "fast")
     with pytest.raises(ValueError, match="DISTILPOSE_FP32_DOT: expected one of auto, ieee, tf32x3, got 'fast'"):
@@ -470,13 +470,13 @@ class _Spy:
         return launch
 
 
-def test_fp32_dot_precision_reaches_the_gemm_and_attention_kernels(monkeypatch):
+def test_fp32_dot_precision_reaches_the_gemm_and_attention_kernels(monkeypatch, matmul_tf32):
     from distilpose_kernels import _utils, attention_triton, mlp_triton
 
     seen = []
     monkeypatch.setattr(mlp_triton, "_linear_gelu_kernel", _Spy(mlp_triton._linear_gelu_kernel, seen))
     monkeypatch.setattr(attention_triton, "_RAW", {k: _Spy(f, seen) for k, f in attention_triton._RAW.items()})
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    matmul_tf32(False)
     x = torch.randn(1, 5, 48, device=DEV, requires_grad=True)
     w = torch.randn(48, 48, device=DEV)
     for env, dtype, want in (("tf32x3", torch.float32, "tf32x3"), ("ieee", torch.float32, "ieee"),
@@ -652,12 +652,12 @@ def test_gpu_linear_gelu_tde_shape_and_auto(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k,n", [(546, 192, 576), (546, 192, 192), (546, 576, 192), (17472, 192, 576)])
-def test_gpu_linear_fp32_dots_are_as_accurate_as_cublas(m, k, n, monkeypatch):
+def test_gpu_linear_fp32_dots_are_as_accurate_as_cublas(m, k, n, monkeypatch, matmul_tf32):
     """Both fp32 dot precisions of the GEMM (FMA and 3xTF32) against float64, held to 2x the
     error of cuBLAS fp32 (TF32 off) on the same inputs; and "auto" picks without a warning."""
     from distilpose_kernels import _utils
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    matmul_tf32(False)
     (x, w, b), (x64, w64, b64) = _inputs((m,), k, n, seed=m + n)
     want = F.linear(x64, w64, b64)
     floor = 4 * torch.finfo(torch.float32).eps * float(want.abs().max())
