@@ -141,6 +141,13 @@ def _select_triton_backend(op: str, tensors: Sequence[torch.Tensor], backend: Op
 FP32_DOT_ENV = "DISTILPOSE_FP32_DOT"
 _FP32_DOT_CHOICES = ("auto", "ieee", "tf32x3")
 _TF32_CORES: dict = {}  # CUDA device index -> compute capability >= 8.0
+# the C getter behind torch.backends.cuda.matmul.allow_tf32 (6x cheaper than the module lookup,
+# which every fp32 attention / GEMM launch pays); the public attribute where it is missing
+_CUBLAS_TF32 = getattr(torch._C, "_get_cublas_allow_tf32", None)
+
+
+def _matmul_allows_tf32() -> bool:
+    return _CUBLAS_TF32() if _CUBLAS_TF32 is not None else bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 def fp32_dot_precision(device: torch.device) -> str:
@@ -158,7 +165,7 @@ def fp32_dot_precision(device: torch.device) -> str:
     choice = os.environ.get(FP32_DOT_ENV, "auto").strip().lower() or "auto"
     if choice not in _FP32_DOT_CHOICES:
         raise ValueError(f"{FP32_DOT_ENV}: expected one of {', '.join(_FP32_DOT_CHOICES)}, got {choice!r}")
-    if torch.backends.cuda.matmul.allow_tf32:
+    if _matmul_allows_tf32():
         return "tf32"
     if choice != "auto":
         return choice
