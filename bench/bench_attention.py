@@ -244,7 +244,7 @@ def test_fused_mlp_gpu(benchmark, impl, batch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [2, 256])
-@pytest.mark.parametrize("impl", ["fused", "auto", "eager", "split"])
+@pytest.mark.parametrize("impl", ["fused", "auto", "eager", "split", "gemms"])
 @pytest.mark.parametrize("op", ["proj", "mlp"])
 def test_add_norm_gpu(benchmark, op, impl, batch):
     """The TDE's GEMM + residual add + position re-add + LayerNorm step, forward, no grad:
@@ -252,7 +252,11 @@ def test_add_norm_gpu(benchmark, op, impl, batch):
     then the next layer's norm1 with the position table on the 256 visual tokens). ``fused``: one
     kernel (``linear_add_norm`` / ``fused_mlp_add_norm``); ``auto``: the timed choice the engine
     runs; ``eager``: the PyTorch ops; ``split``: our previous two kernels (``linear`` /
-    ``fused_mlp``, then ``add_pos_layernorm``). Batch 256 bf16 and batch 1 with flip (2) fp32."""
+    ``fused_mlp``, then ``add_pos_layernorm``); ``gemms`` (mlp only): what the fp32 engine runs,
+    ``linear_gelu`` then ``linear_add_norm`` (the hidden activation written once, two GEMMs that
+    spread over more SMs than the one-kernel MLP). Batch 256 bf16 and batch 1 with flip (2) fp32."""
+    if impl == "gemms" and op != "mlp":
+        pytest.skip("the two-GEMM form is the MLP's")
     dev = torch.device("cuda")
     n, dt = (256, torch.bfloat16) if batch == 256 else (2, torch.float32)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -271,7 +275,8 @@ def test_add_norm_gpu(benchmark, op, impl, batch):
     f = {"fused": lambda: fused_op(x, *weights, res, lw, lb, 1e-5, pos, backend="triton"),
          "auto": lambda: fused_op(x, *weights, res, lw, lb, 1e-5, pos),
          "eager": lambda: ref_op(x, *weights, res, lw, lb, 1e-5, pos),
-         "split": lambda: dk.add_pos_layernorm(res, pos, lw, lb, 1e-5, residual=out_op())}[impl]
+         "split": lambda: dk.add_pos_layernorm(res, pos, lw, lb, 1e-5, residual=out_op()),
+         "gemms": lambda: dk.linear_add_norm(dk.linear_gelu(x, *weights[:2]), *weights[2:], res, lw, lb, 1e-5, pos)}[impl]
     benchmark.group = f"{op} + add + LayerNorm fwd {str(dt).replace('torch.', '')} B={n}"
     nbytes = (x.numel() + sum(w.numel() for w in weights) + 3 * res.numel()) * x.element_size()
     flops = 2.0 * n * L * C * (2 * hid if hid else C)

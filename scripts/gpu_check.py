@@ -815,7 +815,7 @@ def evaluate_goals(benchmarks: List[dict], ceilings: Dict[str, float]) -> List[D
     for op in ("proj", "mlp"):
         for n, dtype in ((256, "bfloat16"), (2, "float32")):
             vs_baseline(f"TDE {op} + add + LayerNorm B={n} {dtype} one kernel vs eager",
-                        select(an, op=f"{op}_add_norm", batch=n), "eager", ("fused", "auto", "split"))
+                        select(an, op=f"{op}_add_norm", batch=n), "eager", ("fused", "auto", "split", "gemms"))
     lf = [b for b in benchmarks if "test_linear_fp32_gpu" in b["_file"]]
     for shape in ("192x576", "192x192", "576x192"):
         vs_baseline(f"TDE Linear {shape} B=2 fp32 graph vs cuBLAS", select(lf, shape=shape), "cublas",
