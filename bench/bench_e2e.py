@@ -17,7 +17,8 @@ ends in a sync). Paths compared (``path`` in the test id and ``extra_info["path"
 - fp32 paths run the TDE's Linears through ``distilpose_kernels.linear`` where it is timed
   faster than cuBLAS, and every fp32 Triton dot as 3xTF32 (fp32 accuracy on the tensor cores,
   ``distilpose_kernels.fp32_dot_precision``); ``cudagraph_ieee`` is the same path with FMA dots
-  (``DISTILPOSE_FP32_DOT=ieee``) and cuBLAS Linears, to show what that buys;
+  (``DISTILPOSE_FP32_DOT=ieee``) and cuBLAS Linears, to show what that buys; ``cudagraph_mlpk``
+  runs each MLP as one kernel (``mlp_kernel=True``, the 16-bit engines' default) instead;
 - every folded path also fuses each conv's bias, residual add and ReLU into the conv
   (``InferenceEngine(fuse_epilogues=...)``, on by default with folding, off under compile);
   ``*_noepi`` is the same path without that, to show what it buys; ``*_plain`` also without
@@ -94,7 +95,7 @@ def _engine(model, device, path: str, flip: str, precision: str) -> InferenceEng
         fuse_pos_norm=False if path.endswith("_plain") else (True if path.endswith("_ops") else None),
         fuse_mlp=False if path.endswith("_plain") else (True if path.endswith("_ops") else None),
         triton_linears=False if path.endswith(("_plain", "_ieee")) else None,
-        mlp_kernel=False if path.endswith("_plain") else None,
+        mlp_kernel=False if path.endswith("_plain") else (True if path.endswith("_mlpk") else None),
         fuse_add_norm=False if path.endswith("_plain") else None,
         cast_model="_cast" in path,
         channels_last="_cl" in path,
@@ -194,7 +195,7 @@ def cuda_device():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "preset,flip,path",
-    _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32", "cudagraph_ieee",
+    _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32", "cudagraph_ieee", "cudagraph_mlpk",
                                                                     "cudagraph_noepi", "cudagraph_plain",
                                                                     "compile_cudagraph_ops")],
 )
