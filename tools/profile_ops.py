@@ -142,7 +142,10 @@ def cases(dev: torch.device) -> List[tuple]:
     cast_cl = {"cast_model": True, "channels_last": True}
     for batch, prec, flip, kw in ((256, "bf16", False, {}), (256, "bf16", False, {"cast_model": True}),
                                   (256, "bf16", False, cast_cl), (256, "bf16", False, {**cast_cl, "fuse_epilogues": False}),
-                                  (1, "fp32", True, {"cuda_graph": True})):
+                                  (1, "fp32", True, {"cuda_graph": True}),
+                                  (1, "fp32", True, {"cuda_graph": True, "fuse_epilogues": False, "fuse_pos_norm": False,
+                                                     "fuse_mlp": False, "triton_linears": False,
+                                                     "fuse_add_norm": False})):
         eng = InferenceEngine(model, device=dev, precision=prec, flip_test=flip, fold_bn=True, clone_outputs=False, **kw)
         crops = torch.randn(batch, 3, 256, 192, generator=g).to(dev)
         center = torch.full((batch, 2), 200.0, device=dev)
