@@ -76,8 +76,11 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
                      "(test_loss_fwd_bwd_gpu and 256 and fp32 and cudagraph)"),
     # end to end: S batch 1 fp32 with/without flip; S batch 256 bf16; the distillation step
     "bench-e2e": ("bench/bench_e2e.py",
-                  "(test_e2e_infer_b1_fp32 and distilpose_s and not compile) or "
+                  "(test_e2e_infer_b1_fp32 and distilpose_s and (reference or fused or cudagraph]) and not compile) or "
                   "(test_e2e_infer_b256_bf16 and distilpose_s and noflip and not compile)"),
+    # the batch-1 diagnostic paths (what each fusion / layout / precision choice buys), after the goals
+    "bench-e2e-variants": ("bench/bench_e2e.py",
+                           "test_e2e_infer_b1_fp32 and distilpose_s and cudagraph_ and not compile"),
     # the distillation step (its own stage and JSON: a stage cut short loses only its own cases)
     "bench-e2e-train": ("bench/bench_e2e.py", "test_e2e_train_distill"),
     # fused conv epilogue (conv + bias [+ residual] + ReLU) at DistilPose-S's Bottleneck shapes
@@ -551,6 +554,8 @@ STAGES: List[Stage] = [
           run=make_bench_stage("bench-e2e")),
     Stage("bench-e2e-train", "distillation step b64 bf16: reference, fused, frozen-teacher variants", 120, 30,
           run=make_bench_stage("bench-e2e-train")),
+    Stage("bench-e2e-variants", "S batch-1 fp32 diagnostic paths: nofold, cl, tf32, ieee, mlpk, noepi, plain", 90, 15,
+          run=make_bench_stage("bench-e2e-variants")),
     Stage("bench-e2e-compile", "S batch-1 flip fp32 with torch.compile (+ CUDA graph)", 120, 20,
           run=make_bench_stage("bench-e2e-compile")),
     Stage("profile", "tools/profile_ops.py: wall vs kernel time of each fused op; host time by function", 60, 15,

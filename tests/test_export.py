@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -429,6 +430,32 @@ def test_gpu_check_dry_run_and_selections(capsys):
     for stage in ("build", "tests-triton", "tests-ext", "sanitizer", "bench-e2e", "bench-conv", "tests-rest"):
         assert stage in out
     assert gc.parse_pytest_summary("== 3 passed, 1 failed, 2 skipped in 4.5s ==") == {"passed": 3, "failed": 1, "skipped": 2}
+
+
+def test_gpu_check_bench_selections_pick_the_goal_cases():
+    """Every benchmark stage's -k expression selects cases (matched the way -k does: a keyword
+    is a case-insensitive substring of the test id), and bench-e2e holds the goal paths."""
+    import subprocess
+
+    from _pytest.mark.expression import Expression
+
+    gc = _load_script("gpu_check")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    ids = [ln.strip() for ln in proc.stdout.splitlines() if "::" in ln]
+    assert len(ids) > 100, proc.stdout[-2000:]
+    picked = {}
+    for stage, (files, expr) in gc.BENCH_SELECTIONS.items():
+        files = (files,) if isinstance(files, str) else files
+        e = Expression.compile(expr)
+        picked[stage] = [i for i in ids if i.split("::")[0] in files and e.evaluate(lambda kw, i=i: kw.lower() in i.lower())]
+        assert picked[stage], f"{stage}: -k {expr!r} selects nothing"
+    e2e = picked["bench-e2e"]
+    for case in ("b1_fp32[distilpose_s-withflip-cudagraph]", "b1_fp32[distilpose_s-noflip-cudagraph]",
+                 "b256_bf16[distilpose_s-noflip-cudagraph_cast_cl]"):
+        assert any(i.endswith(case) for i in e2e), case
+    assert not set(e2e) & set(picked["bench-e2e-variants"])
 
 
 def test_perf_table_says_when_there_are_no_gpu_results(tmp_path):
