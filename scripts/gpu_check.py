@@ -76,7 +76,7 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
                      "(test_loss_fwd_bwd_gpu and 256 and fp32 and cudagraph)"),
     # end to end: S batch 1 fp32 with/without flip; S batch 256 bf16; the distillation step
     "bench-e2e": ("bench/bench_e2e.py",
-                  "(test_e2e_infer_b1_fp32 and distilpose_s and (reference or fused or cudagraph]) and not compile) or "
+                  "(test_e2e_infer_b1_fp32 and distilpose_s and not cudagraph_ and not compile) or "
                   "(test_e2e_infer_b256_bf16 and distilpose_s and noflip and not compile)"),
     # the batch-1 diagnostic paths (what each fusion / layout / precision choice buys), after the goals
     "bench-e2e-variants": ("bench/bench_e2e.py",
