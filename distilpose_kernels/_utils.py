@@ -212,6 +212,26 @@ def _as_tuple(out) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
+#: every decision of ``timed_choice`` in this process, oldest first (see ``auto_choices``)
+_DECISIONS: list = []
+_MAX_DECISIONS = 1024
+
+
+def auto_choices() -> list:
+    """The "auto" decisions this process made, oldest first: dicts with ``op`` (the path that
+    was considered), ``key`` (shape, dtype, ... as text), ``use`` ("fused" or "reference"),
+    ``why`` ("faster", "slower", "disagrees" or "failed: ...") and, when timed, ``fused_ms`` and
+    ``reference_ms``. Shows which fused ops a model actually runs on this machine."""
+    return [dict(d) for d in _DECISIONS]
+
+
+def _record(what: str, key, choice: bool, why: str, fused_ms=None, reference_ms=None) -> None:
+    if len(_DECISIONS) >= _MAX_DECISIONS:
+        del _DECISIONS[0]
+    _DECISIONS.append({"op": what, "key": str(key), "use": "fused" if choice else "reference", "why": why,
+                       "fused_ms": fused_ms, "reference_ms": reference_ms})
+
+
 def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor],
                  agrees: Callable[[torch.Tensor, torch.Tensor], bool], what: str) -> bool:
     """Whether an op's "auto" backend runs its fused path for ``key`` (cached in ``cache``).
@@ -219,9 +239,9 @@ def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], ref
     Decided once: the fused path must agree with the reference on this input (``agrees``, per
     output when the paths return tuples) and be faster (``cuda_time_ms``). A failure or a
     disagreement warns (``what`` names the path, e.g. "conv2d_relu: the fused cuDNN op") and
-    picks the reference. Nothing is decided (the
-    reference runs, nothing is cached) inside a CUDA-graph capture or on non-finite outputs,
-    where the two paths may legitimately differ (e.g. NaN through a fused ReLU).
+    picks the reference. Nothing is decided (the reference runs, nothing is cached) inside a
+    CUDA-graph capture or on non-finite outputs, where the two paths may legitimately differ
+    (e.g. NaN through a fused ReLU). Each decision is recorded (``auto_choices``).
     """
     choice = cache.get(key)
     if choice is not None:
@@ -236,11 +256,15 @@ def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], ref
         if len(got) != len(ref) or not all(agrees(g, r) for g, r in zip(got, ref)):
             warnings.warn(f"{what} disagrees with the reference for {key}; using the reference")
             choice = False
+            _record(what, key, choice, "disagrees")
         else:
-            choice = cuda_time_ms(fused) < cuda_time_ms(reference)
+            t_fused, t_ref = cuda_time_ms(fused), cuda_time_ms(reference)
+            choice = t_fused < t_ref
+            _record(what, key, choice, "faster" if choice else "slower", t_fused, t_ref)
     except Exception as e:  # noqa: BLE001 - the fused path is an optimisation: never fail the call for it
         warnings.warn(f"{what} failed for {key} ({type(e).__name__}: {e}); using the reference")
         choice = False
+        _record(what, key, choice, f"failed: {type(e).__name__}: {str(e)[:200]}")
     cache[key] = choice
     return choice
 

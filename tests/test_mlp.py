@@ -390,6 +390,28 @@ def test_add_norm_errors_name_the_argument():
     torch.testing.assert_close(xo, res_w + F.linear(x, wide))
 
 
+def test_timed_choice_records_each_decision(stub_cuda_timer, monkeypatch):
+    """dk.auto_choices(): what "auto" decided, why, and the two timings (here from the stub)."""
+    from distilpose_kernels import _utils
+
+    monkeypatch.setattr(_utils, "_DECISIONS", [])
+    a = torch.randn(3, 4)
+    ref = _named("reference", lambda: a)
+    _utils.timed_choice({}, ("k", 1), _named("fused", lambda: a.clone()), ref, torch.equal, "op1")
+    stub_cuda_timer["fused"] = 3.0
+    _utils.timed_choice({}, ("k", 2), _named("fused", lambda: a.clone()), ref, torch.equal, "op1")
+    with pytest.warns(UserWarning):
+        _utils.timed_choice({}, ("k", 3), _named("fused", lambda: a + 1), ref, torch.equal, "op2")
+    with pytest.warns(UserWarning):
+        _utils.timed_choice({}, ("k", 4), _named("fused", lambda: 1 / 0), ref, torch.equal, "op2")
+    got = dk.auto_choices()
+    assert [(d["op"], d["key"], d["use"], d["why"][:6]) for d in got] == [
+        ("op1", "('k', 1)", "fused", "faster"), ("op1", "('k', 2)", "reference", "slower"),
+        ("op2", "('k', 3)", "reference", "disagr"), ("op2", "('k', 4)", "reference", "failed")]
+    assert got[0]["fused_ms"] == 1.0 and got[0]["reference_ms"] == 2.0 and got[2]["fused_ms"] is None
+    assert "ZeroDivisionError" in got[3]["why"]
+
+
 def test_timed_choice_compares_tuple_outputs(stub_cuda_timer):
     from distilpose_kernels import _utils
 

@@ -233,6 +233,12 @@ def main(argv=None) -> int:
             save()
     for case in e2e_cases:
         measure(*case)
+    report["auto_choices"] = dk.auto_choices()
+    save()
+    print("fused-vs-reference decisions of the ops' \"auto\" backends (dk.auto_choices()):")
+    for d in report["auto_choices"]:
+        t = f"{d['fused_ms']:.4f} vs {d['reference_ms']:.4f} ms" if d["fused_ms"] is not None else ""
+        print(f"  {d['use']:<9} {d['why'][:60]:<12} {t:<24} {d['op']} {d['key'][:90]}", flush=True)
     return 0
 
 
