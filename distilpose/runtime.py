@@ -35,6 +35,7 @@ from torch import nn
 
 import distilpose_kernels as dk
 from distilpose_kernels import annotate
+from distilpose_kernels import keypoints as _kp
 
 __all__ = [
     "COCO_FLIP_PAIRS",
@@ -75,8 +76,7 @@ def flip_back_regression(coords: torch.Tensor, perm: Union[Sequence[int], torch.
     ``perm``: the left/right permutation (a list, or a long tensor on the coords' device,
     which keeps the function free of host-to-device copies, e.g. inside a CUDA graph).
     """
-    x = coords.index_select(1, _perm_index(perm, coords.device))
-    return torch.stack((1.0 - x[..., 0], x[..., 1]), dim=-1)
+    return _kp.flip_back_regression(coords, _perm_index(perm, coords.device))
 
 
 @annotate("distilpose.decode.flip_back")
@@ -112,16 +112,7 @@ def crop_to_image(
     rotation (N,) degrees or None (no rotation); crop_size (H, W). Computed in the coords'
     dtype, with no host-to-device copies (CUDA-graph safe).
     """
-    h, w = crop_size
-    scale = scale.to(coords.dtype)
-    vx = (coords[..., 0] - w / 2.0) * (scale[:, 0:1] / w)
-    vy = (coords[..., 1] - h / 2.0) * (scale[:, 1:2] / h)
-    if rotation is not None:
-        r = torch.deg2rad(rotation.to(coords.dtype))[:, None]
-        cos, sin = torch.cos(r), torch.sin(r)
-        vx, vy = cos * vx - sin * vy, sin * vx + cos * vy
-    center = center.to(coords.dtype)
-    return torch.stack((vx + center[:, 0:1], vy + center[:, 1:2]), dim=-1)
+    return _kp.crop_to_image(coords, center, scale, rotation, crop_size)
 
 
 def _set_attention_backend(model: nn.Module, backend: Optional[str]) -> None:
@@ -338,18 +329,14 @@ class InferenceEngine:
             s, s_f = (o["score"], None) if self.kind == "student" else (None, None)
 
         h, w = self.input_size
-        if self.kind == "student":
-            coords = out.float()
-            scores = s.float()[..., 0]
-            if out_f is not None:
-                coords = (coords + flip_back_regression(out_f.float(), self._perm_t)) * 0.5
-                scores = (scores + s_f.float()[..., 0].index_select(1, self._perm_t)) * 0.5
-            crop_px = _scale_xy(coords, float(w), float(h))
-        else:
-            hm = out.float()
-            if out_f is not None:
-                hm = (hm + flip_back_heatmaps(out_f.float(), self._perm_t, self.heatmap_shift)) * 0.5
-            crop_px, scores = self._decode_heatmaps(hm)
+        if self.kind == "student":  # merge, crop pixels and the inverse affine: one kernel on CUDA
+            flip = {} if out_f is None else dict(flipped_coords=out_f, flipped_scores=s_f[..., 0],
+                                                 flip_perm=self._perm_t)
+            return dk.regression_to_image(out, s[..., 0], center, scale, self.input_size, rotation, **flip)
+        hm = out.float()
+        if out_f is not None:
+            hm = (hm + flip_back_heatmaps(out_f.float(), self._perm_t, self.heatmap_shift)) * 0.5
+        crop_px, scores = self._decode_heatmaps(hm)
         return crop_to_image(crop_px, center, scale, rotation, self.input_size), scores
 
     def _decode_heatmaps(self, hm: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

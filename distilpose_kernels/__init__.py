@@ -57,6 +57,8 @@ _LAZY = {
     "conv2d_relu": "conv_epilogue",
     "conv2d_relu_reference": "conv_epilogue",
     "ConvReLU2d": "conv_epilogue",
+    "regression_to_image": "keypoints",
+    "regression_to_image_reference": "keypoints",
     "info": "info",
     "annotate": "_utils",
     "force_reference": "_utils",

@@ -33,6 +33,7 @@ TRITON_OPS = (
     "fused_mlp",
     "linear_add_norm",
     "fused_mlp_add_norm",
+    "regression_to_image",
 )
 #: Ops backed by the compiled extension (distilpose_kernels/decode.py).
 EXTENSION_OPS = ("soft_argmax", "decode_heatmaps")

@@ -392,7 +392,7 @@ def _xdist_args(n: int) -> List[str]:
 
 #: test files whose Triton tests run on the GPU when one is present (DEV = "cuda")
 TRITON_TEST_FILES = ["tests/test_gpu_kernels.py", "tests/test_attention.py", "tests/test_multiscale.py",
-                     "tests/test_mlp.py"]
+                     "tests/test_mlp.py", "tests/test_keypoints.py"]
 
 
 def stage_tests_triton(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:

@@ -39,6 +39,10 @@ def test_count_kernels_tool_tde_fusions_cut_the_kernels_per_layer(tmp_path):
     proc = _run_tool(["tools/count_kernels.py", "--json", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
+    dec = res["student_decode"]
+    assert dec["regression_to_image kernel, flip"]["decoding"] == dec["regression_to_image kernel, no flip"]["decoding"] == 1
+    assert dec["pytorch ops, flip"]["decoding"] > 15 and dec["pytorch ops, no flip"]["decoding"] > 10
+    res = res["tde"]
     per_layer = [r["per_layer"] for r in res.values()]
     assert per_layer == [12, 7, 5, 4], res
     assert all(r["max_abs_diff"] < 1e-5 for r in res.values())

@@ -1,4 +1,5 @@
-"""Kernels per TDE layer for each inference fusion setting, counted on the CPU.
+"""Kernels per TDE layer for each inference fusion setting, and of the student step's decoding,
+counted on the CPU.
 
     python tools/count_kernels.py [--json out.json]
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -64,17 +66,11 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _force_triton_and_count_launches() -> collections.Counter:
-    """Make the model's ``dk.<op>`` calls take the Triton kernels, small tiles; count launches."""
+@contextlib.contextmanager
+def _counting_launches():
+    """Count the Triton launches (kernel name -> launches) while the block runs."""
     import triton.runtime.interpreter as interp
 
-    from distilpose_kernels import attention, mlp, mlp_triton
-
-    mlp_triton.TILE_OVERRIDE = mlp_triton.GemmTile(16, 16, 16, 4, 1)
-    mlp_triton.MLP_TILE_OVERRIDE = mlp_triton.ADD_NORM_TILE_OVERRIDE = mlp_triton.RowTile(16, 16, 4, 1)
-    for name in _OPS:
-        fn = getattr(attention if hasattr(attention, name) else mlp, name)
-        setattr(dk, name, lambda *a, _f=fn, **k: _f(*a, **{**k, "backend": "triton"}))
     launches: collections.Counter = collections.Counter()
     run = interp.InterpretedFunction.run
 
@@ -83,7 +79,28 @@ def _force_triton_and_count_launches() -> collections.Counter:
         return run(self, *args, **kwargs)
 
     interp.InterpretedFunction.run = counted
-    return launches
+    try:
+        yield launches
+    finally:
+        interp.InterpretedFunction.run = run
+
+
+@contextlib.contextmanager
+def _forced_triton(names, modules):
+    """The model's ``dk.<name>`` calls take the Triton kernels (small tiles) while the block runs."""
+    from distilpose_kernels import mlp_triton
+
+    saved = {n: getattr(dk, n) for n in names}
+    mlp_triton.TILE_OVERRIDE = mlp_triton.GemmTile(16, 16, 16, 4, 1)
+    mlp_triton.MLP_TILE_OVERRIDE = mlp_triton.ADD_NORM_TILE_OVERRIDE = mlp_triton.RowTile(16, 16, 4, 1)
+    for name in names:
+        fn = getattr(next(m for m in modules if hasattr(m, name)), name)
+        setattr(dk, name, lambda *a, _f=fn, **k: _f(*a, **{**k, "backend": "triton"}))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(dk, n, f)
 
 
 def _count(depth: int, flags: dict, launches: collections.Counter) -> Tuple[int, float, dict]:
@@ -109,14 +126,42 @@ def _count(depth: int, flags: dict, launches: collections.Counter) -> Tuple[int,
 
 def count_kernels() -> Dict[str, dict]:
     """setting -> {"per_layer", "outside_layers", "max_abs_diff", "depth4": {kernel: count}}."""
-    launches = _force_triton_and_count_launches()
+    from distilpose_kernels import attention, mlp
+
     out = {}
-    for name, flags in SETTINGS.items():
-        n4, err, kinds = _count(4, flags, launches)
-        n2, _, _ = _count(2, flags, launches)
-        per_layer = (n4 - n2) // 2
-        out[name] = {"per_layer": per_layer, "outside_layers": n4 - 4 * per_layer, "max_abs_diff": err,
-                     "depth4": kinds}
+    with _forced_triton(_OPS, (attention, mlp)), _counting_launches() as launches:
+        for name, flags in SETTINGS.items():
+            n4, err, kinds = _count(4, flags, launches)
+            n2, _, _ = _count(2, flags, launches)
+            per_layer = (n4 - n2) // 2
+            out[name] = {"per_layer": per_layer, "outside_layers": n4 - 4 * per_layer, "max_abs_diff": err,
+                         "depth4": kinds}
+    return out
+
+
+def count_student_decode() -> Dict[str, dict]:
+    """Kernels of InferenceEngine's student step after the model (the flip-test merge, crop pixels,
+    the inverse affine), with the flip test and without, as PyTorch ops and as the
+    regression_to_image kernel (forced on, in the interpreter). The model (and the mirrored input
+    it is given) runs its reference ops here and is not counted."""
+    from distilpose.models import build_model
+    from distilpose.runtime import InferenceEngine
+    from distilpose_kernels import keypoints
+
+    model = build_model("distilpose_tiny").eval()
+    out = {}
+    for decode, names in (("pytorch ops", ()), ("regression_to_image kernel", ("regression_to_image",))):
+        for flip in (True, False):
+            eng = InferenceEngine(model, device="cpu", flip_test=flip, fold_bn=True, clone_outputs=False)
+            img, c, s, r = eng._prepare(torch.randn(1, 3, *model.input_size), torch.full((1, 2), 100.0),
+                                        torch.full((1, 2), 150.0), None)
+            with torch.no_grad(), _CountOps() as model_ops:
+                eng.model(torch.cat((img, img.flip(-1))) if flip else img)
+            with torch.no_grad(), _forced_triton(names, (keypoints,)), _counting_launches() as launches, \
+                    _CountOps() as step_ops:
+                eng._forward_decode(img, c, s, r)
+            kinds = {**{f"triton:{k}": v for k, v in launches.items()}, **dict(step_ops.counts - model_ops.counts)}
+            out[f"{decode}, {'flip' if flip else 'no flip'}"] = {"decoding": sum(kinds.values()), "kernels": kinds}
     return out
 
 
@@ -128,8 +173,11 @@ def main(argv=None) -> int:
     for name, r in res.items():
         print(f"{name:<48} {r['per_layer']:3d} kernels per layer, {r['outside_layers']:2d} outside the layers "
               f"(max |diff| vs plain {r['max_abs_diff']:.1e})")
+    dec = count_student_decode()
+    for name, r in dec.items():
+        print(f"student step decoding, {name:<36} {r['decoding']:3d} kernels")
     if args.json:
-        atomic_write(args.json, json.dumps(res, indent=1))
+        atomic_write(args.json, json.dumps({"tde": res, "student_decode": dec}, indent=1))
     return 0
 
 
