@@ -1,5 +1,6 @@
 """Compile Triton kernels for sm_90 on a machine without a GPU (the CPU interpreter is lenient;
-lowering to a cubin with ptxas catches real compile errors). Used by the kernel test files."""
+lowering to a cubin with ptxas catches real compile errors, and the compiled kernel's shared
+memory is checked against the 227 KiB an H100/H200 block may use). Used by the kernel test files."""
 from __future__ import annotations
 
 import os
@@ -12,12 +13,16 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 
 TARGET = GPUTarget("cuda", 90, 32)
+SM90_SHARED_MAX = 227 * 1024
 
 
 def compile_(fn, ptrs, scalars, consts, **opts):
     """ptrs / scalars: argument -> Triton type ("*bf16", "fp32"); others i32; consts: constexprs."""
     sig = {n: ("constexpr" if n in consts else ptrs.get(n) or scalars.get(n) or "i32") for n in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET, options=opts)
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET, options=opts)
+    # an H100/H200 block may use at most 227 KiB of shared memory; more fails only at launch
+    assert kernel.metadata.shared <= SM90_SHARED_MAX, (fn.__name__, consts, opts, kernel.metadata.shared)
+    return kernel
 '''
 
 
