@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 
 import hashlib
 import json
@@ -769,4 +770,13 @@ class Trainer:
 
     def close(self) -> None:
         if self.info.initialized_here and dist.is_initialized():
+            if dist.get_backend() == "gloo":
+                # let every rank arrive before any tears gloo down: a rank destroying its group
+                # while a peer was still finishing aborted the process once in CI ("terminate
+                # called without an active exception", SIGABRT after a finished run). Bounded:
+                # a peer that failed (close runs in a finally) cannot hang this rank.
+                try:
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+                except RuntimeError:
+                    pass
             dist.destroy_process_group()
