@@ -94,10 +94,6 @@ def flip_back_heatmaps(
     return hm
 
 
-def _scale_xy(coords: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
-    return torch.stack((coords[..., 0] * sx, coords[..., 1] * sy), dim=-1)
-
-
 @annotate("distilpose.decode.to_image")
 def crop_to_image(
     coords: torch.Tensor,
@@ -346,7 +342,7 @@ class InferenceEngine:
         coords, maxvals = dk.decode_heatmaps(hm, **kwargs)
         hh, hw = hm.shape[-2:]
         h, w = self.input_size
-        crop_px = _scale_xy(coords.float(), w / hw, h / hh)
+        crop_px = _kp.scale_xy(coords.float(), w / hw, h / hh)
         return crop_px, maxvals.float().reshape(hm.shape[0], hm.shape[1])
 
     # ------------------------------------------------------------------ public API

@@ -42,6 +42,11 @@ def flip_back_regression(coords: Tensor, perm: Tensor) -> Tensor:
     return torch.stack((1.0 - x[..., 0], x[..., 1]), dim=-1)
 
 
+def scale_xy(coords: Tensor, sx: float, sy: float) -> Tensor:
+    """(..., 2) coordinates with x scaled by ``sx`` and y by ``sy``."""
+    return torch.stack((coords[..., 0] * sx, coords[..., 1] * sy), dim=-1)
+
+
 def crop_to_image(coords: Tensor, center: Tensor, scale: Tensor, rotation: Optional[Tensor],
                   crop_size: Tuple[int, int]) -> Tensor:
     """Crop pixels (N, K, 2) -> image pixels, inverting the affine crop: center (N, 2) image px,
@@ -72,8 +77,7 @@ def regression_to_image_reference(
     elif s is scores:
         s = s.clone()  # the scores returned are a new tensor, never the input
     h, w = crop_size
-    px = torch.stack((c[..., 0] * float(w), c[..., 1] * float(h)), dim=-1)
-    return crop_to_image(px, center, scale, rotation, (h, w)), s
+    return crop_to_image(scale_xy(c, float(w), float(h)), center, scale, rotation, (h, w)), s
 
 
 def _check(coords, scores, center, scale, crop_size, rotation, flipped_coords, flipped_scores, flip_perm):

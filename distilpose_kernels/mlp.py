@@ -84,6 +84,36 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], wname: str = "weig
         _check_like(bname, bias, x, shape=(weight.shape[0],))
 
 
+def _autocast_inputs(x: Tensor, *weights: Optional[Tensor]) -> tuple:
+    """(x, *weights) cast to the autocast dtype, as F.linear does; unchanged outside autocast."""
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        return tuple(t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (x, *weights))
+    return (x, *weights)
+
+
+def _check_weights(x: Tensor, weights: tuple) -> None:
+    """(weight, bias) of a Linear, or (fc1_weight, fc1_bias, fc2_weight, fc2_bias) of the MLP."""
+    if len(weights) == 2:
+        _check(x, *weights)
+        return
+    _check(x, weights[0], weights[1], "fc1_weight", "fc1_bias")
+    _check_like("fc2_weight", weights[2], x, ndim=2, shape=(None, weights[0].shape[0]))
+    if weights[3] is not None:
+        _check_like("fc2_bias", weights[3], x, shape=(weights[2].shape[0],))
+
+
+def _row_kernel_backend(op: str, tensors: list, backend: Optional[str], n: int, wname: str) -> str:
+    """select_triton_backend, plus the row kernels' limit: outputs wider than MLP_MAX_N run the
+    reference ("auto") or raise (backend="triton")."""
+    which = select_triton_backend(op, tensors, backend, TRITON_DTYPES)
+    if which != "reference" and n > MLP_MAX_N:
+        if backend == "triton":
+            raise ValueError(f"{wname}: backend='triton' supports at most {MLP_MAX_N} output features, got {n}")
+        which = "reference"
+    return which
+
+
 def linear_gelu_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.gelu(F.linear(x, weight, bias))`` (exact erf GELU)."""
     return F.gelu(F.linear(x, weight, bias))
@@ -203,10 +233,7 @@ _linear_op = _register("linear", False, _linear_backward)
 def _call(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
     """The public ops: autocast casts, checks, backend choice; the torch.library op when autograd
     records the call or torch.compile traces it, else the kernel or reference directly."""
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias = (t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t
-                           for t in (x, weight, bias))
+    x, weight, bias = _autocast_inputs(x, weight, bias)
     _check(x, weight, bias)
     gelu = op == "linear_gelu"
     tensors = [t for t in (x, weight, bias) if t is not None]
@@ -293,22 +320,10 @@ def fused_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_wei
     fc1_bias (HID,), fc2_weight (N, HID), fc2_bias (N,) -> (..., N). The hidden activation is
     never written to memory. "auto" on CUDA: the kernel where it was timed faster than cuBLAS +
     GELU + cuBLAS and agreed with them. Outputs wider than ``MLP_MAX_N`` run the reference."""
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = (
-            t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t
-            for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
-    _check(x, fc1_weight, fc1_bias, "fc1_weight", "fc1_bias")
-    _check_like("fc2_weight", fc2_weight, x, ndim=2, shape=(None, fc1_weight.shape[0]))
-    if fc2_bias is not None:
-        _check_like("fc2_bias", fc2_bias, x, shape=(fc2_weight.shape[0],))
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = _autocast_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    _check_weights(x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
     tensors = [t for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) if t is not None]
-    which = select_triton_backend("fused_mlp", tensors, backend, TRITON_DTYPES)
-    if which != "reference" and fc2_weight.shape[0] > MLP_MAX_N:
-        if backend == "triton":
-            raise ValueError(f"fc2_weight: backend='triton' supports at most {MLP_MAX_N} output features, "
-                             f"got {fc2_weight.shape[0]}")
-        which = "reference"
+    which = _row_kernel_backend("fused_mlp", tensors, backend, fc2_weight.shape[0], "fc2_weight")
     if which == "reference":
         return fused_mlp_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     mode = "triton" if backend == "triton" else "auto"
@@ -370,17 +385,9 @@ def _add_norm_call(op: str, x: Tensor, weights: tuple, residual: Tensor, norm_we
     """Shared body of linear_add_norm (weights: (weight, bias)) and fused_mlp_add_norm (weights:
     (fc1_weight, fc1_bias, fc2_weight, fc2_bias))."""
     mlp = len(weights) == 4
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, weights = (x.to(dt) if x.is_floating_point() else x), tuple(
-            t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t for t in weights)
-    if mlp:
-        _check(x, weights[0], weights[1], "fc1_weight", "fc1_bias")
-        _check_like("fc2_weight", weights[2], x, ndim=2, shape=(None, weights[0].shape[0]))
-        if weights[3] is not None:
-            _check_like("fc2_bias", weights[3], x, shape=(weights[2].shape[0],))
-    else:
-        _check(x, weights[0], weights[1])
+    x, *weights = _autocast_inputs(x, *weights)
+    weights = tuple(weights)
+    _check_weights(x, weights)
     n = weights[-2].shape[0]
     pos2 = _check_add_norm(x, n, residual, norm_weight, norm_bias, pos)
     ref_fn = fused_mlp_add_norm_reference if mlp else linear_add_norm_reference
@@ -389,12 +396,7 @@ def _add_norm_call(op: str, x: Tensor, weights: tuple, residual: Tensor, norm_we
         return ref_fn(x, *weights, residual, norm_weight, norm_bias, eps, pos)
 
     tensors = [t for t in (x, *weights, residual, norm_weight, norm_bias, pos2) if t is not None]
-    which = select_triton_backend(op, tensors, backend, TRITON_DTYPES)
-    if which != "reference" and n > MLP_MAX_N:
-        if backend == "triton":
-            raise ValueError(f"{'fc2_weight' if mlp else 'weight'}: backend='triton' supports at most {MLP_MAX_N} "
-                             f"output features, got {n}")
-        which = "reference"
+    which = _row_kernel_backend(op, tensors, backend, n, "fc2_weight" if mlp else "weight")
     if which == "reference" or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return reference()  # the fused epilogue is an inference path: autograd records the reference ops
     mode = "triton" if backend == "triton" else "auto"
