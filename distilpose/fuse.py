@@ -230,3 +230,20 @@ def fuse_conv_epilogues(model: nn.Module, inplace: bool = False, backend: Option
                     count += 1
     model._distilpose_fused_epilogues = getattr(model, "_distilpose_fused_epilogues", 0) + count  # type: ignore[attr-defined]
     return model
+
+
+#: the TDE modules' inference switches (TokenDistillingEncoder, Mlp, TokenAttentionBlock)
+TDE_FUSION_FLAGS = ("fuse_pos_norm", "fuse_add_norm", "fuse_gelu", "triton_linears", "mlp_kernel")
+
+
+def set_tde_fusions(model: nn.Module, **flags: bool) -> nn.Module:
+    """Set the TDE inference switches (``TDE_FUSION_FLAGS``) on every module that has them, e.g.
+    ``set_tde_fusions(model, fuse_add_norm=True, mlp_kernel=False)``. Same math either way."""
+    unknown = set(flags) - set(TDE_FUSION_FLAGS)
+    if unknown:
+        raise ValueError(f"set_tde_fusions: unknown switches {sorted(unknown)}; expected {TDE_FUSION_FLAGS}")
+    for m in model.modules():
+        for name, value in flags.items():
+            if hasattr(m, name):
+                setattr(m, name, bool(value))
+    return model

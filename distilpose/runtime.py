@@ -237,17 +237,10 @@ class InferenceEngine:
         if mlp_kernel is None:
             mlp_kernel = precision != "fp32" and not compile
         self.mlp_kernel = bool(mlp_kernel)
-        for m in model.modules():
-            if hasattr(m, "fuse_pos_norm"):
-                m.fuse_pos_norm = self.fuse_pos_norm
-            if hasattr(m, "fuse_add_norm"):
-                m.fuse_add_norm = self.fuse_add_norm
-            if hasattr(m, "fuse_gelu"):
-                m.fuse_gelu = self.fuse_mlp
-            if hasattr(m, "triton_linears"):
-                m.triton_linears = self.triton_linears
-            if hasattr(m, "mlp_kernel"):
-                m.mlp_kernel = self.mlp_kernel
+        from .fuse import set_tde_fusions
+
+        set_tde_fusions(model, fuse_pos_norm=self.fuse_pos_norm, fuse_add_norm=self.fuse_add_norm,
+                        fuse_gelu=self.fuse_mlp, triton_linears=self.triton_linears, mlp_kernel=self.mlp_kernel)
         if attention_backend is not None:
             _set_attention_backend(model, None if attention_backend == "auto" else attention_backend)
         if hasattr(model, "check_finite"):

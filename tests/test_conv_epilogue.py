@@ -504,6 +504,10 @@ def test_engine_fuses_the_pos_norm_step_by_default_and_not_under_compile():
     assert on.model.tde.fuse_add_norm and bf16.model.tde.fuse_add_norm and "fuse_add_norm=True" in repr(on)
     assert not compiled.model.tde.fuse_add_norm and not model.tde.fuse_add_norm
     assert not InferenceEngine(model, fuse_add_norm=False).model.tde.fuse_add_norm
+    from distilpose.fuse import set_tde_fusions
+
+    with pytest.raises(ValueError, match=r"set_tde_fusions: unknown switches \['fuse_foo'\]"):
+        set_tde_fusions(model, fuse_foo=True)
     a, b = on(crops), off(crops)
     for k in a:  # the CPU runs the op's reference: the same ops as the unfused step
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)

@@ -107,20 +107,14 @@ class Distiller(nn.Module):
             for p in teacher.parameters():
                 p.requires_grad_(False)
             if self.fold_teacher_bn:
-                from ..fuse import fuse_conv_bn_model, fuse_conv_epilogues
+                from ..fuse import fuse_conv_bn_model, fuse_conv_epilogues, set_tde_fusions
 
                 teacher = fuse_conv_bn_model(teacher, inplace=True)
                 if self.fuse_teacher_epilogues:
                     teacher = fuse_conv_epilogues(teacher, inplace=True)
-                    for m in teacher.modules():  # and the TDE's inference fusions, as InferenceEngine
-                        if hasattr(m, "fuse_pos_norm"):
-                            m.fuse_pos_norm = True
-                        if hasattr(m, "fuse_add_norm"):
-                            m.fuse_add_norm = True
-                        if hasattr(m, "fuse_gelu"):
-                            m.fuse_gelu = True
-                        if hasattr(m, "mlp_kernel"):  # the whole MLP in one kernel where timed faster
-                            m.mlp_kernel = True
+                    # and the TDE's inference fusions, as InferenceEngine (each op keeps its fused
+                    # path only where timed faster)
+                    set_tde_fusions(teacher, fuse_pos_norm=True, fuse_add_norm=True, fuse_gelu=True, mlp_kernel=True)
             if self.teacher_dtype is not None:
                 teacher.to(self.teacher_dtype)
             if self.teacher_channels_last:
