@@ -14,6 +14,10 @@ Public API
   left/right permutation (K,) for the flip test; center (N, 2) and scale (N, 2) image px,
   rotation (N,) degrees, crop_size (H, W) -> (keypoints (N, K, 2) image px fp32, scores (N, K)
   fp32). Any float dtype and strides in, fp32 math.
+  NaN: propagates, no error: a NaN prediction gives NaN for that keypoint (with the flip test,
+  also for the keypoint it is merged into); a NaN center/scale/rotation for that box's keypoints.
+  flip_perm: indices in [0, K); checked on CPU tensors (ValueError); on CUDA unchecked (no host
+  sync), the kernel reads nothing for an index outside and gives NaN for that keypoint.
 - ``regression_to_image_reference``: the same as PyTorch ops; ``flip_back_regression`` and
   ``crop_to_image`` are its two steps.
 
@@ -100,6 +104,10 @@ def _check(coords, scores, center, scale, crop_size, rotation, flipped_coords, f
         check_tensor("flipped_coords", flipped_coords, shape=(n, k, 2), floating=True, device=dev)
         check_tensor("flipped_scores", flipped_scores, shape=(n, k), floating=True, device=dev)
         check_tensor("flip_perm", flip_perm, shape=(k,), dtypes=(torch.int64, torch.int32), device=dev)
+        if k and flip_perm.device.type == "cpu" and not torch.compiler.is_compiling():  # no host sync on CPU
+            lo, hi = int(flip_perm.min()), int(flip_perm.max())
+            if lo < 0 or hi >= k:
+                raise ValueError(f"flip_perm: expected indices in [0, {k}), got values in [{lo}, {hi}]")
 
 
 def _run(coords, scores, center, scale, crop_h, crop_w, rotation, flipped_coords, flipped_scores, flip_perm,

@@ -18,7 +18,7 @@ BLOCK = 128
 def _regression_to_image_kernel(
     C, S, FC, FS, PERM, CEN, SCA, ROT, KP, SC,
     NK, K, crop_w, crop_h,
-    scn, sck, scd, ssn, ssk, sfn, sfk, sfd, sgn, sgk, sen, sed, san, sad, srn,
+    scn, sck, scd, ssn, ssk, sfn, sfk, sfd, sgn, sgk, spk, sen, sed, san, sad, srn,
     FLIP: tl.constexpr, HAS_ROT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One lane per (n, k): flip-test merge, crop pixels, inverse affine (fp32)."""
@@ -30,10 +30,11 @@ def _regression_to_image_kernel(
     cy = tl.load(C + n * scn + k * sck + scd, mask=ok, other=0.0).to(tl.float32)
     s = tl.load(S + n * ssn + k * ssk, mask=ok, other=0.0).to(tl.float32)
     if FLIP:
-        j = tl.load(PERM + k, mask=ok, other=0).to(tl.int64)
-        fx = tl.load(FC + n * sfn + j * sfk, mask=ok, other=0.0).to(tl.float32)
-        fy = tl.load(FC + n * sfn + j * sfk + sfd, mask=ok, other=0.0).to(tl.float32)
-        fs = tl.load(FS + n * sgn + j * sgk, mask=ok, other=0.0).to(tl.float32)
+        j = tl.load(PERM + k * spk, mask=ok, other=0).to(tl.int64)
+        jok = ok & (j >= 0) & (j < K)  # an index outside [0, K) reads nothing: NaN for that keypoint
+        fx = tl.load(FC + n * sfn + j * sfk, mask=jok, other=float("nan")).to(tl.float32)
+        fy = tl.load(FC + n * sfn + j * sfk + sfd, mask=jok, other=float("nan")).to(tl.float32)
+        fs = tl.load(FS + n * sgn + j * sgk, mask=jok, other=float("nan")).to(tl.float32)
         cx = (cx + (1.0 - fx)) * 0.5
         cy = (cy + fy) * 0.5
         s = (s + fs) * 0.5
@@ -66,11 +67,12 @@ def regression_to_image(coords, scores, center, scale, crop_size: Tuple[int, int
     fc = flipped_coords if flip else coords
     fs = flipped_scores if flip else scores
     rot = rotation if rotation is not None else center
+    perm = flip_perm if flip else scores
     _regression_to_image_kernel[(cdiv(n * k, BLOCK),)](
-        coords, scores, fc, fs, flip_perm if flip else scores, center, scale, rot, kp, sc,
+        coords, scores, fc, fs, perm, center, scale, rot, kp, sc,
         n * k, k, int(crop_size[1]), int(crop_size[0]),
-        *coords.stride(), *scores.stride(), *fc.stride(), *fs.stride(), *center.stride(), *scale.stride(),
-        rot.stride(0),
+        *coords.stride(), *scores.stride(), *fc.stride(), *fs.stride(), perm.stride(0), *center.stride(),
+        *scale.stride(), rot.stride(0),
         FLIP=flip, HAS_ROT=rotation is not None, BLOCK=BLOCK,
     )
     return kp, sc
