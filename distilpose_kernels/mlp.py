@@ -85,10 +85,12 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], wname: str = "weig
 
 
 def _autocast_inputs(x: Tensor, *weights: Optional[Tensor]) -> tuple:
-    """(x, *weights) cast to the autocast dtype, as F.linear does; unchanged outside autocast."""
+    """(x, *weights) cast to the autocast dtype, as F.linear does (float64 tensors stay, as autocast
+    leaves them); unchanged outside autocast."""
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
-        return tuple(t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (x, *weights))
+        return tuple(t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+                     for t in (x, *weights))
     return (x, *weights)
 
 
@@ -124,8 +126,13 @@ def linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -
     return F.linear(x, weight, bias)
 
 
+def _rows(t: Tensor) -> Tensor:
+    """t (..., C) as (rows, C); unlike reshape(-1, C) also when C == 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def _kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], gelu: bool) -> Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows(x)
     return _triton_module().linear_gelu_forward(x2, weight, bias, gelu).reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -166,7 +173,7 @@ def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str, gelu: 
     ref = linear_gelu_reference if gelu else linear_reference
     return _dispatch(
         backend, x,
-        lambda: (gelu, x.numel() // max(x.shape[-1], 1), weight.shape[0], x.shape[-1], x.dtype, x.device.index,
+        lambda: (gelu, math.prod(x.shape[:-1]), weight.shape[0], x.shape[-1], x.dtype, x.device.index,
                  _precision_key(x)),
         "linear_gelu" if gelu else "linear", lambda: _kernel(x, weight, bias, gelu), lambda: ref(x, weight, bias))
 
@@ -186,17 +193,17 @@ def _gemm_grads(gz: Tensor, x: Tensor, weight: Tensor, has_bias: bool, need) -> 
     """(dx, dweight, dbias) of ``x @ weight^T (+ bias)`` for the output gradient ``gz`` (PyTorch
     GEMMs); ``need``: which of the three are wanted."""
     gx = gz @ weight if need[0] else None
-    g2, x2 = gz.reshape(-1, gz.shape[-1]), x.reshape(-1, x.shape[-1])
+    g2, x2 = _rows(gz), _rows(x)
     gw = g2.t() @ x2 if need[1] else None
     gb = g2.sum(0) if has_bias and need[2] else None
     return gx, gw, gb
 
 
 def _gelu_grad(grad: Tensor, z: Tensor) -> Tensor:
-    """d gelu(z) / dz * grad (exact erf GELU), in fp32, returned in z's dtype."""
-    zf = z.float()
+    """d gelu(z) / dz * grad (exact erf GELU), in fp32 (float64 for float64 z), returned in z's dtype."""
+    zf = z.to(torch.promote_types(z.dtype, torch.float32))
     d = 0.5 * (1.0 + torch.erf(zf * (1.0 / math.sqrt(2.0)))) + zf * torch.exp(-0.5 * zf * zf) / math.sqrt(2.0 * math.pi)
-    return (grad.float() * d).to(z.dtype)
+    return (grad.to(zf.dtype) * d).to(z.dtype)
 
 
 def _linear_backward(ctx, gz):
@@ -269,14 +276,14 @@ def fused_mlp_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor
 
 
 def _mlp_fused(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor]) -> Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows(x)
     return _triton_module().mlp_forward(x2, w1, b1, w2, b2).reshape(*x.shape[:-1], w2.shape[0])
 
 
 def _mlp_run(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], backend: str) -> Tensor:
     return _dispatch(
         backend, x,
-        lambda: ("mlp", x.numel() // max(x.shape[-1], 1), x.shape[-1], w1.shape[0], w2.shape[0], x.dtype,
+        lambda: ("mlp", math.prod(x.shape[:-1]), x.shape[-1], w1.shape[0], w2.shape[0], x.dtype,
                  x.device.index, _precision_key(x)),
         "fused_mlp", lambda: _mlp_fused(x, w1, b1, w2, b2), lambda: fused_mlp_reference(x, w1, b1, w2, b2))
 
@@ -338,8 +345,14 @@ def fused_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_wei
 def _add_pos_norm(out: Tensor, residual: Tensor, pos: Optional[Tensor], norm_weight, norm_bias, eps: float):
     x_out = residual + out
     if pos is not None:
-        p = pos.shape[-2]
-        x_out = torch.cat((x_out[:, : x_out.shape[1] - p], x_out[:, x_out.shape[1] - p:] + pos.reshape(p, -1)), dim=1)
+        p, start = pos.shape[-2], x_out.shape[1] - pos.shape[-2]
+        x_out = torch.cat((x_out[:, :start], x_out[:, start:] + pos.reshape(p, x_out.shape[-1])), dim=1)
+    x_out = x_out.to(residual.dtype)  # the kernels' (and fake kernels') dtype, whatever out's and pos's
+    # LayerNorm parameters of another dtype (the kernels take any): F.layer_norm takes x_out's
+    # dtype, or float32 ones with a 16-bit x_out; the cast is exact where the kernels' is
+    pdt = x_out.dtype if x_out.dtype in (torch.float32, torch.float64) else torch.float32
+    norm_weight, norm_bias = (t.to(pdt) if t is not None and t.dtype not in (x_out.dtype, pdt) else t
+                              for t in (norm_weight, norm_bias))
     # y in x_out's dtype (under autocast layer_norm would return fp32)
     return x_out, F.layer_norm(x_out, (x_out.shape[-1],), norm_weight, norm_bias, eps).to(x_out.dtype)
 
@@ -372,7 +385,9 @@ def _check_add_norm(x: Tensor, n: int, residual: Tensor, norm_weight, norm_bias,
             check_tensor(name, t, shape=(n,), floating=True, device=x.device)
     if pos is None:
         return None
-    if pos.dim() == 3 and pos.shape[0] == 1:
+    if isinstance(pos, Tensor) and pos.dim() != 2:
+        if pos.dim() != 3 or pos.shape[0] != 1:
+            raise ValueError(f"pos: expected shape (1, P, {n}) or (P, {n}), got {tuple(pos.shape)}")
         pos = pos[0]
     check_tensor("pos", pos, ndim=2, shape=(None, n), floating=True, device=x.device)
     if pos.shape[0] > x.shape[1]:
@@ -407,7 +422,7 @@ def _add_norm_call(op: str, x: Tensor, weights: tuple, residual: Tensor, norm_we
 
 
 def _add_norm_kernel(x: Tensor, weights: tuple, residual: Tensor, norm_weight, norm_bias, pos2, eps: float):
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = _rows(x)
     mod = _triton_module()
     if len(weights) == 4:
         xo, y = mod.mlp_forward(x2, *weights, residual, pos2, norm_weight, norm_bias, eps)
@@ -420,7 +435,7 @@ def _add_norm_run(x, weights, residual, norm_weight, norm_bias, pos2, eps, backe
     mlp = len(weights) == 4
     return _dispatch(
         backend, x,
-        lambda: ("mlp_add_norm" if mlp else "add_norm", x.numel() // max(x.shape[-1], 1), x.shape[-1],
+        lambda: ("mlp_add_norm" if mlp else "add_norm", math.prod(x.shape[:-1]), x.shape[-1],
                  *(w.shape[0] for w in weights[::2]), pos2 is not None, x.dtype, x.device.index, _precision_key(x)),
         "fused_mlp_add_norm" if mlp else "linear_add_norm",
         lambda: _add_norm_kernel(x, weights, residual, norm_weight, norm_bias, pos2, eps), reference)

@@ -110,6 +110,7 @@ def linear_gelu_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     """x2 (M, K) any strides, weight (N, K), bias (N,) or None -> (M, N) in x2's dtype."""
     m, k = x2.shape
     n = weight.shape[0]
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it as contiguous
     y = _new_output((m, n), device=x2.device, dtype=x2.dtype)
     if m == 0 or n == 0:
         return y
@@ -225,6 +226,9 @@ def _epilogue_args(residual: torch.Tensor, pos: Optional[torch.Tensor], norm_wei
     residual (N, L, C); pos (P, C) or None."""
     L = residual.shape[1]
     p = pos.shape[0] if pos is not None else 0
+    # the LayerNorm weight and bias are read as contiguous
+    norm_weight = norm_weight.contiguous() if norm_weight is not None else None
+    norm_bias = norm_bias.contiguous() if norm_bias is not None else None
     tensors = (residual, pos if pos is not None else residual,
                norm_weight if norm_weight is not None else residual, norm_bias if norm_bias is not None else residual)
     strides = (*residual.stride(), *(pos.stride() if pos is not None else (0, 0)))
@@ -239,6 +243,7 @@ def linear_add_norm_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Option
     -> (x_out, y), each (M, N) in residual's dtype."""
     m, k = x2.shape
     n = weight.shape[0]
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it as contiguous
     x_out = _new_output((m, n), device=x2.device, dtype=residual.dtype)
     y = _new_output((m, n), device=x2.device, dtype=residual.dtype)
     if m == 0:
@@ -282,7 +287,8 @@ def _mlp_kernel(
                        BLOCK_H, BLOCK_K)
         if HAS_B1:
             u += tl.load(B1 + h0 + rh, mask=h_ok, other=0.0).to(tl.float32)[None, :]
-        u = 0.5 * u * (1.0 + tl.erf(u * 0.7071067811865476))  # padded columns: gelu(0) = 0
+        u = 0.5 * u * (1.0 + tl.erf(u * 0.7071067811865476))
+        u = tl.where(h_ok[None, :], u, 0.0)  # padded columns: 0 (an inf in x made them NaN: inf * 0)
         w2 = tl.load(W2 + (h0 + rh)[:, None] * s2h + rn[None, :] * s2n, mask=h_ok[:, None] & n_ok[None, :], other=0.0)
         acc += _dot(u.to(W2.dtype.element_ty), w2, PRECISION, UPCAST)
     if HAS_B2:
@@ -306,6 +312,7 @@ def mlp_forward(x2: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], 
     dtype; with ``residual`` (B, L, N), B*L == M: (x_out, y) of the add + LayerNorm epilogue."""
     m, k = x2.shape
     hid, n = w1.shape[0], w2.shape[0]
+    b1, b2 = (b.contiguous() if b is not None else None for b in (b1, b2))  # the kernel reads them as contiguous
     add_norm = residual is not None
     y = _new_output((m, n), device=x2.device, dtype=residual.dtype if add_norm else x2.dtype)
     x_out = _new_output((m, n), device=x2.device, dtype=residual.dtype) if add_norm else y
