@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import re
 import tempfile
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -117,15 +119,56 @@ def atomic_save(obj: Any, path: str) -> None:
         raise
 
 
-def _read(path: str) -> Dict[str, Any]:
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """The checkpoint at ``path`` as a dict with "state_dict" (and "meta" when stored).
+
+    Loaded with ``weights_only=True`` (tensors, containers and numbers only: what this package
+    writes). A file that needs full unpickling (a foreign pickle, or a training ``last.pth`` of
+    a version before this one, which held numpy RNG arrays) is loaded in full with a warning:
+    unpickling runs code from the file, so only do that for files you trust.
+    """
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no file at {path!r}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        warnings.warn(f"checkpoint {path!r} holds objects beyond tensors and numbers ({str(e).splitlines()[-1][:200]}); "
+                      "loading it with full unpickling, which runs code from the file: only for files you trust",
+                      stacklevel=2)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(ckpt, dict) and "state_dict" in ckpt:
         return ckpt
-    if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return {"state_dict": ckpt, "meta": {}}
     raise ValueError(f"checkpoint {path!r}: expected a dict with 'state_dict' (or a bare state dict)")
+
+
+_read = read_checkpoint
+
+
+def build_model_from_meta(meta: Mapping[str, Any], attention_backend: Optional[str] = None) -> nn.Module:
+    """Rebuild the architecture a checkpoint's ``meta`` describes (preset, input size, number of
+    keypoints, model overrides), as the trainer records it."""
+    from .models import build_model
+
+    if not meta.get("preset"):
+        raise ValueError("checkpoint meta: no 'preset'; cannot rebuild the model")
+    kw = dict(meta.get("model_overrides") or {})
+    if meta.get("input_size"):
+        kw["input_size"] = tuple(int(v) for v in meta["input_size"])
+    return build_model(meta["preset"], num_keypoints=int(meta.get("num_keypoints", 17)),
+                       attention_backend=attention_backend, **kw)
+
+
+def model_from_checkpoint(path: str, device: Any = "cpu", attention_backend: Optional[str] = None) -> nn.Module:
+    """Build the model a checkpoint describes and load its weights (strict); eval mode."""
+    ckpt = read_checkpoint(path)
+    if not ckpt.get("meta"):
+        raise ValueError(f"checkpoint {path!r}: no 'meta' (preset) to rebuild the model from")
+    model = build_model_from_meta(ckpt["meta"], attention_backend)
+    load_checkpoint(path, model, strict=True)
+    return model.to(device).eval()
 
 
 def _load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool, source: str, extra_unexpected=()) -> Dict[str, List[str]]:

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .checkpoint import read_checkpoint
 from .fileio import atomic_write, replace_into, staging_dir
 from .training.config import TrainConfig, apply_overrides, get_preset, parse_override
 
@@ -126,7 +127,7 @@ def _finished(cfg: TrainConfig) -> Tuple[bool, Optional[str]]:
     last = os.path.join(cfg.work_dir, "last.pth")
     if not os.path.isfile(last):
         return False, None
-    ck = torch.load(last, map_location="cpu", weights_only=False)
+    ck = read_checkpoint(last)
     tr = ck.get("trainer", {})
     # a stage stopped by its time budget counts as done: the demo moves on with what it has
     return tr.get("epoch", 0) >= cfg.optim.epochs or tr.get("stop_reason") == "max_time_s", last

@@ -249,22 +249,17 @@ def _load_model(args: argparse.Namespace) -> nn.Module:
 
     preset = args.preset
     if args.checkpoint:
-        from . import checkpoint as ck
+        from .inference import load_model
 
-        if preset is None:
-            ckpt_obj = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-            preset = (ckpt_obj.get("meta") or {}).get("preset") if isinstance(ckpt_obj, dict) else None
-            if not preset:
-                raise SystemExit("export: the checkpoint names no preset (meta.preset); pass --preset")
-        model = build_model(preset)
-        ck.load_checkpoint(args.checkpoint, model, strict=True)
-    else:
-        if not args.allow_random_weights:
-            raise SystemExit("export: --checkpoint is required (or --allow-random-weights to test the pipeline)")
-        if preset is None:
-            raise SystemExit("export: --preset is required without a checkpoint")
-        model = build_model(preset)
-    return model.eval()
+        try:  # the architecture the checkpoint records (preset, input size, keypoints, overrides)
+            return load_model(preset, args.checkpoint, device="cpu")
+        except ValueError as e:
+            raise SystemExit(f"export: {e}") from e
+    if not args.allow_random_weights:
+        raise SystemExit("export: --checkpoint is required (or --allow-random-weights to test the pipeline)")
+    if preset is None:
+        raise SystemExit("export: --preset is required without a checkpoint")
+    return build_model(preset).eval()
 
 
 def run(args: argparse.Namespace) -> int:

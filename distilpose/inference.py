@@ -45,24 +45,21 @@ def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.d
 
 
 def read_checkpoint_meta(checkpoint: str) -> Dict[str, Any]:
-    """The "meta" dict stored in a checkpoint ({} when absent or unreadable without full unpickling)."""
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint: no file at {checkpoint!r}")
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - unusual pickles: the caller must name the preset
-        return {}
-    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    """The "meta" dict stored in a checkpoint ({} when absent)."""
+    from .checkpoint import read_checkpoint
+
+    meta = read_checkpoint(checkpoint).get("meta")
     return dict(meta) if isinstance(meta, dict) else {}
 
 
 def load_model(preset: Optional[str], checkpoint: Optional[str], device=None) -> torch.nn.Module:
     """Build ``preset`` (default: the checkpoint's meta["preset"]) and load ``checkpoint`` strictly; eval mode.
 
-    A checkpoint whose meta records an ``input_size`` (e.g. the CPU demo's 128 x 96) builds the
-    model at that size.
+    The architecture the checkpoint's meta records (input size, e.g. the CPU demo's 128 x 96;
+    number of keypoints; model overrides) is rebuilt; an explicit ``preset`` other than the
+    recorded one takes only the input size from it.
     """
-    from .checkpoint import load_checkpoint
+    from .checkpoint import build_model_from_meta, load_checkpoint
     from .models import build_model
 
     meta = read_checkpoint_meta(checkpoint) if checkpoint is not None else {}
@@ -72,10 +69,13 @@ def load_model(preset: Optional[str], checkpoint: Optional[str], device=None) ->
         preset = meta.get("preset")
         if preset is None:
             raise ValueError(f"checkpoint {checkpoint!r} stores no meta['preset']; pass the preset name (--preset)")
-    kwargs = {}
-    if meta.get("input_size") and tuple(meta["input_size"]) != (256, 192):
-        kwargs["input_size"] = tuple(int(v) for v in meta["input_size"])
-    model = build_model(preset, **kwargs)
+    if meta.get("preset") == preset:
+        model = build_model_from_meta(meta)
+    else:
+        kwargs = {}
+        if meta.get("input_size") and tuple(meta["input_size"]) != (256, 192):
+            kwargs["input_size"] = tuple(int(v) for v in meta["input_size"])
+        model = build_model(preset, **kwargs)
     if checkpoint is not None:
         load_checkpoint(checkpoint, model, strict=True)
     else:

@@ -1,11 +1,13 @@
 """Training: config round trip, schedule, loss decrease, frozen teacher, exact resume, DDP (gloo), AMP."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -154,7 +156,8 @@ def test_distill_needs_a_teacher_checkpoint(tmp_path):
 
 
 def _weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # training checkpoints hold tensors, containers and numbers only: they load without unpickling code
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _assert_same_state(a, b):
@@ -200,9 +203,29 @@ def test_resume_reaches_the_same_weights(tmp_path):
     tr.fit(resume=str(run2 / "last.pth"))
     _assert_same_state(ref_ck, _weights(run2 / "last.pth"))
 
-    # the weights load back for evaluation / inference
+    # the weights load back for evaluation / inference / export, at the size they were trained at
     m = model_from_checkpoint(str(run / "last.pth"))
     assert m.name == "distilpose_tiny" and m.input_size == SMALL
+    from distilpose.export import _load_model
+    from distilpose.inference import load_model
+
+    for m2 in (load_model(None, str(run / "last.pth"), device="cpu"),
+               _load_model(argparse.Namespace(preset=None, checkpoint=str(run / "last.pth"), allow_random_weights=False))):
+        assert m2.name == "distilpose_tiny" and m2.input_size == SMALL
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, m2.state_dict()[k]), k
+
+    # a checkpoint of an earlier version (numpy RNG keys as an array: needs full unpickling)
+    # resumes with a warning, to the same state
+    old = torch.load(run / "last.pth", map_location="cpu", weights_only=True)
+    for r in old["rng"]:
+        kind, keys, *rest = r["numpy"]
+        r["numpy"] = (kind, keys.numpy().astype(np.uint32), *rest)
+    torch.save(old, run2 / "old.pth")
+    tr = Trainer(tiny_cfg("distill", run2, **over), teacher=tiny_teacher_model())
+    with pytest.warns(UserWarning, match="full unpickling"):
+        tr.resume(str(run2 / "old.pth"))
+    assert np.array_equal(np.random.get_state()[1], old["rng"][0]["numpy"][1]) and tr.global_step == 12
 
     # resuming with another batch size is refused clearly
     with pytest.raises(ValueError, match="same world size and batch size"):

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..checkpoint import read_checkpoint
 from ..fileio import atomic_write
 from .config import TrainConfig, apply_overrides, get_preset, parse_override
 
@@ -50,7 +51,7 @@ def _done(work_dir: str, epochs: int) -> bool:
     last = os.path.join(work_dir, "last.pth")
     if not os.path.isfile(last):
         return False
-    tr = torch.load(last, map_location="cpu", weights_only=False).get("trainer", {})
+    tr = read_checkpoint(last).get("trainer", {})
     return tr.get("epoch", 0) >= epochs or tr.get("stop_reason") == "max_time_s"
 
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import build_model_from_meta, load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint  # noqa: F401
 from ..losses import teacher_loss
 from ..models import build_model
 from ..models.distiller import Distiller, LossWeights
@@ -254,26 +254,6 @@ def model_meta(model: nn.Module, cfg_model: Any) -> Dict[str, Any]:
     }
 
 
-def build_model_from_meta(meta: Dict[str, Any], attention_backend: Optional[str] = None) -> nn.Module:
-    """Rebuild the architecture a checkpoint's ``meta`` describes (preset, input size, overrides)."""
-    if "preset" not in meta or not meta["preset"]:
-        raise ValueError("checkpoint meta: no 'preset'; cannot rebuild the model")
-    kw = dict(meta.get("model_overrides") or {})
-    if meta.get("input_size"):
-        kw["input_size"] = tuple(meta["input_size"])
-    return build_model(meta["preset"], num_keypoints=int(meta.get("num_keypoints", 17)), attention_backend=attention_backend, **kw)
-
-
-def model_from_checkpoint(path: str, device: Any = "cpu", attention_backend: Optional[str] = None) -> nn.Module:
-    """Build the model a checkpoint describes and load its weights (strict)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "meta" not in ckpt:
-        raise ValueError(f"checkpoint {path!r}: no 'meta' (preset) to rebuild the model from")
-    model = build_model_from_meta(ckpt["meta"], attention_backend)
-    load_checkpoint(path, model, strict=True)
-    return model.to(device).eval()
-
-
 class TeacherObjective(nn.Module):
     """Wraps a heatmap model so forward(batch) returns the loss dict, like the Distiller."""
 
@@ -289,7 +269,12 @@ class TeacherObjective(nn.Module):
 
 
 def rng_state() -> Dict[str, Any]:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    """Every RNG stream of this process, as tensors, tuples and numbers only (so a checkpoint that
+    holds it loads with ``torch.load(weights_only=True)``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    s = {"python": random.getstate(),
+         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+         "torch": torch.random.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -297,7 +282,8 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(s: Dict[str, Any]) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    kind, keys, *rest = s["numpy"]  # keys: a tensor (this version) or a numpy array (older checkpoints)
+    np.random.set_state((kind, np.asarray(keys).astype(np.uint32), *rest))
     torch.random.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -430,8 +416,8 @@ class Trainer:
                 "teacher.checkpoint: distillation needs a trained teacher (--teacher-checkpoint PATH), "
                 "or teacher.preset=null for the plain regression baseline"
             )
-        ckpt = torch.load(t.checkpoint, map_location="cpu", weights_only=False)
-        meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
+        ckpt = read_checkpoint(t.checkpoint)
+        meta = ckpt.get("meta") or {}
         if meta.get("preset") and meta.get("preset") != t.preset:
             raise ValueError(f"teacher.checkpoint {t.checkpoint!r} holds preset {meta['preset']!r}, not teacher.preset {t.preset!r}")
         kw = dict(meta.get("model_overrides") or t.overrides or {})
@@ -493,7 +479,7 @@ class Trainer:
 
     def resume(self, path: str) -> None:
         """Continue from a ``last.pth``: weights, optimizer, scheduler, scaler, position, RNGs."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(path)
         for key in ("optimizer", "scheduler", "trainer", "rng"):
             if key not in ckpt:
                 raise ValueError(f"resume: {path!r} is not a training checkpoint (no {key!r}); use it as weights instead")
