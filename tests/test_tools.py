@@ -111,3 +111,29 @@ def test_profile_ops_distill_cases_and_host_profile_run_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     rows = profile_ops.host_profile(cases[0][1], calls=3, top=5)
     assert 0 < len(rows) <= 5 and all(r["own_us"] >= 0 and r["calls_per_call"] > 0 for r in rows)
+
+
+def test_gemm_resources_tool_add_norm_tiles(tmp_path):
+    """The GEMM + add + LayerNorm tiles compile for sm_90 with 3xTF32 dots, without spills, and
+    at least one program fits an SM (Triton's dynamic shared memory counted)."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU machine times the tiles instead")
+    try:
+        from triton.backends import backends
+    except ImportError:
+        pytest.skip("Triton is not installed")
+    if "nvidia" not in backends:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    out = tmp_path / "gemm.json"
+    proc = _run_tool(["tools/gemm_resources.py", "--only", "linear_add_norm", "--precision", "tf32x3",
+                      "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from distilpose_kernels import mlp_triton
+
+    tiles = json.loads(out.read_text())["tiles"]
+    assert len(tiles) == len(mlp_triton.ADD_NORM_TUNE_TILES)
+    for t in tiles:
+        assert 0 < t["regs"] <= 255 and t["spill_bytes"] == 0 and t["programs_per_sm"] >= 1, t
+        assert t["shared"] > 16 * 1024, t  # the operand stages live in dynamic shared memory
+        launched = t["programs_launched_per_sm"]
+        assert launched["69888 rows (b256)"] > launched["546 rows (b1 flip)"] > 0

@@ -199,7 +199,9 @@ def main(argv=None) -> int:
     elt = 4 if args.dtype == "fp32" else 2
     rows: List[dict] = []
     for tile in k.tile_candidates(h, w):
-        r = resources(compile_candidate(tile, h, w, args.dtype, args.nk).asm["cubin"])
+        kernel = compile_candidate(tile, h, w, args.dtype, args.nk)
+        r = resources(kernel.asm["cubin"])
+        r["shared"] = max(r["shared"], kernel.metadata.shared)  # cuobjdump sees static shared memory only
         threads = 32 * tile.num_warps
         resident = occupancy(r["regs"], threads, r["shared"])
         valid_h, valid_w = min(h, tile.block_h), min(w, tile.block_w)
