@@ -25,6 +25,7 @@ the outputs of the rows/heads they touch, as in ``F.scaled_dot_product_attention
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -59,6 +60,18 @@ def _check_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[int, int]:
     return c, c // num_heads
 
 
+def _resolve_scale(scale, head_dim: int) -> float:
+    """The softmax scale as a float: ``head_dim ** -0.5`` by default (1.0 for an empty head dim,
+    where the output is empty whatever the scale)."""
+    if scale is None:
+        return float(head_dim) ** -0.5 if head_dim > 0 else 1.0
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return float(scale)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number or None, got {scale!r}")
+    return float(scale)
+
+
 def _triton_supports(dtype: torch.dtype, head_dim: int) -> Optional[str]:
     """None when the Triton kernels accept this input, else the reason."""
     if dtype not in TRITON_DTYPES:
@@ -79,7 +92,7 @@ def token_attention_reference(qkv: torch.Tensor, num_heads: int, scale: Optional
     """
     c, d = _check_qkv(qkv, num_heads)
     n, l, _ = qkv.shape
-    scale = d ** -0.5 if scale is None else scale
+    scale = _resolve_scale(scale, d)
     q, k, v = qkv.reshape(n, l, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
     attn = torch.einsum("bhid,bhjd->bhij", q, k) * scale
     attn = attn.softmax(dim=-1)
@@ -173,10 +186,13 @@ def token_attention(
 
     qkv: (N, L, 3*C) [q | k | v] as the qkv Linear produces it (any strides), C = num_heads * D.
     scale: default D ** -0.5. backend: None/"auto", "triton" or "reference".
-    Returns (N, L, C) in qkv's dtype (fp32 accumulation inside the kernels).
+    Returns (N, L, C) in qkv's dtype (fp32 accumulation inside the kernels). Under autocast
+    qkv (unless float64) is first cast to the autocast dtype, as the reference's einsums are.
     """
     c, d = _check_qkv(qkv, num_heads)
-    scale = float(d ** -0.5 if scale is None else scale)
+    scale = _resolve_scale(scale, d)
+    if torch.is_autocast_enabled(qkv.device.type) and qkv.dtype != torch.float64:
+        qkv = qkv.to(torch.get_autocast_dtype(qkv.device.type))
     which = select_triton_backend("token_attention", (qkv,), backend)
     if which == "triton":
         why = _triton_supports(qkv.dtype, d)
@@ -284,7 +300,12 @@ def add_pos_layernorm_reference(
     if pos is not None:
         k = l - p
         x = torch.cat((x[:, :k], x[:, k:] + pos.reshape(1, p, c).to(x.dtype)), dim=1)
-    return x, F.layer_norm(x, (c,), weight, bias, eps)
+    # LayerNorm parameters of another dtype (the kernels take any): F.layer_norm takes x's dtype,
+    # or float32 ones with a 16-bit x; the cast is exact where the kernels' is
+    pdt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    weight, bias = (t.to(pdt) if t is not None and t.dtype not in (x.dtype, pdt) else t for t in (weight, bias))
+    # y in x's dtype (under CUDA autocast layer_norm would return float32)
+    return x, F.layer_norm(x, (c,), weight, bias, eps).to(x.dtype)
 
 
 @torch.library.custom_op("distilpose::add_pos_layernorm_fwd", mutates_args=())

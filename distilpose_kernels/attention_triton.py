@@ -494,6 +494,9 @@ def add_pos_layernorm_forward(
     eps: float, residual: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, L, c = x.shape
+    # the kernel reads weight / bias as contiguous (C,) vectors: a strided view is copied (C elements)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     p = pos.shape[-2] if pos is not None else 0
     pos2 = pos.reshape(p, c) if pos is not None else x  # x: an unread stand-in without pos
     pos_strides = (pos2.stride(0), pos2.stride(1)) if pos is not None else (0, 0)
@@ -529,6 +532,7 @@ def add_pos_layernorm_backward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, L, c = x_out.shape
     R = n * L
+    weight = weight.contiguous() if weight is not None else None  # read as a contiguous (C,) vector
     dx = _new_output((n, L, c), x_out.device, x_out.dtype)
     if R == 0:
         z = torch.zeros((c,), device=x_out.device, dtype=torch.float32)
