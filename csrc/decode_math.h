@@ -63,17 +63,28 @@ DP_HD float blur_at(const Load& load, int H, int W, int qx, int qy, const float*
   return acc;
 }
 
+// DARK's rescale (mmpose multiplies the blurred map by maxval / max(blur) before
+// log(max(., 1e-10))). With maxval > 0 every blurred value is <= maxval (non-negative weights
+// summing to <= 1), so the factor is >= 1: if all 13 taps exceed the clamp, so do the rescaled
+// ones, and the factor cancels in the derivatives. Only when a tap is at or below this
+// threshold (weak peaks in zero-mean noise, sparse maps) must the whole-map blur maximum be
+// computed and the taps rescaled. 1e-9 leaves margin over 1e-10 for rounding in the factor.
+constexpr float kDarkRescaleBelow = 1e-9f;
+
 // mmpose post-processing ("default"): move the integer argmax a quarter pixel toward the
 // higher neighbour, only strictly inside the map (1 < px < W-1, 1 < py < H-1, as mmpose).
-// A NaN difference (from +inf values) moves nothing.
+// The differences are taken in the type `load` returns: pass a loader returning double for
+// float64 maps (a float loader rounds away differences below float resolution and turns
+// values beyond the float range into inf). A NaN difference (from +inf values) moves nothing.
 template <typename Load, typename acc_t>
 DP_HD void quarter_shift(const Load& load, int H, int W, int px, int py, acc_t& x, acc_t& y) {
   if (1 < px && px < W - 1 && 1 < py && py < H - 1) {
     const long long row = static_cast<long long>(py) * W;
-    const float dx = load(row + px + 1) - load(row + px - 1);
-    const float dy = load(row + W + px) - load(row - W + px);
-    x += dx > 0.f ? acc_t(0.25) : (dx < 0.f ? acc_t(-0.25) : acc_t(0));
-    y += dy > 0.f ? acc_t(0.25) : (dy < 0.f ? acc_t(-0.25) : acc_t(0));
+    const auto dx = load(row + px + 1) - load(row + px - 1);
+    const auto dy = load(row + W + px) - load(row - W + px);
+    using d_t = decltype(dx);
+    x += dx > d_t(0) ? acc_t(0.25) : (dx < d_t(0) ? acc_t(-0.25) : acc_t(0));
+    y += dy > d_t(0) ? acc_t(0.25) : (dy < d_t(0) ? acc_t(-0.25) : acc_t(0));
   }
 }
 

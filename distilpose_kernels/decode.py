@@ -17,13 +17,15 @@ Ops (all take heatmaps of shape (N, K, H, W), any strides, float32/float16/bfloa
   the integer argmax (applied where 1 < x < W-2 and 1 < y < H-2). No gradient.
   The reference blurs the whole map and rescales it to the original maximum, as mmpose;
   the compiled kernels blur only the 13 pixels the Taylor step reads and skip the rescale
-  (a constant factor that cancels in the log-derivatives). The two differ only where
-  mmpose's 1e-10 clamp would bite on the rescaled map (blurred values near the peak below
-  1e-10 of the blurred maximum: never on real heatmaps); tests agree with mmpose to 1e-5 px.
+  (a factor >= 1 that cancels in the log-derivatives) unless one of those blurred values is
+  <= 1e-9: then mmpose's 1e-10 clamp can bite (weak peaks in zero-mean noise, sparse maps),
+  the factor no longer cancels, and the kernels (C++ and CUDA) compute the whole-map blur
+  maximum and rescale as mmpose.
 - ``flip_heatmaps(heatmaps, flip_pairs, shift=True)``: mirror W, swap left/right channels
   and shift one pixel right, as the flip test of TokenPose / mmpose.
 
-Outputs are float32 (float64 for float64 heatmaps): all math accumulates in float32.
+Outputs are float32 (float64 for float64 heatmaps); the math runs in the output dtype, except
+DARK's Gaussian blur, which is float32 for every input (as mmpose's cv2 blur).
 
 Non-finite policy (the same on every backend, tested):
 - soft_argmax: ``-inf`` logits have probability 0 (masking). A heatmap containing NaN or
@@ -49,6 +51,7 @@ CUDA), the same ops get PyTorch kernels for the missing devices, so ``torch.ops`
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -291,10 +294,28 @@ def _soft_argmax_setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(confidence, hmax)
 
 
+def _soft_argmax_bwd_differentiable(grad_coords: Tensor, heatmaps: Tensor, beta: float) -> Tensor:
+    """The soft-argmax gradient as differentiable PyTorch ops (for create_graph=True)."""
+    n, k, h, w = heatmaps.shape
+    acc = _acc_dtype(heatmaps.dtype)
+    p = torch.softmax(heatmaps.to(acc).reshape(n, k, h * w) * beta, dim=-1).reshape(n, k, h, w)
+    xs, ys = _pixel_grid(h, w, acc, heatmaps.device)
+    c = torch.stack(((p.sum(dim=2) * xs).sum(dim=-1), (p.sum(dim=3) * ys).sum(dim=-1)), dim=-1)
+    g = grad_coords.to(acc)
+    t = (g[..., 0, None, None] * (xs - c[..., 0, None, None])
+         + g[..., 1, None, None] * (ys[:, None] - c[..., 1, None, None]))
+    return (beta * p * t).to(heatmaps.dtype)
+
+
 def _soft_argmax_backward(ctx, grad_coords, grad_confidence, grad_hmax):
     heatmaps, coords, confidence, hmax = ctx.saved_tensors
     if grad_coords is None:
         return None, None
+    if torch.is_grad_enabled() and (heatmaps.requires_grad or grad_coords.requires_grad):
+        # create_graph=True (double backward): soft_argmax_bwd has no derivative of its own, so
+        # the gradient is built from differentiable ops instead (else second derivatives are
+        # silently wrong: the compiled op's output would be treated as a constant)
+        return _soft_argmax_bwd_differentiable(grad_coords, heatmaps, ctx.beta), None
     grad = torch.ops.distilpose.soft_argmax_bwd(grad_coords, heatmaps, coords, confidence, hmax, ctx.beta)
     return grad, None
 
@@ -377,6 +398,33 @@ def decode_heatmaps(heatmaps: Tensor, method: str = "argmax", kernel: int = 11, 
 FlipPairs = Union[Sequence[Sequence[int]], Tensor]
 
 
+def _flip_pair_list(flip_pairs: Optional[FlipPairs]) -> list[tuple[int, int]]:
+    """flip_pairs as a list of (left, right) ints; integer-like entries only (no silent truncation)."""
+    if flip_pairs is None:
+        return []
+    seq = flip_pairs.tolist() if isinstance(flip_pairs, Tensor) else flip_pairs
+    try:
+        seq = list(seq)
+    except TypeError:
+        raise ValueError(f"flip_pairs: expected a sequence of (left, right) channel index pairs, "
+                         f"got {flip_pairs!r}") from None
+    pairs = []
+    for pair in seq:
+        try:
+            vals = list(pair)
+        except TypeError:
+            vals = None
+        if vals is None or len(vals) != 2:
+            raise ValueError(f"flip_pairs: expected (left, right) pairs of channel indices, got {pair!r}")
+        try:
+            if any(isinstance(v, bool) for v in vals):
+                raise TypeError
+            pairs.append((operator.index(vals[0]), operator.index(vals[1])))
+        except TypeError:
+            raise ValueError(f"flip_pairs: expected integer channel indices, got {pair!r}") from None
+    return pairs
+
+
 def flip_heatmaps(heatmaps: Tensor, flip_pairs: Optional[FlipPairs], shift: bool = True) -> Tensor:
     """Map heatmaps predicted on a mirrored image back to the original frame.
 
@@ -387,15 +435,12 @@ def flip_heatmaps(heatmaps: Tensor, flip_pairs: Optional[FlipPairs], shift: bool
     check_tensor("heatmaps", heatmaps, ndim=4, floating=True)
     k = heatmaps.shape[1]
     out = heatmaps.flip(-1)
-    if flip_pairs is not None and len(flip_pairs) > 0:
-        pairs = flip_pairs.tolist() if isinstance(flip_pairs, Tensor) else [list(p) for p in flip_pairs]
+    pairs = _flip_pair_list(flip_pairs)
+    if pairs:
         perm = list(range(k))
-        for pair in pairs:
-            if len(pair) != 2:
-                raise ValueError(f"flip_pairs: expected (left, right) pairs, got {pair!r}")
-            a, b = (int(v) for v in pair)
+        for a, b in pairs:
             if not (0 <= a < k and 0 <= b < k):
-                raise ValueError(f"flip_pairs: index out of range for K={k}: {pair!r}")
+                raise ValueError(f"flip_pairs: index out of range for K={k}: {[a, b]!r}")
             perm[a], perm[b] = b, a
         out = out[:, torch.tensor(perm, device=heatmaps.device)]
     if shift and out.shape[-1] > 1:

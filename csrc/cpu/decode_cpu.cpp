@@ -341,6 +341,37 @@ int64_t first_argmax(const scalar_t* h, int64_t n, std::vector<float>& buf, acc_
   }
 }
 
+// The whole-map blur maximum for DARK's rescale (kDarkRescaleBelow in decode_math.h):
+// separable, the same arithmetic as blur_at.
+
+template <typename Load>
+float blur_max(const Load& load, int H, int W, const float* g, int ksize, std::vector<float>& tmp) {
+  const int r = ksize / 2;
+  tmp.resize(static_cast<size_t>(H) * W);
+  for (int y = 0; y < H; ++y)  // horizontal pass
+    for (int x = 0; x < W; ++x) {
+      float row = 0.f;
+      for (int b = 0; b < ksize; ++b) {
+        const int q = x + b - r;
+        if (q < 0 || q >= W) continue;
+        row += g[b] * load(static_cast<long long>(y) * W + q);
+      }
+      tmp[static_cast<size_t>(y) * W + x] = row;
+    }
+  float m = -std::numeric_limits<float>::infinity();
+  for (int y = 0; y < H; ++y)  // vertical pass; NaN propagates (np.max)
+    for (int x = 0; x < W; ++x) {
+      float acc = 0.f;
+      for (int a = 0; a < ksize; ++a) {
+        const int q = y + a - r;
+        if (q < 0 || q >= H) continue;
+        acc += g[a] * tmp[static_cast<size_t>(q) * W + x];
+      }
+      if (better_max(acc, m)) m = acc;
+    }
+  return m;
+}
+
 std::tuple<at::Tensor, at::Tensor> decode_heatmaps_cpu(const at::Tensor& heatmaps, c10::string_view method,
                                                        int64_t kernel) {
   check_heatmaps(heatmaps, "decode_heatmaps");
@@ -363,10 +394,11 @@ std::tuple<at::Tensor, at::Tensor> decode_heatmaps_cpu(const at::Tensor& heatmap
     acc_t* pc = coords.data_ptr<acc_t>();
     acc_t* pv = maxvals.data_ptr<acc_t>();
     at::parallel_for(0, NK, grain_for(HW), [&](int64_t b, int64_t e) {
-      std::vector<float> buf;
+      std::vector<float> buf, btmp;
       for (int64_t i = b; i < e; ++i) {
         const scalar_t* h = in + i * HW;
-        const auto load = [h](long long j) { return static_cast<float>(h[j]); };
+        const auto load = [h](long long j) { return static_cast<float>(h[j]); };  // the blur: float32
+        const auto load_acc = [h](long long j) { return static_cast<acc_t>(h[j]); };
         acc_t best;
         const int64_t idx = first_argmax(h, HW, buf, best);
         pv[i] = best;
@@ -376,12 +408,19 @@ std::tuple<at::Tensor, at::Tensor> decode_heatmaps_cpu(const at::Tensor& heatmap
           x = px;
           y = py;
           if (meth == 0) {
-            quarter_shift(load, static_cast<int>(H), static_cast<int>(W), px, py, x, y);
+            quarter_shift(load_acc, static_cast<int>(H), static_cast<int>(W), px, py, x, y);
           } else if (dark_applies(static_cast<int>(H), static_cast<int>(W), px, py)) {
             float bl[kDarkTaps];
-            for (int t = 0; t < kDarkTaps; ++t)
+            bool rescale = false;
+            for (int t = 0; t < kDarkTaps; ++t) {
               bl[t] = blur_at(load, static_cast<int>(H), static_cast<int>(W), px + dark_tap_dx(t),
                               py + dark_tap_dy(t), g, ks);
+              rescale |= bl[t] <= kDarkRescaleBelow;
+            }
+            if (rescale) {
+              const float s = static_cast<float>(best) / blur_max(load, static_cast<int>(H), static_cast<int>(W), g, ks, btmp);
+              for (int t = 0; t < kDarkTaps; ++t) bl[t] *= s;
+            }
             dark_taylor(bl, x, y);
           }
         }

@@ -257,7 +257,9 @@ __global__ void decode_heatmaps_kernel(const T* __restrict__ in, int H, int W, i
   __shared__ acc_t sval[32];
   __shared__ int sidx[32];
   __shared__ float sblur[kDarkTaps];
-  __shared__ int s_state[3];  // px, py, refine?
+  __shared__ int s_state[4];  // px, py, refine?, rescale?
+  __shared__ float s_maxval;
+  __shared__ float s_red[33];
   const int HW = H * W;
   const int64_t b = blockIdx.x;
   const T* h = in + b * HW;
@@ -304,6 +306,7 @@ __global__ void decode_heatmaps_kernel(const T* __restrict__ in, int H, int W, i
       const int px = bidx % W, py = bidx / W;
       const bool found = best > acc_t(0);  // mmpose: (-1, -1) when the maximum is <= 0 or NaN
       maxvals[b] = best;
+      s_maxval = static_cast<float>(best);
       s_state[0] = px;
       s_state[1] = py;
       s_state[2] = found && method == 1 && dark_applies(H, W, px, py);
@@ -312,7 +315,7 @@ __global__ void decode_heatmaps_kernel(const T* __restrict__ in, int H, int W, i
         coords[2 * b + 1] = acc_t(-1);
       } else if (method == 0) {
         acc_t x = px, y = py;
-        quarter_shift([h](long long j) { return static_cast<float>(to_acc(h[j])); }, H, W, px, py, x, y);
+        quarter_shift([h](long long j) { return to_acc(h[j]); }, H, W, px, py, x, y);  // float64 maps: double
         coords[2 * b] = x;
         coords[2 * b + 1] = y;
       } else if (!s_state[2]) {
@@ -324,12 +327,29 @@ __global__ void decode_heatmaps_kernel(const T* __restrict__ in, int H, int W, i
   __syncthreads();
   if (!s_state[2]) return;  // block-uniform
   const int px = s_state[0], py = s_state[1];
+  const auto load = [h](long long j) { return static_cast<float>(to_acc(h[j])); };
   if (threadIdx.x < kDarkTaps) {
     const int t = threadIdx.x;
-    sblur[t] = blur_at([h](long long j) { return static_cast<float>(to_acc(h[j])); }, H, W, px + dark_tap_dx(t),
-                       py + dark_tap_dy(t), bk.g, ksize);
+    sblur[t] = blur_at(load, H, W, px + dark_tap_dx(t), py + dark_tap_dy(t), bk.g, ksize);
   }
   __syncthreads();
+  if (threadIdx.x == 0) {
+    bool rescale = false;
+    for (int t = 0; t < kDarkTaps; ++t) rescale |= sblur[t] <= kDarkRescaleBelow;
+    s_state[3] = rescale;
+  }
+  __syncthreads();
+  if (s_state[3]) {  // block-uniform; rare: the clamp bites (see kDarkRescaleBelow)
+    float m = neg_inf<float>();
+    for (int i = threadIdx.x; i < HW; i += blockDim.x) {
+      const float v = blur_at(load, H, W, i % W, i / W, bk.g, ksize);
+      if (better_max(v, m)) m = v;
+    }
+    m = block_max_nan(m, s_red);  // NaN propagates (np.max)
+    if (threadIdx.x == 0)
+      for (int t = 0; t < kDarkTaps; ++t) sblur[t] *= s_maxval / m;
+    __syncthreads();
+  }
   if (threadIdx.x == 0) {
     acc_t x = px, y = py;
     dark_taylor(sblur, x, y);
