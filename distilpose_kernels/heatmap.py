@@ -98,7 +98,7 @@ def reg2hm_loss_reference(
     mode="released": (1/K) sum_k mean_i(w_ik^2) * mean_{j,pixels}(g_jk - T_jk)^2, the
     broadcast the authors' code computes (and that produced the paper's numbers).
     mode="per_sample": (1/K) sum_k mean_{i,pixels}(w_ik (g_ik - T_ik))^2.
-    w = keypoint_weight * in_grid. No gradient reaches the teacher heatmaps.
+    w = keypoint_weight * in_grid. No gradient reaches the teacher heatmaps. Returns coords.dtype.
     """
     if mode not in REG2HM_MODES:
         raise ValueError(f"mode: expected one of {REG2HM_MODES}, got {mode!r}")
@@ -110,17 +110,22 @@ def reg2hm_loss_reference(
     if mode == "released":
         per_joint_map = ((g - t) ** 2).mean(dim=(0, 2, 3))  # (K,)
         per_joint_w = (w[..., 0] ** 2).mean(dim=0)  # (K,)
-        return (per_joint_w * per_joint_map).mean()
-    return ((w[..., None] * (g - t)) ** 2).mean()
+        loss = (per_joint_w * per_joint_map).mean()
+    else:
+        loss = ((w[..., None] * (g - t)) ** 2).mean()
+    return loss.to(coords.dtype)  # coords.dtype, as the fused path (math in the promoted dtype)
 
 
 def teacher_value_at_prediction(coords: torch.Tensor, teacher_heatmaps: torch.Tensor) -> torch.Tensor:
     """Teacher heatmap value at the nearest pixel of the prediction, 0 outside [0, 1]. -> (N, K, 1)."""
     n, k, h, w = teacher_heatmaps.shape
     c = coords.detach()
-    px = torch.round(c[..., 0].clamp(0, 1) * (w - 1)).long()
-    py = torch.round(c[..., 1].clamp(0, 1) * (h - 1)).long()
+    if c.dtype in (torch.float16, torch.bfloat16):  # the index product in fp32, as the kernel (not rounded to 16 bits)
+        c = c.float()
     inside = (c >= 0).all(-1) & (c <= 1).all(-1)
+    c = torch.where(inside[..., None], c, torch.zeros_like(c))  # NaN (outside) must not reach the index
+    px = torch.round(c[..., 0] * (w - 1)).long()
+    py = torch.round(c[..., 1] * (h - 1)).long()
     flat = teacher_heatmaps.detach().reshape(n, k, h * w)
     val = flat.gather(2, (py * w + px).unsqueeze(-1)).squeeze(-1)
     return torch.where(inside, val, torch.zeros_like(val)).unsqueeze(-1)
@@ -130,6 +135,7 @@ def score_loss_reference(
     coords: torch.Tensor, score: torch.Tensor, teacher_heatmaps: torch.Tensor, keypoint_weight: torch.Tensor
 ) -> torch.Tensor:
     """Score loss: L1 (mean) between score*w and the teacher value at the predicted pixel *w."""
+    check_tensor("score", score)
     _check_loss_inputs(coords, coords, score, teacher_heatmaps, keypoint_weight)
     target = teacher_value_at_prediction(coords, teacher_heatmaps).to(score.dtype)
     w = keypoint_weight.to(score.dtype)
@@ -288,12 +294,14 @@ def simulated_heatmap_loss(
     or "per_sample" (the evidently intended form); see ``reg2hm_loss_reference``.
     Returns (reg2hm_loss in coords.dtype, score_loss in score.dtype). Gradients flow to coords,
     sigma and score; the 3-sigma off-grid mask and the score's gather index are constants.
-    The fused path accumulates in fp32; NaN/inf inputs propagate into the losses (not checked).
+    The fused path accumulates in fp32 ("auto" runs the reference for float64 predictions);
+    NaN/inf inputs propagate into the losses (not checked).
     """
     if mode not in REG2HM_MODES:
         raise ValueError(f"mode: expected one of {REG2HM_MODES}, got {mode!r}")
     valid = _loss_inputs_ok(coords, sigma, score, teacher_heatmaps, keypoint_weight)
     if not valid:  # raises the error that names the argument, or passes for reference-only dtypes
+        check_tensor("score", score)  # _check_loss_inputs skips a None score
         _check_loss_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight)
         check_same_device(coords=coords, score=score)
     if teacher_heatmaps.numel() == 0:
@@ -301,6 +309,8 @@ def simulated_heatmap_loss(
     be = select_triton_backend(
         "simulated_heatmap_loss", (coords, sigma, score, teacher_heatmaps, keypoint_weight), backend
     )
+    if be == "triton" and backend in (None, "auto") and torch.float64 in (coords.dtype, sigma.dtype, score.dtype):
+        be = "reference"  # the kernels compute in fp32: "auto" keeps float64 predictions float64-accurate
     if be == "reference":
         return simulated_heatmap_loss_reference(coords, sigma, score, teacher_heatmaps, keypoint_weight, mode)
     if not valid:
@@ -362,7 +372,7 @@ def render_gaussian_heatmaps_reference(
                 (mu_x - 3 * sx >= width) | (mu_y - 3 * sy >= height) | (mu_x + 3 * sx + 1 < 0) | (mu_y + 3 * sy + 1 < 0)
             )
         maps = maps * (~off).to(maps.dtype)[..., None, None]
-    return maps
+    return maps.to(mu.dtype)  # mu.dtype, as the fused path (math in the promoted dtype)
 
 
 @torch.library.custom_op("distilpose::simhm_render_fwd", mutates_args=())
@@ -433,7 +443,8 @@ def render_gaussian_heatmaps(
 
     mu: (N, K, 2) centres (x, y) in HEATMAP PIXELS (pixel (i, j) is at x = j, y = i, no half-pixel
     shift); sigma: (N, K, 2) (sigma_x, sigma_y) in heatmap pixels.
-    Returns (N, K, height, width) in mu.dtype (fp32 math) with
+    Returns (N, K, height, width) in mu.dtype (fp32 kernel math; "auto" runs the reference for
+    float64) with
     ``g = exp(-((x - mu_x)^2 / (sigma_x^2 + 1e-9) + (y - mu_y)^2 / (sigma_y^2 + 1e-9)) / 2)``,
     peak 1, on the whole grid (no truncation). ``mask_off_grid=True`` zeroes the maps whose
     3-sigma box [mu - 3 sigma, mu + 3 sigma + 1] lies wholly outside the grid, as the
@@ -449,6 +460,8 @@ def render_gaussian_heatmaps(
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
     be = select_triton_backend("render_gaussian_heatmaps", (mu, sigma), backend)
+    if be == "triton" and backend in (None, "auto") and torch.float64 in (mu.dtype, sigma.dtype):
+        be = "reference"  # fp32 kernel math: "auto" keeps float64 inputs float64-accurate
     if be == "reference":
         return render_gaussian_heatmaps_reference(mu, sigma, height, width, mask_off_grid)
     check_tensor("mu", mu, dtypes=_FLOATS)

@@ -182,6 +182,12 @@ def _in_grid(mux, muy, sx, sy, H, W):
 
 
 @triton.jit
+def _trunc(v):
+    """Python int() / torch.trunc of a float, kept in float (no int32 overflow)."""
+    return tl.where(v < 0, tl.ceil(v), tl.floor(v))
+
+
+@triton.jit
 def _round_half_even(v):
     """torch.round semantics (ties to even) for non-negative finite v."""
     r = tl.floor(v + 0.5)
@@ -400,36 +406,44 @@ def _simhm_loss_finalize_kernel(
     N, K, NK, HW,
     RELEASED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.arange(0, BLOCK_N)[:, None]
-    cols = tl.arange(0, BLOCK_K)[None, :]
-    acc_w2 = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum_i w_ik^2
-    acc_s = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum_j S_jk
-    acc_ws = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # w^2 S (per-sample form)
-    acc_e = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # |score error|
-    for n0 in range(0, N, BLOCK_N):
-        r = n0 + rows
-        m = (r < N) & (cols < K)
-        idx = r * K + cols
-        s = tl.load(stats_ptr + 0 * NK + idx, mask=m, other=0.0)
-        w = tl.load(stats_ptr + 5 * NK + idx, mask=m, other=0.0)
-        e = tl.load(stats_ptr + 6 * NK + idx, mask=m, other=0.0)
-        acc_e += tl.abs(e)
-        acc_w2 += tl.sum(w * w, axis=0)
-        if RELEASED:
-            acc_s += tl.sum(s, axis=0)
-        else:
-            acc_ws += w * w * s
     Nf = (N * 1.0)
     Kf = (K * 1.0)
     HWf = (HW * 1.0)
-    if RELEASED:
-        # (1/K) sum_k [ (1/N) sum_i w_ik^2 ] [ (1/(N HW)) sum_j S_jk ]
-        reg = tl.sum((acc_w2 / Nf) * (acc_s / (Nf * HWf)), axis=0) / Kf
-    else:
-        reg = tl.sum(tl.sum(acc_ws, axis=1), axis=0) / (Nf * Kf * HWf)
-    sl = tl.sum(tl.sum(acc_e, axis=1), axis=0) / (Nf * Kf)
+    rows = tl.arange(0, BLOCK_N)[:, None]
     kk = tl.arange(0, BLOCK_K)
-    tl.store(wk_ptr + kk, acc_w2, mask=kk < K)
+    reg = 0.0
+    err = 0.0
+    for k0 in range(0, K, BLOCK_K):  # joint blocks (BLOCK_K is capped: K may exceed it)
+        cols = k0 + kk[None, :]
+        acc_w2 = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum_i w_ik^2
+        acc_s = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum_j S_jk
+        acc_ws = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # w^2 S (per-sample form)
+        acc_e = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # |score error|
+        for n0 in range(0, N, BLOCK_N):
+            r = n0 + rows
+            m = (r < N) & (cols < K)
+            idx = r * K + cols
+            s = tl.load(stats_ptr + 0 * NK + idx, mask=m, other=0.0)
+            w = tl.load(stats_ptr + 5 * NK + idx, mask=m, other=0.0)
+            e = tl.load(stats_ptr + 6 * NK + idx, mask=m, other=0.0)
+            acc_e += tl.abs(e)
+            acc_w2 += tl.sum(w * w, axis=0)
+            if RELEASED:
+                acc_s += tl.sum(s, axis=0)
+            else:
+                acc_ws += w * w * s
+        if RELEASED:
+            # (1/K) sum_k [ (1/N) sum_i w_ik^2 ] [ (1/(N HW)) sum_j S_jk ]
+            reg += tl.sum((acc_w2 / Nf) * (acc_s / (Nf * HWf)), axis=0)
+        else:
+            reg += tl.sum(tl.sum(acc_ws, axis=1), axis=0)
+        err += tl.sum(tl.sum(acc_e, axis=1), axis=0)
+        tl.store(wk_ptr + k0 + kk, acc_w2, mask=k0 + kk < K)
+    if RELEASED:
+        reg = reg / Kf
+    else:
+        reg = reg / (Nf * Kf * HWf)
+    sl = err / (Nf * Kf)
     tl.store(reg_ptr, reg.to(reg_ptr.dtype.element_ty))
     tl.store(score_ptr, sl.to(score_ptr.dtype.element_ty))
 
@@ -616,6 +630,7 @@ def render_bwd(grad, mu, sigma, mask_off_grid: bool):
 # ----------------------------------------------------------------------------- targets
 
 ENC_MSRA, ENC_UNBIASED, ENC_UDP = 0, 1, 2
+_FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @triton.jit
@@ -641,28 +656,30 @@ def _targets_kernel(
         cx = fx
         cy = fy
         off = (fx - tmp_size >= Wf) | (fy - tmp_size >= Hf) | (fx + tmp_size + 1 < 0) | (fy + tmp_size + 1 < 0)
-        x0 = 0
-        x1 = W
-        y0 = 0
-        y1 = H
+        x0 = 0.0
+        x1 = Wf
+        y0 = 0.0
+        y1 = Hf
     else:  # msra / udp: integer centre (Python int() truncation), window of the Gaussian patch
-        mx = (fx + 0.5).to(tl.int32).to(tl.float32)
-        my = (fy + 0.5).to(tl.int32).to(tl.float32)
-        ulx = (mx - tmp_size).to(tl.int32)
-        uly = (my - tmp_size).to(tl.int32)
-        brx = (mx + tmp_size + 1).to(tl.int32)
-        bry = (my + tmp_size + 1).to(tl.int32)
-        off = (ulx >= W) | (uly >= H) | (brx < 0) | (bry < 0)
+        # Truncation in float (the same value an int32 conversion gives where that fits): with a
+        # huge sigma, mu -/+ 3 sigma overflows int32.
+        mx = _trunc(fx + 0.5)
+        my = _trunc(fy + 0.5)
+        ulx = _trunc(mx - tmp_size)
+        uly = _trunc(my - tmp_size)
+        brx = _trunc(mx + tmp_size + 1)
+        bry = _trunc(my + tmp_size + 1)
+        off = (ulx >= Wf) | (uly >= Hf) | (brx < 0) | (bry < 0)
         # patch pixel i sits at ul + i, value exp(-(i - half)^2 / (2 s^2)), i < len(patch)
-        cx = ulx.to(tl.float32) + half
-        cy = uly.to(tl.float32) + half
+        cx = ulx + half
+        cy = uly + half
         if ENCODING == 2:  # udp: sub-pixel offset inside the Gaussian
             cx += fx - mx
             cy += fy - my
-        x0 = tl.maximum(ulx, 0)
-        y0 = tl.maximum(uly, 0)
-        x1 = tl.minimum(tl.minimum(brx, W), ulx + gsize)
-        y1 = tl.minimum(tl.minimum(bry, H), uly + gsize)
+        x0 = tl.maximum(ulx, 0.0)
+        y0 = tl.maximum(uly, 0.0)
+        x1 = tl.minimum(tl.minimum(brx, Wf), ulx + gsize)
+        y1 = tl.minimum(tl.minimum(bry, Hf), uly + gsize)
     wgt = tl.where(off, 0.0, v)
     wgt = tl.where(finite, wgt, 0.0)
     drawf = tl.where(wgt > 0.5, 1.0, 0.0)
@@ -673,12 +690,14 @@ def _targets_kernel(
     # separable: exp(-(dx^2 + dy^2) c) = exp(-dx^2 c) exp(-dy^2 c); the window is a box
     for c0 in range(0, W, BLOCK_W):
         xi = c0 + cols
-        dx = xi.to(tl.float32) - cx
-        gx = tl.where((xi >= x0) & (xi < x1), tl.exp(-(dx * dx) * inv_two_s2), 0.0) * drawf
+        xf = xi.to(tl.float32)
+        dx = xf - cx
+        gx = tl.where((xf >= x0) & (xf < x1), tl.exp(-(dx * dx) * inv_two_s2), 0.0) * drawf
         for r0 in range(0, H, BLOCK_H):
             yi = r0 + rows
-            dy = yi.to(tl.float32) - cy
-            gy = tl.where((yi >= y0) & (yi < y1), tl.exp(-(dy * dy) * inv_two_s2), 0.0)
+            yf = yi.to(tl.float32)
+            dy = yf - cy
+            gy = tl.where((yf >= y0) & (yf < y1), tl.exp(-(dy * dy) * inv_two_s2), 0.0)
             g = gy[:, None] * gx[None, :]
             m = (yi < H)[:, None] & (xi < W)[None, :]
             tl.store(base + yi[:, None] * W + xi[None, :], g.to(out_ptr.dtype.element_ty), mask=m)
@@ -708,6 +727,7 @@ def _targets_plan(input_size: tuple, heatmap_size: tuple, sigma: float, encoding
     stride_x, stride_y, tmp_size, gsize, half = encoding_constants(input_size, heatmap_size, sigma, encoding)
     consts = (
         float(stride_x), float(stride_y), float(sigma), float(tmp_size), int(gsize), float(half),
-        float(1.0 / (2.0 * sigma * sigma)),
+        # capped at the largest float32 (sigma < 4e-20 overflowed it to inf: 0 * inf = NaN at the centre)
+        min(1.0 / (2.0 * sigma * sigma), _FP32_MAX),
     )
     return (consts, *_tile(*heatmap_size))
