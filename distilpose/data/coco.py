@@ -75,6 +75,9 @@ class TopDownCocoDataset(Dataset):
         bad_sample: "raise" or "skip" (see the module docstring).
         input_size: crop (H, W), default (256, 192); heatmap_size: default input_size / 4.
         padding: box padding factor (1.25).
+        center_shift_prob: training GT boxes only: with this probability a box's center moves by
+            up to +-0.2 of its width / height, drawn once when the dataset is built (seeded by
+            ``seed``), as mmpose 0.x's ``_xywh2cs`` does for the released training (0.3); 0 turns it off.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class TopDownCocoDataset(Dataset):
         heatmap_size=None,
         heatmap_sigma: float = 2.0,
         padding: float = 1.25,
+        center_shift_prob: float = 0.3,
         num_keypoints: int = 17,
         flip_pairs: Sequence = T.COCO_FLIP_PAIRS,
         seed: int = 0,
@@ -117,6 +121,9 @@ class TopDownCocoDataset(Dataset):
         self.heatmap_size = tuple(int(v) for v in hs)
         self.aspect_ratio = self.input_size[1] / self.input_size[0]
         self.padding = padding
+        if not 0.0 <= float(center_shift_prob) <= 1.0:
+            raise ValueError(f"center_shift_prob: expected a probability in [0, 1], got {center_shift_prob!r}")
+        self.center_shift_prob = float(center_shift_prob) if self.train else 0.0
         self.num_keypoints = num_keypoints
         self.flip_pairs = tuple(tuple(p) for p in flip_pairs)
         self.flip_perm = T.flip_permutation(num_keypoints, self.flip_pairs)
@@ -156,6 +163,7 @@ class TopDownCocoDataset(Dataset):
 
     def _load_gt(self) -> List[Dict[str, Any]]:
         samples = []
+        shift_rng = np.random.default_rng([self._seed, 0x5EED])  # the build-time center shifts
         k = self.num_keypoints
         cat_ids = self.coco.getCatIds(catNms=["person"]) or [1]
         for img_id in sorted(self.coco.getImgIds()):
@@ -201,6 +209,8 @@ class TopDownCocoDataset(Dataset):
                 continue
             for ann, kp, box in valid:
                 center, scale = T.box_to_center_scale(box, self.aspect_ratio, self.padding)
+                if self.center_shift_prob and shift_rng.random() < self.center_shift_prob:
+                    center = center + 0.4 * (shift_rng.random(2) - 0.5) * np.array(box[2:], dtype=np.float64)
                 samples.append(
                     dict(image_file=path, image_id=int(img_id), ann_id=int(ann["id"]), bbox=box, center=center,
                          scale=scale, keypoints=kp.astype(np.float32), bbox_score=1.0, area=float(ann.get("area", 0)))

@@ -129,7 +129,8 @@ def half_body_center_scale(
     vis = keypoints[:, 2] > 0
     upper = [i for i in COCO_UPPER_BODY if i < len(keypoints) and vis[i]]
     lower = [i for i in COCO_LOWER_BODY if i < len(keypoints) and vis[i]]
-    if rng.random() < 0.5 and len(upper) > 2:
+    # mmpose (after HRNet) draws ``np.random.randn() < 0.5``: the upper body with P = 0.691, not 0.5
+    if rng.standard_normal() < 0.5 and len(upper) > 2:
         sel = upper
     else:
         sel = lower if len(lower) > 2 else upper
