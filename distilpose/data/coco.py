@@ -75,8 +75,8 @@ class TopDownCocoDataset(Dataset):
         bad_sample: "raise" or "skip" (see the module docstring).
         input_size: crop (H, W), default (256, 192); heatmap_size: default input_size / 4.
         padding: box padding factor (1.25).
-        center_shift_prob: training GT boxes only: with this probability a box's center moves by
-            up to +-0.2 of its width / height, drawn once when the dataset is built (seeded by
+        center_shift_prob: augmented training GT boxes only (``aug`` set): with this probability
+            a box's center moves by up to +-0.2 of its width / height, drawn once when the dataset is built (seeded by
             ``seed``), as mmpose 0.x's ``_xywh2cs`` does for the released training (0.3); 0 turns it off.
     """
 
@@ -123,7 +123,7 @@ class TopDownCocoDataset(Dataset):
         self.padding = padding
         if not 0.0 <= float(center_shift_prob) <= 1.0:
             raise ValueError(f"center_shift_prob: expected a probability in [0, 1], got {center_shift_prob!r}")
-        self.center_shift_prob = float(center_shift_prob) if self.train else 0.0
+        self.center_shift_prob = float(center_shift_prob) if self.aug else 0.0  # an augmentation
         self.num_keypoints = num_keypoints
         self.flip_pairs = tuple(tuple(p) for p in flip_pairs)
         self.flip_perm = T.flip_permutation(num_keypoints, self.flip_pairs)
