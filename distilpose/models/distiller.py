@@ -176,7 +176,7 @@ class Distiller(nn.Module):
         losses["loss_kpt"] = w.get("kpt", 0.0) * keypoint_regression_loss(
             out["coords"], batch["target_coords"], batch["target_weight"]
         )
-        if self.teacher is not None and len(w) > 1:
+        if self.teacher is not None and any(k != "kpt" for k in w):  # some distillation term is on
             with torch.no_grad():
                 if self.teacher_dtype is None:
                     t = self._run_teacher(img)
