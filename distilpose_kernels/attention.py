@@ -270,9 +270,7 @@ def _check_apln(x, pos, weight, bias, residual=None) -> Tuple[int, int, int, int
             raise ValueError(f"pos: expected (P, {c}) with P <= L={l}, got {tuple(pos.shape)}")
         tensors["pos"] = pos
     if residual is not None:
-        check_tensor("residual", residual, shape=(n, l, c))
-        if residual.dtype != x.dtype:
-            raise TypeError(f"residual: expected dtype {x.dtype} (like x), got {residual.dtype}")
+        check_tensor("residual", residual, shape=(n, l, c), floating=True)
         tensors["residual"] = residual
     if weight is not None:
         check_tensor("weight", weight, shape=(c,), floating=True)
@@ -296,7 +294,7 @@ def add_pos_layernorm_reference(
     (cat(x[:, :L-P], x[:, L-P:] + pos)); y = LayerNorm(x_out)."""
     n, l, c, p = _check_apln(x, pos, weight, bias, residual)
     if residual is not None:
-        x = x + residual
+        x = (x + residual).to(x.dtype)  # x_out in x's dtype, as the kernels
     if pos is not None:
         k = l - p
         x = torch.cat((x[:, :k], x[:, k:] + pos.reshape(1, p, c).to(x.dtype)), dim=1)
@@ -343,8 +341,9 @@ def _(dx_out, dy, x_out, weight, mean, rstd):
     return x_out.new_empty(x_out.shape), x_out.new_empty((c,), dtype=torch.float32), x_out.new_empty((c,), dtype=torch.float32)
 
 
-def _apln_save(ctx, pos, weight, bias, x_out, mean, rstd) -> None:
+def _apln_save(ctx, pos, weight, bias, x_out, mean, rstd, residual=None) -> None:
     ctx.save_for_backward(x_out, weight, mean, rstd)
+    ctx.res_dtype = None if residual is None else residual.dtype
     ctx.pos_shape = None if pos is None else pos.shape
     ctx.pos_dtype = None if pos is None else pos.dtype
     ctx.has_weight = weight is not None
@@ -357,7 +356,7 @@ def _apln_setup_context(ctx, inputs, output):
     x, pos, weight, bias, eps = inputs[:5]
     x_out, y, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    _apln_save(ctx, pos, weight, bias, x_out, mean, rstd)
+    _apln_save(ctx, pos, weight, bias, x_out, mean, rstd, inputs[5] if len(inputs) > 5 else None)
 
 
 def _apln_grads(ctx, dx_out, dy, bwd):
@@ -372,7 +371,7 @@ def _apln_grads(ctx, dx_out, dy, bwd):
     dweight = dw.to(ctx.weight_dtype) if ctx.has_weight and ctx.needs_input_grad[2] else None
     dbias = db.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
     # x_out = x + residual (+ pos): the residual's gradient is x's
-    dres = dx if len(ctx.needs_input_grad) > 5 and ctx.needs_input_grad[5] else None
+    dres = dx.to(ctx.res_dtype) if len(ctx.needs_input_grad) > 5 and ctx.needs_input_grad[5] else None
     return dx, dpos, dweight, dbias, None, dres
 
 
@@ -391,7 +390,7 @@ class _AddPosLayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, pos, weight, bias, eps, residual):
         ctx.set_materialize_grads(False)
         x_out, y, mean, rstd = _triton_module().add_pos_layernorm_forward(x, pos, weight, bias, eps, residual)
-        _apln_save(ctx, pos, weight, bias, x_out, mean, rstd)
+        _apln_save(ctx, pos, weight, bias, x_out, mean, rstd, residual)
         return x_out, y
 
     @staticmethod
@@ -411,7 +410,7 @@ def add_pos_layernorm(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused "residual add, add position table to the trailing tokens, then LayerNorm".
 
-    x: (N, L, C); residual: (N, L, C) in x's dtype or None, added to every token; pos: (P, C)
+    x: (N, L, C); residual: (N, L, C) of any float dtype or None, added to every token; pos: (P, C)
     or (1, P, C) with P <= L, or None, added to tokens L-P..L-1 (the visual tokens after the
     K = L-P keypoint tokens); weight, bias: (C,) or None.
     Returns (x_out (N, L, C): the residual stream x + residual + pos, rounded once to x's

@@ -549,8 +549,23 @@ def test_add_pos_layernorm_residual_checks_and_opcheck():
     x, pos, w, b = _apln_inputs(2, 6, 4, 16, seed=3)
     with pytest.raises(ValueError, match="residual: expected shape"):
         dk.add_pos_layernorm(x, pos, w, b, residual=x[:, :3])
-    with pytest.raises(TypeError, match="residual: expected dtype"):
-        dk.add_pos_layernorm(x, pos, w, b, residual=x.double())
+    with pytest.raises(TypeError, match="residual: expected a floating"):
+        dk.add_pos_layernorm(x, pos, w, b, residual=torch.ones(x.shape, dtype=torch.int32, device=x.device))
+    # a residual of another float dtype (an autocast branch's bf16 output into an fp32 stream):
+    # x_out in x's dtype on every backend, the residual's gradient in its own dtype
+    r16 = torch.randn(x.shape, dtype=torch.bfloat16, device=x.device).requires_grad_()
+    for be in ("reference", "triton"):
+        xr = x.detach().clone().requires_grad_()
+        xo, y = dk.add_pos_layernorm(xr, pos, w, b, backend=be, residual=r16)
+        assert xo.dtype == y.dtype == x.dtype
+        want = attn_mod.add_pos_layernorm_reference(x.double(), pos.double(), w.double(), b.double(),
+                                                    residual=r16.detach().double())
+        _check_close("x_out", xo, want[0], 1e-6, 1e-6)
+        _check_close("y", y, want[1], 2e-5, 1e-5)
+        gx, gr = torch.autograd.grad(y.sum() + xo.sum(), (xr, r16))
+        assert gr.dtype == torch.bfloat16 and torch.equal(gr, gx.to(torch.bfloat16))
+    torch.library.opcheck(torch.ops.distilpose.add_pos_layernorm_fwd.default,
+                          (x.clone().requires_grad_(), pos, w, b, 1e-5, r16.detach().clone().requires_grad_()))
     res = torch.randn_like(x)
     for p in (pos, None):
         args = tuple(t.requires_grad_() if t is not None else None for t in (x, p, w, b))

@@ -256,10 +256,15 @@ class TokenDistillingEncoder(nn.Module):
             )
         k = self.num_keypoints
         vis = self.embed_patches(feat)
-        pos = self.pos_embedding.to(vis.dtype)
+        # the residual stream's dtype, by PyTorch's promotion: under autocast the patch embedding is
+        # 16-bit but the tokens and the table are fp32 parameters, so the stream stays fp32 (as in
+        # any autocast model); a model stored in bf16 (InferenceEngine(cast_model=True)) runs bf16
+        dt = torch.promote_types(vis.dtype, self.keypoint_token.dtype)
+        pos = self.pos_embedding.to(dt)
+        vis = vis.to(dt)
         if self.pos_mode != "none":
             vis = vis + pos
-        x = torch.cat((self.keypoint_token.expand(vis.shape[0], -1, -1).to(vis.dtype), vis), dim=1)
+        x = torch.cat((self.keypoint_token.expand(vis.shape[0], -1, -1).to(dt), vis), dim=1)
         if self.fuse_add_norm:
             re_add = self.pos_mode == "sine-full"
             h = self.layers[0].norm1(x)
