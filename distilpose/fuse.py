@@ -9,6 +9,10 @@ Pairs are found with ``torch.fx`` (a conv whose only user is a BatchNorm), on th
 submodules that trace; the model keeps its own classes and forward code (NVTX ranges
 included): each folded BatchNorm is replaced by ``nn.Identity`` and its conv gets the
 folded weights. The fold is computed in float64 and cast back to the conv's dtype.
+Left unfolded, since the fold would change what the model computes: a BatchNorm in train
+mode or without running statistics; a conv registered in the model more than once (it may
+run outside the traced graph), whose weight or bias is shared with another module or read in
+the forward; a conv or BatchNorm with forward hooks or a parametrization.
 
 After folding, ``fuse_conv_epilogues`` turns each conv whose output only goes through a bias,
 a residual add and a ReLU into a ``distilpose_kernels.ConvReLU2d`` (same parameters), so the
@@ -22,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = ["fold_conv_bn", "fold_conv_bn_weights", "find_conv_bn_pairs", "fuse_conv_bn_model", "fuse_conv_epilogues"]
 
@@ -62,6 +67,9 @@ def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
         raise ValueError("bn: has no running statistics (track_running_stats=False): it cannot be folded")
     if bn.num_features != conv.out_channels:
         raise ValueError(f"bn: {bn.num_features} features, but the conv has {conv.out_channels} output channels")
+    if parametrize.is_parametrized(conv):
+        raise ValueError("conv: its parameters are parametrized (e.g. weight_norm): the fold would be lost; "
+                         "remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations)")
     fused = copy.deepcopy(conv)
     _fold_into(fused, bn)
     return fused
@@ -78,11 +86,19 @@ def _fold_into(conv: nn.Module, bn: nn.Module) -> None:
             conv.bias.copy_(b)
 
 
+def _plain(m: nn.Module) -> bool:
+    """No hook or parametrization runs around ``m``'s forward (the fold would bypass it)."""
+    return not (m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m))
+
+
 def _pairs_in_graph(gm: fx.GraphModule) -> List[Tuple[str, str]]:
     calls: Dict[str, int] = {}
+    read: List[str] = []  # attributes the forward reads directly (e.g. a conv's weight)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":
+            read.append(node.target)
     pairs = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BNS):
@@ -95,10 +111,12 @@ def _pairs_in_graph(gm: fx.GraphModule) -> List[Tuple[str, str]]:
         # the conv output must feed only this BN, and neither module may be shared
         if len(src.users) != 1 or calls[src.target] != 1 or calls[node.target] != 1:
             continue
-        bn = gm.get_submodule(node.target)
-        if not bn.track_running_stats or bn.running_mean is None:
+        bn, conv = gm.get_submodule(node.target), gm.get_submodule(src.target)
+        if not bn.track_running_stats or bn.running_mean is None or bn.training:
             continue
-        if bn.num_features != gm.get_submodule(src.target).out_channels:
+        if bn.num_features != conv.out_channels or not (_plain(conv) and _plain(bn)):
+            continue
+        if any(t == src.target or t.startswith(src.target + ".") for t in read):
             continue
         pairs.append((src.target, node.target))
     return pairs
@@ -108,7 +126,9 @@ def find_conv_bn_pairs(module: nn.Module) -> List[Tuple[str, str]]:
     """Qualified names (conv, bn) of every foldable pair in ``module``.
 
     Traces ``module`` with torch.fx; where tracing fails (data-dependent checks, for
-    instance), its children are traced instead, recursively.
+    instance), its children are traced instead, recursively. A conv registered under more
+    than one name, or with a weight or bias that another module shares, is never paired
+    (separately traced children cannot show all of its uses).
     """
 
     def visit(mod: nn.Module, prefix: str) -> List[Tuple[str, str]]:
@@ -123,7 +143,17 @@ def find_conv_bn_pairs(module: nn.Module) -> List[Tuple[str, str]]:
             return out
         return [(prefix + c, prefix + b) for c, b in _pairs_in_graph(gm)]
 
-    return visit(module, "")
+    names: Dict[int, int] = {}
+    for _, m in module.named_modules(remove_duplicate=False):
+        names[id(m)] = names.get(id(m), 0) + 1
+    for _, p in module.named_parameters(remove_duplicate=False):
+        names[id(p)] = names.get(id(p), 0) + 1
+
+    def unshared(conv_name: str) -> bool:
+        conv = module.get_submodule(conv_name)
+        return all(names.get(id(t), 0) <= 1 for t in (conv, conv.weight, conv.bias) if t is not None)
+
+    return [(c, b) for c, b in visit(module, "") if unshared(c)]
 
 
 def _set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
@@ -136,8 +166,8 @@ def fuse_conv_bn_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold every conv -> BatchNorm pair of an eval-mode ``model``; the BNs become ``nn.Identity``.
 
     Returns the fused model (a deep copy unless ``inplace``). The number of folded pairs
-    is stored as ``model._distilpose_folded_bn``. The result is for inference only:
-    training it would train without BatchNorm.
+    (over every call on this model) is stored as ``model._distilpose_folded_bn``. The result
+    is for inference only: training it would train without BatchNorm.
     """
     if model.training:
         raise RuntimeError("model: conv+BN folding needs eval mode (call model.eval() first)")
@@ -147,7 +177,7 @@ def fuse_conv_bn_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     for conv_name, bn_name in pairs:
         _fold_into(model.get_submodule(conv_name), model.get_submodule(bn_name))
         _set_submodule(model, bn_name, nn.Identity())
-    model._distilpose_folded_bn = len(pairs)  # type: ignore[attr-defined]
+    model._distilpose_folded_bn = getattr(model, "_distilpose_folded_bn", 0) + len(pairs)  # type: ignore[attr-defined]
     return model
 
 
@@ -242,8 +272,11 @@ def set_tde_fusions(model: nn.Module, **flags: bool) -> nn.Module:
     unknown = set(flags) - set(TDE_FUSION_FLAGS)
     if unknown:
         raise ValueError(f"set_tde_fusions: unknown switches {sorted(unknown)}; expected {TDE_FUSION_FLAGS}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):  # bool("false") would turn a switch on
+            raise TypeError(f"set_tde_fusions: {name} must be True or False, got {value!r}")
     for m in model.modules():
         for name, value in flags.items():
             if hasattr(m, name):
-                setattr(m, name, bool(value))
+                setattr(m, name, value)
     return model

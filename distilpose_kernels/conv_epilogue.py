@@ -26,8 +26,8 @@ cuDNN's fused kernels are fast for most shapes but much slower for some (pytorch
 the fused op on CUDA without timing or checking. DISTILPOSE_FORCE_REFERENCE=1 makes "auto"
 pick the reference.
 
-Autocast: like ``F.conv2d``, every floating input (residual included) is cast to the autocast
-dtype first. Autograd: ``torch.ops.distilpose.conv2d_relu`` has a registered backward
+Autocast: like ``F.conv2d``, every floating input but float64 ones (residual included) is cast
+to the autocast dtype first. Autograd: ``torch.ops.distilpose.conv2d_relu`` has a registered backward
 (``aten.convolution_backward`` on the masked gradient), so gradients flow on every backend
 and ``torch.compile`` traces the op without a graph break.
 
@@ -138,7 +138,8 @@ def conv2d_relu_reference(
 ) -> Tensor:
     """``relu(F.conv2d(x, weight, bias, ...) + residual)``, pure PyTorch (differentiable).
 
-    Without autograd the add and the ReLU run in place on the conv's output (no extra buffers).
+    Without autograd the add and the ReLU run in place on the conv's output (no extra buffers)
+    where that gives the same result (a residual of the output's shape and dtype).
     """
     out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     tracked = torch.is_grad_enabled() and (
@@ -149,7 +150,10 @@ def conv2d_relu_reference(
             out = out + residual
         return torch.relu(out)
     if residual is not None:
-        out.add_(residual)
+        if residual.dtype == out.dtype and residual.shape == out.shape:
+            out.add_(residual)
+        else:  # type promotion or broadcasting: as the tracked path (a fresh tensor)
+            out = out + residual
     return out.relu_()
 
 
@@ -164,6 +168,8 @@ def _cudnn(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional
             return _cudnn(x, weight, bias, residual, stride, padding, dilation, groups)
         finally:
             torch.backends.cudnn.benchmark = True
+    if bias is not None:
+        bias = bias.contiguous()  # a strided bias view: cuDNN's plan cache may not key on its strides
     if residual is None:
         return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
     return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, groups)
@@ -295,8 +301,8 @@ def _conv2d_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Op
     """conv2d_relu after the conv arguments were normalised to int pairs."""
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias, residual = (
-            t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t
+        x, weight, bias, residual = (  # autocast leaves float64 alone (as F.conv2d)
+            t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
             for t in (x, weight, bias, residual))
     _check(x, weight, bias, residual, st, pad, dil, groups)
     which = _resolve_backend(backend, x)

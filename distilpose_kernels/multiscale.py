@@ -71,12 +71,27 @@ def _fits_int32(base: Tensor, terms: Sequence[Tensor]) -> bool:
         sum((d - 1) * st for d, st in zip(t.shape, t.stride())) < lim for t in terms)
 
 
+def _out_format(base: Tensor) -> torch.memory_format:
+    """The output layout of the op and its fake kernel: channels-last when base is, else
+    contiguous (whatever the terms' layouts)."""
+    cl = base.is_contiguous(memory_format=torch.channels_last) and not base.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _reference_in_layout(base: Tensor, terms: Sequence[Tensor], scales: Sequence[int], relu: bool) -> Tensor:
+    """The reference with the kernel's output layout (the reference's own follows TensorIterator:
+    a non-dense or permuted base would give strides the fake kernel does not promise)."""
+    with torch.no_grad():
+        out = upsample_sum_reference(base, terms, scales, relu)
+    fmt = _out_format(base)
+    return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
+
+
 def _forward(base: Tensor, terms: Sequence[Tensor], scales: Sequence[int], relu: bool) -> Tensor:
     """The Triton path: up to MAX_TERMS terms per pass, the ReLU in the last one."""
     mod = _triton_module()
     if not _fits_int32(base, terms):
-        with torch.no_grad():
-            return upsample_sum_reference(base, terms, scales, relu)
+        return _reference_in_layout(base, terms, scales, relu)
     terms, scales = list(terms), list(scales)
     out = base
     while True:
@@ -107,7 +122,7 @@ def _upsample_sum_op(base: Tensor, terms: List[Tensor], scales: List[int], relu:
     with torch.no_grad():
         if base.dtype in TRITON_DTYPES and (base.is_cuda or (base.device.type == "cpu" and _interpret())):
             return _forward(base, terms, scales, relu)
-        return upsample_sum_reference(base, terms, scales, relu)
+        return _reference_in_layout(base, terms, scales, relu)
 
 
 def _interpret() -> bool:
@@ -118,8 +133,7 @@ def _interpret() -> bool:
 
 @_upsample_sum_op.register_fake
 def _(base, terms, scales, relu):
-    cl = base.is_contiguous(memory_format=torch.channels_last) and not base.is_contiguous()
-    return torch.empty_like(base, memory_format=torch.channels_last if cl else torch.contiguous_format)
+    return torch.empty_like(base, memory_format=_out_format(base))
 
 
 def _setup_context(ctx, inputs, output):
