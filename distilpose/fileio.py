@@ -9,7 +9,50 @@ import stat
 import tempfile
 from typing import Union
 
-__all__ = ["atomic_write", "is_special", "replace_into", "staging_dir", "staging_path"]
+__all__ = ["atomic_write", "fsync_dir", "is_special", "new_file_mode", "replace_into", "staging_dir", "staging_path"]
+
+
+def new_file_mode(path: str) -> int:
+    """Permission bits for a file replacing ``path``: those of the file already there (a rename
+    must not change who may read it), else what ``open()`` would give a new file (0o666 & ~umask),
+    not the 0o600 of ``tempfile.mkstemp``."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    except OSError:
+        pass
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask is a set-and-get:
+    the round trip would briefly leave other threads with umask 0)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def fsync_dir(folder: str) -> None:
+    """fsync a folder so that a rename inside it survives a crash (best effort: not every
+    platform or filesystem lets a folder be opened or synced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def is_special(path: str) -> bool:
@@ -46,7 +89,9 @@ def replace_into(tmp: str, path: str) -> None:
         finally:
             os.unlink(tmp)
         return
+    os.chmod(tmp, new_file_mode(path))
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def atomic_write(path: str, data: Union[str, bytes]) -> None:

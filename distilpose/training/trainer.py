@@ -484,10 +484,15 @@ class Trainer:
             if key not in ckpt:
                 raise ValueError(f"resume: {path!r} is not a training checkpoint (no {key!r}); use it as weights instead")
         tr = ckpt["trainer"]
-        if tr["world_size"] != self.info.world_size or tr["iters_per_epoch"] != self.iters_per_epoch:
+        # the batch size itself, not only iterations/epoch: two batch sizes can give the same
+        # number of iterations but would start the resumed epoch at another sample
+        old_bs = ((ckpt.get("config") or {}).get("data") or {}).get("batch_size", self.cfg.data.batch_size)
+        if (tr["world_size"] != self.info.world_size or tr["iters_per_epoch"] != self.iters_per_epoch
+                or old_bs != self.cfg.data.batch_size):
             raise ValueError(
-                f"resume: {path!r} was written with {tr['world_size']} process(es) and {tr['iters_per_epoch']} "
-                f"iterations/epoch; this run has {self.info.world_size} and {self.iters_per_epoch}. "
+                f"resume: {path!r} was written with {tr['world_size']} process(es), batch size {old_bs} and "
+                f"{tr['iters_per_epoch']} iterations/epoch; this run has {self.info.world_size}, "
+                f"{self.cfg.data.batch_size} and {self.iters_per_epoch}. "
                 "Resume with the same world size and batch size."
             )
         load_checkpoint(path, self.model, strict=True)
@@ -496,10 +501,26 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch, self.global_step = tr["epoch"], tr["step_in_epoch"], tr["global_step"]
         self.best_metric, self.best_epoch = tr["best_metric"], tr["best_epoch"]
+        # best.pth is written before last.pth at an epoch end: a run killed between the two has
+        # a best.pth better than last.pth knows of, which a later (worse) evaluation must not replace
+        if os.path.isfile(self.best_path):
+            try:
+                b = read_checkpoint(self.best_path)
+                ap = (b.get("metrics") or {}).get("AP")
+            except Exception:
+                ap = None
+            if ap is not None and (self.best_metric is None or float(ap) > self.best_metric):
+                self.best_metric, self.best_epoch = float(ap), b.get("epoch")
         set_rng_state(ckpt["rng"][self.info.rank])
+        if self._is_done():
+            return  # nothing left to train: fit() says so and leaves metrics.jsonl as it is
         if self.info.is_main:
             self._truncate_metrics(self.global_step)
             self.log({"type": "resume", "step": self.global_step, "epoch": self.epoch, "from": os.path.abspath(path)})
+
+    def _is_done(self) -> bool:
+        return self.epoch >= self.cfg.optim.epochs or (
+            self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps)
 
     # -- logging
     @property
@@ -655,11 +676,72 @@ class Trainer:
         cfg = self.cfg
         if self.info.is_main:
             os.makedirs(self.work_dir, exist_ok=True)
-            save_config(cfg, os.path.join(self.work_dir, "config.yaml"))
+            self._lock_work_dir()
+        try:
+            return self._fit(resume)
+        finally:
+            self._unlock_work_dir()
+
+    def _lock_work_dir(self) -> None:
+        """An exclusive lock on ``work_dir/.lock`` for the run: a second run on the same folder
+        would interleave metrics.jsonl and overwrite the first one's checkpoints. The kernel
+        drops the lock when the process dies, so a killed run never leaves it behind."""
+        self._lock_fd = None
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        fd = os.open(os.path.join(self.work_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RuntimeError(
+                f"work_dir {self.work_dir!r} is in use by another training run (locked: {os.path.join(self.work_dir, '.lock')}); "
+                "wait for it to end or pick another --work-dir") from None
+        self._lock_fd = fd
+
+    def _unlock_work_dir(self) -> None:
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)  # releases the flock
+            self._lock_fd = None
+
+    def _set_aside_previous_run(self) -> Optional[str]:
+        """A fresh run (no resume) in a work dir that holds an earlier run's files moves them to
+        ``work_dir/previous-<time>/`` first: nothing the earlier run wrote is overwritten."""
+        names = [n for n in (os.path.basename(p) for p in (self.last_path, self.best_path, self.metrics_path))
+                 if os.path.exists(os.path.join(self.work_dir, n))]
+        if not names:
+            return None
+        dest = os.path.join(self.work_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+        i = 1
+        while os.path.exists(dest):
+            dest = os.path.join(self.work_dir, time.strftime("previous-%Y%m%d-%H%M%S") + f"-{i}")
+            i += 1
+        os.makedirs(dest)
+        for n in names + (["config.yaml"] if os.path.exists(os.path.join(self.work_dir, "config.yaml")) else []):
+            os.replace(os.path.join(self.work_dir, n), os.path.join(dest, n))
+        print(f"{self.cfg.name}: {self.work_dir} held an earlier run; its files were moved to {dest} "
+              "(pass --resume to continue a run instead)")
+        return dest
+
+    def _fit(self, resume: Optional[str]) -> Dict[str, Any]:
+        cfg = self.cfg
         if resume:
-            self.resume(resume)
-        elif self.info.is_main and os.path.exists(self.metrics_path):
-            os.replace(self.metrics_path, self.metrics_path + ".old")  # a fresh run in a used dir
+            self.resume(resume)  # validates before anything in work_dir is touched
+        elif self.info.is_main:
+            self._set_aside_previous_run()
+        if self.info.is_main:
+            save_config(cfg, os.path.join(self.work_dir, "config.yaml"))
+        if resume and self._is_done():
+            if self.info.is_main:
+                print(f"{cfg.name}: {resume} is already at epoch {self.epoch}, step {self.global_step}: nothing to do "
+                      "(raise optim.epochs / max_steps to train further)")
+            return {"finished": self.epoch >= cfg.optim.epochs, "stop_reason": None if self.epoch >= cfg.optim.epochs else "max_steps",
+                    "epoch": self.epoch, "global_step": self.global_step, "train_s": 0.0, "best_AP": self.best_metric,
+                    "best_epoch": self.best_epoch, "last_eval": self.last_eval, "last_path": self.last_path,
+                    "best_path": self.best_path if self.best_metric is not None else None}
         self._open_tensorboard()
         self.model.train()
         stopped = False
