@@ -103,6 +103,11 @@ def _prepare(model: nn.Module, fold_bn: bool, flip_test: bool) -> ExportWrapper:
     return ExportWrapper(model, flip_test=flip_test).eval()
 
 
+def _check_batch(batch: int) -> None:
+    if int(batch) < 1:
+        raise ValueError(f"batch: expected >= 1, got {batch}")
+
+
 def _example(model: nn.Module, batch: int) -> torch.Tensor:
     h, w = getattr(model, "input_size", (256, 192))
     return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(0))
@@ -130,6 +135,7 @@ def export_onnx(
     """Export ``model`` to ONNX at ``path`` (written atomically) with the dynamo exporter."""
     import onnx
 
+    _check_batch(batch)
     wrapper = _prepare(model, fold_bn, flip_test)
     # a dynamic axis cannot be traced at size 1 (export specialises 0/1 sizes)
     x = _example(model, max(batch, 2) if dynamic_batch else batch)
@@ -209,6 +215,7 @@ def export_program(
     flip_test: bool = False,
 ) -> "torch.export.ExportedProgram":
     """``torch.export`` the model (reference ops, CPU); saved with ``torch.export.save`` when ``path`` is given."""
+    _check_batch(batch)
     wrapper = _prepare(model, fold_bn, flip_test)
     x = _example(model, max(batch, 2) if dynamic_batch else batch)
     dynamic_shapes = {"img": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -122,6 +123,10 @@ class PoseInferencer:
         batch_size: int = 32,
         padding: float = 1.25,
     ):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        if not (math.isfinite(float(padding)) and float(padding) > 0):
+            raise ValueError(f"padding: expected a positive finite factor, got {padding}")
         if model is None:
             model = load_model(preset, checkpoint, device)
         else:
@@ -130,7 +135,7 @@ class PoseInferencer:
 
                 load_checkpoint(checkpoint, model, strict=True)
             model = model.to(resolve_device(device) if device is not None else next(model.parameters()).device)
-        self.model = model.eval()
+        self.model = model  # the caller's own: its train/eval mode is left as it is (eval inside predict)
         self.device = next(model.parameters()).device
         self.flip_test = flip_test
         self.batch_size = int(batch_size)
@@ -170,13 +175,18 @@ class PoseInferencer:
             centers.append(c)
             scales.append(s)
         out = []
-        for i in range(0, len(crops), self.batch_size):
-            img = torch.from_numpy(np.stack(crops[i : i + self.batch_size])).to(self.device)
-            coords, scores = predict_crops(self.model, img, self.flip_test)
-            xy = crops_to_image(coords.cpu().double().numpy(), np.stack(centers[i : i + self.batch_size]),
-                                np.stack(scales[i : i + self.batch_size]))
-            s = scores.cpu().double().numpy()
-            out.extend(np.concatenate([xy[j], s[j][:, None]], axis=1) for j in range(xy.shape[0]))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for i in range(0, len(crops), self.batch_size):
+                img = torch.from_numpy(np.stack(crops[i : i + self.batch_size])).to(self.device)
+                coords, scores = predict_crops(self.model, img, self.flip_test)
+                xy = crops_to_image(coords.cpu().double().numpy(), np.stack(centers[i : i + self.batch_size]),
+                                    np.stack(scales[i : i + self.batch_size]))
+                s = scores.cpu().double().numpy()
+                out.extend(np.concatenate([xy[j], s[j][:, None]], axis=1) for j in range(xy.shape[0]))
+        finally:
+            self.model.train(was_training)
         return out
 
     __call__ = predict

@@ -211,6 +211,12 @@ class InferenceEngine:
             p = next(model.parameters(), None)
             device = p.device if p is not None else torch.device("cpu")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device: {device!r} requested but CUDA is not available")
+        if attention_backend not in (None, "auto", "reference", "triton"):
+            raise ValueError(f"attention_backend: expected None, 'auto', 'reference' or 'triton', got {attention_backend!r}")
+        if compile_mode is not None and not compile:
+            raise ValueError("compile_mode: only used with compile=True")
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph: needs a CUDA device, the engine runs on {self.device}")
 
@@ -362,7 +368,13 @@ class InferenceEngine:
                     t = torch.tensor(default, dtype=torch.float32, device=dev).expand(shape).contiguous()
                     self._defaults[key] = t
                 return t
-            t = torch.as_tensor(v, dtype=torch.float32).to(dev, non_blocking=True)
+            t = torch.as_tensor(v, dtype=torch.float32)
+            if t.device.type == "cpu":  # checked on the host (no device sync); device tensors are trusted
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{name}: contains NaN or inf")
+                if name == "scale" and not bool((t > 0).all()):
+                    raise ValueError("scale: box width and height must be positive")
+            t = t.to(dev, non_blocking=True)
             if t.shape == shape[1:]:
                 t = t.expand(shape).contiguous()
             if tuple(t.shape) != shape:
@@ -387,6 +399,8 @@ class InferenceEngine:
         crops (N, 3, H, W); center (N, 2) / scale (N, 2) image px (box centre and padded
         box size, as the dataset's meta gives them) and rotation (N,) degrees; a (2,) or
         scalar value is broadcast. Without center/scale the keypoints are in crop pixels.
+        Host-side (CPU / array) center, scale and rotation must be finite and scale positive
+        (ValueError otherwise); tensors already on the device are not checked (no host sync).
         Returns {"keypoints": (N, K, 2) fp32, "scores": (N, K) fp32} on the engine's device.
         """
         img, c, s, r = self._prepare(crops, center, scale, rotation)
