@@ -215,3 +215,21 @@ def test_fresh_run_in_a_used_work_dir_sets_the_earlier_run_aside(tmp_path):
     for n, data in before.items():
         assert (prev[0] / n).read_bytes() == data, n
     assert (tmp_path / "last.pth").exists() and (tmp_path / "config.yaml").exists()
+
+
+def test_stale_checkpoint_temp_files_are_removed_at_start(tmp_path):
+    """A run killed while saving leaves a ``.tmp-*.pth``; the next run on the (locked) work dir
+    removes it and leaves the user's files alone."""
+    from distilpose.training import Trainer, apply_overrides, get_preset
+
+    stale = tmp_path / ".tmp-abc123.pth"
+    stale.write_bytes(b"half a checkpoint")
+    mine = tmp_path / "notes.tmp-keep.txt"
+    mine.write_text("mine")
+    cfg = apply_overrides(get_preset("tiny_student"), {
+        "data.kind": "synthetic", "data.demo_num_train": 8, "data.batch_size": 4, "data.num_workers": 0,
+        "optim.epochs": 1, "optim.warmup_iters": 0, "optim.milestones": [], "work_dir": str(tmp_path),
+        "progress": False, "final_eval": False, "device": "cpu", "teacher.preset": None})
+    Trainer(cfg).fit()
+    assert not stale.exists() and mine.read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

@@ -677,6 +677,7 @@ class Trainer:
         if self.info.is_main:
             os.makedirs(self.work_dir, exist_ok=True)
             self._lock_work_dir()
+            self._remove_stale_temp_files()
         try:
             return self._fit(resume)
         finally:
@@ -700,6 +701,18 @@ class Trainer:
                 f"work_dir {self.work_dir!r} is in use by another training run (locked: {os.path.join(self.work_dir, '.lock')}); "
                 "wait for it to end or pick another --work-dir") from None
         self._lock_fd = fd
+
+    def _remove_stale_temp_files(self) -> None:
+        """Checkpoint temp files (``.tmp-*.pth``) a killed run left mid-write: with the work dir
+        locked, no other run can be writing them."""
+        if getattr(self, "_lock_fd", None) is None:
+            return  # no lock (not POSIX): another run might own them
+        for name in os.listdir(self.work_dir):
+            if name.startswith(".tmp-") and name.endswith(".pth"):
+                try:
+                    os.unlink(os.path.join(self.work_dir, name))
+                except OSError:
+                    pass
 
     def _unlock_work_dir(self) -> None:
         fd = getattr(self, "_lock_fd", None)
