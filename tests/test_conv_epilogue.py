@@ -522,12 +522,16 @@ def test_cudnn_call_arguments_and_benchmark_flag(monkeypatch):
     monkeypatch.setattr(torch, "cudnn_convolution_add_relu",
                         lambda *a: calls.append(("add_relu", a, torch.backends.cudnn.benchmark)) or "a")
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    x, w, b, z = object(), object(), object(), object()
+    x, w, z = object(), object(), object()
+    b = torch.randn(3)  # contiguous: passed as is
     assert ce._cudnn(x, w, b, None, [2, 2], [1, 1], [1, 1], 1) == "r"
     assert ce._cudnn(x, w, b, z, [1, 1], [0, 0], [1, 1], 2) == "a"
     assert calls[0] == ("relu", (x, w, b, [2, 2], [1, 1], [1, 1], 1), False)
     assert calls[1] == ("add_relu", (x, w, z, 1.0, b, [1, 1], [0, 0], [1, 1], 2), False)
     assert torch.backends.cudnn.benchmark is True
+    strided = torch.randn(6)[::2]  # a strided bias view goes to cuDNN as a contiguous copy
+    ce._cudnn(x, w, strided, None, [1, 1], [0, 0], [1, 1], 1)
+    assert calls[2][1][2].is_contiguous() and torch.equal(calls[2][1][2], strided)
 
 
 @pytest.mark.parametrize("tde_path", ["pos_norm", "add_norm"])
