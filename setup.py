@@ -33,7 +33,18 @@ def _env(name: str) -> str:
 
 
 def _flag(name: str) -> bool:
-    return _env(name) in ("1", "true", "yes", "on")
+    v = _env(name)
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"distilpose setup: {name}={os.environ[name]!r}: expected 1/true/yes/on or 0/false/no/off")
+
+
+def _check_max_jobs() -> None:
+    v = os.environ.get("MAX_JOBS", "").strip()
+    if v and not (v.isdigit() and int(v) >= 1):
+        raise SystemExit(f"distilpose setup: MAX_JOBS={os.environ['MAX_JOBS']!r}: expected a positive integer")
 
 
 def _note(msg: str) -> None:
@@ -67,6 +78,7 @@ def _libstdcxx_link_args() -> list:
 
 
 def _extensions():
+    _check_max_jobs()
     if _flag("DISTILPOSE_NO_EXTENSION"):
         _note("DISTILPOSE_NO_EXTENSION is set: building no extension (ops use their PyTorch references)")
         return [], {}
@@ -82,6 +94,9 @@ def _extensions():
         return [], {}
 
     force = _env("FORCE_CUDA")
+    if force not in ("", "1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise SystemExit(f"distilpose setup: FORCE_CUDA={os.environ['FORCE_CUDA']!r}: expected 1 (build CUDA), "
+                         "0 (CPU only) or unset (auto)")
     torch_cuda = torch.version.cuda is not None
     if force in ("1", "true", "yes", "on"):
         if not torch_cuda:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -23,6 +24,31 @@ COMMANDS = {
     "export": ("distilpose.export", "export a student to ONNX (and check it with onnxruntime)"),
     "convert": ("distilpose.checkpoint", "convert between the original release's checkpoints and ours"),
 }
+
+
+# flag dest -> (lowest allowed value, whether the bound is exclusive); checked after parsing
+_MIN = {
+    "batch": (1, False), "batch_size": (1, False), "epochs": (1, False), "teacher_epochs": (1, False),
+    "student_epochs": (1, False), "threads": (1, False), "opset": (1, False), "max_steps": (1, False),
+    "num_train": (0, False), "num_val": (0, False), "workers": (0, False), "num_workers": (0, False),
+    "eval_interval": (0, False), "num_overlays": (0, False),
+    "lr": (0, True), "time_budget": (0, True), "grad_clip": (0, True),
+}
+#: flags naming an input file that must exist
+_FILES = ("checkpoint", "teacher_checkpoint", "config_file", "ann_file", "det_file", "boxes", "resume")
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Range and existence checks shared by the subcommands: a one-line argparse error (exit 2)."""
+    for dest, (low, strict) in _MIN.items():
+        v = getattr(args, dest, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (v <= low if strict else v < low):
+            flag = "--" + dest.replace("_", "-")
+            parser.error(f"argument {flag}: must be {'>' if strict else '>='} {low}, got {v}")
+    for dest in _FILES:
+        v = getattr(args, dest, None)
+        if isinstance(v, str) and not (dest == "resume" and v == "auto") and not os.path.exists(v):
+            parser.error(f"argument --{dest.replace('_', '-')}: no such file: {v!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = argparse.ArgumentParser(prog=f"distilpose {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
+    _check_args(sub, args)
     return int(module.run(args) or 0)
 
 

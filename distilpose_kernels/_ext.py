@@ -43,7 +43,9 @@ def load() -> ExtensionStatus:
     if _status is not None:
         return _status
     st = ExtensionStatus()
-    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+    from ._utils import env_bool
+
+    if env_bool(DISABLE_ENV, False):
         st.error = f"disabled by {DISABLE_ENV}=1"
     else:
         try:

@@ -22,20 +22,37 @@ NVTX_ENV = "DISTILPOSE_NVTX"
 BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
 
 
-def _env_flag(name: str) -> bool:
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off", "")
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """Parse an on/off environment variable: "1"/"true"/"yes"/"on" and "0"/"false"/"no"/"off"
+    (any case, surrounding spaces ignored); unset or empty gives ``default``. Anything else
+    gives ``default`` with a RuntimeWarning naming the variable (never silently ignored)."""
     v = os.environ.get(name)
-    return bool(v) and v.strip().lower() in ("1", "true", "yes", "on")
+    if v is None:
+        return default
+    s = v.strip().lower()
+    if s in _ON:
+        return True
+    if s == "":
+        return default
+    if s in _OFF:
+        return False
+    warnings.warn(f"{name}={v!r} is not an on/off value (expected one of 1/true/yes/on or 0/false/no/off); "
+                  f"using the default ({'on' if default else 'off'})", RuntimeWarning, stacklevel=3)
+    return default
+
+
+def _env_flag(name: str) -> bool:
+    return env_bool(name, False)
 
 
 def env_switch(name: str, default: bool) -> bool:
     """An on/off environment switch: "0"/"false"/"no"/"off" and "1"/"true"/"yes"/"on" (any case);
-    unset, empty or anything else gives ``default``."""
-    v = os.environ.get(name, "").strip().lower()
-    if v in ("0", "false", "no", "off"):
-        return False
-    if v in ("1", "true", "yes", "on"):
-        return True
-    return default
+    unset or empty gives ``default``; anything else gives ``default`` with a RuntimeWarning."""
+    return env_bool(name, default)
 
 
 # Pure-Python launch arithmetic: triton.cdiv / triton.next_power_of_2 are constexpr functions in
