@@ -9,7 +9,9 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cctype>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "../decode_math.h"
@@ -383,9 +385,17 @@ cudaError_t dispatch(DType dtype, F&& f) {
 
 }  // namespace
 
+// The switch parsed as distilpose_kernels._utils.env_bool parses "on": 1/true/yes/on, any case,
+// surrounding spaces ignored; anything else is off.
 bool vec_kernel_requested() {
   const char* v = std::getenv("DISTILPOSE_SOFTARGMAX_VEC");
-  return v != nullptr && (std::strcmp(v, "1") == 0 || std::strcmp(v, "true") == 0 || std::strcmp(v, "on") == 0);
+  if (v == nullptr) return false;
+  std::string s(v);
+  const auto first = s.find_first_not_of(" \t");
+  if (first == std::string::npos) return false;
+  s = s.substr(first, s.find_last_not_of(" \t") - first + 1);
+  for (char& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return s == "1" || s == "true" || s == "yes" || s == "on";
 }
 
 // The vectorised forward, when asked for (DISTILPOSE_SOFTARGMAX_VEC=1: it has not yet run on a
