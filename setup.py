@@ -32,12 +32,13 @@ def _env(name: str) -> str:
     return os.environ.get(name, "").strip().lower()
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
 def _flag(name: str) -> bool:
     v = _env(name)
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("", "0", "false", "no", "off"):
-        return False
+    if v in _ON + _OFF:
+        return v in _ON
     raise SystemExit(f"distilpose setup: {name}={os.environ[name]!r}: expected 1/true/yes/on or 0/false/no/off")
 
 
@@ -94,18 +95,18 @@ def _extensions():
         return [], {}
 
     force = _env("FORCE_CUDA")
-    if force not in ("", "1", "true", "yes", "on", "0", "false", "no", "off"):
+    if force not in _ON + _OFF:
         raise SystemExit(f"distilpose setup: FORCE_CUDA={os.environ['FORCE_CUDA']!r}: expected 1 (build CUDA), "
                          "0 (CPU only) or unset (auto)")
     torch_cuda = torch.version.cuda is not None
-    if force in ("1", "true", "yes", "on"):
+    if force in _ON:
         if not torch_cuda:
             raise SystemExit("distilpose setup: FORCE_CUDA=1 but the installed torch is a CPU build "
                              "(torch.version.cuda is None); install a CUDA build of torch or unset FORCE_CUDA")
         if CUDA_HOME is None:
             raise SystemExit("distilpose setup: FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
         with_cuda = True
-    elif force in ("0", "false", "no", "off"):
+    elif force in _OFF[1:]:
         with_cuda = False
     else:
         with_cuda = torch_cuda and CUDA_HOME is not None and torch.cuda.is_available()
@@ -135,7 +136,7 @@ def _extensions():
     else:
         ext = CppExtension("distilpose_kernels._C", sources, include_dirs=include_dirs, define_macros=macros,
                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
-        why = ("FORCE_CUDA=0" if force in ("0", "false", "no", "off") else
+        why = ("FORCE_CUDA=0" if force in _OFF[1:] else
                "torch is a CPU build" if not torch_cuda else
                "no CUDA toolkit found" if CUDA_HOME is None else "no visible GPU (set FORCE_CUDA=1 to build CUDA anyway)")
         _note(f"building the CPU extension only ({why}; torch {torch.__version__})")

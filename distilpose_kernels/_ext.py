@@ -43,9 +43,9 @@ def load() -> ExtensionStatus:
     if _status is not None:
         return _status
     st = ExtensionStatus()
-    from ._utils import env_bool
+    from ._utils import env_switch
 
-    if env_bool(DISABLE_ENV, False):
+    if env_switch(DISABLE_ENV, False):
         st.error = f"disabled by {DISABLE_ENV}=1"
     else:
         try:

@@ -26,33 +26,21 @@ _ON = ("1", "true", "yes", "on")
 _OFF = ("0", "false", "no", "off", "")
 
 
-def env_bool(name: str, default: bool) -> bool:
-    """Parse an on/off environment variable: "1"/"true"/"yes"/"on" and "0"/"false"/"no"/"off"
-    (any case, surrounding spaces ignored); unset or empty gives ``default``. Anything else
-    gives ``default`` with a RuntimeWarning naming the variable (never silently ignored)."""
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off environment variable: "1"/"true"/"yes"/"on" and "0"/"false"/"no"/"off" (any
+    case, surrounding spaces ignored); unset or empty gives ``default``. Anything else gives
+    ``default`` with a RuntimeWarning naming the variable (never silently ignored)."""
     v = os.environ.get(name)
     if v is None:
         return default
     s = v.strip().lower()
     if s in _ON:
         return True
-    if s == "":
-        return default
     if s in _OFF:
-        return False
+        return default if s == "" else False
     warnings.warn(f"{name}={v!r} is not an on/off value (expected one of 1/true/yes/on or 0/false/no/off); "
                   f"using the default ({'on' if default else 'off'})", RuntimeWarning, stacklevel=3)
     return default
-
-
-def _env_flag(name: str) -> bool:
-    return env_bool(name, False)
-
-
-def env_switch(name: str, default: bool) -> bool:
-    """An on/off environment switch: "0"/"false"/"no"/"off" and "1"/"true"/"yes"/"on" (any case);
-    unset or empty gives ``default``; anything else gives ``default`` with a RuntimeWarning."""
-    return env_bool(name, default)
 
 
 # Pure-Python launch arithmetic: triton.cdiv / triton.next_power_of_2 are constexpr functions in
@@ -69,7 +57,7 @@ def next_pow2(n: int) -> int:
 
 def force_reference() -> bool:
     """True when DISTILPOSE_FORCE_REFERENCE asks for the reference paths (read per call)."""
-    return _env_flag(FORCE_REFERENCE_ENV)
+    return env_switch(FORCE_REFERENCE_ENV, False)
 
 
 _TRITON_FOUND: Optional[bool] = None
@@ -107,7 +95,7 @@ def lazy_module(name: str) -> Callable[[], object]:
 
 def triton_interpret() -> bool:
     """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
-    return _env_flag("TRITON_INTERPRET")
+    return env_switch("TRITON_INTERPRET", False)
 
 
 def select_triton_backend(op: str, tensors: Sequence[torch.Tensor], backend: Optional[str],
@@ -341,7 +329,7 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 
 
 def nvtx_enabled() -> bool:
-    return _env_flag(NVTX_ENV)
+    return env_switch(NVTX_ENV, False)
 
 
 def annotate(name: str) -> Callable[[F], F]:
