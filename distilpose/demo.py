@@ -259,7 +259,8 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .models.complexity import measure_complexity
-    from .training.trainer import build_datasets, model_from_checkpoint, setup_distributed
+    from .checkpoint import model_from_checkpoint
+    from .training.trainer import build_datasets, setup_distributed
 
     t_all = time.perf_counter()
     out, note = choose_out_dir(args.out, args.force)

@@ -61,7 +61,6 @@ def load_model(preset: Optional[str], checkpoint: Optional[str], device=None) ->
     recorded one takes only the input size from it.
     """
     from .checkpoint import build_model_from_meta, load_checkpoint
-    from .models import build_model
 
     meta = read_checkpoint_meta(checkpoint) if checkpoint is not None else {}
     if preset is None:
@@ -70,13 +69,9 @@ def load_model(preset: Optional[str], checkpoint: Optional[str], device=None) ->
         preset = meta.get("preset")
         if preset is None:
             raise ValueError(f"checkpoint {checkpoint!r} stores no meta['preset']; pass the preset name (--preset)")
-    if meta.get("preset") == preset:
-        model = build_model_from_meta(meta)
-    else:
-        kwargs = {}
-        if meta.get("input_size") and tuple(meta["input_size"]) != (256, 192):
-            kwargs["input_size"] = tuple(int(v) for v in meta["input_size"])
-        model = build_model(preset, **kwargs)
+    # another preset than the recorded one: only the recorded input size carries over
+    model = build_model_from_meta(meta if meta.get("preset") == preset
+                                  else {"preset": preset, "input_size": meta.get("input_size")})
     if checkpoint is not None:
         load_checkpoint(checkpoint, model, strict=True)
     else:

@@ -43,6 +43,12 @@ def env_switch(name: str, default: bool) -> bool:
     return default
 
 
+def contiguous_vectors(*tensors: Optional[torch.Tensor]) -> tuple:
+    """1-D kernel parameters (biases, LayerNorm weights) as the kernels read them, contiguous: a
+    strided view (which the input checks accept) is copied; None stays None."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 # Pure-Python launch arithmetic: triton.cdiv / triton.next_power_of_2 are constexpr functions in
 # recent Triton and cost microseconds per host call, which adds up on every launch.
 def cdiv(a: int, b: int) -> int:

@@ -291,19 +291,19 @@ def add_pos_layernorm_reference(
     residual: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pure PyTorch: x_out = x [+ residual], then pos added to its last P tokens
-    (cat(x[:, :L-P], x[:, L-P:] + pos)); y = LayerNorm(x_out)."""
+    (cat(x[:, :L-P], x[:, L-P:] + pos)), in x's dtype; y = LayerNorm(x_out)."""
     n, l, c, p = _check_apln(x, pos, weight, bias, residual)
-    if residual is not None:
-        x = (x + residual).to(x.dtype)  # x_out in x's dtype, as the kernels
+    out = x if residual is None else x + residual
     if pos is not None:
         k = l - p
-        x = torch.cat((x[:, :k], x[:, k:] + pos.reshape(1, p, c).to(x.dtype)), dim=1)
+        out = torch.cat((out[:, :k], out[:, k:] + pos.reshape(1, p, c)), dim=1)
+    out = out.to(x.dtype)  # x_out in x's dtype (the sums in the promoted dtype), as the kernels
     # LayerNorm parameters of another dtype (the kernels take any): F.layer_norm takes x's dtype,
     # or float32 ones with a 16-bit x; the cast is exact where the kernels' is
-    pdt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    weight, bias = (t.to(pdt) if t is not None and t.dtype not in (x.dtype, pdt) else t for t in (weight, bias))
+    pdt = out.dtype if out.dtype in (torch.float32, torch.float64) else torch.float32
+    weight, bias = (t.to(pdt) if t is not None and t.dtype not in (out.dtype, pdt) else t for t in (weight, bias))
     # y in x's dtype (under CUDA autocast layer_norm would return float32)
-    return x, F.layer_norm(x, (c,), weight, bias, eps).to(x.dtype)
+    return out, F.layer_norm(out, (c,), weight, bias, eps).to(out.dtype)
 
 
 @torch.library.custom_op("distilpose::add_pos_layernorm_fwd", mutates_args=())

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._triton_helpers import dot as _dot
 from ._triton_helpers import layernorm_rows
-from ._utils import cdiv, env_switch, fp32_dot_precision, next_pow2, triton_interpret
+from ._utils import cdiv, contiguous_vectors, env_switch, fp32_dot_precision, next_pow2, triton_interpret
 
 _LOG2E = 1.4426950408889634
 
@@ -494,9 +494,7 @@ def add_pos_layernorm_forward(
     eps: float, residual: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, L, c = x.shape
-    # the kernel reads weight / bias as contiguous (C,) vectors: a strided view is copied (C elements)
-    weight = weight.contiguous() if weight is not None else None
-    bias = bias.contiguous() if bias is not None else None
+    weight, bias = contiguous_vectors(weight, bias)
     p = pos.shape[-2] if pos is not None else 0
     pos2 = pos.reshape(p, c) if pos is not None else x  # x: an unread stand-in without pos
     pos_strides = (pos2.stride(0), pos2.stride(1)) if pos is not None else (0, 0)
@@ -532,7 +530,7 @@ def add_pos_layernorm_backward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, L, c = x_out.shape
     R = n * L
-    weight = weight.contiguous() if weight is not None else None  # read as a contiguous (C,) vector
+    (weight,) = contiguous_vectors(weight)
     dx = _new_output((n, L, c), x_out.device, x_out.dtype)
     if R == 0:
         z = torch.zeros((c,), device=x_out.device, dtype=torch.float32)

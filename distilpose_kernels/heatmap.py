@@ -31,6 +31,14 @@ from ._utils import annotate, check_same_device, check_tensor, lazy_module, sele
 REG2HM_MODES = ("released", "per_sample")
 
 
+def _float64_to_reference(be: str, backend: Optional[str], *predictions: torch.Tensor) -> str:
+    """The kernels compute in fp32: "auto" keeps float64 predictions on the (float64) reference;
+    an explicit backend="triton" still runs the kernels."""
+    if be == "triton" and backend in (None, "auto") and any(t.dtype == torch.float64 for t in predictions):
+        return "reference"
+    return be
+
+
 def _loss_inputs_ok(coords, sigma, score, teacher_heatmaps, keypoint_weight) -> bool:
     """Cheap all-valid test of the fused path's inputs (the per-call host time is the budget)."""
     try:
@@ -309,8 +317,7 @@ def simulated_heatmap_loss(
     be = select_triton_backend(
         "simulated_heatmap_loss", (coords, sigma, score, teacher_heatmaps, keypoint_weight), backend
     )
-    if be == "triton" and backend in (None, "auto") and torch.float64 in (coords.dtype, sigma.dtype, score.dtype):
-        be = "reference"  # the kernels compute in fp32: "auto" keeps float64 predictions float64-accurate
+    be = _float64_to_reference(be, backend, coords, sigma, score)
     if be == "reference":
         return simulated_heatmap_loss_reference(coords, sigma, score, teacher_heatmaps, keypoint_weight, mode)
     if not valid:
@@ -460,8 +467,7 @@ def render_gaussian_heatmaps(
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name}: expected a positive int, got {v!r}")
     be = select_triton_backend("render_gaussian_heatmaps", (mu, sigma), backend)
-    if be == "triton" and backend in (None, "auto") and torch.float64 in (mu.dtype, sigma.dtype):
-        be = "reference"  # fp32 kernel math: "auto" keeps float64 inputs float64-accurate
+    be = _float64_to_reference(be, backend, mu, sigma)
     if be == "reference":
         return render_gaussian_heatmaps_reference(mu, sigma, height, width, mask_off_grid)
     check_tensor("mu", mu, dtypes=_FLOATS)

@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._utils import annotate, check_tensor, lazy_module, select_triton_backend
+from ._utils import annotate, check_tensor, lazy_module, select_triton_backend, triton_interpret
 
 __all__ = ["crop_to_image", "flip_back_regression", "regression_to_image", "regression_to_image_reference"]
 
@@ -124,8 +124,6 @@ def _run(coords, scores, center, scale, crop_h, crop_w, rotation, flipped_coords
 def _op(coords: Tensor, scores: Tensor, center: Tensor, scale: Tensor, crop_h: int, crop_w: int,
         rotation: Optional[Tensor], flipped_coords: Optional[Tensor], flipped_scores: Optional[Tensor],
         flip_perm: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
-    from ._utils import triton_interpret
-
     if backend == "triton" and not coords.is_cuda and not triton_interpret():
         backend = "reference"
     kp, sc = _run(coords, scores, center, scale, crop_h, crop_w, rotation, flipped_coords, flipped_scores,

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attention import add_pos_layernorm_reference
 from ._utils import (agrees_at_dtype, annotate, check_tensor, env_switch, fp32_dot_precision, lazy_module,
                      select_triton_backend, timed_choice)
 
@@ -342,27 +343,13 @@ def fused_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_wei
 # ----------------------------------------------------------------------------- + residual + LayerNorm
 
 
-def _add_pos_norm(out: Tensor, residual: Tensor, pos: Optional[Tensor], norm_weight, norm_bias, eps: float):
-    x_out = residual + out
-    if pos is not None:
-        p, start = pos.shape[-2], x_out.shape[1] - pos.shape[-2]
-        x_out = torch.cat((x_out[:, :start], x_out[:, start:] + pos.reshape(p, x_out.shape[-1])), dim=1)
-    x_out = x_out.to(residual.dtype)  # the kernels' (and fake kernels') dtype, whatever out's and pos's
-    # LayerNorm parameters of another dtype (the kernels take any): F.layer_norm takes x_out's
-    # dtype, or float32 ones with a 16-bit x_out; the cast is exact where the kernels' is
-    pdt = x_out.dtype if x_out.dtype in (torch.float32, torch.float64) else torch.float32
-    norm_weight, norm_bias = (t.to(pdt) if t is not None and t.dtype not in (x_out.dtype, pdt) else t
-                              for t in (norm_weight, norm_bias))
-    # y in x_out's dtype (under autocast layer_norm would return fp32)
-    return x_out, F.layer_norm(x_out, (x_out.shape[-1],), norm_weight, norm_bias, eps).to(x_out.dtype)
-
-
 def linear_add_norm_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor,
                               norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], eps: float = 1e-5,
                               pos: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``x_out = residual + F.linear(x, weight, bias)`` (+ pos on the last P tokens),
     ``(x_out, F.layer_norm(x_out, ...))``."""
-    return _add_pos_norm(F.linear(x, weight, bias), residual, pos, norm_weight, norm_bias, eps)
+    # the residual stream is the reference's x: x_out in its dtype
+    return add_pos_layernorm_reference(residual, pos, norm_weight, norm_bias, eps, residual=F.linear(x, weight, bias))
 
 
 def fused_mlp_add_norm_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
@@ -370,8 +357,8 @@ def fused_mlp_add_norm_reference(x: Tensor, fc1_weight: Tensor, fc1_bias: Option
                                  norm_bias: Optional[Tensor], eps: float = 1e-5,
                                  pos: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``linear_add_norm_reference`` with the MLP ``fused_mlp_reference(x, ...)`` as the output."""
-    return _add_pos_norm(fused_mlp_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias), residual, pos,
-                         norm_weight, norm_bias, eps)
+    return add_pos_layernorm_reference(residual, pos, norm_weight, norm_bias, eps,
+                                       residual=fused_mlp_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
 
 
 def _check_add_norm(x: Tensor, n: int, residual: Tensor, norm_weight, norm_bias, pos) -> Optional[Tensor]:

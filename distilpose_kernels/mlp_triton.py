@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._triton_helpers import dot as _dot
 from ._triton_helpers import layernorm_rows
-from ._utils import cdiv, fp32_dot_precision, triton_interpret
+from ._utils import cdiv, contiguous_vectors, fp32_dot_precision, triton_interpret
 
 _INTERPRET = triton_interpret()
 
@@ -110,7 +110,7 @@ def linear_gelu_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     """x2 (M, K) any strides, weight (N, K), bias (N,) or None -> (M, N) in x2's dtype."""
     m, k = x2.shape
     n = weight.shape[0]
-    bias = bias.contiguous() if bias is not None else None  # the kernel reads it as contiguous
+    (bias,) = contiguous_vectors(bias)
     y = _new_output((m, n), device=x2.device, dtype=x2.dtype)
     if m == 0 or n == 0:
         return y
@@ -226,9 +226,7 @@ def _epilogue_args(residual: torch.Tensor, pos: Optional[torch.Tensor], norm_wei
     residual (N, L, C); pos (P, C) or None."""
     L = residual.shape[1]
     p = pos.shape[0] if pos is not None else 0
-    # the LayerNorm weight and bias are read as contiguous
-    norm_weight = norm_weight.contiguous() if norm_weight is not None else None
-    norm_bias = norm_bias.contiguous() if norm_bias is not None else None
+    norm_weight, norm_bias = contiguous_vectors(norm_weight, norm_bias)
     tensors = (residual, pos if pos is not None else residual,
                norm_weight if norm_weight is not None else residual, norm_bias if norm_bias is not None else residual)
     strides = (*residual.stride(), *(pos.stride() if pos is not None else (0, 0)))
@@ -243,7 +241,7 @@ def linear_add_norm_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Option
     -> (x_out, y), each (M, N) in residual's dtype."""
     m, k = x2.shape
     n = weight.shape[0]
-    bias = bias.contiguous() if bias is not None else None  # the kernel reads it as contiguous
+    (bias,) = contiguous_vectors(bias)
     x_out = _new_output((m, n), device=x2.device, dtype=residual.dtype)
     y = _new_output((m, n), device=x2.device, dtype=residual.dtype)
     if m == 0:
@@ -312,7 +310,7 @@ def mlp_forward(x2: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], 
     dtype; with ``residual`` (B, L, N), B*L == M: (x_out, y) of the add + LayerNorm epilogue."""
     m, k = x2.shape
     hid, n = w1.shape[0], w2.shape[0]
-    b1, b2 = (b.contiguous() if b is not None else None for b in (b1, b2))  # the kernel reads them as contiguous
+    b1, b2 = contiguous_vectors(b1, b2)
     add_norm = residual is not None
     y = _new_output((m, n), device=x2.device, dtype=residual.dtype if add_norm else x2.dtype)
     x_out = _new_output((m, n), device=x2.device, dtype=residual.dtype) if add_norm else y

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-
 import hashlib
 import json
 import os
@@ -31,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..checkpoint import build_model_from_meta, load_checkpoint, model_from_checkpoint, read_checkpoint, save_checkpoint  # noqa: F401
+from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from ..losses import teacher_loss
 from ..models import build_model
 from ..models.distiller import Distiller, LossWeights
@@ -723,21 +722,26 @@ class Trainer:
     def _set_aside_previous_run(self) -> Optional[str]:
         """A fresh run (no resume) in a work dir that holds an earlier run's files moves them to
         ``work_dir/previous-<time>/`` first: nothing the earlier run wrote is overwritten."""
-        names = [n for n in (os.path.basename(p) for p in (self.last_path, self.best_path, self.metrics_path))
-                 if os.path.exists(os.path.join(self.work_dir, n))]
-        if not names:
+        found = [p for p in (self.last_path, self.best_path, self.metrics_path) if os.path.exists(p)]
+        if not found:
             return None
-        dest = os.path.join(self.work_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
-        i = 1
+        config = os.path.join(self.work_dir, "config.yaml")
+        stamp = os.path.join(self.work_dir, time.strftime("previous-%Y%m%d-%H%M%S"))
+        dest, i = stamp, 1
         while os.path.exists(dest):
-            dest = os.path.join(self.work_dir, time.strftime("previous-%Y%m%d-%H%M%S") + f"-{i}")
-            i += 1
+            dest, i = f"{stamp}-{i}", i + 1
         os.makedirs(dest)
-        for n in names + (["config.yaml"] if os.path.exists(os.path.join(self.work_dir, "config.yaml")) else []):
-            os.replace(os.path.join(self.work_dir, n), os.path.join(dest, n))
+        for p in found + ([config] if os.path.exists(config) else []):
+            os.replace(p, os.path.join(dest, os.path.basename(p)))
         print(f"{self.cfg.name}: {self.work_dir} held an earlier run; its files were moved to {dest} "
               "(pass --resume to continue a run instead)")
         return dest
+
+    def _summary(self, finished: bool, stop_reason: Optional[str], train_s: float) -> Dict[str, Any]:
+        return {"finished": finished, "stop_reason": stop_reason, "epoch": self.epoch, "global_step": self.global_step,
+                "train_s": train_s, "best_AP": self.best_metric, "best_epoch": self.best_epoch,
+                "last_eval": self.last_eval, "last_path": self.last_path,
+                "best_path": self.best_path if self.best_metric is not None else None}
 
     def _fit(self, resume: Optional[str]) -> Dict[str, Any]:
         cfg = self.cfg
@@ -751,10 +755,8 @@ class Trainer:
             if self.info.is_main:
                 print(f"{cfg.name}: {resume} is already at epoch {self.epoch}, step {self.global_step}: nothing to do "
                       "(raise optim.epochs / max_steps to train further)")
-            return {"finished": self.epoch >= cfg.optim.epochs, "stop_reason": None if self.epoch >= cfg.optim.epochs else "max_steps",
-                    "epoch": self.epoch, "global_step": self.global_step, "train_s": 0.0, "best_AP": self.best_metric,
-                    "best_epoch": self.best_epoch, "last_eval": self.last_eval, "last_path": self.last_path,
-                    "best_path": self.best_path if self.best_metric is not None else None}
+            finished = self.epoch >= cfg.optim.epochs
+            return self._summary(finished, None if finished else "max_steps", 0.0)
         self._open_tensorboard()
         self.model.train()
         stopped = False
@@ -828,18 +830,8 @@ class Trainer:
         finally:
             if self._tb is not None:
                 self._tb.close()
-        summary: Dict[str, Any] = {
-            "finished": not stopped,
-            "stop_reason": self.stop_reason if stopped else None,
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "train_s": round(time.perf_counter() - t_start, 2),
-            "best_AP": self.best_metric,
-            "best_epoch": self.best_epoch,
-            "last_eval": self.last_eval,
-            "last_path": self.last_path,
-            "best_path": self.best_path if self.best_metric is not None else None,
-        }
+        summary = self._summary(not stopped, self.stop_reason if stopped else None,
+                                round(time.perf_counter() - t_start, 2))
         if self.info.distributed:
             digests = _all_gather_object(params_digest(self.model), self.info)
             summary["param_digests"] = digests
