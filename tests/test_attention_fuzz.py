@@ -11,25 +11,11 @@ import torch
 
 import distilpose_kernels as dk
 from distilpose_kernels import attention as attn_mod
+from test_attention import _ref_fwd_bwd, _triton_fwd_bwd
 
 triton = pytest.importorskip("triton")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _attn_64(qkv, h, dout, scale=None):
-    """float64 reference output and dqkv."""
-    x = qkv.detach().double().requires_grad_()
-    out = dk.token_attention_reference(x, h, scale)
-    (g,) = torch.autograd.grad(out, x, dout.double())
-    return out.detach(), g
-
-
-def _attn_tri(qkv, h, dout, scale=None):
-    x = qkv.detach().clone().requires_grad_()
-    out = dk.token_attention(x, h, scale, backend="triton")
-    (g,) = torch.autograd.grad(out, x, dout)
-    return out.detach(), g
 
 
 def _apln_run(fn, x, pos, w, b, res, gxo, gy):
@@ -71,8 +57,8 @@ def test_attention_odd_shapes_transposed_input_vs_float64(n, L, h, d):
     g = torch.Generator().manual_seed(L * 31 + d)
     qkv = torch.randn(L, n, 3 * h * d, generator=g).to(DEV).transpose(0, 1)
     dout = torch.randn(n, L, h * d, generator=g).to(DEV)
-    out, gq = _attn_tri(qkv, h, dout)
-    out_r, g_r = _attn_64(qkv, h, dout)
+    out, gq = _triton_fwd_bwd(qkv, h, dout)
+    out_r, g_r = _ref_fwd_bwd(qkv, h, dout)
     assert out.dtype == gq.dtype == torch.float32 and out.shape == (n, L, h * d) and gq.shape == qkv.shape
     torch.testing.assert_close(out.double(), out_r, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(gq.double(), g_r, atol=5e-5, rtol=1e-4)
@@ -114,7 +100,7 @@ def test_attention_autocast_dtype_matches_reference(src):
     (o_r, g_r), (o_t, g_t) = outs["reference"], outs["triton"]
     assert o_t.dtype == o_r.dtype == dt
     assert g_t.dtype == g_r.dtype == src
-    o64, _ = _attn_64(qkv.to(dt), 2, torch.zeros(2, 7, 48, device=DEV))
+    o64, _ = _ref_fwd_bwd(qkv.to(dt), 2, torch.zeros(2, 7, 48, device=DEV))
     torch.testing.assert_close(o_t.double(), o64, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(g_t.float(), g_r.float(), atol=5e-2, rtol=5e-2)
     # float64 is left alone by autocast (and so goes to the reference, in float64)
@@ -132,8 +118,8 @@ def test_attention_nonfinite_stays_in_its_rows_and_heads():
             qkv = torch.randn(n, L, 3 * h * d, device=DEV)
             qkv[0, 3, col] = val
             dout = torch.randn(n, L, h * d, device=DEV)
-            out, g = _attn_tri(qkv, h, dout)
-            out_r, g_r = _attn_64(qkv, h, dout)
+            out, g = _triton_fwd_bwd(qkv, h, dout)
+            out_r, g_r = _ref_fwd_bwd(qkv, h, dout)
             assert torch.equal(torch.isfinite(out), torch.isfinite(out_r)), (val, col)
             assert torch.isfinite(out[1]).all() and torch.isfinite(out[0, :, d:]).all()
             assert torch.isfinite(g[1]).all()

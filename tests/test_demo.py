@@ -8,7 +8,7 @@ import cv2
 
 from distilpose.cli import main
 from distilpose.demo import choose_out_dir, format_table
-from distilpose.training.trainer import model_from_checkpoint
+from distilpose.checkpoint import model_from_checkpoint
 
 
 def test_demo_tiny_end_to_end(tmp_path, monkeypatch, capsys):

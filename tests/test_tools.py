@@ -19,6 +19,19 @@ def _run_tool(args, **kw):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
 
 
+def _skip_without_sm90_compiler() -> None:
+    """The static-resource tools compile for sm_90 on the CPU machine (on a GPU machine the
+    candidates are timed instead); they need Triton's NVIDIA backend."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU machine times the candidates instead")
+    try:
+        from triton.backends import backends
+    except ImportError:
+        pytest.skip("Triton is not installed")
+    if "nvidia" not in backends:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+
+
 def test_host_overhead_tool(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "host.json"
@@ -51,14 +64,7 @@ def test_count_kernels_tool_tde_fusions_cut_the_kernels_per_layer(tmp_path):
 
 
 def test_kernel_resources_tool_loss_candidates(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("the GPU machine times the candidates instead")
-    try:
-        from triton.backends import backends
-    except ImportError:
-        pytest.skip("Triton is not installed")
-    if "nvidia" not in backends:
-        pytest.skip("Triton's NVIDIA backend is not installed")
+    _skip_without_sm90_compiler()
     out = tmp_path / "res.json"
     proc = _run_tool(["tools/kernel_resources.py", "--hw", "16", "32", "--json", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -116,14 +122,7 @@ def test_profile_ops_distill_cases_and_host_profile_run_on_cpu(monkeypatch):
 def test_gemm_resources_tool_add_norm_tiles(tmp_path):
     """The GEMM + add + LayerNorm tiles compile for sm_90 with 3xTF32 dots, without spills, and
     at least one program fits an SM (Triton's dynamic shared memory counted)."""
-    if torch.cuda.is_available():
-        pytest.skip("the GPU machine times the tiles instead")
-    try:
-        from triton.backends import backends
-    except ImportError:
-        pytest.skip("Triton is not installed")
-    if "nvidia" not in backends:
-        pytest.skip("Triton's NVIDIA backend is not installed")
+    _skip_without_sm90_compiler()
     out = tmp_path / "gemm.json"
     proc = _run_tool(["tools/gemm_resources.py", "--only", "linear_add_norm", "--precision", "tf32x3",
                       "--json", str(out)])

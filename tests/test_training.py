@@ -17,7 +17,8 @@ from distilpose.training import Trainer, apply_overrides, get_preset, resolve_co
 from distilpose.training.config import TrainConfig, parse_override, save_config
 from distilpose.training.optim import build_optimizer, build_scheduler
 from distilpose.training.synthetic import SyntheticPoseDataset
-from distilpose.training.trainer import StopTraining, model_from_checkpoint
+from distilpose.checkpoint import model_from_checkpoint
+from distilpose.training.trainer import StopTraining
 
 SMALL = (64, 48)
 
