@@ -849,6 +849,44 @@ def print_table(rows: List[Dict[str, Any]], stages: List[Stage], device: str) ->
 # ----------------------------------------------------------------------------- main
 
 
+def write_summary(r: "Runner", stages: List[Stage], budget: float, has_gpu: bool, partial: bool):
+    """Write ``gpu_check-<device>.json`` (atomically): stages so far, ceilings, goal table."""
+    benchmarks = _load_benchmarks(list(r.bench_files.values()))
+    rows = evaluate_goals(benchmarks, r.ceilings)
+    summary = {
+        "device": r.device,
+        "has_gpu": has_gpu,
+        "partial": partial,
+        "elapsed_s": round(r.elapsed(), 1),
+        "budget_s": budget,
+        "ceilings": r.ceilings,
+        "env": next((s.result.get("info") for s in stages if s.name == "env"), None),
+        "stages": {s.name: s.result for s in stages},
+        "bench_files": {k: os.path.basename(v) for k, v in r.bench_files.items()},
+        "goals": rows,
+        "selections": {k: {"file": v[0], "k": v[1]} for k, v in BENCH_SELECTIONS.items()},
+    }
+    summary_path = r.out_dir / f"gpu_check-{r.tag}.json"
+    tmp = summary_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    os.replace(tmp, summary_path)
+    return rows, summary_path
+
+
+def write_bundle(out_dir: Path, bundle: Path) -> None:
+    """One .tgz of every output file so far (written to a temp name, then renamed)."""
+    import tarfile
+
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    tmp = bundle.with_name(bundle.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for f in sorted(out_dir.iterdir()):
+            # build.log.tmp is the CUDA build's log (kept under that name while the build runs)
+            if f.is_file() and f != bundle and (not f.name.endswith(".tmp") or f.name == "build.log.tmp"):
+                tar.add(f, arcname=f.name)
+    os.replace(tmp, bundle)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="list the stages and their limits; run nothing")
@@ -857,6 +895,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default: $OUT, else bench/results)")
     ap.add_argument("--only", default=None, help="comma-separated stage names to run")
     ap.add_argument("--skip", default="", help="comma-separated stage names to skip (e.g. build)")
+    ap.add_argument("--bundle", default=None, metavar="PATH.tgz",
+                    help="after every stage, (re)write one .tgz of all outputs so far (atomically): for a "
+                         "device tool that returns only a few files, and survives a kill mid-run")
     ap.add_argument("--quick", action="store_true",
                     help="tests-triton runs tests/test_gpu_kernels.py only (the device-only tests)")
     ap.add_argument("--combine", default=None, metavar="OUT.json",
@@ -953,25 +994,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         except Exception as e:  # noqa: BLE001 - one stage never stops the rest
             st.result = {"status": "error", "why": f"{type(e).__name__}: {e}"}
         r.say(f"   -> {st.result.get('status')} ({st.result.get('seconds', 0)} s)")
+        if args.bundle:
+            write_summary(r, stages, args.budget, has_gpu, partial=True)
+            write_bundle(out_dir, Path(args.bundle))
 
-    benchmarks = _load_benchmarks(list(r.bench_files.values()))
-    rows = evaluate_goals(benchmarks, r.ceilings)
-    summary = {
-        "device": r.device,
-        "has_gpu": has_gpu,
-        "elapsed_s": round(r.elapsed(), 1),
-        "budget_s": args.budget,
-        "ceilings": r.ceilings,
-        "env": next((s.result.get("info") for s in stages if s.name == "env"), None),
-        "stages": {s.name: s.result for s in stages},
-        "bench_files": {k: os.path.basename(v) for k, v in r.bench_files.items()},
-        "goals": rows,
-        "selections": {k: {"file": v[0], "k": v[1]} for k, v in BENCH_SELECTIONS.items()},
-    }
-    summary_path = out_dir / f"gpu_check-{r.tag}.json"
-    tmp = summary_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, summary_path)
+    rows, summary_path = write_summary(r, stages, args.budget, has_gpu, partial=False)
     table = print_table(rows, stages, r.device)
     if r.log:
         r.log.write("\n" + table + "\n")
