@@ -413,7 +413,16 @@ def test_gpu_cudnn_and_auto_match_float64(shape, dtype, channels_last, residual)
     (x, w, b, r), ref_in, args = _make(shape, dtype=dtype, residual=residual, channels_last=channels_last,
                                        device="cuda")
     want = _expected64(*ref_in, args)  # float64 on the device (cuDNN's fp64 path)
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=5e-3, atol=5e-3)  # TF32 convs
+    # First-order forward error bound of a rounded conv + bias + residual + ReLU: 6 roundings
+    # (x, w, b, r to the dtype, the conv output, the sum; TF32 operands for fp32 convs) of unit
+    # roundoff u, each at most u times the magnitude of the terms summed, conv(|x|, |w|) + |b| + |r|.
+    # Relative to the output it cannot be: cancellation brings outputs near 0.
+    x64, w64, b64, r64 = ref_in
+    terms = F.conv2d(x64.abs(), w64.abs(), b64.abs() if b64 is not None else None, args["stride"],
+                     args["padding"], args["dilation"], args["groups"])
+    terms = terms + r64.abs() if r64 is not None else terms
+    unit_roundoff = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-11}[dtype]
+    rel = 6 * unit_roundoff
     for backend in ("cudnn", "auto", "reference"):
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="conv2d_relu")  # "auto" must not reject the fused op
@@ -421,7 +430,10 @@ def test_gpu_cudnn_and_auto_match_float64(shape, dtype, channels_last, residual)
         assert got.dtype == dtype
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         assert got.is_contiguous(memory_format=fmt), backend
-        torch.testing.assert_close(got.double(), want, **tol)
+        err = (got.double() - want).abs()
+        assert not err.isnan().any(), backend
+        ratio = float((err / (rel * terms + 1e-6)).max())
+        assert ratio <= 1.0, (backend, ratio, float(err.max()))
 
 
 @pytest.mark.gpu
@@ -454,21 +466,34 @@ def test_gpu_backward_through_the_fused_forward(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["distilpose_s", "tokenpose_teacher"])
-def test_gpu_engine_with_fused_epilogues_matches(preset):
+def test_gpu_engine_with_fused_epilogues_matches(preset, monkeypatch):
     from distilpose.models import build_model
     from distilpose.runtime import InferenceEngine
 
+    # fp32 convs in every path: TF32 rounding differs between cuDNN's fused and unfused algorithms
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = build_model(preset).eval()
     _random_bn_stats(model)
     crops = torch.randn(4, 3, *model.input_size, device="cuda")
-    a = InferenceEngine(model, device="cuda", fold_bn=True, fuse_epilogues=False, fuse_pos_norm=False,
-                        fuse_mlp=False, triton_linears=False, mlp_kernel=False, fuse_add_norm=False)(crops)
-    b = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True, precision="bf16",
-                        cast_model=True, channels_last=True)(crops)
-    c = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True)(crops)
-    torch.testing.assert_close(c["keypoints"], a["keypoints"], rtol=1e-3, atol=0.05)
-    err = (b["keypoints"] - a["keypoints"]).abs()
-    assert float(err.median()) < 1.0  # bf16 end to end: pixels of a 256x192 crop
+    engines = dict(
+        a=InferenceEngine(model, device="cuda", fold_bn=True, fuse_epilogues=False, fuse_pos_norm=False,
+                          fuse_mlp=False, triton_linears=False, mlp_kernel=False, fuse_add_norm=False),
+        b=InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True, precision="bf16",
+                          cast_model=True, channels_last=True),
+        c=InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True),
+    )
+    if engines["a"].kind == "student":
+        a, b, c = (engines[k](crops) for k in "abc")
+        torch.testing.assert_close(c["keypoints"], a["keypoints"], rtol=1e-3, atol=0.05)
+        err = (b["keypoints"] - a["keypoints"]).abs()
+        assert float(err.median()) < 1.0  # bf16 end to end: pixels of a 256x192 crop
+    else:
+        # a heatmap model at random init has near-tied peaks: its decoded argmax jumps between
+        # pixels on rounding noise, so the fused paths are compared on the heatmaps themselves
+        with torch.no_grad():
+            a, b, c = (engines[k]._model_out(crops)["heatmaps"].float() for k in "abc")
+        torch.testing.assert_close(c, a, rtol=1e-3, atol=1e-3 * float(a.abs().max()))
+        assert float((b - a).norm() / a.norm()) < 2e-2  # bf16 end to end
 
 
 def test_engine_fuses_the_pos_norm_step_by_default_and_not_under_compile():

@@ -5,6 +5,8 @@ import math
 import os
 import subprocess
 import sys
+import warnings
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -548,13 +550,19 @@ def test_cuda_soft_argmax_matches_cpu(dtype, shape):
                                atol=gtol * xr.grad.float().nan_to_num().abs().max().item(), rtol=0)
 
 
-def _cuda_kernel_names(fn) -> str:
+def _cuda_kernel_names(fn) -> Optional[str]:
+    """Names of the CUDA kernels ``fn`` launches; None where the profiler records nothing
+    (CUPTI held by another tool: under compute-sanitizer, which then checks the launches)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return " ".join(e.name for e in prof.events())
+    names = " ".join(e.name for e in prof.events())
+    if not names:
+        warnings.warn("torch.profiler recorded no CUDA kernels (CUPTI unavailable): kernel names not checked")
+        return None
+    return names
 
 
 @pytest.mark.gpu
@@ -573,7 +581,7 @@ def test_cuda_soft_argmax_vec_kernel_matches_cpu(dtype, shape, monkeypatch):
     xc = x.cuda().requires_grad_(True)
     out = {}
     names = _cuda_kernel_names(lambda: out.update(r=dk.soft_argmax(xc, 2.0, backend="cuda")))
-    assert "soft_argmax_fwd_vec_kernel" in names, names
+    assert names is None or "soft_argmax_fwd_vec_kernel" in names, names
     c, f = out["r"]
     (c * g.cuda()).nan_to_num().sum().backward()
     xr = x.clone().requires_grad_(True)
@@ -596,7 +604,7 @@ def test_cuda_soft_argmax_vec_kernel_falls_back(monkeypatch):
     shifted = base.view(-1)[1:].view(3, 1, 8, 8)
     for x in (odd, shifted):
         names = _cuda_kernel_names(lambda: dk.soft_argmax(x, 1.0, backend="cuda"))
-        assert "soft_argmax_fwd_vec_kernel" not in names and "soft_argmax_fwd" in names, names
+        assert names is None or ("soft_argmax_fwd_vec_kernel" not in names and "soft_argmax_fwd" in names), names
         c, f = dk.soft_argmax(x, 1.0, backend="cuda")
         rc, rf = D.soft_argmax_reference(x.cpu(), 1.0)
         torch.testing.assert_close(c.cpu(), rc, atol=3e-3, rtol=0)

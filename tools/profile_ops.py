@@ -123,6 +123,17 @@ def cases(dev: torch.device) -> List[tuple]:
         return torch.autograd.grad(reg + 0.01 * sl, (c, s, sc))
 
     out.append(("simulated_heatmap_loss fwd+bwd N=256", loss, t.numel() * 4 + n * k * 11 * 4))
+
+    def loss_default_tile():  # what the tile tuner buys: the same call on the heuristic tile
+        from distilpose_kernels import heatmap_triton as hmt
+
+        old, hmt.TILE_OVERRIDE = hmt.TILE_OVERRIDE, hmt.default_loss_tile(h, w)
+        try:
+            return loss()
+        finally:
+            hmt.TILE_OVERRIDE = old
+
+    out.append(("simulated_heatmap_loss fwd+bwd N=256 default tile", loss_default_tile, t.numel() * 4 + n * k * 11 * 4))
     # soft-argmax forward N=256, DARK decode N=256
     x = (torch.randn(n, k, h, w, generator=g) * 3).to(dev)
     out.append(("soft_argmax fwd N=256", lambda: dk.soft_argmax(x), x.numel() * 4 + n * k * 3 * 4))
@@ -190,6 +201,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--no-host", action="store_true", help="skip the cProfile part")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated name fragments: profile only the cases whose name contains one")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_ops: no CUDA device; nothing to profile")
@@ -203,6 +216,12 @@ def main(argv=None) -> int:
             atomic_write(args.json, json.dumps(report, indent=1))
 
     all_cases = cases(dev)
+    if args.only:
+        frags = [f.strip() for f in args.only.split(",") if f.strip()]
+        all_cases = [c for c in all_cases if any(f in c[0] for f in frags)]
+        if not all_cases:
+            print(f"profile_ops: no case name contains any of {frags}", file=sys.stderr)
+            return 2
     op_cases = [c for c in all_cases if not c[0].startswith("e2e")]
     e2e_cases = [c for c in all_cases if c[0].startswith("e2e")]
 
