@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import distilpose_kernels as dk
 from sm90 import compile_for_sm90
 from distilpose_kernels import mlp as mlp_mod
+from distilpose_kernels._utils import fp32_dot_precision
 
 triton = pytest.importorskip("triton")
 
@@ -247,7 +248,7 @@ def test_fused_mlp_auto_choice_key_and_fp32_tolerance(tuner, monkeypatch):
     # the device index and the fp32 dot precision are those of the tensors' real device
     # (None / "ieee" on a CPU machine; 0 / the GPU's fp32 dot precision on a GPU machine)
     x = args[0]
-    want_precision = "ieee" if x.device.type == "cpu" else _utils.fp32_dot_precision(x.device)
+    want_precision = "ieee" if x.device.type == "cpu" else fp32_dot_precision(x.device)
     assert seen == [(("mlp", 5, 8, 16, 4, torch.float32, x.device.index, want_precision), "fused_mlp")]
     torch.testing.assert_close(got, dk.fused_mlp_reference(*args))
 
@@ -502,8 +503,9 @@ def test_fp32_dot_precision_reaches_the_gemm_and_attention_kernels(monkeypatch, 
     seen = []
     monkeypatch.setattr(mlp_triton, "_linear_gelu_kernel", _Spy(mlp_triton._linear_gelu_kernel, seen))
     monkeypatch.setattr(attention_triton, "_RAW", {k: _Spy(f, seen) for k, f in attention_triton._RAW.items()})
-    # every launch through the spied raw kernels: the GPU's autotuner launches its own copies
+    # every launch through the spied raw kernels: on a GPU the autotuners launch their own copies
     monkeypatch.setattr(attention_triton, "AUTOTUNE", False)
+    monkeypatch.setattr(mlp_triton, "TILE_OVERRIDE", mlp_triton.DEFAULT_TILE)
     matmul_tf32(False)
     x = torch.randn(1, 5, 48, device=DEV, requires_grad=True)
     w = torch.randn(48, 48, device=DEV)
