@@ -69,14 +69,17 @@ def _bench(benchmark, fn, device, nbytes, **extra):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", IMPLS + ("extension_vec",))
+@pytest.mark.parametrize("impl", IMPLS + ("extension_scalar",))
 @pytest.mark.parametrize("n", N_VALUES)
 def test_soft_argmax_forward(benchmark, monkeypatch, device, impl, n):
-    """``extension_vec``: the vectorised CUDA forward (DISTILPOSE_SOFTARGMAX_VEC=1, opt-in)."""
-    if impl == "extension_vec":
+    """``extension``: the default CUDA forward (the vectorised kernel); ``extension_scalar``:
+    the scalar kernels (DISTILPOSE_SOFTARGMAX_VEC=0)."""
+    if impl == "extension_scalar":
         if device != "cuda":
-            pytest.skip("the vectorised kernel is CUDA only")
-        monkeypatch.setenv(VEC_ENV, "1")
+            pytest.skip("the vectorised / scalar choice is CUDA only")
+        monkeypatch.setenv(VEC_ENV, "0")
+    elif impl == "extension":
+        monkeypatch.delenv(VEC_ENV, raising=False)
     _skip_unless(impl, device)
     benchmark.group = f"soft_argmax fwd {device} N={n}"
     x = _maps(n, device)
@@ -95,18 +98,17 @@ def test_soft_argmax_forward(benchmark, monkeypatch, device, impl, n):
 def test_soft_argmax_forward_cudagraph(benchmark, monkeypatch, n, kernel):
     """The extension's forward captured in CUDA graphs (one per rotated input copy): device time
     without the per-call Python and launch overhead, the number the bandwidth goal is about.
-    ``vec``: the vectorised kernel (DISTILPOSE_SOFTARGMAX_VEC=1)."""
+    ``vec``: the vectorised kernel (the default), ``scalar``: DISTILPOSE_SOFTARGMAX_VEC=0."""
     impl, device = "extension", "cuda"
     _skip_unless(impl, device)
-    if kernel == "vec":
-        monkeypatch.setenv(VEC_ENV, "1")
+    monkeypatch.setenv(VEC_ENV, "1" if kernel == "vec" else "0")
     benchmark.group = f"soft_argmax fwd {device} N={n}"
     x = _maps(n, device)
     nbytes = x.numel() * x.element_size() + n * K * 3 * 4
     f = _soft_argmax_fn(impl, device)
     xs = [x] + [x.clone() for _ in range(input_copies(nbytes, device) - 1)]
     replays = [cuda_graph(functools.partial(f, xi)) for xi in xs]
-    name = "extension_cudagraph" if kernel == "scalar" else "extension_vec_cudagraph"
+    name = "extension_scalar_cudagraph" if kernel == "scalar" else "extension_cudagraph"
     out = _bench(benchmark, rotate(replays), device, nbytes, op="soft_argmax_fwd", impl=name, n=n,
                  shape=[n, K, H, W], input_copies=len(replays), cuda_graph=True)
     assert torch.isfinite(out[0]).all()

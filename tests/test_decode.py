@@ -529,7 +529,8 @@ def test_soft_argmax_module():
 # and 32 per thread: 35, 825, 3072 and 4800 px), the streaming two-pass block loop (12288 px)
 @pytest.mark.parametrize("shape", [(4, 17, 64, 48), (3, 5, 7, 5), (2, 7, 33, 25), (2, 3, 80, 60), (2, 3, 128, 96)],
                          ids=str)
-def test_cuda_soft_argmax_matches_cpu(dtype, shape):
+def test_cuda_soft_argmax_matches_cpu(dtype, shape, monkeypatch):
+    monkeypatch.setenv("DISTILPOSE_SOFTARGMAX_VEC", "0")  # the scalar kernels (the vector one: below)
     n, k, h, w = shape
     x = logits(n, k, h, w, dtype=dtype)
     x[0, 0, 3, 3] = float("nan")
@@ -569,10 +570,15 @@ def _cuda_kernel_names(fn) -> Optional[str]:
 @pytest.mark.parametrize("dtype", FLOATS)
 # fp32: 1, 2, 4 and 8 vectors per thread (24, 1632, 3072, 7680 px); fp16/bf16: 1, 1, 2, 4
 @pytest.mark.parametrize("shape", [(2, 3, 1, 24), (2, 5, 17, 96), (4, 17, 64, 48), (2, 3, 96, 80)], ids=str)
-def test_cuda_soft_argmax_vec_kernel_matches_cpu(dtype, shape, monkeypatch):
-    """The vectorised forward (DISTILPOSE_SOFTARGMAX_VEC=1) runs and agrees with the CPU path,
-    NaN and all -inf maps included; its saved maximum drives a correct backward."""
-    monkeypatch.setenv("DISTILPOSE_SOFTARGMAX_VEC", "1")
+@pytest.mark.parametrize("switch", [None, "1", " On "], ids=["default", "1", "on"])
+def test_cuda_soft_argmax_vec_kernel_matches_cpu(dtype, shape, switch, monkeypatch):
+    """The vectorised forward (the default; DISTILPOSE_SOFTARGMAX_VEC unset or on) runs and
+    agrees with the CPU path, NaN and all -inf maps included; its saved maximum drives a
+    correct backward."""
+    if switch is None:
+        monkeypatch.delenv("DISTILPOSE_SOFTARGMAX_VEC", raising=False)
+    else:
+        monkeypatch.setenv("DISTILPOSE_SOFTARGMAX_VEC", switch)
     n, k, h, w = shape
     x = logits(n, k, h, w, dtype=dtype)
     x[0, 0, 0, min(3, w - 1)] = float("nan")
@@ -592,6 +598,22 @@ def test_cuda_soft_argmax_vec_kernel_matches_cpu(dtype, shape, monkeypatch):
     gtol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(xc.grad.cpu().float().nan_to_num(), xr.grad.float().nan_to_num(),
                                atol=gtol * xr.grad.float().nan_to_num().abs().max().item(), rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("switch", ["0", "off", " FALSE "])
+def test_cuda_soft_argmax_vec_kernel_switched_off(switch, monkeypatch):
+    """DISTILPOSE_SOFTARGMAX_VEC=0/off/false runs the scalar kernel on an input the vector
+    kernel would take, with the same result."""
+    x = logits(4, 17, 64, 48).cuda()
+    monkeypatch.delenv("DISTILPOSE_SOFTARGMAX_VEC", raising=False)
+    want = dk.soft_argmax(x, 2.0, backend="cuda")
+    monkeypatch.setenv("DISTILPOSE_SOFTARGMAX_VEC", switch)
+    names = _cuda_kernel_names(lambda: dk.soft_argmax(x, 2.0, backend="cuda"))
+    assert names is None or ("soft_argmax_fwd_vec_kernel" not in names and "soft_argmax_fwd" in names), names
+    got = dk.soft_argmax(x, 2.0, backend="cuda")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=3e-4 * 64, rtol=3e-4)
 
 
 @pytest.mark.gpu

@@ -69,9 +69,9 @@ def test_info_cli_reports_every_op():
                 env={"DISTILPOSE_FORCE_REFERENCE": "1"}).stdout
     assert "soft_argmax" in text and "DISTILPOSE_FORCE_REFERENCE=1" in text
     # the kernels' environment switches are reported with their current values
-    assert rep["switches"]["DISTILPOSE_SOFTARGMAX_VEC"]["default"] == "0"
-    text = _run([sys.executable, "-m", "distilpose_kernels.info"], env={"DISTILPOSE_SOFTARGMAX_VEC": "1"}).stdout
-    assert "DISTILPOSE_SOFTARGMAX_VEC=1" in text and "DISTILPOSE_HEATMAP_AUTOTUNE=" in text
+    assert rep["switches"]["DISTILPOSE_SOFTARGMAX_VEC"]["default"] == "1"
+    text = _run([sys.executable, "-m", "distilpose_kernels.info"], env={"DISTILPOSE_SOFTARGMAX_VEC": "0"}).stdout
+    assert "DISTILPOSE_SOFTARGMAX_VEC=0" in text and "DISTILPOSE_HEATMAP_AUTOTUNE=" in text
 
 
 def test_info_without_extension():

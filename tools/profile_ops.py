@@ -137,7 +137,7 @@ def cases(dev: torch.device) -> List[tuple]:
     # soft-argmax forward N=256, DARK decode N=256
     x = (torch.randn(n, k, h, w, generator=g) * 3).to(dev)
     out.append(("soft_argmax fwd N=256", lambda: dk.soft_argmax(x), x.numel() * 4 + n * k * 3 * 4))
-    out.append(("soft_argmax fwd N=256 vec kernel", _with_env("DISTILPOSE_SOFTARGMAX_VEC", "1", lambda: dk.soft_argmax(x)),
+    out.append(("soft_argmax fwd N=256 scalar kernel", _with_env("DISTILPOSE_SOFTARGMAX_VEC", "0", lambda: dk.soft_argmax(x)),
                 x.numel() * 4 + n * k * 3 * 4))
     out.append(("decode_heatmaps dark N=256", lambda: dk.decode_heatmaps(x, "dark"), x.numel() * 4 + n * k * 3 * 4))
     # training targets N=64
