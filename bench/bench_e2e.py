@@ -304,7 +304,7 @@ def _bench_train(benchmark, monkeypatch, device, student_preset, teacher_preset,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["reference", "fused", "fused_fastteacher", "fused_fastteacher_noepi",
-                                  "fused_fastteacher_cl", "fused_fastteacher_cl_graph", "fused_fastteacher_cl_graph_fpn",
+                                  "fused_fastteacher_cl", "fused_fastteacher_cl_noepi", "fused_fastteacher_cl_graph", "fused_fastteacher_cl_graph_fpn",
                                   "fused_fastteacher_cl_graph_fpn_scl"])
 def test_e2e_train_distill_b64_bf16(benchmark, monkeypatch, cuda_device, path):
     """Distillation step: DistilPose-S + frozen TokenPose teacher, batch 64, bf16."""

@@ -100,7 +100,8 @@ def _with_env(var: str, value: str, fn: Callable[[], object]) -> Callable[[], ob
     return run
 
 
-def cases(dev: torch.device) -> List[tuple]:
+def cases(dev: torch.device, want: Callable[[str], bool] = lambda name: True) -> List[tuple]:
+    """(name, fn, bytes) of every case; the end-to-end models are built only for wanted names."""
     g = torch.Generator(device="cpu").manual_seed(0)
     out = []
     # token attention, the TDE's shape, B=64 bf16
@@ -157,27 +158,35 @@ def cases(dev: torch.device) -> List[tuple]:
                                   (1, "fp32", True, {"cuda_graph": True, "fuse_epilogues": False, "fuse_pos_norm": False,
                                                      "fuse_mlp": False, "triton_linears": False,
                                                      "fuse_add_norm": False})):
+        tag = " ".join(k if v is True else f"{k}={v}" for k, v in kw.items()) or "eager"
+        name = f"e2e S b{batch} {prec} {'flip' if flip else 'noflip'} {tag}"
+        if not want(name):
+            continue
         eng = InferenceEngine(model, device=dev, precision=prec, flip_test=flip, fold_bn=True, clone_outputs=False, **kw)
         crops = torch.randn(batch, 3, 256, 192, generator=g).to(dev)
         center = torch.full((batch, 2), 200.0, device=dev)
         scale = torch.full((batch, 2), 150.0, device=dev)
-        tag = " ".join(k if v is True else f"{k}={v}" for k, v in kw.items()) or "eager"
-        out.append((f"e2e S b{batch} {prec} {'flip' if flip else 'noflip'} {tag}",
-                    (lambda e=eng, c=crops, ce=center, sc=scale: e(c, ce, sc)), None))
-    out += distill_cases(dev, g)
+        out.append((name, (lambda e=eng, c=crops, ce=center, sc=scale: e(c, ce, sc)), None))
+    out += distill_cases(dev, g, want=want)
     return out
 
 
 def distill_cases(dev: torch.device, g: torch.Generator, student: str = "distilpose_s",
-                  teacher: str = "tokenpose_teacher", batch: int = 64) -> List[tuple]:
+                  teacher: str = "tokenpose_teacher", batch: int = 64,
+                  want: Callable[[str], bool] = lambda name: True) -> List[tuple]:
     """The distillation step (student fwd + bwd, frozen teacher, Adam), bf16 autocast: the fused
-    path and the fast-teacher path (folded, fused, bf16, channels-last, CUDA graph)."""
+    path and the fast-teacher paths (folded, bf16; NCHW with and without the conv epilogues,
+    whose kernels tell why the fused epilogues were slower there on the H100; channels-last
+    in a CUDA graph)."""
     from distilpose.models import build_model
     from distilpose.models.distiller import Distiller
 
     out = []
-    fast = dict(fold_teacher_bn=True, teacher_dtype=torch.bfloat16, teacher_channels_last=True, teacher_cuda_graph=True)
-    for label, kw in (("fused", {}), ("fastteacher cl graph", fast)):
+    fast = dict(fold_teacher_bn=True, teacher_dtype=torch.bfloat16)
+    for label, kw in (("fused", {}), ("fastteacher", fast), ("fastteacher noepi", {**fast, "fuse_teacher_epilogues": False}),
+                      ("fastteacher cl graph", {**fast, "teacher_channels_last": True, "teacher_cuda_graph": True})):
+        if not want(f"e2e distill step b{batch} bf16 {label}"):
+            continue
         s_model = build_model(student).to(dev).train()
         distiller = Distiller(s_model, build_model(teacher).to(dev), **kw).to(dev)
         opt = torch.optim.Adam(s_model.parameters(), lr=1e-4)
@@ -215,9 +224,9 @@ def main(argv=None) -> int:
         if args.json:
             atomic_write(args.json, json.dumps(report, indent=1))
 
-    all_cases = cases(dev)
-    if args.only:
-        frags = [f.strip() for f in args.only.split(",") if f.strip()]
+    frags = [f.strip() for f in (args.only or "").split(",") if f.strip()]
+    all_cases = cases(dev, want=lambda name: not frags or any(f in name for f in frags))
+    if frags:
         all_cases = [c for c in all_cases if any(f in c[0] for f in frags)]
         if not all_cases:
             print(f"profile_ops: no case name contains any of {frags}", file=sys.stderr)
