@@ -51,6 +51,7 @@ _LAZY = {
     "linear_add_norm_reference": "mlp",
     "fp32_dot_precision": "_utils",
     "auto_choices": "_utils",
+    "timing_for_cuda_graphs": "_utils",
     "FP32_DOT_ENV": "_utils",
     "upsample_sum": "multiscale",
     "upsample_sum_reference": "multiscale",

@@ -4,9 +4,12 @@ Nothing here touches the GPU or imports Triton at import time.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
+import time
 import warnings
 from typing import Callable, Iterable, Optional, Sequence, TypeVar
 
@@ -202,14 +205,69 @@ def agrees_at_dtype(got: torch.Tensor, ref: torch.Tensor, tol16: float, tol32: f
     return float((got - ref).abs().max()) <= tol * float(ref.abs().max()) + 1e-6
 
 
-def cuda_time_ms(fn: Callable[[], object], rounds: int = 3, reps: int = 5) -> float:
+#: set inside ``timing_for_cuda_graphs()``: the "auto" choices made there are timed on device time
+_GRAPH_TIMING: contextvars.ContextVar = contextvars.ContextVar("distilpose_graph_timing", default=False)
+#: per device index: cycles of ``torch.cuda._sleep`` per millisecond (measured once)
+_SPIN_CYCLES_PER_MS: dict = {}
+#: longest GPU spin used to hide host time (ms)
+_MAX_SPIN_MS = 50.0
+
+
+@contextlib.contextmanager
+def timing_for_cuda_graphs():
+    """Inside this context the ops' "auto" backends decide on device time alone.
+
+    Outside it they time each path per call, host time included: right for eager calls, but at
+    small sizes a Triton kernel's launch path then outweighs its device time, and "auto" keeps
+    the unfused ops even where a CUDA graph (which replays no host work) would run the fused
+    kernel faster. Warm up and capture a graph inside this context; its decisions are cached
+    apart from the per-call ones. ``InferenceEngine(cuda_graph=True)`` and the distiller's
+    teacher graph do this.
+    """
+    token = _GRAPH_TIMING.set(True)
+    try:
+        yield
+    finally:
+        _GRAPH_TIMING.reset(token)
+
+
+def _spin_cycles_per_ms() -> float:
+    idx = torch.cuda.current_device()
+    rate = _SPIN_CYCLES_PER_MS.get(idx)
+    if rate is None:
+        cycles = 2_000_000
+        torch.cuda._sleep(cycles)  # first use loads the kernel
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        rate = _SPIN_CYCLES_PER_MS[idx] = cycles / max(start.elapsed_time(end), 1e-3)
+    return rate
+
+
+def cuda_time_ms(fn: Callable[[], object], rounds: int = 3, reps: int = 5, device_only: bool = False) -> float:
     """Best of ``rounds`` averages of ``reps`` back-to-back calls, in ms (CUDA events), after two
-    warm-up calls."""
+    warm-up calls.
+
+    ``device_only``: each round's calls are queued behind a GPU spin (``torch.cuda._sleep``) long
+    enough for the host to enqueue them all, so the events see the kernels run back to back,
+    as a CUDA graph replays them, and none of the host time between launches."""
     fn()
     fn()
+    spin = 0
+    if device_only:
+        t0 = time.perf_counter()
+        fn()
+        host_ms = (time.perf_counter() - t0) * 1e3  # enqueue time of one call (no sync)
+        torch.cuda.current_stream().synchronize()
+        spin_ms = min(_MAX_SPIN_MS, 2.0 * reps * host_ms + 0.05)
+        spin = max(1, int(_spin_cycles_per_ms() * spin_ms))
     best = float("inf")
     for _ in range(rounds):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if spin:
+            torch.cuda._sleep(spin)
         start.record()
         for _ in range(reps):
             fn()
@@ -231,16 +289,17 @@ _MAX_DECISIONS = 1024
 def auto_choices() -> list:
     """The "auto" decisions this process made, oldest first: dicts with ``op`` (the path that
     was considered), ``key`` (shape, dtype, ... as text), ``use`` ("fused" or "reference"),
-    ``why`` ("faster", "slower", "disagrees" or "failed: ...") and, when timed, ``fused_ms`` and
-    ``reference_ms``. Shows which fused ops a model actually runs on this machine."""
+    ``why`` ("faster", "slower", "disagrees" or "failed: ..."), ``timing`` ("call": per call,
+    host time included; "device": inside ``timing_for_cuda_graphs()``) and, when timed,
+    ``fused_ms`` and ``reference_ms``. Shows which fused ops a model actually runs on this machine."""
     return [dict(d) for d in _DECISIONS]
 
 
-def _record(what: str, key, choice: bool, why: str, fused_ms=None, reference_ms=None) -> None:
+def _record(what: str, key, choice: bool, why: str, fused_ms=None, reference_ms=None, timing: str = "call") -> None:
     if len(_DECISIONS) >= _MAX_DECISIONS:
         del _DECISIONS[0]
     _DECISIONS.append({"op": what, "key": str(key), "use": "fused" if choice else "reference", "why": why,
-                       "fused_ms": fused_ms, "reference_ms": reference_ms})
+                       "fused_ms": fused_ms, "reference_ms": reference_ms, "timing": timing})
 
 
 def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor],
@@ -252,13 +311,19 @@ def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], ref
     disagreement warns (``what`` names the path, e.g. "conv2d_relu: the fused cuDNN op") and
     picks the reference. Nothing is decided (the reference runs, nothing is cached) inside a
     CUDA-graph capture or on non-finite outputs, where the two paths may legitimately differ
-    (e.g. NaN through a fused ReLU). Each decision is recorded (``auto_choices``).
+    (e.g. NaN through a fused ReLU). Each decision is recorded (``auto_choices``). Inside
+    ``timing_for_cuda_graphs()`` the paths are timed on device time and the decision is cached
+    under its own key (``(key, "device time")``).
     """
+    device_timing = _GRAPH_TIMING.get()
+    if device_timing:
+        key = (key, "device time")
     choice = cache.get(key)
     if choice is not None:
         return choice
     if torch.cuda.is_current_stream_capturing():
         return False
+    timing = "device" if device_timing else "call"
     try:
         ref = _as_tuple(reference())
         if not all(bool(torch.isfinite(r).all()) for r in ref):
@@ -267,15 +332,18 @@ def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], ref
         if len(got) != len(ref) or not all(agrees(g, r) for g, r in zip(got, ref)):
             warnings.warn(f"{what} disagrees with the reference for {key}; using the reference")
             choice = False
-            _record(what, key, choice, "disagrees")
+            _record(what, key, choice, "disagrees", timing=timing)
         else:
-            t_fused, t_ref = cuda_time_ms(fused), cuda_time_ms(reference)
+            if device_timing:
+                t_fused, t_ref = cuda_time_ms(fused, device_only=True), cuda_time_ms(reference, device_only=True)
+            else:
+                t_fused, t_ref = cuda_time_ms(fused), cuda_time_ms(reference)
             choice = t_fused < t_ref
-            _record(what, key, choice, "faster" if choice else "slower", t_fused, t_ref)
+            _record(what, key, choice, "faster" if choice else "slower", t_fused, t_ref, timing=timing)
     except Exception as e:  # noqa: BLE001 - the fused path is an optimisation: never fail the call for it
         warnings.warn(f"{what} failed for {key} ({type(e).__name__}: {e}); using the reference")
         choice = False
-        _record(what, key, choice, f"failed: {type(e).__name__}: {str(e)[:200]}")
+        _record(what, key, choice, f"failed: {type(e).__name__}: {str(e)[:200]}", timing=timing)
     cache[key] = choice
     return choice
 

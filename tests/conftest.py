@@ -47,7 +47,7 @@ def stub_cuda_timer(monkeypatch):
     from distilpose_kernels import _utils
 
     times = {"fused": 1.0, "reference": 2.0}
-    monkeypatch.setattr(_utils, "cuda_time_ms", lambda fn, rounds=3, reps=5: times[fn.__name__])
+    monkeypatch.setattr(_utils, "cuda_time_ms", lambda fn, rounds=3, reps=5, device_only=False: times[fn.__name__])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     return times
 

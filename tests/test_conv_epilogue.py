@@ -496,6 +496,31 @@ def test_gpu_engine_with_fused_epilogues_matches(preset, monkeypatch):
         assert float((b - a).norm() / a.norm()) < 2e-2  # bf16 end to end
 
 
+@pytest.mark.gpu
+def test_gpu_graph_engine_decides_its_fused_ops_on_device_time(monkeypatch):
+    """InferenceEngine(cuda_graph=True) warms up and captures inside timing_for_cuda_graphs():
+    every "auto" decision it makes is timed on device time, and its keypoints match the eager
+    engine's (which decides per call)."""
+    from distilpose.models import build_model
+    from distilpose.runtime import InferenceEngine
+    from distilpose_kernels import _utils, mlp
+
+    monkeypatch.setattr(ce, "_CHOICE", {})
+    monkeypatch.setattr(mlp, "_CHOICE", {})
+    monkeypatch.setattr(_utils, "_DECISIONS", [])
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = build_model("distilpose_tiny").eval()
+    _random_bn_stats(model)
+    crops = torch.randn(2, 3, *model.input_size, device="cuda")
+    graphed = InferenceEngine(model, device="cuda", fold_bn=True, cuda_graph=True)(crops)
+    decided = dk.auto_choices()
+    assert decided and {d["timing"] for d in decided} == {"device"}, decided
+    assert all(d["fused_ms"] is None or d["fused_ms"] > 0 for d in decided)
+    eager = InferenceEngine(model, device="cuda", fold_bn=True)(crops)
+    assert {d["timing"] for d in dk.auto_choices()[len(decided):]} <= {"call"}
+    torch.testing.assert_close(graphed["keypoints"], eager["keypoints"], rtol=1e-3, atol=0.05)
+
+
 def test_engine_fuses_the_pos_norm_step_by_default_and_not_under_compile():
     from distilpose.models import build_model
     from distilpose.runtime import InferenceEngine

@@ -417,6 +417,79 @@ def test_timed_choice_records_each_decision(stub_cuda_timer, monkeypatch):
     assert "ZeroDivisionError" in got[3]["why"]
 
 
+def test_timed_choice_for_cuda_graphs_times_device_time_and_caches_apart(stub_cuda_timer, monkeypatch):
+    """Inside timing_for_cuda_graphs() the paths are timed with device_only=True, the decision
+    is cached under (key, "device time") and recorded with timing "device"; outside, the
+    per-call decision stands on its own."""
+    from distilpose_kernels import _utils
+
+    monkeypatch.setattr(_utils, "_DECISIONS", [])
+    seen = []
+
+    def timer(fn, rounds=3, reps=5, device_only=False):  # fused: slower per call, faster on device
+        seen.append((fn.__name__, device_only))
+        return {"fused": 1.0 if device_only else 4.0, "reference": 3.0}[fn.__name__]
+
+    monkeypatch.setattr(_utils, "cuda_time_ms", timer)
+    a = torch.randn(3, 4)
+    fused, ref = _named("fused", lambda: a.clone()), _named("reference", lambda: a)
+    cache = {}
+    assert _utils.timed_choice(cache, ("k",), fused, ref, torch.equal, "op") is False  # per call: slower
+    with dk.timing_for_cuda_graphs():
+        assert _utils.timed_choice(cache, ("k",), fused, ref, torch.equal, "op") is True  # device time: faster
+        assert _utils.timed_choice(cache, ("k",), fused, ref, torch.equal, "op") is True  # cached
+    assert _utils.timed_choice(cache, ("k",), fused, ref, torch.equal, "op") is False  # the per-call one again
+    assert cache == {("k",): False, (("k",), "device time"): True}
+    assert seen == [("fused", False), ("reference", False), ("fused", True), ("reference", True)]
+    assert [(d["use"], d["timing"]) for d in dk.auto_choices()] == [("reference", "call"), ("fused", "device")]
+    assert not _utils._GRAPH_TIMING.get()  # the context is left as found
+
+
+def test_cuda_time_ms_device_only_queues_the_calls_behind_a_spin(monkeypatch):
+    """device_only: every round starts with a GPU spin long enough for the host to enqueue all
+    its calls, then the start event; the events measure the queued calls only."""
+    from distilpose_kernels import _utils
+
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.name = "start" if sum(1 for e in log if e[0] == "event") % 2 == 0 else "end"
+            log.append(("event", self.name))
+
+        def record(self):
+            log.append(("record", self.name))
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 2.0
+
+    class Stream:
+        def synchronize(self):
+            log.append(("sync",))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(("sleep", cycles)))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setitem(_utils._SPIN_CYCLES_PER_MS, 0, 1000.0)  # 1000 cycles per ms
+    calls = []
+    fn = lambda: calls.append(1)  # noqa: E731
+    assert _utils.cuda_time_ms(fn, rounds=2, reps=4, device_only=True) == 0.5
+    assert len(calls) == 3 + 2 * 4  # 2 warm-ups + 1 host-timed call, then the rounds
+    rounds = [i for i, e in enumerate(log) if e[0] == "sleep"]
+    assert len(rounds) == 2
+    for i in rounds:
+        cycles = log[i][1]
+        assert 50 <= cycles <= 1000 * _utils._MAX_SPIN_MS  # >= the 0.05 ms floor, <= the cap
+        assert log[i + 1] == ("record", "start") and log[i + 2] == ("record", "end")  # the calls run between
+    log.clear()
+    assert _utils.cuda_time_ms(fn, rounds=1, reps=1) == 2.0  # per call: no spin
+    assert not any(e[0] == "sleep" for e in log)
+
+
 def test_timed_choice_compares_tuple_outputs(stub_cuda_timer):
     from distilpose_kernels import _utils
 

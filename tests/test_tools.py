@@ -111,7 +111,12 @@ def test_profile_ops_distill_cases_and_host_profile_run_on_cpu(monkeypatch):
         sys.path.pop(0)
     g = torch.Generator().manual_seed(0)
     cases = profile_ops.distill_cases(torch.device("cpu"), g, "distilpose_tiny", "tokenpose_tiny", 2)
-    assert [c[0] for c in cases] == ["e2e distill step b2 bf16 fused", "e2e distill step b2 bf16 fastteacher cl graph"]
+    assert [c[0] for c in cases] == ["e2e distill step b2 bf16 fused", "e2e distill step b2 bf16 fastteacher",
+                                     "e2e distill step b2 bf16 fastteacher noepi",
+                                     "e2e distill step b2 bf16 fastteacher cl graph"]
+    only = profile_ops.distill_cases(torch.device("cpu"), g, "distilpose_tiny", "tokenpose_tiny", 2,
+                                     want=lambda name: name.endswith("noepi"))
+    assert [c[0] for c in only] == ["e2e distill step b2 bf16 fastteacher noepi"]
     for _, step, _ in cases:
         assert torch.isfinite(step())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
