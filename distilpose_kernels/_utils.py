@@ -334,10 +334,8 @@ def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], ref
             choice = False
             _record(what, key, choice, "disagrees", timing=timing)
         else:
-            if device_timing:
-                t_fused, t_ref = cuda_time_ms(fused, device_only=True), cuda_time_ms(reference, device_only=True)
-            else:
-                t_fused, t_ref = cuda_time_ms(fused), cuda_time_ms(reference)
+            t_fused = cuda_time_ms(fused, device_only=device_timing)
+            t_ref = cuda_time_ms(reference, device_only=device_timing)
             choice = t_fused < t_ref
             _record(what, key, choice, "faster" if choice else "slower", t_fused, t_ref, timing=timing)
     except Exception as e:  # noqa: BLE001 - the fused path is an optimisation: never fail the call for it
