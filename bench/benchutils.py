@@ -29,6 +29,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import pytest
 import torch
 
+import distilpose_kernels as dk
+
 Device = Union[str, torch.device]
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -178,20 +180,12 @@ def run_benchmark(
 
 
 def cuda_graph(fn: Callable[[], Any], warmup: int = 3) -> Callable[[], Any]:
-    """Capture ``fn()`` in a CUDA graph (after ``warmup`` calls on a side stream: compilation,
-    autotuning, handles) and return a callable that replays it and returns the captured output
+    """Capture ``fn()`` in a CUDA graph (``distilpose_kernels.capture_cuda_graph``: ``warmup``
+    calls on a side stream first, "auto" choices on device time) and return a callable that replays it and returns the captured output
     (static buffers that each replay overwrites). Timing the replays leaves device time: no
     per-call Python or launch overhead. The replay keeps ``fn`` (and so every buffer it closes
     over) alive: freed, those buffers would be unmapped by the next capture's empty_cache()."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out = dk.capture_cuda_graph(fn, warmup=warmup)
 
     def replay(graph=graph, fn=fn, out=out):
         graph.replay()

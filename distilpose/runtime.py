@@ -434,20 +434,10 @@ class InferenceEngine:
 
     def _capture(self, img, c, s, r):
         static_in = tuple(None if t is None else t.clone() for t in (img, c, s, r))
-        # the ops' "auto" choices on device time: the graph replays no host work
-        with dk.timing_for_cuda_graphs():
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):  # warm-up: compilation, autotuning, cuDNN/cuBLAS handles
-                    self._step(*static_in)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
-                static_out = self._step(*static_in)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph, static_out = dk.capture_cuda_graph(lambda: self._step(*static_in), warmup=3, pool=self._pool,
+                                                  device=self.device)
         return graph, static_in, static_out
 
     def reset_graphs(self) -> None:

@@ -52,6 +52,7 @@ _LAZY = {
     "fp32_dot_precision": "_utils",
     "auto_choices": "_utils",
     "timing_for_cuda_graphs": "_utils",
+    "capture_cuda_graph": "_utils",
     "FP32_DOT_ENV": "_utils",
     "upsample_sum": "multiscale",
     "upsample_sum_reference": "multiscale",

@@ -220,15 +220,36 @@ def timing_for_cuda_graphs():
     Outside it they time each path per call, host time included: right for eager calls, but at
     small sizes a Triton kernel's launch path then outweighs its device time, and "auto" keeps
     the unfused ops even where a CUDA graph (which replays no host work) would run the fused
-    kernel faster. Warm up and capture a graph inside this context; its decisions are cached
-    apart from the per-call ones. ``InferenceEngine(cuda_graph=True)`` and the distiller's
-    teacher graph do this.
+    kernel faster. Warm up and capture a graph inside this context (``capture_cuda_graph`` does);
+    its decisions are cached apart from the per-call ones.
     """
     token = _GRAPH_TIMING.set(True)
     try:
         yield
     finally:
         _GRAPH_TIMING.reset(token)
+
+
+def capture_cuda_graph(fn: Callable[[], object], warmup: int = 3, pool=None,
+                       device: Optional[torch.device] = None) -> tuple:
+    """``fn()`` captured in a CUDA graph -> (graph, the captured output).
+
+    ``warmup`` calls first run on a side stream (compilation, autotuning, cuDNN/cuBLAS handles,
+    the ops' "auto" choices); warm-up and capture run inside ``timing_for_cuda_graphs()``, so
+    those choices are made on device time, as the graph will run. ``pool``: a graph memory
+    pool to share (``torch.cuda.graph_pool_handle()``). Replaying overwrites the output."""
+    with timing_for_cuda_graphs():
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    return graph, out
 
 
 def _spin_cycles_per_ms() -> float:

@@ -445,6 +445,56 @@ def test_timed_choice_for_cuda_graphs_times_device_time_and_caches_apart(stub_cu
     assert not _utils._GRAPH_TIMING.get()  # the context is left as found
 
 
+def test_capture_cuda_graph_warms_up_and_captures_on_device_time(monkeypatch):
+    """capture_cuda_graph: ``warmup`` calls on a side stream, then the capture, all inside
+    timing_for_cuda_graphs(); returns the graph and the captured call's output."""
+    import contextlib
+
+    from distilpose_kernels import _utils
+
+    log = []
+
+    class Stream:
+        def __init__(self, device=None):
+            self.name = "side"
+
+        def wait_stream(self, other):
+            log.append(("wait", self.name))
+
+    class Graph:
+        pass
+
+    @contextlib.contextmanager
+    def in_stream(stream):
+        log.append(("enter", stream.name))
+        yield
+        log.append(("exit", stream.name))
+
+    @contextlib.contextmanager
+    def capture(graph, pool=None):
+        log.append(("capture", pool))
+        yield
+
+    current = Stream()
+    current.name = "current"
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", in_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append(("sync",)))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+
+    def fn():
+        log.append(("call", _utils._GRAPH_TIMING.get()))
+        return len(log)
+
+    graph, out = dk.capture_cuda_graph(fn, warmup=2, pool="pool")
+    assert isinstance(graph, Graph) and out == len(log)
+    assert log == [("wait", "side"), ("enter", "side"), ("call", True), ("call", True), ("exit", "side"),
+                   ("wait", "current"), ("sync",), ("capture", "pool"), ("call", True)]
+    assert not _utils._GRAPH_TIMING.get()
+
+
 def test_cuda_time_ms_device_only_queues_the_calls_behind_a_spin(monkeypatch):
     """device_only: every round starts with a GPU spin long enough for the host to enqueue all
     its calls, then the start event; the events measure the queued calls only."""

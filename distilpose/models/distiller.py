@@ -221,19 +221,10 @@ class Distiller(nn.Module):
 
     def _capture_teacher(self, img: torch.Tensor) -> tuple:
         static_in = img.clone()
-        # the fused ops' "auto" choices on device time: the graph replays no host work
-        with dk.timing_for_cuda_graphs():
-            side = torch.cuda.Stream(img.device)
-            side.wait_stream(torch.cuda.current_stream(img.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up: cuDNN/cuBLAS handles, autotuning, the fused ops' choices
-                    self.teacher(static_in)
-            torch.cuda.current_stream(img.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                static_out = self.teacher(static_in)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph, static_out = dk.capture_cuda_graph(lambda: self.teacher(static_in), warmup=2, pool=self._graph_pool,
+                                                  device=img.device)
         return graph, static_in, static_out
 
     def parameters_student(self) -> Iterator[nn.Parameter]:
