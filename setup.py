@@ -1,5 +1,5 @@
 """Build script: package metadata comes from pyproject.toml; this file adds the compiled
-extension ``distilpose_kernels._C`` (soft-argmax and heatmap decoding kernels).
+extension ``distilpose_kernels._C`` (soft-argmax, heatmap decoding and simulated-heatmap loss kernels).
 
 Build switches (environment variables):
   DISTILPOSE_NO_EXTENSION=1  build no extension at all (pure-Python install; the ops use
@@ -116,7 +116,7 @@ def _extensions():
     # Vectorisation of the CPU kernels: `omp simd` reductions (no OpenMP runtime) and
     # if-conversion of the branch-free exp (trapping math off; NaN/inf semantics unchanged).
     cxx = opt + ([] if sys.platform == "win32" else ["-fopenmp-simd", "-fno-trapping-math"])
-    sources = _rel([os.path.join(ROOT, "csrc", "distilpose_ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     macros = [("DISTILPOSE_TORCH_VERSION", torch.__version__.split("+")[0])]
     link = _libstdcxx_link_args()
     include_dirs = [os.path.join(ROOT, "csrc")]

@@ -10,9 +10,12 @@ Public ops (each with a pure-PyTorch reference; the fused path is Triton, in hea
 - ``gaussian_heatmap_targets(keypoints, visibility, input_size, heatmap_size, sigma, encoding)``
   -> (heatmaps, weights): the teacher's training targets (defined in targets.py).
 
-Dispatch (``backend``): None/"auto" runs the Triton kernels on CUDA and the reference elsewhere
-(DISTILPOSE_FORCE_REFERENCE=1 forces the reference); "triton" forces the kernels (on CPU only
-under TRITON_INTERPRET=1); "reference" forces the reference. The kernels are registered as
+Dispatch (``backend``): None/"auto" runs, on CUDA, the loss on the compiled extension's kernels
+(distilpose::simhm_loss_ext, autograd in C++) when the extension is built with CUDA, else the
+Triton kernels, and the reference elsewhere (DISTILPOSE_FORCE_REFERENCE=1 forces the
+reference); "triton" forces the Triton kernels (on CPU only under TRITON_INTERPRET=1); "cuda" /
+"cpp" force the extension's CUDA / CPU kernels (loss only); "reference" forces the reference.
+The Triton kernels are registered as
 ``torch.library`` custom ops (distilpose::simhm_loss_fwd/_bwd, simhm_render_fwd/_bwd,
 simhm_targets) with fake kernels and autograd, used under torch.compile (fullgraph, no graph
 break); eager calls launch the same kernels through a torch.autograd.Function, which skips the
@@ -26,7 +29,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ._utils import annotate, check_same_device, check_tensor, lazy_module, select_triton_backend
+from . import _ext
+from ._utils import annotate, check_same_device, check_tensor, force_reference, lazy_module, select_triton_backend
 
 REG2HM_MODES = ("released", "per_sample")
 
@@ -193,7 +197,7 @@ def _simhm_loss_fwd(
 
 
 @_simhm_loss_fwd.register_fake
-def _(coords, sigma, score, teacher_heatmaps, keypoint_weight, released):
+def _loss_fwd_fake(coords, sigma, score, teacher_heatmaps, keypoint_weight, released):
     n, k = teacher_heatmaps.shape[:2]
     return (
         coords.new_empty(()),
@@ -222,7 +226,7 @@ def _simhm_loss_bwd(
 
 
 @_simhm_loss_bwd.register_fake
-def _(grad_reg2hm, grad_score_loss, stats, joint_w2, coords_dtype, sigma_dtype, score_dtype, hw, released):
+def _loss_bwd_fake(grad_reg2hm, grad_score_loss, stats, joint_w2, coords_dtype, sigma_dtype, score_dtype, hw, released):
     _, n, k = stats.shape
     return (
         stats.new_empty((n, k, 2), dtype=coords_dtype),
@@ -280,6 +284,85 @@ class _SimHMLossFunction(torch.autograd.Function):
         return _simhm_loss_grads(ctx, grad_reg, grad_score, _kernels().simhm_loss_bwd)
 
 
+# --------------------------------------------------------------- loss: the compiled extension
+#
+# distilpose::simhm_loss_ext: the same statistics and gradients as the Triton kernels, from the
+# C++/CUDA extension (csrc/cpu/simhm_loss_cpu.cpp, csrc/cuda/simhm_loss_cuda.cu), with its
+# autograd in C++ (csrc/simhm_loss_autograd.cpp): an eager call is one dispatcher call, with
+# no Python in its forward or backward. The schemas live here (like the decode ops'), so they
+# and their fake kernels exist whether or not the extension was built.
+
+_ext_lib = torch.library.Library("distilpose", "FRAGMENT")
+_ext_lib.define(
+    "simhm_loss_ext_fwd(Tensor coords, Tensor sigma, Tensor score, Tensor teacher_heatmaps, "
+    "Tensor keypoint_weight, bool released) -> (Tensor reg2hm, Tensor score_loss, Tensor stats, Tensor joint_w2)"
+)
+_ext_lib.define(
+    "simhm_loss_ext_bwd(Tensor grad_reg2hm, Tensor grad_score_loss, Tensor stats, Tensor joint_w2, "
+    "ScalarType coords_dtype, ScalarType sigma_dtype, ScalarType score_dtype, int hw, bool released) "
+    "-> (Tensor grad_coords, Tensor grad_sigma, Tensor grad_score)"
+)
+_ext_lib.define(
+    "simhm_loss_ext(Tensor coords, Tensor sigma, Tensor score, Tensor teacher_heatmaps, "
+    "Tensor keypoint_weight, bool released) -> (Tensor reg2hm, Tensor score_loss)"
+)
+
+
+# the same contract as the Triton ops: the same fake kernels
+torch.library.register_fake("distilpose::simhm_loss_ext_fwd", _loss_fwd_fake, lib=_ext_lib)
+torch.library.register_fake("distilpose::simhm_loss_ext_bwd", _loss_bwd_fake, lib=_ext_lib)
+
+
+@torch.library.register_fake("distilpose::simhm_loss_ext", lib=_ext_lib)
+def _(coords, sigma, score, teacher_heatmaps, keypoint_weight, released):
+    return coords.new_empty(()), score.new_empty(())
+
+
+_EXT_LOSS_OPS = ("simhm_loss_ext_fwd", "simhm_loss_ext_bwd", "simhm_loss_ext")
+_ext.load()  # registers the compiled kernels, if built (as decode.py does)
+_ext_loss_op = []  # [torch.ops.distilpose.simhm_loss_ext.default], resolved on first use
+
+
+def extension_loss_available(device_type: str) -> bool:
+    """Whether the compiled extension serves ``simulated_heatmap_loss`` on ``device_type``
+    ("cpu" or "cuda"): built for that device and new enough to carry the loss ops."""
+    return _ext.available(device_type) and all(o in _ext.load().ops for o in _EXT_LOSS_OPS)
+
+
+def _ext_loss():
+    if not _ext_loss_op:
+        _ext_loss_op.append(torch.ops.distilpose.simhm_loss_ext.default)
+    return _ext_loss_op[0]
+
+
+_LOSS_BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
+
+
+def _loss_backend(coords, sigma, score, teacher_heatmaps, keypoint_weight, backend: Optional[str]) -> str:
+    """"reference", "triton" or "extension" for the loss (``backend`` as in simulated_heatmap_loss)."""
+    if backend is not None and backend not in _LOSS_BACKENDS:
+        raise ValueError(f"simulated_heatmap_loss: backend must be None or one of {_LOSS_BACKENDS}, got {backend!r}")
+    tensors = (coords, sigma, score, teacher_heatmaps, keypoint_weight)
+    if backend in ("cpp", "cuda"):
+        want = "cpu" if backend == "cpp" else "cuda"
+        for name, t in zip(("coords", "sigma", "score", "teacher_heatmaps", "keypoint_weight"), tensors):
+            if t.device.type != want:
+                raise ValueError(f"{name}: backend={backend!r} needs tensors on {want}, got one on {t.device}")
+        if not extension_loss_available(want):
+            st = _ext.load()
+            why = st.error or ("built without CUDA (rebuild with FORCE_CUDA=1 on a CUDA machine)" if st.loaded and
+                               not st.cuda_built and want == "cuda" else "the built extension predates the loss ops; rebuild it")
+            raise RuntimeError(f"simulated_heatmap_loss: backend={backend!r} requested but the compiled extension "
+                               f"is unavailable: {why}")
+        return "extension"
+    be = select_triton_backend("simulated_heatmap_loss", tensors, backend)
+    be = _float64_to_reference(be, backend, coords, sigma, score)
+    if backend in (None, "auto") and teacher_heatmaps.is_cuda and not force_reference() and \
+            not any(t.dtype == torch.float64 for t in (coords, sigma, score)) and extension_loss_available("cuda"):
+        return "extension"  # on CUDA the extension's path: same kernels' math, no Python per call
+    return be
+
+
 # --------------------------------------------------------------- loss: public API
 
 
@@ -302,8 +385,9 @@ def simulated_heatmap_loss(
     or "per_sample" (the evidently intended form); see ``reg2hm_loss_reference``.
     Returns (reg2hm_loss in coords.dtype, score_loss in score.dtype). Gradients flow to coords,
     sigma and score; the 3-sigma off-grid mask and the score's gather index are constants.
-    The fused path accumulates in fp32 ("auto" runs the reference for float64 predictions);
-    NaN/inf inputs propagate into the losses (not checked).
+    The fused paths accumulate in fp32 ("auto" runs the reference for float64 predictions);
+    NaN/inf inputs propagate into the losses (not checked). backend: None/"auto", "triton",
+    "cuda" / "cpp" (the compiled extension) or "reference" (module docstring).
     """
     if mode not in REG2HM_MODES:
         raise ValueError(f"mode: expected one of {REG2HM_MODES}, got {mode!r}")
@@ -314,10 +398,7 @@ def simulated_heatmap_loss(
         check_same_device(coords=coords, score=score)
     if teacher_heatmaps.numel() == 0:
         raise ValueError(f"teacher_heatmaps: expected a non-empty (N, K, H, W) tensor, got {tuple(teacher_heatmaps.shape)}")
-    be = select_triton_backend(
-        "simulated_heatmap_loss", (coords, sigma, score, teacher_heatmaps, keypoint_weight), backend
-    )
-    be = _float64_to_reference(be, backend, coords, sigma, score)
+    be = _loss_backend(coords, sigma, score, teacher_heatmaps, keypoint_weight, backend)
     if be == "reference":
         return simulated_heatmap_loss_reference(coords, sigma, score, teacher_heatmaps, keypoint_weight, mode)
     if not valid:
@@ -326,6 +407,8 @@ def simulated_heatmap_loss(
     kw = keypoint_weight.detach()
     if kw.dtype not in _FLOATS:
         kw = kw.to(torch.float32)
+    if be == "extension":
+        return _ext_loss()(coords, sigma, score, teacher_heatmaps.detach(), kw, mode == "released")
     args = (
         coords.contiguous(),
         sigma.contiguous(),

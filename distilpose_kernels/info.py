@@ -143,6 +143,12 @@ def info(verbose: bool = False) -> dict[str, Any]:
         table["flip_heatmaps"] = {"backend": "pytorch", "why": "indexing only (no kernel needed)"}
         for op in TRITON_OPS:
             table[op] = dict(zip(("backend", "why"), _triton_dispatch(op, dev)))
+        if dev == "cuda" and not force_reference():
+            from .heatmap import extension_loss_available
+
+            if extension_loss_available("cuda"):
+                table["simulated_heatmap_loss"] = {
+                    "backend": "cuda", "why": "the extension's kernels with C++ autograd (backend='triton': Triton)"}
         table["conv2d_relu"] = dict(zip(("backend", "why"), _conv_epilogue_dispatch(dev)))
         report["dispatch"][dev] = table
         try:

@@ -40,15 +40,21 @@ def test_extension_module_attributes():
         if os.environ.get("DISTILPOSE_EXPECT_EXTENSION", "") == "1":
             pytest.fail(f"distilpose_kernels._C expected but not loaded: {st.error}")
         pytest.skip(f"extension not built: {st.error}")
-    assert st.ops == ["soft_argmax_fwd", "soft_argmax_bwd", "decode_heatmaps"]
+    assert st.ops == ["soft_argmax_fwd", "soft_argmax_bwd", "decode_heatmaps",
+                      "simhm_loss_ext_fwd", "simhm_loss_ext_bwd", "simhm_loss_ext"]
     assert st.built_with_torch == torch.__version__.split("+")[0]
     if torch.version.cuda is None:
         assert not st.cuda_built and st.dispatch_keys == ("CPU",)
     assert "CPU" in st.dispatch_keys
     import distilpose_kernels.decode  # noqa: F401  (defines the schemas)
+    import distilpose_kernels.heatmap  # noqa: F401
 
     for op in st.ops:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"distilpose::{op}", "CPU")
+        if op == "simhm_loss_ext":  # autograd in C++; its forward-only kernel is the composite one
+            for key in ("Autograd", "CompositeExplicitAutograd"):
+                assert torch._C._dispatch_has_kernel_for_dispatch_key(f"distilpose::{op}", key), key
+        else:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"distilpose::{op}", "CPU")
 
 
 def test_info_cli_reports_every_op():

@@ -51,7 +51,7 @@ def poison(monkeypatch):
 @pytest.mark.parametrize("shape", [(256, 17, 64, 48), (1, 17, 64, 48), (3, 133, 37, 29), (5, 17, 96, 72)], ids=str)
 def test_gpu_simulated_heatmap_loss_vs_float64(shape, mode, poison):
     inputs = _loss_inputs(*shape, seed=sum(shape))
-    got = _run_loss(dk.simulated_heatmap_loss, inputs, mode)  # auto dispatch: the kernel on CUDA
+    got = _run_loss(dk.simulated_heatmap_loss, inputs, mode, backend="triton")  # the extension: test_heatmap_ext.py
     ref = _run_loss(hm.simulated_heatmap_loss_reference, inputs, mode, dtype=torch.float64)
     for name, a, b in zip(("reg2hm", "score", "d_coords", "d_sigma", "d_score"), got, ref):
         assert a.is_cuda and torch.isfinite(a).all(), name
@@ -62,7 +62,7 @@ def test_gpu_simulated_heatmap_loss_vs_float64(shape, mode, poison):
 @pytest.mark.parametrize("teacher_dtype", [torch.float16, torch.bfloat16])
 def test_gpu_simulated_heatmap_loss_low_precision_teacher(teacher_dtype):
     inputs = _loss_inputs(64, 17, 64, 48, seed=3, teacher_dtype=teacher_dtype)
-    got = _run_loss(dk.simulated_heatmap_loss, inputs, "released")
+    got = _run_loss(dk.simulated_heatmap_loss, inputs, "released", backend="triton")
     ref = _run_loss(hm.simulated_heatmap_loss_reference, inputs, "released", dtype=torch.float64)
     for a, b in zip(got, ref):
         assert _rel_err(a, b) < 1e-5
@@ -77,23 +77,23 @@ def test_gpu_simulated_heatmap_loss_every_tile_and_tuned(shape, poison, monkeypa
     ref = _run_loss(hm.simulated_heatmap_loss_reference, inputs, "released", dtype=torch.float64)
     for tile in hmt.tile_candidates(*shape[2:]):
         monkeypatch.setattr(hmt, "TILE_OVERRIDE", tile)
-        got = _run_loss(dk.simulated_heatmap_loss, inputs, "released")
+        got = _run_loss(dk.simulated_heatmap_loss, inputs, "released", backend="triton")
         for a, b in zip(got, ref):
             assert _rel_err(a, b) < 1e-5, str(tile)
     monkeypatch.setattr(hmt, "TILE_OVERRIDE", None)
     monkeypatch.setattr(hmt, "AUTOTUNE", True)
     monkeypatch.setattr(hmt, "_TUNED_TILES", {})
-    a = _run_loss(dk.simulated_heatmap_loss, inputs, "released")
+    a = _run_loss(dk.simulated_heatmap_loss, inputs, "released", backend="triton")
     assert len(hmt._TUNED_TILES) == 1 and next(iter(hmt._TUNED_TILES.values())) in hmt.tile_candidates(*shape[2:])
-    b = _run_loss(dk.simulated_heatmap_loss, inputs, "released")
+    b = _run_loss(dk.simulated_heatmap_loss, inputs, "released", backend="triton")
     for x, y, r in zip(a, b, ref):
         assert torch.equal(x, y) and _rel_err(x, r) < 1e-5  # the tuning call's result is the tuned tile's
 
 
 def test_gpu_simulated_heatmap_loss_is_deterministic():
     inputs = _loss_inputs(256, 17, 64, 48, seed=11)
-    a = _run_loss(dk.simulated_heatmap_loss, inputs, "released")
-    b = _run_loss(dk.simulated_heatmap_loss, inputs, "released")
+    a = _run_loss(dk.simulated_heatmap_loss, inputs, "released", backend="triton")
+    b = _run_loss(dk.simulated_heatmap_loss, inputs, "released", backend="triton")
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
@@ -238,28 +238,6 @@ def _capture(step):
     with torch.cuda.graph(graph):
         outs = step()
     return graph, outs
-
-
-def test_gpu_simulated_heatmap_loss_fwd_bwd_in_cuda_graph():
-    """Forward + backward captured once, replayed on new inputs copied into the static buffers."""
-    static = [t.clone() for t in _loss_inputs(32, 17, 64, 48, seed=5)]
-    leaves = [t.requires_grad_() for t in static[:3]]
-
-    def step():
-        reg, sl = dk.simulated_heatmap_loss(*leaves, static[3], static[4])
-        return (reg.detach(), sl.detach(), *torch.autograd.grad(reg + 0.5 * sl, leaves))
-
-    graph, outs = _capture(step)
-    for seed in (6, 7):
-        fresh = _loss_inputs(32, 17, 64, 48, seed=seed)
-        with torch.no_grad():
-            for dst, src in zip(static, fresh):
-                dst.copy_(src)
-        graph.replay()
-        torch.cuda.synchronize()
-        want = step()
-        for a, b in zip(outs, want):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_gpu_attention_fwd_bwd_in_cuda_graph():

@@ -1,0 +1,267 @@
+// CUDA kernels of the simulated-heatmap loss (distilpose::simhm_loss_ext_fwd / _bwd).
+//
+// forward:  simhm_loss_fwd_kernel    one block per teacher map: 16-byte vector loads (4 fp32
+//                                    or 8 fp16/bf16 pixels; scalar loads when W is not a
+//                                    multiple of that or the maps are misaligned), up to
+//                                    kItems vectors in flight per thread, one exp2 per pixel,
+//                                    five block-reduced sums -> the map's 8 statistics
+//           simhm_loss_finalize_kernel one block: per-joint sums over the batch (fixed order,
+//                                    deterministic) -> wk (K,) and the two losses
+// backward: simhm_loss_bwd_kernel    elementwise over N*K from the statistics
+// Torch-free (CUDA runtime + shared headers), like decode_cuda.cu: nvcc compiles it quickly and
+// the tensors are checked in simhm_loss_cuda_ops.cpp.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../simhm_math.h"
+#include "simhm_loss_cuda.h"
+#include "soft_argmax_vec.cuh"  // VecTraits, vec_load, vec_widen, vec_exp2
+
+namespace distilpose {
+namespace cuda {
+namespace {
+
+constexpr int kItems = 4;           // vectors per thread per pass (loads issued before any math)
+constexpr int kMaxThreads = 256;    // forward block size cap
+constexpr int kFinalizeThreads = 1024;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T>
+__device__ __forceinline__ float load1(const T* p, int i) {
+  return vec_widen(p[i]);
+}
+
+// Block-wide sum of NV values per thread (deterministic: fixed shuffle tree, then warp 0).
+template <int NV>
+__device__ __forceinline__ void block_sum(float (&v)[NV], float (*smem)[32]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v[i] += __shfl_xor_sync(0xffffffffu, v[i], o);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) smem[i][warp] = v[i];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      float s = lane < nwarps ? smem[i][lane] : 0.f;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      v[i] = s;
+    }
+  }
+}
+
+// V pixels per vector (V == VecTraits<T>::kElems: 16-byte loads; V == 1: scalar loads).
+template <typename T, int V>
+__global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_kernel(const float* __restrict__ coords,
+                                                                      const float* __restrict__ sigma,
+                                                                      const float* __restrict__ score,
+                                                                      const float* __restrict__ kw,
+                                                                      const T* __restrict__ teacher,
+                                                                      float* __restrict__ stats, int NK, int H, int W) {
+  __shared__ float smem[5][32];
+  const int i = blockIdx.x;
+  const SimHMMap m = simhm_map(coords[2 * i], coords[2 * i + 1], sigma[2 * i], sigma[2 * i + 1], kw[i], score[i], H, W);
+  const int HW = H * W, nvec = HW / V;
+  const T* map = teacher + static_cast<int64_t>(i) * HW;
+  // g = in_grid * 2^(kx dx^2 + ky dy^2), the Gaussian of the spec with exp -> exp2
+  const float kx = -0.5f * kLog2e * m.inv_ax, ky = -0.5f * kLog2e * m.inv_ay;
+  // the score target, loaded first by the thread that stores the statistics: its latency
+  // overlaps the map's loads instead of following the block reduction
+  float tv = 0.f;
+  if (threadIdx.x == 0) {
+    const int64_t p = simhm_score_pixel(m, H, W);
+    if (p >= 0) tv = load1<T>(map, static_cast<int>(p));
+  }
+  float acc[5] = {0.f, 0.f, 0.f, 0.f, 0.f};  // S, X1, X2, Y1, Y2
+  const int step = blockDim.x * kItems;
+  for (int j0 = threadIdx.x; j0 < nvec; j0 += step) {
+    float x[kItems][V];
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int j = j0 + k * blockDim.x;
+      if (j < nvec) {
+        if constexpr (V == 1) {
+          x[k][0] = load1<T>(map, j);
+        } else {
+          vec_load<T>(map, j, x[k]);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int j = j0 + k * blockDim.x;
+      if (j < nvec) {
+        const int e0 = j * V;
+        const int row = e0 / W, col = e0 - row * W;  // V divides W: the vector is in one row
+        const float dy = static_cast<float>(row) - m.muy;
+        const float ey = ky * dy * dy;
+        float q_row = 0.f;
+#pragma unroll
+        for (int c = 0; c < V; ++c) {
+          const float dx = static_cast<float>(col + c) - m.mux;
+          const float g = vec_exp2(fmaf(kx * dx, dx, ey)) * m.in_grid;
+          const float r = g - x[k][c];
+          acc[0] = fmaf(r, r, acc[0]);
+          const float q = r * g;
+          const float qd = q * dx;
+          acc[1] += qd;
+          acc[2] = fmaf(qd, dx, acc[2]);
+          q_row += q;
+        }
+        acc[3] = fmaf(q_row, dy, acc[3]);
+        acc[4] = fmaf(q_row * dy, dy, acc[4]);
+      }
+    }
+  }
+  block_sum<5>(acc, smem);
+  if (threadIdx.x == 0) {
+    float out[kSimHMNumStats];
+    simhm_map_stats(m, acc[0], acc[1], acc[3], acc[2], acc[4], tv, H, W, out);
+#pragma unroll
+    for (int s = 0; s < kSimHMNumStats; ++s) stats[static_cast<int64_t>(s) * NK + i] = out[s];
+  }
+}
+
+// One block. Joints in chunks of kc <= blockDim; each thread owns (joint k0 + t % kc, slice
+// t / kc) and sums its slice of the batch; slices are then added in a fixed order.
+__global__ void __launch_bounds__(kFinalizeThreads) simhm_loss_finalize_kernel(const float* __restrict__ stats, int N,
+                                                                               int K, int HW, bool released,
+                                                                               float* __restrict__ wk,
+                                                                               float* __restrict__ reg,
+                                                                               float* __restrict__ sl) {
+  __shared__ float part[3][kFinalizeThreads];
+  __shared__ float red[2][32];
+  const int64_t NK = static_cast<int64_t>(N) * K;
+  const int t = threadIdx.x;
+  const float Nf = static_cast<float>(N), Kf = static_cast<float>(K), HWf = static_cast<float>(HW);
+  const int kc = K < static_cast<int>(blockDim.x) ? K : static_cast<int>(blockDim.x);
+  const int slices = blockDim.x / kc;
+  float reg_acc = 0.f, err_acc = 0.f;
+  for (int k0 = 0; k0 < K; k0 += kc) {
+    const int kk = t % kc, slice = t / kc, k = k0 + kk;
+    float w2 = 0.f, s = 0.f, e = 0.f;
+    if (slice < slices && k < K) {
+      for (int n = slice; n < N; n += slices) {
+        const int64_t idx = static_cast<int64_t>(n) * K + k;
+        const float w = stats[kStWreg * NK + idx];
+        const float si = stats[kStS * NK + idx];
+        w2 = fmaf(w, w, w2);
+        s += released ? si : w * w * si;
+        e += fabsf(stats[kStErr * NK + idx]);
+      }
+    }
+    part[0][t] = w2;
+    part[1][t] = s;
+    part[2][t] = e;
+    __syncthreads();
+    if (t < kc && k < K) {
+      float W2 = 0.f, S = 0.f, E = 0.f;
+      for (int sl_i = 0; sl_i < slices; ++sl_i) {
+        W2 += part[0][sl_i * kc + t];
+        S += part[1][sl_i * kc + t];
+        E += part[2][sl_i * kc + t];
+      }
+      wk[k] = W2;
+      reg_acc += released ? (W2 / Nf) * (S / (Nf * HWf)) : S;
+      err_acc += E;
+    }
+    __syncthreads();
+  }
+  float v[2] = {reg_acc, err_acc};
+  block_sum<2>(v, red);
+  if (t == 0) {
+    *reg = released ? v[0] / Kf : v[0] / (Nf * Kf * HWf);
+    *sl = v[1] / (Nf * Kf);
+  }
+}
+
+__global__ void simhm_loss_bwd_kernel(const float* __restrict__ stats, const float* __restrict__ wk,
+                                      const float* __restrict__ grad_reg, const float* __restrict__ grad_score, int N,
+                                      int K, int HW, bool released, float* __restrict__ gcoords,
+                                      float* __restrict__ gsigma, float* __restrict__ gscore) {
+  const int64_t NK = static_cast<int64_t>(N) * K;
+  const float gr = *grad_reg, gs = *grad_score;
+  const float Nf = static_cast<float>(N), Kf = static_cast<float>(K), HWf = static_cast<float>(HW);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < NK;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float c = simhm_reg_coef(released, wk[i % K], stats[kStWreg * NK + i], gr, Nf, Kf, HWf);
+    reinterpret_cast<float2*>(gcoords)[i] = make_float2(c * stats[kStDcx * NK + i], c * stats[kStDcy * NK + i]);
+    reinterpret_cast<float2*>(gsigma)[i] = make_float2(c * stats[kStDsx * NK + i], c * stats[kStDsy * NK + i]);
+    gscore[i] = simhm_score_grad(stats[kStErr * NK + i], stats[kStWscore * NK + i], gs, Nf, Kf);
+  }
+}
+
+int fwd_threads(int nvec) {
+  int t = (nvec + kItems - 1) / kItems;
+  t = (t + 31) / 32 * 32;
+  return t < 32 ? 32 : (t > kMaxThreads ? kMaxThreads : t);
+}
+
+template <typename T>
+cudaError_t launch_fwd_t(const float* coords, const float* sigma, const float* score, const float* kw,
+                         const void* teacher, int64_t nk, int64_t H, int64_t W, float* stats, cudaStream_t stream) {
+  constexpr int V = VecTraits<T>::kElems;
+  const T* tp = static_cast<const T*>(teacher);
+  const bool vec = (W % V == 0) && (reinterpret_cast<uintptr_t>(tp) % 16 == 0);
+  const int hw = static_cast<int>(H * W);
+  if (vec) {
+    simhm_loss_fwd_kernel<T, V><<<static_cast<unsigned>(nk), fwd_threads(hw / V), 0, stream>>>(
+        coords, sigma, score, kw, tp, stats, static_cast<int>(nk), static_cast<int>(H), static_cast<int>(W));
+  } else {
+    simhm_loss_fwd_kernel<T, 1><<<static_cast<unsigned>(nk), fwd_threads(hw), 0, stream>>>(
+        coords, sigma, score, kw, tp, stats, static_cast<int>(nk), static_cast<int>(H), static_cast<int>(W));
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_simhm_loss_fwd(DType teacher_dtype, const float* coords, const float* sigma, const float* score,
+                                  const float* kw, const void* teacher, int64_t N, int64_t K, int64_t H, int64_t W,
+                                  bool released, float* stats, float* wk, float* reg, float* sl,
+                                  cudaStream_t stream) {
+  const int64_t nk = N * K;
+  cudaError_t err;
+  switch (teacher_dtype) {
+    case DType::kFloat32:
+      err = launch_fwd_t<float>(coords, sigma, score, kw, teacher, nk, H, W, stats, stream);
+      break;
+    case DType::kFloat16:
+      err = launch_fwd_t<__half>(coords, sigma, score, kw, teacher, nk, H, W, stats, stream);
+      break;
+    case DType::kBFloat16:
+      err = launch_fwd_t<__nv_bfloat16>(coords, sigma, score, kw, teacher, nk, H, W, stats, stream);
+      break;
+    default:
+      return cudaErrorInvalidValue;  // float64 teachers are converted by the caller
+  }
+  if (err != cudaSuccess) return err;
+  simhm_loss_finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(stats, static_cast<int>(N), static_cast<int>(K),
+                                                                  static_cast<int>(H * W), released, wk, reg, sl);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_simhm_loss_bwd(const float* stats, const float* wk, const float* grad_reg, const float* grad_score,
+                                  int64_t N, int64_t K, int64_t hw, bool released, float* gcoords, float* gsigma,
+                                  float* gscore, cudaStream_t stream) {
+  const int64_t nk = N * K;
+  const int threads = 256;
+  int64_t blocks = (nk + threads - 1) / threads;
+  if (blocks > 65535) blocks = 65535;  // grid-stride loop covers the rest
+  simhm_loss_bwd_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      stats, wk, grad_reg, grad_score, static_cast<int>(N), static_cast<int>(K), static_cast<int>(hw), released,
+      gcoords, gsigma, gscore);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace distilpose

@@ -1,0 +1,66 @@
+// CUDA implementations of distilpose::simhm_loss_ext_fwd / _bwd: tensor checks and unpacking,
+// then the torch-free launchers of simhm_loss_cuda.cu on the current stream of the input's device.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../simhm_loss_common.h"
+#include "simhm_loss_cuda.h"
+
+namespace distilpose {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_fwd_cuda(
+    const at::Tensor& coords, const at::Tensor& sigma, const at::Tensor& score, const at::Tensor& teacher_heatmaps,
+    const at::Tensor& keypoint_weight, bool released) {
+  const char* op = "simhm_loss_ext_fwd";
+  check_simhm_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight, op);
+  TORCH_CHECK(teacher_heatmaps.is_cuda(), op, ": teacher_heatmaps: expected a CUDA tensor, got one on ",
+              teacher_heatmaps.device());
+  const c10::cuda::CUDAGuard guard(teacher_heatmaps.device());
+  const SimHMInputs in = prepare_simhm_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight);
+  const SimHMFwdOut out(in);
+  const auto tdt = in.teacher.scalar_type();
+  const cuda::DType dt = tdt == at::kHalf ? cuda::DType::kFloat16
+                         : tdt == at::kBFloat16 ? cuda::DType::kBFloat16 : cuda::DType::kFloat32;
+  C10_CUDA_CHECK(cuda::launch_simhm_loss_fwd(
+      dt, in.coords.const_data_ptr<float>(), in.sigma.const_data_ptr<float>(), in.score.const_data_ptr<float>(),
+      in.kw.const_data_ptr<float>(), in.teacher.const_data_ptr(), in.N, in.K, in.H, in.W, released,
+      out.stats.data_ptr<float>(), out.wk.data_ptr<float>(), out.reg.data_ptr<float>(), out.sl.data_ptr<float>(),
+      c10::cuda::getCurrentCUDAStream()));
+  return out.result(coords.scalar_type(), score.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_bwd_cuda(
+    const at::Tensor& grad_reg, const at::Tensor& grad_score_loss, const at::Tensor& stats, const at::Tensor& joint_w2,
+    at::ScalarType coords_dtype, at::ScalarType sigma_dtype, at::ScalarType score_dtype, int64_t hw, bool released) {
+  const char* op = "simhm_loss_ext_bwd";
+  check_simhm_bwd_inputs(grad_reg, grad_score_loss, stats, joint_w2, hw, op);
+  TORCH_CHECK(stats.is_cuda(), op, ": stats: expected a CUDA tensor, got one on ", stats.device());
+  const c10::cuda::CUDAGuard guard(stats.device());
+  const at::Tensor st = stats.contiguous();
+  const at::Tensor wk = joint_w2.contiguous();
+  const at::Tensor gr = grad_reg.to(at::kFloat).contiguous();
+  const at::Tensor gs = grad_score_loss.to(at::kFloat).contiguous();
+  const SimHMGrads g(st);
+  C10_CUDA_CHECK(cuda::launch_simhm_loss_bwd(st.const_data_ptr<float>(), wk.const_data_ptr<float>(),
+                                             gr.const_data_ptr<float>(), gs.const_data_ptr<float>(), st.size(1),
+                                             st.size(2), hw, released, g.coords.data_ptr<float>(),
+                                             g.sigma.data_ptr<float>(), g.score.data_ptr<float>(),
+                                             c10::cuda::getCurrentCUDAStream()));
+  return g.result(coords_dtype, sigma_dtype, score_dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(distilpose, CUDA, m) {
+  m.impl("simhm_loss_ext_fwd", &simhm_loss_ext_fwd_cuda);
+  m.impl("simhm_loss_ext_bwd", &simhm_loss_ext_bwd_cuda);
+}
+
+}  // namespace distilpose
