@@ -1,7 +1,9 @@
 """Simulated-heatmap benchmarks: Reg2HM + score loss (forward + backward) and teacher targets.
 
 Loss, shapes of the spec (K = 17, 64 x 48 heatmaps), N in {32, 256}:
-  fused (Triton, one pass over the teacher) vs eager reference vs torch.compile of the reference;
+  fused (the default path: the CUDA extension's kernels with C++ autograd when built, else Triton;
+  extra_info "path" says which), fused_triton (the Triton kernels) vs eager reference vs
+  torch.compile of the reference;
   "*_cudagraph" variants replay forward + backward from a CUDA graph (kernel time without the
   Python and launch overhead, which is of the order of the fused kernels' ~20 us at N = 256).
   Bytes = the unavoidable traffic: the teacher heatmaps read once, plus coords, sigma, score and
@@ -50,8 +52,18 @@ def _compiled_reference():
     return torch.compile(dk.simulated_heatmap_loss_reference, dynamic=False)
 
 
+def _fused_path() -> str:
+    """What backend=None (the library's default) runs on CUDA: the extension's kernels with their
+    C++ autograd when the extension is built with CUDA, else the Triton kernels."""
+    from distilpose_kernels import heatmap as hm
+
+    return "extension" if hm.extension_loss_available("cuda") else "triton"
+
+
 def _loss_fn(impl: str):
     if impl == "fused":
+        return lambda *a: dk.simulated_heatmap_loss(*a)
+    if impl == "fused_triton":
         return lambda *a: dk.simulated_heatmap_loss(*a, backend="triton")
     if impl == "eager":
         return dk.simulated_heatmap_loss_reference
@@ -84,6 +96,8 @@ def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32"):
     if impl.startswith("fused") and device == "cuda":
         from distilpose_kernels import heatmap_triton as hmt
 
+        benchmark.extra_info["path"] = "triton" if impl.startswith("fused_triton") else _fused_path()
+
         key = (H, W, TEACHER_DTYPES[teacher_dtype], hmt.next_pow2(n * K), torch.cuda.current_device())
         tile = hmt._TUNED_TILES.get(key)
         benchmark.extra_info["fwd_tile"] = list(tile) if tile else "heuristic"
@@ -91,7 +105,8 @@ def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32"):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("teacher_dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("impl", ["fused", "eager", "compile", "fused_cudagraph", "compile_cudagraph"])
+@pytest.mark.parametrize("impl", ["fused", "fused_triton", "eager", "compile", "fused_cudagraph",
+                                  "fused_triton_cudagraph", "compile_cudagraph"])
 @pytest.mark.parametrize("n", [32, 256])
 def test_loss_fwd_bwd_gpu(benchmark, impl, n, teacher_dtype):
     if teacher_dtype != "fp32" and not impl.startswith("fused"):

@@ -63,17 +63,16 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
                       "(test_linear_gelu_gpu and not compile) or test_linear_fp32_gpu or "
                       "(test_fused_mlp_gpu and not compile) or test_add_norm_gpu"),
     # Reg2HM + score loss fwd+bwd N=256 (fused / eager / compile, fp32 teacher); targets N=64
+    # (per call and in CUDA graphs: after the build, so "fused" is the extension's path when it built)
     "bench-heatmap": ("bench/bench_heatmap.py",
-                      "(test_loss_fwd_bwd_gpu and 256 and fp32 and not cudagraph) or (test_targets and unbiased)"),
+                      "(test_loss_fwd_bwd_gpu and 256 and fp32) or (test_targets and unbiased)"),
     # soft-argmax forward N=256 (GB/s) and DARK decode
     "bench-decode": ("bench/bench_decode.py",
                      "(test_soft_argmax_forward and 256 and (cuda or cudagraph) and not backward) or "
                      "(test_decode and 256 and cuda and dark and not compile)"),
     # the same attention and loss cases captured in CUDA graphs: device time without per-call
     # overhead (its own stage: a fault during capture cannot take the per-call cases with it)
-    "bench-graphs": (("bench/bench_attention.py", "bench/bench_heatmap.py"),
-                     "(test_token_attention_gpu and 64 and bf16 and cudagraph) or "
-                     "(test_loss_fwd_bwd_gpu and 256 and fp32 and cudagraph)"),
+    "bench-graphs": ("bench/bench_attention.py", "test_token_attention_gpu and 64 and bf16 and cudagraph"),
     # end to end: S batch 1 fp32 with/without flip; S batch 256 bf16; the distillation step
     "bench-e2e": ("bench/bench_e2e.py",
                   "(test_e2e_infer_b1_fp32 and distilpose_s and not cudagraph_ and not compile) or "
@@ -475,9 +474,10 @@ def stage_sanitizer(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
     if cs is None:
         return {"status": "skipped", "why": "compute-sanitizer not found"}
     t0 = time.monotonic()
-    ext = _sanitize(r, cs, ["tests/test_decode.py", "-m", "gpu"], 0.55 * limit,
-                    dict(r.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1"))
-    graphs = _sanitize(r, cs, ["tests/test_gpu_kernels.py", "-k", "cuda_graph"],
+    ext = _sanitize(r, cs, ["tests/test_decode.py", "tests/test_heatmap_ext.py", "-m", "gpu", "-k",
+                                "not cuda_graph and not (ext_loss_vs_float64 and (256 or 1100 or float16))"],
+                    0.55 * limit, dict(r.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1"))
+    graphs = _sanitize(r, cs, ["tests/test_gpu_kernels.py", "tests/test_heatmap_ext.py", "-m", "gpu", "-k", "cuda_graph"],
                        max(10.0, limit - (time.monotonic() - t0)), r.env)
     return {"status": "ok" if ext["status"] == "ok" and graphs["status"] == "ok" else "fail",
             "counts": _sum_counts(ext, graphs),
@@ -551,7 +551,7 @@ STAGES: List[Stage] = [
     Stage("ceilings", "measured ceilings: D2D copy GB/s, bf16/fp32/tf32 matmul TFLOP/s", 45, 10, run=stage_ceilings),
     Stage("tests-triton", "pytest " + " ".join(TRITON_TEST_FILES) + " (Triton kernels on the GPU)", 150, 30,
           run=stage_tests_triton),
-    Stage("bench-graphs", "attention B=64 bf16 and loss N=256 captured in CUDA graphs (device time)", 75, 20,
+    Stage("bench-graphs", "attention B=64 bf16 captured in CUDA graphs (device time)", 60, 20,
           run=make_bench_stage("bench-graphs")),
     Stage("build", "wait for the CUDA build; import distilpose_kernels._C", 180, 30, run=stage_build_wait),
     Stage("info", "python -m distilpose_kernels.info (what each op dispatches to)", 30, 5, run=stage_info),
@@ -559,7 +559,8 @@ STAGES: List[Stage] = [
           run=make_bench_stage("bench-attention")),
     Stage("tests-ext", "pytest tests -m gpu (CUDA extension, export, the rest of the GPU tests)", 120, 20,
           run=stage_tests_ext),
-    Stage("bench-heatmap", "Reg2HM+score loss N=256 fwd+bwd; targets N=64", 60, 20, run=make_bench_stage("bench-heatmap")),
+    Stage("bench-heatmap", "Reg2HM+score loss N=256 fwd+bwd per call and in CUDA graphs (default path = "
+          "extension, and Triton); targets N=64", 90, 20, run=make_bench_stage("bench-heatmap")),
     Stage("bench-decode", "soft-argmax N=256 GB/s", 45, 15, run=make_bench_stage("bench-decode")),
     Stage("sanitizer", "compute-sanitizer memcheck: the CUDA extension's GPU tests and the CUDA-graph tests", 90, 20,
           run=stage_sanitizer),

@@ -119,22 +119,24 @@ def cases(dev: torch.device, want: Callable[[str], bool] = lambda name: True) ->
     t = torch.rand(n, k, h, w, generator=g).to(dev)
     wt = torch.ones(n, k, 1, device=dev)
 
-    def loss():
-        reg, sl = dk.simulated_heatmap_loss(c, s, sc, t, wt)
+    def loss(backend=None):  # None: the default path (the CUDA extension when built, else Triton)
+        reg, sl = dk.simulated_heatmap_loss(c, s, sc, t, wt, backend=backend)
         return torch.autograd.grad(reg + 0.01 * sl, (c, s, sc))
 
-    out.append(("simulated_heatmap_loss fwd+bwd N=256", loss, t.numel() * 4 + n * k * 11 * 4))
+    loss_bytes = t.numel() * 4 + n * k * 11 * 4
+    out.append(("simulated_heatmap_loss fwd+bwd N=256", loss, loss_bytes))
+    out.append(("simulated_heatmap_loss fwd+bwd N=256 triton", lambda: loss("triton"), loss_bytes))
 
-    def loss_default_tile():  # what the tile tuner buys: the same call on the heuristic tile
+    def loss_default_tile():  # what the Triton tile tuner buys: the same call on the heuristic tile
         from distilpose_kernels import heatmap_triton as hmt
 
         old, hmt.TILE_OVERRIDE = hmt.TILE_OVERRIDE, hmt.default_loss_tile(h, w)
         try:
-            return loss()
+            return loss("triton")
         finally:
             hmt.TILE_OVERRIDE = old
 
-    out.append(("simulated_heatmap_loss fwd+bwd N=256 default tile", loss_default_tile, t.numel() * 4 + n * k * 11 * 4))
+    out.append(("simulated_heatmap_loss fwd+bwd N=256 triton default tile", loss_default_tile, loss_bytes))
     # soft-argmax forward N=256, DARK decode N=256
     x = (torch.randn(n, k, h, w, generator=g) * 3).to(dev)
     out.append(("soft_argmax fwd N=256", lambda: dk.soft_argmax(x), x.numel() * 4 + n * k * 3 * 4))
