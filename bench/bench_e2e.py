@@ -28,7 +28,9 @@ ends in a sync). Paths compared (``path`` in the test id and ``extra_info["path"
   ``torch.compile`` (opaque custom ops) instead of leaving those fusions to Inductor;
 - ``fused_cast`` / ``cudagraph_cast`` (bf16 only): the model stored in bf16 and run without
   autocast (``InferenceEngine(cast_model=True)``): no per-op casts, bf16 LayerNorm storage;
-  ``cudagraph_cast_cl`` also channels-last (cuDNN's preferred layout for bf16 convolutions).
+  ``cudagraph_cast_cl`` also channels-last (cuDNN's preferred layout for bf16 convolutions);
+  ``cudagraph_cast_cl_nomlpk`` the same with each MLP as fc1+GELU and fc2 + add + LayerNorm
+  (``mlp_kernel=False``) instead of one kernel (the batch-256 graph's largest kernel, H200).
 
 Throughput: batch 256, bf16 autocast (``precision`` in the id). Training: student + frozen
 teacher (distilpose_s + tokenpose_teacher), batch 64, bf16 autocast, Adam step, fused ops vs
@@ -96,7 +98,7 @@ def _engine(model, device, path: str, flip: str, precision: str) -> InferenceEng
         fuse_pos_norm=False if path.endswith("_plain") else (True if path.endswith("_ops") else None),
         fuse_mlp=False if path.endswith("_plain") else (True if path.endswith("_ops") else None),
         triton_linears=False if path.endswith(("_plain", "_ieee")) else None,
-        mlp_kernel=False if path.endswith("_plain") else (True if path.endswith("_mlpk") else None),
+        mlp_kernel=False if path.endswith(("_plain", "_nomlpk")) else (True if path.endswith("_mlpk") else None),
         fuse_add_norm=False if path.endswith("_plain") else None,
         cast_model="_cast" in path,
         channels_last="_cl" in path,
@@ -220,7 +222,7 @@ def test_e2e_infer_b1_bf16(benchmark, monkeypatch, cuda_device, preset, flip, pa
     "preset,flip,path",
     [(p, f, path) for p in GPU_PRESETS for f in ("noflip", "withflip")
      for path in ("reference", "fused", "compile", "cudagraph", "fused_cast", "cudagraph_cast", "cudagraph_cast_cl",
-                  "cudagraph_cast_cl_noepi", "cudagraph_cast_cl_plain")],
+                  "cudagraph_cast_cl_noepi", "cudagraph_cast_cl_nomlpk", "cudagraph_cast_cl_plain")],
 )
 def test_e2e_infer_b256_bf16(benchmark, monkeypatch, cuda_device, preset, flip, path):
     """Throughput: batch 256, bf16 autocast (``*_cast``: bf16 weights, no autocast)."""

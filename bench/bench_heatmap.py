@@ -96,7 +96,10 @@ def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32"):
     if impl.startswith("fused") and device == "cuda":
         from distilpose_kernels import heatmap_triton as hmt
 
-        benchmark.extra_info["path"] = "triton" if impl.startswith("fused_triton") else _fused_path()
+        path = "triton" if impl.startswith("fused_triton") else _fused_path()
+        benchmark.extra_info["path"] = path
+        if path != "triton":
+            return  # the tuned Triton tile below does not apply
 
         key = (H, W, TEACHER_DTYPES[teacher_dtype], hmt.next_pow2(n * K), torch.cuda.current_device())
         tile = hmt._TUNED_TILES.get(key)
