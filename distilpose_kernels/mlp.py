@@ -166,7 +166,12 @@ def _dispatch(backend: str, x: Tensor, key: Callable[[], tuple], op: str, kernel
         elif not AUTOTUNE:
             backend = "triton"
         else:
-            backend = "triton" if _choose(key(), kernel, reference, op) else "reference"
+            k = key()
+            if torch.is_autocast_enabled(x.device.type):
+                # the reference runs autocast's ops (fp32 LayerNorm outputs...): a decision made
+                # under autocast says nothing about the same dtypes without it (a bf16-cast model)
+                k = ("autocast",) + k
+            backend = "triton" if _choose(k, kernel, reference, op) else "reference"
     return kernel() if backend == "triton" else reference()
 
 

@@ -253,6 +253,20 @@ def test_fused_mlp_auto_choice_key_and_fp32_tolerance(tuner, monkeypatch):
     torch.testing.assert_close(got, dk.fused_mlp_reference(*args))
 
 
+def test_auto_decisions_under_autocast_are_kept_apart(tuner, monkeypatch):
+    """A decision made under autocast (whose reference runs autocast's ops) is not reused for the
+    same dtypes without autocast (a model cast to bf16), and the other way round."""
+    seen = []
+    monkeypatch.setattr(mlp_mod, "_choose", lambda key, fused, ref, op: seen.append(key) or False)
+    args, _ = _mlp_inputs((5,), 8, 16, 4, seed=2)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    mlp_mod._mlp_run(*args, "auto")
+    with torch.autocast(args[0].device.type, dtype=torch.bfloat16):
+        mlp_mod._mlp_run(*args, "auto")
+    assert len(seen) == 2 and seen[1] == ("autocast",) + seen[0]
+    assert seen[0][-1] == seen[1][-1]  # the precision stays last: it sets the agreement tolerance
+
+
 # ----------------------------------------------------------------------------- + residual + LayerNorm epilogue
 
 
