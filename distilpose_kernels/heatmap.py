@@ -323,10 +323,17 @@ _ext.load()  # registers the compiled kernels, if built (as decode.py does)
 _ext_loss_op = []  # [torch.ops.distilpose.simhm_loss_ext.default], resolved on first use
 
 
+_EXT_LOSS_AVAILABLE: dict = {}  # device type -> bool (the extension loads once per process)
+
+
 def extension_loss_available(device_type: str) -> bool:
     """Whether the compiled extension serves ``simulated_heatmap_loss`` on ``device_type``
     ("cpu" or "cuda"): built for that device and new enough to carry the loss ops."""
-    return _ext.available(device_type) and all(o in _ext.load().ops for o in _EXT_LOSS_OPS)
+    ok = _EXT_LOSS_AVAILABLE.get(device_type)
+    if ok is None:
+        ok = _EXT_LOSS_AVAILABLE[device_type] = (
+            _ext.available(device_type) and all(o in _ext.load().ops for o in _EXT_LOSS_OPS))
+    return ok
 
 
 def _ext_loss():
@@ -355,12 +362,11 @@ def _loss_backend(coords, sigma, score, teacher_heatmaps, keypoint_weight, backe
             raise RuntimeError(f"simulated_heatmap_loss: backend={backend!r} requested but the compiled extension "
                                f"is unavailable: {why}")
         return "extension"
+    if backend in (None, "auto") and teacher_heatmaps.is_cuda and extension_loss_available("cuda") and \
+            not force_reference() and torch.float64 not in (coords.dtype, sigma.dtype, score.dtype):
+        return "extension"  # on CUDA the extension's path: the same math, no Python per call
     be = select_triton_backend("simulated_heatmap_loss", tensors, backend)
-    be = _float64_to_reference(be, backend, coords, sigma, score)
-    if backend in (None, "auto") and teacher_heatmaps.is_cuda and not force_reference() and \
-            not any(t.dtype == torch.float64 for t in (coords, sigma, score)) and extension_loss_available("cuda"):
-        return "extension"  # on CUDA the extension's path: same kernels' math, no Python per call
-    return be
+    return _float64_to_reference(be, backend, coords, sigma, score)
 
 
 # --------------------------------------------------------------- loss: public API
