@@ -695,6 +695,21 @@ def test_auto_choice_holds_fp32_dots_to_fp32_accuracy(tuner):
         assert mlp_mod._choose((False, 8, 16, 16, torch.float32, None, "tf32x3"), off, ref, "linear") is False
 
 
+def test_auto_choice_with_16bit_operands_allows_16bit_rounding_in_fp32_outputs(tuner):
+    """bf16 operands with float32 outputs (the add + LayerNorm epilogues under autocast, whose
+    reference rounds the GEMM to bf16 before the float32 add): a bf16-sized difference agrees;
+    a larger one still does not."""
+    _, good = tuner
+    near = _named("fused", lambda: good + 4e-3 * good.abs().max())  # ~ one bf16 rounding
+    far = _named("fused", lambda: good + 5e-2 * good.abs().max())
+    ref = _named("reference", lambda: good.clone())
+    assert mlp_mod._choose(("add_norm", 8, 16, 16, False, torch.bfloat16, None, "16bit"), near, ref) is True
+    with pytest.warns(UserWarning, match="disagrees"):
+        assert mlp_mod._choose(("add_norm", 8, 16, 32, False, torch.bfloat16, None, "16bit"), far, ref) is False
+    with pytest.warns(UserWarning, match="disagrees"):  # float32 operands keep the float32 bound
+        assert mlp_mod._choose(("add_norm", 8, 16, 16, False, torch.float32, None, "tf32"), near, ref) is False
+
+
 def test_tde_mlp_kernel_flag_keeps_outputs_and_gradients(monkeypatch):
     """Mlp with ``mlp_kernel``: the whole MLP through distilpose_kernels.fused_mlp (forced onto
     the Triton kernel here), values and gradients as the plain module's."""
