@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -16,8 +17,15 @@ inline bool simhm_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
+inline void check_simhm_device(const at::Tensor& t, const char* name, c10::DeviceType device, const char* op) {
+  TORCH_CHECK(t.device().type() == device, op, ": ", name, ": expected a ", c10::DeviceTypeName(device),
+              " tensor, got one on ", t.device());
+}
+
+// The forward's inputs, on `device` (the kernels' device type).
 inline void check_simhm_inputs(const at::Tensor& coords, const at::Tensor& sigma, const at::Tensor& score,
-                               const at::Tensor& teacher, const at::Tensor& kw, const char* op) {
+                               const at::Tensor& teacher, const at::Tensor& kw, c10::DeviceType device,
+                               const char* op) {
   TORCH_CHECK(teacher.dim() == 4, op, ": teacher_heatmaps: expected a 4-D tensor (N, K, H, W), got shape ",
               teacher.sizes());
   TORCH_CHECK(simhm_float_dtype(teacher.scalar_type()), op,
@@ -43,10 +51,18 @@ inline void check_simhm_inputs(const at::Tensor& coords, const at::Tensor& sigma
     TORCH_CHECK(a.t.device() == teacher.device(), op, ": ", a.name, ": expected a tensor on ", teacher.device(),
                 " (the device of teacher_heatmaps), got one on ", a.t.device());
   }
+  check_simhm_device(teacher, "teacher_heatmaps", device, op);
 }
 
-inline void check_simhm_bwd_inputs(const at::Tensor& grad_reg, const at::Tensor& grad_score, const at::Tensor& stats,
-                                   const at::Tensor& wk, int64_t hw, const char* op) {
+// The backward's inputs, checked, on `device`: the statistics and per-joint weights contiguous,
+// the two incoming gradients as float32.
+struct SimHMBwdInputs {
+  at::Tensor stats, wk, grad_reg, grad_score;
+};
+
+inline SimHMBwdInputs prepare_simhm_bwd(const at::Tensor& grad_reg, const at::Tensor& grad_score,
+                                        const at::Tensor& stats, const at::Tensor& wk, int64_t hw,
+                                        c10::DeviceType device, const char* op) {
   TORCH_CHECK(stats.dim() == 3 && stats.size(0) == kSimHMNumStats && stats.scalar_type() == at::kFloat, op,
               ": stats: expected a float32 (8, N, K) tensor, got ", stats.scalar_type(), " ", stats.sizes());
   TORCH_CHECK(wk.dim() == 1 && wk.size(0) == stats.size(2) && wk.scalar_type() == at::kFloat, op,
@@ -55,10 +71,13 @@ inline void check_simhm_bwd_inputs(const at::Tensor& grad_reg, const at::Tensor&
               ": grad_reg, grad_score_loss: expected one-element tensors, got ", grad_reg.sizes(), " and ",
               grad_score.sizes());
   TORCH_CHECK(hw > 0, op, ": hw: expected H*W > 0, got ", hw);
+  check_simhm_device(stats, "stats", device, op);
   for (const at::Tensor* t : {&grad_reg, &grad_score, &wk}) {
     TORCH_CHECK(t->device() == stats.device(), op, ": expected every tensor on ", stats.device(), ", got one on ",
                 t->device());
   }
+  return {stats.contiguous(), wk.contiguous(), grad_reg.to(at::kFloat).contiguous(),
+          grad_score.to(at::kFloat).contiguous()};
 }
 
 // The kernels' inputs: predictions as contiguous float32, the teacher contiguous (float64 as float32).

@@ -98,4 +98,15 @@ DP_HD float simhm_score_grad(float err, float kw, float gs, float N, float K) {
   return gs * sgn * kw / (N * K);
 }
 
+// The gradients of element i of the (8, NK) statistics: out = (d cx, d cy, d sx, d sy, d score).
+DP_HD void simhm_element_grads(const float* stats, int64_t NK, int64_t i, float wk_k, float gr, float gs,
+                               bool released, float N, float K, float HW, float (&out)[5]) {
+  const float c = simhm_reg_coef(released, wk_k, stats[kStWreg * NK + i], gr, N, K, HW);
+  out[0] = c * stats[kStDcx * NK + i];
+  out[1] = c * stats[kStDcy * NK + i];
+  out[2] = c * stats[kStDsx * NK + i];
+  out[3] = c * stats[kStDsy * NK + i];
+  out[4] = simhm_score_grad(stats[kStErr * NK + i], stats[kStWscore * NK + i], gs, N, K);
+}
+
 }  // namespace distilpose

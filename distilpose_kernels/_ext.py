@@ -72,7 +72,9 @@ def load() -> ExtensionStatus:
     return st
 
 
-def available(device_type: str) -> bool:
-    """Whether the compiled kernels serve tensors of ``device_type`` ("cpu" or "cuda")."""
+def available(device_type: str, ops: tuple = ()) -> bool:
+    """Whether the compiled kernels serve tensors of ``device_type`` ("cpu" or "cuda") and the
+    built library carries every op named in ``ops`` (an older build may lack newer ops)."""
     st = load()
-    return st.loaded and (device_type == "cpu" or (device_type == "cuda" and st.cuda_built))
+    return (st.loaded and (device_type == "cpu" or (device_type == "cuda" and st.cuda_built))
+            and all(o in st.ops for o in ops))

@@ -323,17 +323,10 @@ _ext.load()  # registers the compiled kernels, if built (as decode.py does)
 _ext_loss_op = []  # [torch.ops.distilpose.simhm_loss_ext.default], resolved on first use
 
 
-_EXT_LOSS_AVAILABLE: dict = {}  # device type -> bool (the extension loads once per process)
-
-
 def extension_loss_available(device_type: str) -> bool:
     """Whether the compiled extension serves ``simulated_heatmap_loss`` on ``device_type``
     ("cpu" or "cuda"): built for that device and new enough to carry the loss ops."""
-    ok = _EXT_LOSS_AVAILABLE.get(device_type)
-    if ok is None:
-        ok = _EXT_LOSS_AVAILABLE[device_type] = (
-            _ext.available(device_type) and all(o in _ext.load().ops for o in _EXT_LOSS_OPS))
-    return ok
+    return _ext.available(device_type, _EXT_LOSS_OPS)
 
 
 def _ext_loss():

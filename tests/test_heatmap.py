@@ -279,16 +279,22 @@ def test_loss_opcheck():
         )
 
 
-def test_dispatch(monkeypatch):
-    inputs = _loss_inputs(1, 17, 5, 4)
+def spy_calls(monkeypatch, module, name: str) -> list:
+    """Replace ``module.name`` (a no-argument loader) with one that records each call."""
     calls = []
-    real = hm._kernels
+    real = getattr(module, name)
 
     def spy():
         calls.append(1)
         return real()
 
-    monkeypatch.setattr(hm, "_kernels", spy)
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_dispatch(monkeypatch):
+    inputs = _loss_inputs(1, 17, 5, 4)
+    calls = spy_calls(monkeypatch, hm, "_kernels")
     dk.simulated_heatmap_loss(*inputs)  # CPU tensors, auto -> reference
     assert not calls
     dk.simulated_heatmap_loss(*inputs, backend="triton")

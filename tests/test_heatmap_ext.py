@@ -13,7 +13,7 @@ import torch
 import distilpose_kernels as dk
 from distilpose_kernels import heatmap as hm
 from distilpose_kernels import heatmap_triton as hmt
-from test_heatmap import _close
+from test_heatmap import _close, spy_calls
 
 pytestmark = pytest.mark.skipif(not hm.extension_loss_available("cpu"),
                                 reason="the compiled extension (with the loss ops) is not built")
@@ -188,14 +188,7 @@ def test_ext_errors_name_the_argument():
 def test_auto_uses_the_extension_only_on_cuda(monkeypatch):
     """"auto" on CPU tensors stays on the reference; the extension's CPU kernels are opt-in."""
     inputs = _inputs(1, 17, 5, 4)
-    calls = []
-    real = hm._ext_loss
-
-    def spy():
-        calls.append(1)
-        return real()
-
-    monkeypatch.setattr(hm, "_ext_loss", spy)
+    calls = spy_calls(monkeypatch, hm, "_ext_loss")
     dk.simulated_heatmap_loss(*inputs)
     assert not calls
     dk.simulated_heatmap_loss(*inputs, backend="cpp")

@@ -90,9 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_fwd_cp
     const at::Tensor& coords, const at::Tensor& sigma, const at::Tensor& score, const at::Tensor& teacher_heatmaps,
     const at::Tensor& keypoint_weight, bool released) {
   const char* op = "simhm_loss_ext_fwd";
-  check_simhm_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight, op);
-  TORCH_CHECK(teacher_heatmaps.device().is_cpu(), op, ": teacher_heatmaps: expected a CPU tensor, got one on ",
-              teacher_heatmaps.device());
+  check_simhm_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight, c10::DeviceType::CPU, op);
   const SimHMInputs in = prepare_simhm_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight);
   const int64_t N = in.N, K = in.K, NK = N * K;
   const int H = static_cast<int>(in.H), W = static_cast<int>(in.W);
@@ -110,28 +108,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_fwd_cp
 std::tuple<at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_bwd_cpu(
     const at::Tensor& grad_reg, const at::Tensor& grad_score_loss, const at::Tensor& stats, const at::Tensor& joint_w2,
     at::ScalarType coords_dtype, at::ScalarType sigma_dtype, at::ScalarType score_dtype, int64_t hw, bool released) {
-  const char* op = "simhm_loss_ext_bwd";
-  check_simhm_bwd_inputs(grad_reg, grad_score_loss, stats, joint_w2, hw, op);
-  const int64_t N = stats.size(1), K = stats.size(2), NK = N * K;
-  const at::Tensor st = stats.contiguous();
-  const at::Tensor wk = joint_w2.contiguous();
-  const float gr = grad_reg.item<float>();
-  const float gs = grad_score_loss.item<float>();
-  const SimHMGrads g(st);
-  const float* s = st.const_data_ptr<float>();
-  const float* w2 = wk.const_data_ptr<float>();
+  const SimHMBwdInputs in = prepare_simhm_bwd(grad_reg, grad_score_loss, stats, joint_w2, hw, c10::DeviceType::CPU,
+                                              "simhm_loss_ext_bwd");
+  const int64_t N = in.stats.size(1), K = in.stats.size(2), NK = N * K;
+  const float gr = in.grad_reg.item<float>();
+  const float gs = in.grad_score.item<float>();
+  const SimHMGrads g(in.stats);
+  const float* st = in.stats.const_data_ptr<float>();
+  const float* w2 = in.wk.const_data_ptr<float>();
   float* pc = g.coords.data_ptr<float>();
   float* ps = g.sigma.data_ptr<float>();
   float* pq = g.score.data_ptr<float>();
   const float Nf = static_cast<float>(N), Kf = static_cast<float>(K), HWf = static_cast<float>(hw);
   at::parallel_for(0, NK, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float c = simhm_reg_coef(released, w2[i % K], s[kStWreg * NK + i], gr, Nf, Kf, HWf);
-      pc[2 * i] = c * s[kStDcx * NK + i];
-      pc[2 * i + 1] = c * s[kStDcy * NK + i];
-      ps[2 * i] = c * s[kStDsx * NK + i];
-      ps[2 * i + 1] = c * s[kStDsy * NK + i];
-      pq[i] = simhm_score_grad(s[kStErr * NK + i], s[kStWscore * NK + i], gs, Nf, Kf);
+      float e[5];
+      simhm_element_grads(st, NK, i, w2[i % K], gr, gs, released, Nf, Kf, HWf, e);
+      pc[2 * i] = e[0];
+      pc[2 * i + 1] = e[1];
+      ps[2 * i] = e[2];
+      ps[2 * i + 1] = e[3];
+      pq[i] = e[4];
     }
   });
   return g.result(coords_dtype, sigma_dtype, score_dtype);

@@ -193,10 +193,11 @@ __global__ void simhm_loss_bwd_kernel(const float* __restrict__ stats, const flo
   const float Nf = static_cast<float>(N), Kf = static_cast<float>(K), HWf = static_cast<float>(HW);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < NK;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float c = simhm_reg_coef(released, wk[i % K], stats[kStWreg * NK + i], gr, Nf, Kf, HWf);
-    reinterpret_cast<float2*>(gcoords)[i] = make_float2(c * stats[kStDcx * NK + i], c * stats[kStDcy * NK + i]);
-    reinterpret_cast<float2*>(gsigma)[i] = make_float2(c * stats[kStDsx * NK + i], c * stats[kStDsy * NK + i]);
-    gscore[i] = simhm_score_grad(stats[kStErr * NK + i], stats[kStWscore * NK + i], gs, Nf, Kf);
+    float g[5];
+    simhm_element_grads(stats, NK, i, wk[i % K], gr, gs, released, Nf, Kf, HWf, g);
+    reinterpret_cast<float2*>(gcoords)[i] = make_float2(g[0], g[1]);
+    reinterpret_cast<float2*>(gsigma)[i] = make_float2(g[2], g[3]);
+    gscore[i] = g[4];
   }
 }
 

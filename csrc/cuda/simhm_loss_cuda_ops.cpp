@@ -19,9 +19,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_fwd_cu
     const at::Tensor& coords, const at::Tensor& sigma, const at::Tensor& score, const at::Tensor& teacher_heatmaps,
     const at::Tensor& keypoint_weight, bool released) {
   const char* op = "simhm_loss_ext_fwd";
-  check_simhm_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight, op);
-  TORCH_CHECK(teacher_heatmaps.is_cuda(), op, ": teacher_heatmaps: expected a CUDA tensor, got one on ",
-              teacher_heatmaps.device());
+  check_simhm_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight, c10::DeviceType::CUDA, op);
   const c10::cuda::CUDAGuard guard(teacher_heatmaps.device());
   const SimHMInputs in = prepare_simhm_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight);
   const SimHMFwdOut out(in);
@@ -39,20 +37,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_fwd_cu
 std::tuple<at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_bwd_cuda(
     const at::Tensor& grad_reg, const at::Tensor& grad_score_loss, const at::Tensor& stats, const at::Tensor& joint_w2,
     at::ScalarType coords_dtype, at::ScalarType sigma_dtype, at::ScalarType score_dtype, int64_t hw, bool released) {
-  const char* op = "simhm_loss_ext_bwd";
-  check_simhm_bwd_inputs(grad_reg, grad_score_loss, stats, joint_w2, hw, op);
-  TORCH_CHECK(stats.is_cuda(), op, ": stats: expected a CUDA tensor, got one on ", stats.device());
-  const c10::cuda::CUDAGuard guard(stats.device());
-  const at::Tensor st = stats.contiguous();
-  const at::Tensor wk = joint_w2.contiguous();
-  const at::Tensor gr = grad_reg.to(at::kFloat).contiguous();
-  const at::Tensor gs = grad_score_loss.to(at::kFloat).contiguous();
-  const SimHMGrads g(st);
-  C10_CUDA_CHECK(cuda::launch_simhm_loss_bwd(st.const_data_ptr<float>(), wk.const_data_ptr<float>(),
-                                             gr.const_data_ptr<float>(), gs.const_data_ptr<float>(), st.size(1),
-                                             st.size(2), hw, released, g.coords.data_ptr<float>(),
-                                             g.sigma.data_ptr<float>(), g.score.data_ptr<float>(),
-                                             c10::cuda::getCurrentCUDAStream()));
+  const SimHMBwdInputs in = prepare_simhm_bwd(grad_reg, grad_score_loss, stats, joint_w2, hw,
+                                              c10::DeviceType::CUDA, "simhm_loss_ext_bwd");
+  const c10::cuda::CUDAGuard guard(in.stats.device());
+  const SimHMGrads g(in.stats);
+  C10_CUDA_CHECK(cuda::launch_simhm_loss_bwd(in.stats.const_data_ptr<float>(), in.wk.const_data_ptr<float>(),
+                                             in.grad_reg.const_data_ptr<float>(), in.grad_score.const_data_ptr<float>(),
+                                             in.stats.size(1), in.stats.size(2), hw, released,
+                                             g.coords.data_ptr<float>(), g.sigma.data_ptr<float>(),
+                                             g.score.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()));
   return g.result(coords_dtype, sigma_dtype, score_dtype);
 }
 
