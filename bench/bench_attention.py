@@ -286,6 +286,45 @@ def test_add_norm_gpu(benchmark, op, impl, batch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("k", [192, 576])
+@pytest.mark.parametrize("impl", ["eager", "rows", "tuned", "auto"])
+def test_add_norm_fp32_b1_graph_gpu(benchmark, monkeypatch, impl, k):
+    """``linear_add_norm`` at the TDE's batch-1 flip shape (546 rows, 192 outputs; K = 192: the
+    attention projection + norm2, K = 576: fc2 + the next norm1 with the position table), fp32
+    with TF32 off, in a CUDA graph (device time): cuBLAS + add + LayerNorm (``eager``), the
+    whole-row tiles only (``rows``), every tile including the split ones (``tuned``: the tile the
+    autotuner picked is in extra_info) and the engine's timed choice (``auto``)."""
+    from benchutils import cuda_graph
+    from distilpose_kernels import mlp_triton as mt
+
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False  # restored by bench/conftest.py
+    if impl == "rows":
+        monkeypatch.setattr(mt, "SPLIT_MAX_ROWS", 0)
+    g = torch.Generator(device="cpu").manual_seed(k)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dev)
+
+    x, w, b, res, lw, lb = r(2, L, k), r(C, k, scale=k ** -0.5), r(C), r(2, L, C), r(C).abs() + 0.5, r(C)
+    pos = r(1, 256, C) if k == 3 * C else None
+    f = {"eager": lambda: dk.linear_add_norm_reference(x, w, b, res, lw, lb, 1e-5, pos),
+         "auto": lambda: dk.linear_add_norm(x, w, b, res, lw, lb, 1e-5, pos)}.get(
+        impl, lambda: dk.linear_add_norm(x, w, b, res, lw, lb, 1e-5, pos, backend="triton"))
+    with torch.inference_mode():
+        f()  # autotune / timed choice outside the capture
+        extra = {}
+        if impl in ("rows", "tuned"):
+            tuner = mt._ADD_NORM_TUNED if impl == "rows" else mt._ADD_NORM_TUNED_SMALL
+            extra["tile"] = str(getattr(tuner, "best_config", None))
+        graph = cuda_graph(f)
+        benchmark.group = f"linear_add_norm fp32 B=2 K={k} (CUDA graph)"
+        run_benchmark(benchmark, graph, device=dev, bytes_moved=(x.numel() + w.numel() + 3 * res.numel()) * 4,
+                      flops=2.0 * 2 * L * k * C, impl=impl, batch=2, dtype="fp32", op="linear_add_norm", K=k,
+                      cuda_graph=True, **extra)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", ["192x576", "192x192", "576x192"])
 @pytest.mark.parametrize("impl", ["cublas", "triton_ieee", "triton_tf32x3", "auto"])
 def test_linear_fp32_gpu(benchmark, monkeypatch, impl, shape):

@@ -19,7 +19,7 @@ the position table on the visual tokens), store that, and store its LayerNorm
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import triton
@@ -164,25 +164,75 @@ def _add_norm_store(
 
 
 @triton.jit
-def _linear_add_norm_kernel(
-    X, Wt, B, RES, POS, LNW, LNB, XO, Y,
-    M, N, K, L, P_START, eps,
-    sxm, sxk, swn, swk, srn, srl, src, spp, spc,
-    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One program per BLOCK_M rows, all N output columns (N <= BLOCK_N): the GEMM, its bias,
-    then the residual / position add and the LayerNorm of the result (``_add_norm_store``)."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
-    acc = _gemm_tile(X, Wt, rm, rn, m_ok, n_ok, K, sxm, sxk, swn, swk, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+def _bias_add_norm(acc, rm, rn, m_ok, n_ok, N, L, P_START, eps, B, RES, srn, srl, src, POS, spp, spc, LNW, LNB, XO, Y,
+                   HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     _add_norm_store(acc, rm, rn, m_ok, n_ok, N, L, P_START, eps, RES, srn, srl, src, POS, spp, spc, LNW, LNB, XO, Y,
                     HAS_POS, HAS_W, HAS_B)
+
+
+@triton.jit
+def _linear_add_norm_kernel(
+    X, Wt, B, RES, POS, LNW, LNB, XO, Y, WS, CNT,
+    M, N, K, L, P_START, eps,
+    sxm, sxk, swn, swk, srn, srl, src, spp, spc,
+    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr,
+    SPLIT_K: tl.constexpr, EPI_M: tl.constexpr,
+):
+    """The GEMM, its bias, then the residual / position add and the LayerNorm of the result
+    (``_add_norm_store``) for BLOCK_M rows and all N columns (N <= BLOCK_N).
+
+    TILE_N == 0: one program per row block does all of it (grid (row blocks,)).
+    TILE_N > 0 (split): programs (row block, TILE_N-column tile x K slice of SPLIT_K); each stores
+    its fp32 partial tile to WS (SPLIT_K, M, N) and counts itself in CNT[row block] (zero before
+    the launch); the last one of its row block sums the row block's partials in slice order (so
+    the result does not depend on which program came last) and runs the epilogue. At a few
+    hundred rows (batch-1 inference) whole-row programs fill few SMs; this spreads the GEMM over
+    ~10x as many programs and still needs no second kernel for the LayerNorm.
+    """
+    pid_m = tl.program_id(0)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    if TILE_N == 0:
+        acc = _gemm_tile(X, Wt, rm, rn, m_ok, n_ok, K, sxm, sxk, swn, swk, PRECISION, UPCAST, BLOCK_M, BLOCK_N,
+                         BLOCK_K)
+        _bias_add_norm(acc, rm, rn, m_ok, n_ok, N, L, P_START, eps, B, RES, srn, srl, src, POS, spp, spc, LNW, LNB,
+                       XO, Y, HAS_BIAS, HAS_POS, HAS_W, HAS_B)
+    else:
+        n_tiles = tl.cdiv(N, TILE_N)
+        pid_n = tl.program_id(1) % n_tiles
+        pid_k = tl.program_id(1) // n_tiles
+        k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k0 = pid_k * k_len
+        rt = pid_n * TILE_N + tl.arange(0, TILE_N)
+        t_ok = rt < N
+        # a slice past K (small K) sums nothing: its partial is zeros
+        part = _gemm_tile(X + k0 * sxk, Wt + k0 * swk, rm, rt, m_ok, t_ok, tl.minimum(K - k0, k_len), sxm, sxk,
+                          swn, swk, PRECISION, UPCAST, BLOCK_M, TILE_N, BLOCK_K)
+        ws_rows = (pid_k * M + rm).to(tl.int64) * N
+        tl.store(WS + ws_rows[:, None] + rt[None, :], part, mask=m_ok[:, None] & t_ok[None, :])
+        # every thread's partial is stored before the (one-thread, release) count; the last
+        # program's acquire makes all of them visible to its loads (.cg: from L2, not L1)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(CNT + pid_m, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_tiles * SPLIT_K - 1:
+            # EPI_M rows at a time: a whole (BLOCK_M, BLOCK_N) fp32 tile and its LayerNorm
+            # temporaries would not fit in registers
+            for e in tl.static_range(BLOCK_M // EPI_M):
+                re = pid_m * BLOCK_M + e * EPI_M + tl.arange(0, EPI_M)
+                e_ok = re < M
+                acc = tl.zeros((EPI_M, BLOCK_N), dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    rows = (s * M + re).to(tl.int64) * N
+                    acc += tl.load(WS + rows[:, None] + rn[None, :], mask=e_ok[:, None] & n_ok[None, :], other=0.0,
+                                   cache_modifier=".cg")
+                _bias_add_norm(acc, re, rn, e_ok, n_ok, N, L, P_START, eps, B, RES, srn, srl, src, POS, spp, spc,
+                               LNW, LNB, XO, Y, HAS_BIAS, HAS_POS, HAS_W, HAS_B)
 
 
 class RowTile(NamedTuple):
@@ -215,10 +265,50 @@ def _launch_rows(tuned, kernel, override: Optional[RowTile], tiles, inner: str, 
                                   num_warps=t.num_warps, num_stages=t.num_stages)
 
 
-#: tests pin a small tile (the interpreter is slow)
-ADD_NORM_TILE_OVERRIDE: Optional[RowTile] = None
+class SplitTile(NamedTuple):
+    """Launch shape of the split ``_linear_add_norm_kernel``: rows per program, the columns of a
+    program's GEMM tile, BLOCK_K, and the number of K slices."""
+
+    block_m: int
+    tile_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+#: tests pin a small tile (the interpreter is slow): a RowTile (whole rows) or a SplitTile
+ADD_NORM_TILE_OVERRIDE: Optional[Union[RowTile, SplitTile]] = None
 ADD_NORM_TUNE_TILES = (RowTile(64, 32, 8, 3), RowTile(32, 32, 4, 3), RowTile(16, 64, 4, 3))
-_ADD_NORM_TUNED = _row_tuner(_linear_add_norm_kernel, ADD_NORM_TUNE_TILES, "BLOCK_K", ["M", "N", "K", "PRECISION"])
+#: timed too where M <= SPLIT_MAX_ROWS. At the TDE's batch-1 shape (546 rows, N = 192, K = 192 or
+#: 576) whole-row programs are 9 to 35; these launch 100 to 300.
+ADD_NORM_SPLIT_TILES = (SplitTile(32, 64, 32, 3, 4, 3), SplitTile(16, 64, 32, 3, 4, 3), SplitTile(32, 64, 64, 2, 8, 3),
+                        SplitTile(32, 32, 32, 2, 4, 3), SplitTile(64, 64, 32, 4, 8, 3))
+#: the split tiles' workspace is SPLIT_K x M x N fp32: only small M (latency-bound) uses them
+SPLIT_MAX_ROWS = 4096
+
+
+def _add_norm_config(t: Union[RowTile, SplitTile]) -> dict:
+    """The constexprs of ``_linear_add_norm_kernel`` that a tile sets."""
+    if isinstance(t, SplitTile):
+        return dict(BLOCK_M=t.block_m, BLOCK_K=t.block_k, TILE_N=t.tile_n, SPLIT_K=t.split_k,
+                    EPI_M=min(t.block_m, 16))
+    return dict(BLOCK_M=t.block_m, BLOCK_K=t.block_inner, TILE_N=0, SPLIT_K=1, EPI_M=t.block_m)
+
+
+def _add_norm_tuner(tiles):
+    if _INTERPRET:
+        return None
+    return triton.autotune([triton.Config(_add_norm_config(t), num_warps=t.num_warps, num_stages=t.num_stages)
+                            for t in tiles], key=["M", "N", "K", "PRECISION"])(_linear_add_norm_kernel)
+
+
+_ADD_NORM_TUNED = _add_norm_tuner(ADD_NORM_TUNE_TILES)
+_ADD_NORM_TUNED_SMALL = _add_norm_tuner(ADD_NORM_TUNE_TILES + ADD_NORM_SPLIT_TILES)
+
+
+def _add_norm_grid(m: int, n: int, c: dict) -> tuple:
+    return (cdiv(m, c["BLOCK_M"]), 1 if c["TILE_N"] == 0 else cdiv(n, c["TILE_N"]) * c["SPLIT_K"])
 
 
 def _epilogue_args(residual: torch.Tensor, pos: Optional[torch.Tensor], norm_weight, norm_bias, eps: float):
@@ -247,12 +337,27 @@ def linear_add_norm_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Option
     if m == 0:
         return x_out, y
     (res, pos_t, lnw, lnb), scalars, strides, meta = _epilogue_args(residual, pos, norm_weight, norm_bias, eps)
-    args = (x2, weight, bias if bias is not None else weight, res, pos_t, lnw, lnb, x_out, y, m, n, k, *scalars,
-            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *strides)
+    tuned = _ADD_NORM_TUNED_SMALL if m <= SPLIT_MAX_ROWS else _ADD_NORM_TUNED
+    if tuned is not None and ADD_NORM_TILE_OVERRIDE is None and x2.is_cuda:
+        tiles = ADD_NORM_TUNE_TILES + (ADD_NORM_SPLIT_TILES if m <= SPLIT_MAX_ROWS else ())
+    else:
+        tuned, tiles = None, (ADD_NORM_TILE_OVERRIDE or ADD_NORM_TUNE_TILES[0],)
+    split = [t for t in tiles if isinstance(t, SplitTile)]
+    if split:  # partial tiles, and per row block a count of the programs done (zero before the launch)
+        ws = torch.empty((max(t.split_k for t in split), m, n), device=x2.device, dtype=torch.float32)
+        count = torch.zeros(cdiv(m, min(t.block_m for t in split)), device=x2.device, dtype=torch.int32)
+    else:
+        ws = count = y
+    args = (x2, weight, bias if bias is not None else weight, res, pos_t, lnw, lnb, x_out, y, ws, count, m, n, k,
+            *scalars, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *strides)
     meta.update(HAS_BIAS=bias is not None, PRECISION=_precision(x2.dtype, x2.device),
                 UPCAST=_INTERPRET and x2.dtype == torch.bfloat16, BLOCK_N=max(16, 1 << (n - 1).bit_length()))
-    _launch_rows(_ADD_NORM_TUNED, _linear_add_norm_kernel, ADD_NORM_TILE_OVERRIDE, ADD_NORM_TUNE_TILES, "BLOCK_K", m,
-                 args, meta, x2.is_cuda)
+    if tuned is not None:
+        tuned[lambda c: _add_norm_grid(m, n, c)](*args, **meta)
+    else:
+        c = _add_norm_config(tiles[0])
+        _linear_add_norm_kernel[_add_norm_grid(m, n, c)](*args, **meta, **c, num_warps=tiles[0].num_warps,
+                                                         num_stages=tiles[0].num_stages)
     return x_out, y
 
 

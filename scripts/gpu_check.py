@@ -61,7 +61,7 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
     # the TDE's GEMM fusions (info rows; the e2e stages show what they buy together), lower priority
     "bench-fusions": ("bench/bench_attention.py",
                       "(test_linear_gelu_gpu and not compile) or test_linear_fp32_gpu or "
-                      "(test_fused_mlp_gpu and not compile) or test_add_norm_gpu"),
+                      "(test_fused_mlp_gpu and not compile) or test_add_norm_gpu or test_add_norm_fp32_b1_graph_gpu"),
     # Reg2HM + score loss fwd+bwd N=256 (fused / eager / compile, fp32 teacher); targets N=64
     # (per call and in CUDA graphs: after the build, so "fused" is the extension's path when it built)
     "bench-heatmap": ("bench/bench_heatmap.py",

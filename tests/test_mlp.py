@@ -315,6 +315,48 @@ def test_add_norm_ops_match_float64(op, b, L, k, n, p, affine, bias, monkeypatch
     torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("tile,b,L,k,n,p", [
+    ((32, 16, 16, 3), 2, 11, 24, 40, 7),  # 22 rows in one 32-row block: both 16-row epilogue steps, one partly past M
+    ((16, 16, 16, 3), 1, 5, 7, 17, 5),  # K = 7 in 3 slices of 16: two slices sum nothing; N = 17 in two column tiles
+    ((16, 32, 16, 2), 3, 9, 50, 24, 0),  # a column tile wider than N, two slices of a K that is not a multiple of 16
+])
+def test_linear_add_norm_split_tiles_match_float64(tile, b, L, k, n, p, monkeypatch):
+    """The split tiles of linear_add_norm (programs per row block x column tile x K slice; the
+    row block's last program sums the partials and runs the add + LayerNorm) against float64,
+    into NaN-filled outputs."""
+    from distilpose_kernels import mlp_triton
+
+    monkeypatch.setattr(mlp_triton, "_new_output", lambda shape, device, dtype: torch.full(shape, float("nan"),
+                                                                                            device=device, dtype=dtype))
+    monkeypatch.setattr(mlp_triton, "ADD_NORM_TILE_OVERRIDE", mlp_triton.SplitTile(*tile, 4, 1))
+    args, args64 = _add_norm_inputs(b, L, k, n, p, seed=k + n)
+    (*main, pos), (*main64, pos64) = args, args64
+    x_out, y = dk.linear_add_norm(*main, 1e-5, pos, backend="triton")
+    want_x, want_y = dk.linear_add_norm_reference(*main64, 1e-5, pos64)
+    torch.testing.assert_close(x_out.double(), want_x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=2e-5)
+    # the workspace's counts start at zero in every call: a second call gives the same bits
+    again = dk.linear_add_norm(*main, 1e-5, pos, backend="triton")
+    assert torch.equal(again[0], x_out) and torch.equal(again[1], y)
+
+
+def test_linear_add_norm_split_tiles_only_below_the_row_limit(monkeypatch):
+    """The GPU launcher's tile set: the split tiles (and their SPLIT_K x M x N workspace) only up
+    to SPLIT_MAX_ROWS rows; checked on the host-side choice, since the interpreter has no
+    autotuner."""
+    from distilpose_kernels import mlp_triton as mt
+
+    assert all(isinstance(t, mt.SplitTile) for t in mt.ADD_NORM_SPLIT_TILES)
+    for t in mt.ADD_NORM_SPLIT_TILES:  # the epilogue walks a row block in EPI_M-row steps
+        c = mt._add_norm_config(t)
+        assert c["BLOCK_M"] % c["EPI_M"] == 0 and c["TILE_N"] > 0 and c["SPLIT_K"] >= 1
+    assert mt._add_norm_grid(546, 192, mt._add_norm_config(mt.SplitTile(32, 64, 32, 3, 4, 3))) == (18, 9)
+    assert mt._add_norm_grid(546, 192, mt._add_norm_config(mt.ADD_NORM_TUNE_TILES[0])) == (9, 1)
+    if mt._ADD_NORM_TUNED is not None:  # a GPU build: the two tuners' configs
+        assert {c.kwargs["TILE_N"] for c in mt._ADD_NORM_TUNED.configs} == {0}
+        assert len(mt._ADD_NORM_TUNED_SMALL.configs) == len(mt.ADD_NORM_TUNE_TILES) + len(mt.ADD_NORM_SPLIT_TILES)
+
+
 @pytest.mark.parametrize("op", list(ADD_NORM_OPS))
 def test_add_norm_ops_low_precision_and_mixed_dtypes(op):
     """bf16 activations with fp32 LayerNorm weights and position table (as under autocast):
@@ -783,7 +825,7 @@ _AOT = r"""
 import distilpose_kernels.mlp_triton as mt
 
 # the GPU autotuners key on argument names that exist (a typo would be ignored silently)
-for tuner in (mt._TUNED, mt._ADD_NORM_TUNED, mt._MLP_TUNED):
+for tuner in (mt._TUNED, mt._ADD_NORM_TUNED, mt._ADD_NORM_TUNED_SMALL, mt._MLP_TUNED):
     assert set(tuner.keys) <= set(tuner.arg_names), (tuner.keys, tuner.arg_names)
 
 ptrs = lambda p, names: {n: p for n in names}  # noqa: E731
@@ -796,11 +838,11 @@ for t, p, prec in VARIANTS(mt.MLP_TUNE_TILES):
                       BLOCK_H=t.block_inner, BLOCK_N=256)
         compile_(mt._mlp_kernel, ptrs(p, ("X", "W1", "B1", "W2", "B2", "Y", "RES", "POS", "LNW", "LNB", "XO")),
                  dict(eps="fp32"), consts, num_warps=t.num_warps, num_stages=t.num_stages)
-for t, p, prec in VARIANTS(mt.ADD_NORM_TUNE_TILES):
-    consts = dict(HAS_BIAS=True, HAS_POS=True, HAS_W=True, HAS_B=True, PRECISION=prec, UPCAST=False,
-                  BLOCK_M=t.block_m, BLOCK_N=256, BLOCK_K=t.block_inner)
+for t, p, prec in VARIANTS(mt.ADD_NORM_TUNE_TILES) + VARIANTS(mt.ADD_NORM_SPLIT_TILES):
+    consts = dict(HAS_BIAS=True, HAS_POS=True, HAS_W=True, HAS_B=True, PRECISION=prec, UPCAST=False, BLOCK_N=256,
+                  **mt._add_norm_config(t))
     compile_(mt._linear_add_norm_kernel, ptrs(p, ("X", "Wt", "B", "RES", "POS", "LNW", "LNB", "XO", "Y")),
-             dict(eps="fp32"), consts, num_warps=t.num_warps, num_stages=t.num_stages)
+             dict(eps="fp32", WS="*fp32", CNT="*i32"), consts, num_warps=t.num_warps, num_stages=t.num_stages)
 for t, p, prec in VARIANTS((mt.DEFAULT_TILE, *mt.TUNE_TILES)):
     for gelu in (True, False):
         consts = dict(HAS_B=True, GELU=gelu, PRECISION=prec, UPCAST=False, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
@@ -890,6 +932,31 @@ def test_gpu_add_norm_tde_shapes(op, batch, dtype):
             err, err_e = float((g.double() - w).abs().max()), float((e.double() - w).abs().max())
             floor = 4 * torch.finfo(dtype).eps * float(w.abs().max())
             assert err <= max(2 * err_e, floor), (op, backend, name, err, err_e)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [192, 576])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_linear_add_norm_split_tiles_tde_batch1(k, dtype, monkeypatch):
+    """Every split tile at the TDE's batch-1 flip shape (546 rows: proj K = 192, fc2 K = 576)
+    against float64 within twice the eager ops' error, and the same bits in repeated calls (the
+    last program of a row block sums the partials in slice order, whoever it is)."""
+    from distilpose_kernels import mlp_triton as mt
+
+    args, _ = _add_norm_inputs(2, 273, k, 192, 256, dtype=dtype, seed=k)
+    *main, pos = args
+    want = dk.linear_add_norm_reference(*[None if a is None else a.double() for a in main], 1e-5, pos.double())
+    eager = dk.linear_add_norm_reference(*main, 1e-5, pos)
+    for tile in mt.ADD_NORM_SPLIT_TILES:
+        monkeypatch.setattr(mt, "ADD_NORM_TILE_OVERRIDE", tile)
+        got = dk.linear_add_norm(*main, 1e-5, pos, backend="triton")
+        for _ in range(3):
+            again = dk.linear_add_norm(*main, 1e-5, pos, backend="triton")
+            assert all(torch.equal(a, g) for a, g in zip(again, got)), tile
+        for name, g, e, w in zip(("x_out", "y"), got, eager, want):
+            err, err_e = float((g.double() - w).abs().max()), float((e.double() - w).abs().max())
+            floor = 4 * torch.finfo(dtype).eps * float(w.abs().max())
+            assert err <= max(2 * err_e, floor), (tile, name, err, err_e)
 
 
 def test_triton_ops_reject_unsupported_dtypes_the_same_way():

@@ -5,7 +5,7 @@
 Every tile the GPU autotuner of ``distilpose_kernels.mlp_triton`` may pick (``linear`` /
 ``linear_gelu``, ``linear_add_norm``, ``fused_mlp`` with and without the add + LayerNorm
 epilogue) is compiled by Triton for sm_90 at the TDE's widths (192 -> 576 -> 192), in bf16 and in
-fp32 with 3xTF32 and FMA dots. ``cuobjdump`` reads the cubin's registers and local memory
+fp32 with 3xTF32 and FMA dots. ``cuobjdump`` reads the cubin's registers, stack frame and local memory
 (register spills), Triton's metadata its (dynamic) shared memory; from those, the programs (blocks) that fit on one SM at once. The
 last column is the number of programs the TDE's shape launches per SM at batch 1 with flip
 (546 token rows) and at batch 256 (69,888 rows): below 1 the GPU is partly idle.
@@ -70,14 +70,17 @@ def candidates():
                            mt._linear_gelu_kernel, p, ("X", "Wt", "B", "Y"), {}, consts, t.num_warps,
                            t.num_stages, dict(N=n, K=k, sxm=k, swn=k, sym=n)),
                        t.block_m, t.block_n, n)
-        for t in mt.ADD_NORM_TUNE_TILES:
-            consts = dict(HAS_BIAS=True, HAS_POS=True, HAS_W=True, HAS_B=True, PRECISION=prec, UPCAST=False,
-                          BLOCK_M=t.block_m, BLOCK_N=256, BLOCK_K=t.block_inner)
-            yield ("linear_add_norm N=192 K=192", t._asdict(), dt, prec,
-                   lambda t=t, consts=consts: _compile(
-                       mt._linear_add_norm_kernel, p, ("X", "Wt", "B", "RES", "POS", "LNW", "LNB", "XO", "Y"),
-                       dict(eps="fp32"), consts, t.num_warps, t.num_stages, dict(N=C, K=C, sxm=C, swn=C)),
-                   t.block_m, C, C)
+        for t in mt.ADD_NORM_TUNE_TILES + mt.ADD_NORM_SPLIT_TILES:
+            split = isinstance(t, mt.SplitTile)
+            for k in ((C, HID) if split else (C,)):
+                consts = dict(HAS_BIAS=True, HAS_POS=True, HAS_W=True, HAS_B=True, PRECISION=prec, UPCAST=False,
+                              BLOCK_N=256, **mt._add_norm_config(t))
+                yield (f"linear_add_norm{' split' if split else ''} N=192 K={k}", t._asdict(), dt, prec,
+                       lambda t=t, consts=consts, k=k: _compile(
+                           mt._linear_add_norm_kernel, p, ("X", "Wt", "B", "RES", "POS", "LNW", "LNB", "XO", "Y"),
+                           dict(eps="fp32", WS="*fp32", CNT="*i32"), consts, t.num_warps, t.num_stages,
+                           dict(N=C, K=k, sxm=k, swn=k)),
+                       t.block_m, t.tile_n if split else C, C * (t.split_k if split else 1))
         for t in mt.MLP_TUNE_TILES:
             for add_norm in (False, True):
                 consts = dict(HAS_B1=True, HAS_B2=True, ADD_NORM=add_norm, HAS_POS=add_norm, HAS_W=add_norm,
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
     rows: List[dict] = []
     print(f"TDE GEMM tiles compiled for sm_90 (static, no GPU; Triton {triton.__version__}); "
           f"'progs/SM' = programs resident per SM, the last columns = programs the TDE's GEMM launches per SM ({sms} SMs)")
-    head = (f"{'kernel':<34} {'dtype':<5} {'dot':<6} {'tile':<18} {'regs':>4} {'spill':>5} {'smem KB':>7} "
+    head = (f"{'kernel':<34} {'dtype':<5} {'dot':<6} {'tile':<18} {'regs':>4} {'stack':>5} {'local':>5} {'smem KB':>7} "
             f"{'progs/SM':>8} " + " ".join(f"{k:>18}" for k in ROWS))
     print(head)
     for name, tile, dt, prec, build, bm, bn, n_total in candidates():
@@ -120,10 +123,10 @@ def main(argv=None) -> int:
         rows.append(dict(kernel=name, dtype=dt, precision=prec, tile=tile, regs=r["regs"], spill_bytes=r["local"],
                          stack=r["stack"], shared=r["shared"], programs_per_sm=resident,
                          programs_launched_per_sm=launched))
-        print(f"{name:<34} {dt:<5} {prec:<6} {tile_s:<18} {r['regs']:>4} {r['local']:>5} {r['shared'] / 1024:>7.1f} "
+        print(f"{name:<34} {dt:<5} {prec:<6} {tile_s:<18} {r['regs']:>4} {r['stack']:>5} {r['local']:>5} {r['shared'] / 1024:>7.1f} "
               f"{resident:>8} " + " ".join(f"{v:>18.2f}" for v in launched.values()))
-    bad = [r for r in rows if r["spill_bytes"] or r["programs_per_sm"] < 1]
-    print(f"{len(rows)} tiles; {len(bad)} spill or do not fit: "
+    bad = [r for r in rows if r["spill_bytes"] or r["stack"] or r["programs_per_sm"] < 1]
+    print(f"{len(rows)} tiles; {len(bad)} use a stack frame (register spills) or local memory, or do not fit: "
           + ", ".join(f"{r['kernel']} {r['dtype']}/{r['precision']} {tuple(r['tile'].values())}" for r in bad))
     if args.json:
         atomic_write(args.json, json.dumps(dict(target="sm_90", triton=triton.__version__, tde=TDE, rows=ROWS,
