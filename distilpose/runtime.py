@@ -346,6 +346,13 @@ class InferenceEngine:
 
     # ------------------------------------------------------------------ public API
 
+    def _input_spec(self) -> Tuple[torch.dtype, torch.memory_format]:
+        """The model input's dtype and layout: the model's dtype for a cast model (so that no
+        cast runs inside the step; the flip and the batching concatenation are exact in any
+        dtype), else float32 (autocast casts inside); channels-last when the model is."""
+        return (self.dtype if self.cast_model else torch.float32,
+                torch.channels_last if self.channels_last else torch.contiguous_format)
+
     def _prepare(self, crops, center, scale, rotation):
         if not isinstance(crops, torch.Tensor):
             raise TypeError(f"crops: expected a torch.Tensor, got {type(crops).__name__}")
@@ -356,9 +363,9 @@ class InferenceEngine:
             raise TypeError(f"crops: expected a floating-point tensor, got {crops.dtype}")
         n = crops.shape[0]
         dev = self.device
-        img = crops.to(dev, torch.float32, non_blocking=True)
-        if self.channels_last:
-            img = img.contiguous(memory_format=torch.channels_last)
+        # CUDA graphs: the copy into the graph's input buffer converts (one kernel, in _replay)
+        dtype, fmt = self._input_spec()
+        img = crops if self.cuda_graph else crops.to(dev, dtype, non_blocking=True, memory_format=fmt)
 
         def as_t(name, v, default, shape):
             if v is None:
@@ -418,7 +425,7 @@ class InferenceEngine:
     # ------------------------------------------------------------------ CUDA graphs
 
     def _replay(self, img, c, s, r):
-        key = (tuple(img.shape), img.stride(), r is None)
+        key = (tuple(img.shape), r is None)  # the input buffer has one dtype and layout (_input_spec)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(img, c, s, r)
@@ -433,7 +440,9 @@ class InferenceEngine:
         return static_out
 
     def _capture(self, img, c, s, r):
-        static_in = tuple(None if t is None else t.clone() for t in (img, c, s, r))
+        dtype, fmt = self._input_spec()
+        static_img = torch.empty(img.shape, dtype=dtype, device=self.device, memory_format=fmt).copy_(img)
+        static_in = (static_img, *(None if t is None else t.clone() for t in (c, s, r)))
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph, static_out = dk.capture_cuda_graph(lambda: self._step(*static_in), warmup=3, pool=self._pool,

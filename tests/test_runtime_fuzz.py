@@ -118,6 +118,24 @@ def test_engine_never_mutates_the_callers_model():
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 0
 
 
+def test_engine_input_arrives_in_the_models_dtype_and_layout(models):
+    """A cast model gets its input in its own dtype and layout from the one copy of _prepare (no
+    cast inside the step); outputs equal those of the same engine fed the pre-cast input. An
+    autocast engine keeps float32 input."""
+    x, c, s, r = _inputs(2)
+    eng = InferenceEngine(models["distilpose_tiny"], precision="bf16", cast_model=True, channels_last=True,
+                          attention_backend="reference")
+    img = eng._prepare(x, c, s, r)[0]
+    assert img.dtype == torch.bfloat16 and img.is_contiguous(memory_format=torch.channels_last)
+    pre = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    assert eng._prepare(pre, c, s, r)[0] is pre  # already in that form: no copy
+    a, b = eng(x, c, s, r), eng(pre, c, s, r)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    auto = InferenceEngine(models["distilpose_tiny"], precision="bf16", attention_backend="reference")
+    assert auto._prepare(x, c, s, r)[0].dtype == torch.float32
+
+
 def test_engine_input_validation_names_the_argument(models):
     eng = InferenceEngine(models["distilpose_tiny"], flip_test=False)
     x, c, s, r = _inputs(2)
