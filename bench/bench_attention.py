@@ -286,42 +286,58 @@ def test_add_norm_gpu(benchmark, op, impl, batch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k", [192, 576])
-@pytest.mark.parametrize("impl", ["eager", "rows", "tuned", "auto"])
-def test_add_norm_fp32_b1_graph_gpu(benchmark, monkeypatch, impl, k):
-    """``linear_add_norm`` at the TDE's batch-1 flip shape (546 rows, 192 outputs; K = 192: the
-    attention projection + norm2, K = 576: fc2 + the next norm1 with the position table), fp32
-    with TF32 off, in a CUDA graph (device time): cuBLAS + add + LayerNorm (``eager``), the
-    whole-row tiles only (``rows``), every tile including the split ones (``tuned``: the tile the
-    autotuner picked is in extra_info) and the engine's timed choice (``auto``)."""
+@pytest.mark.parametrize("case", ["proj", "fc2", "mlp"])
+@pytest.mark.parametrize("impl", ["eager", "rows", "tuned", "auto", "gemms"])
+def test_add_norm_fp32_b1_graph_gpu(benchmark, monkeypatch, impl, case):
+    """The TDE's GEMM + add + LayerNorm steps at the batch-1 flip shape (546 rows), fp32 with TF32
+    off, in a CUDA graph (device time). ``proj``: ``linear_add_norm`` K = 192 (attention
+    projection + norm2); ``fc2``: ``linear_add_norm`` K = 576 (+ the next norm1 with the position
+    table); ``mlp``: the whole MLP, ``fused_mlp_add_norm``. ``eager``: cuBLAS (+ GELU + cuBLAS) +
+    add + LayerNorm; ``rows``: the whole-row tiles only; ``tuned``: every tile, the split ones
+    included (the tile the autotuner picked is in extra_info); ``auto``: the engine's timed
+    choice; ``gemms`` (mlp only): ``linear_gelu`` then ``linear_add_norm``, what fp32 engines run."""
     from benchutils import cuda_graph
     from distilpose_kernels import mlp_triton as mt
 
+    if impl == "gemms" and case != "mlp":
+        pytest.skip("the two-GEMM form is the MLP's")
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False  # restored by bench/conftest.py
     if impl == "rows":
         monkeypatch.setattr(mt, "SPLIT_MAX_ROWS", 0)
-    g = torch.Generator(device="cpu").manual_seed(k)
+    g = torch.Generator(device="cpu").manual_seed(len(case))
 
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(dev)
 
-    x, w, b, res, lw, lb = r(2, L, k), r(C, k, scale=k ** -0.5), r(C), r(2, L, C), r(C).abs() + 0.5, r(C)
-    pos = r(1, 256, C) if k == 3 * C else None
-    f = {"eager": lambda: dk.linear_add_norm_reference(x, w, b, res, lw, lb, 1e-5, pos),
-         "auto": lambda: dk.linear_add_norm(x, w, b, res, lw, lb, 1e-5, pos)}.get(
-        impl, lambda: dk.linear_add_norm(x, w, b, res, lw, lb, 1e-5, pos, backend="triton"))
+    hid = 3 * C
+    k = hid if case == "fc2" else C
+    x, res, lw, lb = r(2, L, k), r(2, L, C), r(C).abs() + 0.5, r(C)
+    pos = r(1, 256, C) if case != "proj" else None
+    if case == "mlp":
+        weights = (r(hid, C, scale=C ** -0.5), r(hid), r(C, hid, scale=hid ** -0.5), r(C))
+        op, ref = dk.fused_mlp_add_norm, dk.fused_mlp_add_norm_reference
+    else:
+        weights = (r(C, k, scale=k ** -0.5), r(C))
+        op, ref = dk.linear_add_norm, dk.linear_add_norm_reference
+    f = {"eager": lambda: ref(x, *weights, res, lw, lb, 1e-5, pos),
+         "auto": lambda: op(x, *weights, res, lw, lb, 1e-5, pos),
+         "gemms": lambda: dk.linear_add_norm(dk.linear_gelu(x, *weights[:2]), *weights[2:], res, lw, lb, 1e-5, pos)}.get(
+        impl, lambda: op(x, *weights, res, lw, lb, 1e-5, pos, backend="triton"))
     with torch.inference_mode():
         f()  # autotune / timed choice outside the capture
         extra = {}
         if impl in ("rows", "tuned"):
-            tuner = mt._ADD_NORM_TUNED if impl == "rows" else mt._ADD_NORM_TUNED_SMALL
+            small = impl == "tuned"
+            tuner = ((mt._MLP_TUNED_SMALL if small else mt._MLP_TUNED) if case == "mlp"
+                     else (mt._ADD_NORM_TUNED_SMALL if small else mt._ADD_NORM_TUNED))
             extra["tile"] = str(getattr(tuner, "best_config", None))
         graph = cuda_graph(f)
-        benchmark.group = f"linear_add_norm fp32 B=2 K={k} (CUDA graph)"
-        run_benchmark(benchmark, graph, device=dev, bytes_moved=(x.numel() + w.numel() + 3 * res.numel()) * 4,
-                      flops=2.0 * 2 * L * k * C, impl=impl, batch=2, dtype="fp32", op="linear_add_norm", K=k,
-                      cuda_graph=True, **extra)
+        benchmark.group = f"{case} + add + LayerNorm fp32 B=2 (CUDA graph)"
+        nbytes = (x.numel() + sum(w.numel() for w in weights) + 3 * res.numel()) * 4
+        run_benchmark(benchmark, graph, device=dev, bytes_moved=nbytes,
+                      flops=2.0 * 2 * L * C * (2 * hid if case == "mlp" else k), impl=impl, batch=2, dtype="fp32",
+                      op=f"{case}_add_norm_b1", cuda_graph=True, **extra)
 
 
 @pytest.mark.gpu

@@ -16,9 +16,9 @@ each program and never written; at batch 256 that is most of the MLP's memory tr
 kernel's epilogue: a program holds whole output rows, so it adds the residual stream (and the
 position table on the visual tokens), stores it, and stores its LayerNorm. The TDE's attention
 projection and MLP then need no separate add + LayerNorm kernel (inference; with autograd they
-run the reference ops). At small row counts (batch 1) ``linear_add_norm`` may instead run split
-tiles whose row block's last program sums fp32 partials and runs the epilogue
-(``mlp_triton.SplitTile``).
+run the reference ops). At small row counts (batch 1) ``linear_add_norm`` and the whole-MLP
+kernels may instead run split tiles (K slices, hidden slices) whose row block's last program
+sums fp32 partials and runs the epilogue (``mlp_triton.SplitTile``, ``SplitMlpTile``).
 
 Public API
 - ``linear_gelu(x, weight, bias=None, backend=None)``: x (..., K), weight (N, K), bias (N,)

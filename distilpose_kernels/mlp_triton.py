@@ -12,6 +12,11 @@ made and consumed chunk by chunk (BLOCK_H columns at a time) inside the program:
 written to memory, and the output row block stays in registers until its single store. The
 output width must fit one tile (N <= 512).
 
+Split tiles (small M, batch-1 latency): ``_linear_add_norm_kernel`` over (row block, column
+tile, K slice) and ``_mlp_kernel`` over (row block, hidden slice) programs. Each stores an fp32
+partial to a workspace and counts itself per row block; the last one sums the partials in a
+fixed order and runs the epilogue, so the result does not depend on the arrival order.
+
 ``_linear_add_norm_kernel`` and ``_mlp_kernel`` with ADD_NORM: since a program holds whole
 output rows, it can finish the pre-norm transformer step itself: add the residual stream (and
 the position table on the visual tokens), store that, and store its LayerNorm
@@ -256,26 +261,6 @@ class RowTile(NamedTuple):
     num_stages: int
 
 
-def _row_tuner(kernel, tiles, inner: str, key: list):
-    """triton.autotune of ``kernel`` over ``tiles`` (None under the interpreter). ``key`` names
-    the sizes and the constexprs that change the code (the autotuner adds the dtypes)."""
-    if _INTERPRET:
-        return None
-    return triton.autotune([triton.Config({"BLOCK_M": t.block_m, inner: t.block_inner}, num_warps=t.num_warps,
-                                          num_stages=t.num_stages) for t in tiles], key=key)(kernel)
-
-
-def _launch_rows(tuned, kernel, override: Optional[RowTile], tiles, inner: str, m: int, args: tuple,
-                 meta: dict, on_gpu: bool) -> None:
-    """One program per BLOCK_M rows: autotuned on a GPU, else the override or the first tile."""
-    if tuned is not None and override is None and on_gpu:
-        tuned[lambda c: (cdiv(m, c["BLOCK_M"]),)](*args, **meta)
-        return
-    t = override or tiles[0]
-    kernel[(cdiv(m, t.block_m),)](*args, **meta, BLOCK_M=t.block_m, **{inner: t.block_inner},
-                                  num_warps=t.num_warps, num_stages=t.num_stages)
-
-
 class SplitTile(NamedTuple):
     """Launch shape of the split ``_linear_add_norm_kernel``: rows per program, the columns of a
     program's GEMM tile, BLOCK_K, and the number of K slices."""
@@ -375,28 +360,78 @@ def linear_add_norm_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Option
 # ----------------------------------------------------------------------------- whole MLP
 
 
-#: tests pin a small tile (the interpreter is slow)
-MLP_TILE_OVERRIDE: Optional[RowTile] = None
+class SplitMlpTile(NamedTuple):
+    """Launch shape of the split ``_mlp_kernel``: rows per program, the hidden chunk of one
+    step, the number of hidden slices (programs per row block)."""
+
+    block_m: int
+    block_h: int
+    split_h: int
+    num_warps: int
+    num_stages: int
+
+
+#: tests pin a small tile (the interpreter is slow): a RowTile (whole rows) or a SplitMlpTile
+MLP_TILE_OVERRIDE: Optional[Union[RowTile, SplitMlpTile]] = None
 MLP_TUNE_TILES = (RowTile(64, 64, 8, 2), RowTile(32, 64, 4, 2), RowTile(128, 32, 8, 2))
+#: timed too where M <= SPLIT_MAX_ROWS: at the TDE's batch-1 shape (546 rows, 576 hidden) whole-row
+#: programs are 5 to 18; these launch 315 or 630, one hidden slice of 64 or 32 columns each. 8 warps
+#: and 16 rows: a (BLOCK_H x 256) fp32 slice of fc2's weight, split in two for 3xTF32, then fits
+#: in registers (sm_90: no spills, ``tools/gemm_resources.py``)
+MLP_SPLIT_TILES = (SplitMlpTile(16, 32, 9, 8, 2), SplitMlpTile(16, 32, 18, 8, 2), SplitMlpTile(16, 64, 9, 8, 2))
+
+
+@triton.jit
+def _mlp_finish(acc, rm, rn, m_ok, n_ok, N, L, P_START, eps, B2, Y, sym, syn, RES, srn, srl, src, POS, spp, spc, LNW,
+                LNB, XO, HAS_B2: tl.constexpr, ADD_NORM: tl.constexpr, HAS_POS: tl.constexpr, HAS_W: tl.constexpr,
+                HAS_B: tl.constexpr):
+    """fc2's bias, then the store (ADD_NORM: the add + LayerNorm epilogue, Y its LayerNorm)."""
+    if HAS_B2:
+        acc += tl.load(B2 + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ADD_NORM:
+        _add_norm_store(acc, rm, rn, m_ok, n_ok, N, L, P_START, eps, RES, srn, srl, src, POS, spp, spc, LNW, LNB,
+                        XO, Y, HAS_POS, HAS_W, HAS_B)
+    else:
+        tl.store(Y + rm.to(tl.int64)[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _mlp_kernel(
-    X, W1, B1, W2, B2, Y, RES, POS, LNW, LNB, XO,
+    X, W1, B1, W2, B2, Y, RES, POS, LNW, LNB, XO, WS, CNT,
     M, K, HID, N, L, P_START, eps,
     sxm, sxk, s1h, s1k, s2n, s2h, sym, syn, srn, srl, src, spp, spc,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ADD_NORM: tl.constexpr, HAS_POS: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_H: tl.constexpr, EPI_M: tl.constexpr,
 ):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """fc2(gelu(fc1(x))) for BLOCK_M rows and all N outputs; the hidden activation made and
+    consumed BLOCK_H columns at a time, never stored.
+
+    SPLIT_H == 1: one program per row block (grid (row blocks,)) does all of it.
+    SPLIT_H > 1: programs (row block, hidden slice); each sums its slice's share of fc2's output
+    and stores it (fp32) to WS (SPLIT_H, M, N), then counts itself in CNT[row block] (zero
+    before the launch); the row block's last program sums the shares in slice order (the same
+    result whichever program came last), EPI_M rows at a time, runs the epilogue and resets the
+    count. See ``_linear_add_norm_kernel``.
+    """
+    pid_m = tl.program_id(0)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rh = tl.arange(0, BLOCK_H)
     rn = tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
+    if SPLIT_H == 1:
+        h_lo = 0
+        h_hi = HID
+    else:
+        h_len = tl.cdiv(tl.cdiv(HID, SPLIT_H), BLOCK_H) * BLOCK_H
+        h_lo = tl.program_id(1) * h_len
+        h_hi = tl.minimum(HID, h_lo + h_len)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for h0 in range(0, HID, BLOCK_H):
-        h_ok = (h0 + rh) < HID
+    for h0 in range(h_lo, h_hi, BLOCK_H):
+        h_ok = (h0 + rh) < h_hi
         u = _gemm_tile(X, W1 + h0 * s1h, rm, rh, m_ok, h_ok, K, sxm, sxk, s1h, s1k, PRECISION, UPCAST, BLOCK_M,
                        BLOCK_H, BLOCK_K)
         if HAS_B1:
@@ -405,17 +440,48 @@ def _mlp_kernel(
         u = tl.where(h_ok[None, :], u, 0.0)  # padded columns: 0 (an inf in x made them NaN: inf * 0)
         w2 = tl.load(W2 + (h0 + rh)[:, None] * s2h + rn[None, :] * s2n, mask=h_ok[:, None] & n_ok[None, :], other=0.0)
         acc += _dot(u.to(W2.dtype.element_ty), w2, PRECISION, UPCAST)
-    if HAS_B2:
-        acc += tl.load(B2 + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if ADD_NORM:  # Y is then the LayerNorm output, XO the residual stream
-        _add_norm_store(acc, rm, rn, m_ok, n_ok, N, L, P_START, eps, RES, srn, srl, src, POS, spp, spc, LNW, LNB,
-                        XO, Y, HAS_POS, HAS_W, HAS_B)
+    if SPLIT_H == 1:
+        _mlp_finish(acc, rm, rn, m_ok, n_ok, N, L, P_START, eps, B2, Y, sym, syn, RES, srn, srl, src, POS, spp, spc,
+                    LNW, LNB, XO, HAS_B2, ADD_NORM, HAS_POS, HAS_W, HAS_B)
     else:
-        tl.store(Y + rm.to(tl.int64)[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        ws_rows = (tl.program_id(1) * M + rm).to(tl.int64) * N
+        tl.store(WS + ws_rows[:, None] + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+        tl.debug_barrier()  # as in _linear_add_norm_kernel: stores, then the one-thread release count
+        arrived = tl.atomic_add(CNT + pid_m, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_H - 1:
+            for e in tl.static_range(BLOCK_M // EPI_M):
+                re = pid_m * BLOCK_M + e * EPI_M + tl.arange(0, EPI_M)
+                e_ok = re < M
+                part = tl.zeros((EPI_M, BLOCK_N), dtype=tl.float32)
+                for sl in range(SPLIT_H):  # not unrolled: one share in registers at a time
+                    rows = (sl * M + re).to(tl.int64) * N
+                    part += tl.load(WS + rows[:, None] + rn[None, :], mask=e_ok[:, None] & n_ok[None, :], other=0.0,
+                                    cache_modifier=".cg")
+                _mlp_finish(part, re, rn, e_ok, n_ok, N, L, P_START, eps, B2, Y, sym, syn, RES, srn, srl, src, POS,
+                            spp, spc, LNW, LNB, XO, HAS_B2, ADD_NORM, HAS_POS, HAS_W, HAS_B)
+            tl.store(CNT + pid_m, 0)
 
 
-_MLP_TUNED = _row_tuner(_mlp_kernel, MLP_TUNE_TILES, "BLOCK_H", ["M", "K", "HID", "N", "ADD_NORM", "PRECISION"])
+def _mlp_config(t: Union[RowTile, SplitMlpTile]) -> dict:
+    """The constexprs of ``_mlp_kernel`` that a tile sets."""
+    if isinstance(t, SplitMlpTile):
+        return dict(BLOCK_M=t.block_m, BLOCK_H=t.block_h, SPLIT_H=t.split_h, EPI_M=min(t.block_m, 16))
+    return dict(BLOCK_M=t.block_m, BLOCK_H=t.block_inner, SPLIT_H=1, EPI_M=t.block_m)
+
+
+def _mlp_tuner(tiles):
+    if _INTERPRET:
+        return None
+    return triton.autotune([triton.Config(_mlp_config(t), num_warps=t.num_warps, num_stages=t.num_stages)
+                            for t in tiles], key=["M", "K", "HID", "N", "ADD_NORM", "PRECISION"])(_mlp_kernel)
+
+
+_MLP_TUNED = _mlp_tuner(MLP_TUNE_TILES)
+_MLP_TUNED_SMALL = _mlp_tuner(MLP_TUNE_TILES + MLP_SPLIT_TILES)
+
+
+def _split_grid(m: int, c: dict, split: str) -> tuple:
+    return (cdiv(m, c["BLOCK_M"]), c[split])
 
 
 def mlp_forward(x2: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
@@ -437,14 +503,30 @@ def mlp_forward(x2: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], 
     else:
         res = pos_t = lnw = lnb = y
         scalars, strides, emeta = (1, 1, 0.0), (0, 0, 0, 0, 0), dict(HAS_POS=False, HAS_W=False, HAS_B=False)
+    tuned = _MLP_TUNED_SMALL if m <= SPLIT_MAX_ROWS else _MLP_TUNED
+    if tuned is not None and MLP_TILE_OVERRIDE is None and x2.is_cuda:
+        tiles = MLP_TUNE_TILES + (MLP_SPLIT_TILES if m <= SPLIT_MAX_ROWS else ())
+    else:
+        tuned, tiles = None, (MLP_TILE_OVERRIDE or MLP_TUNE_TILES[0],)
+    split = [t for t in tiles if isinstance(t, SplitMlpTile)]
+    if split:  # fc2 partial outputs per hidden slice, and the per-row-block counts
+        ws = torch.empty((max(t.split_h for t in split), m, n), device=x2.device, dtype=torch.float32)
+        count = _new_counts(cdiv(m, min(t.block_m for t in split)), x2.device)
+    else:
+        ws = count = y
     block_n = max(16, 1 << (n - 1).bit_length())
     block_k = min(64, max(16, 1 << (k - 1).bit_length()))
     args = (x2, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, y, res, pos_t, lnw, lnb, x_out,
-            m, k, hid, n, *scalars,
+            ws, count, m, k, hid, n, *scalars,
             x2.stride(0), x2.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
             y.stride(0), y.stride(1), *strides)
     meta = dict(HAS_B1=b1 is not None, HAS_B2=b2 is not None, ADD_NORM=add_norm, **emeta,
                 PRECISION=_precision(x2.dtype, x2.device), UPCAST=_INTERPRET and x2.dtype == torch.bfloat16,
                 BLOCK_K=block_k, BLOCK_N=block_n)
-    _launch_rows(_MLP_TUNED, _mlp_kernel, MLP_TILE_OVERRIDE, MLP_TUNE_TILES, "BLOCK_H", m, args, meta, x2.is_cuda)
+    if tuned is not None:
+        tuned[lambda c: _split_grid(m, c, "SPLIT_H")](*args, **meta)
+    else:
+        c = _mlp_config(tiles[0])
+        _mlp_kernel[_split_grid(m, c, "SPLIT_H")](*args, **meta, **c, num_warps=tiles[0].num_warps,
+                                                  num_stages=tiles[0].num_stages)
     return (x_out, y) if add_norm else y

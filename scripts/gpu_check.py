@@ -836,9 +836,9 @@ def evaluate_goals(benchmarks: List[dict], ceilings: Dict[str, float]) -> List[D
             vs_baseline(f"TDE {op} + add + LayerNorm B={n} {dtype} one kernel vs eager",
                         select(an, op=f"{op}_add_norm", batch=n), "eager", ("fused", "auto", "split", "gemms"))
     a1 = [b for b in benchmarks if "test_add_norm_fp32_b1_graph_gpu" in b["_file"]]
-    for k in (192, 576):
-        vs_baseline(f"TDE linear_add_norm K={k} B=2 fp32 graph vs cuBLAS+add+LN", select(a1, K=k), "eager",
-                    ("rows", "tuned", "auto"))
+    for case in ("proj", "fc2", "mlp"):
+        vs_baseline(f"TDE {case} + add + LayerNorm B=2 fp32 graph vs eager", select(a1, op=f"{case}_add_norm_b1"),
+                    "eager", ("rows", "tuned", "auto", "gemms"))
     lf = [b for b in benchmarks if "test_linear_fp32_gpu" in b["_file"]]
     for shape in ("192x576", "192x192", "576x192"):
         vs_baseline(f"TDE Linear {shape} B=2 fp32 graph vs cuBLAS", select(lf, shape=shape), "cublas",

@@ -384,9 +384,9 @@ def test_gpu_check_goal_table_from_results():
         _fake_bench("l[cublas-192x576]", 9.0e-6, impl="cublas", shape="192x576"),
         _fake_bench("l[triton_tf32x3-192x576]", 4.5e-6, impl="triton_tf32x3", shape="192x576"),
         _fake_bench("l[triton_tf32x3-192x192]", 1.0e-6, impl="triton_tf32x3", shape="192x192"),  # no cuBLAS case
-        _fake_bench("s[eager-576]", 27e-6, impl="eager", K=576),
-        _fake_bench("s[tuned-576]", 9e-6, impl="tuned", K=576, tile="BLOCK_M: 32, TILE_N: 64"),
-        _fake_bench("s[rows-576]", 54e-6, impl="rows", K=576),
+        _fake_bench("s[eager-fc2]", 27e-6, impl="eager", op="fc2_add_norm_b1"),
+        _fake_bench("s[tuned-fc2]", 9e-6, impl="tuned", op="fc2_add_norm_b1", tile="BLOCK_M: 32, TILE_N: 64"),
+        _fake_bench("s[rows-fc2]", 54e-6, impl="rows", op="fc2_add_norm_b1"),
     ]
     for b in benches:
         suite = {"a": "attention-x.json bench/bench_attention.py::test_token_attention_gpu",
@@ -423,9 +423,9 @@ def test_gpu_check_goal_table_from_results():
     lin = rows["TDE Linear 192x576 B=2 fp32 graph vs cuBLAS"]
     assert lin["status"] == "info" and "cublas 9.0 us; triton_tf32x3 2.00x (4.5 us" in lin["measured"]
     assert "TDE Linear 192x192 B=2 fp32 graph vs cuBLAS" not in rows  # nothing to compare with
-    split = rows["TDE linear_add_norm K=576 B=2 fp32 graph vs cuBLAS+add+LN"]
+    split = rows["TDE fc2 + add + LayerNorm B=2 fp32 graph vs eager"]
     assert split["status"] == "info" and "tuned 3.00x (9.0 us" in split["measured"] and "rows 0.50x" in split["measured"]
-    assert "TDE linear_add_norm K=192 B=2 fp32 graph vs cuBLAS+add+LN" not in rows
+    assert "TDE proj + add + LayerNorm B=2 fp32 graph vs eager" not in rows
     ups = rows["HRNet fusion sum b64 bf16 cl vs eager"]
     assert ups["status"] == "info" and "fused 3.00x (0.100 ms, 10000 GB/s)" in ups["measured"]
 

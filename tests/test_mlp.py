@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import distilpose_kernels as dk
 from sm90 import compile_for_sm90
 from distilpose_kernels import mlp as mlp_mod
-from distilpose_kernels._utils import fp32_dot_precision
+from distilpose_kernels._utils import cdiv, fp32_dot_precision
 
 triton = pytest.importorskip("triton")
 
@@ -345,9 +345,46 @@ def test_linear_add_norm_split_tiles_match_float64(tile, b, L, k, n, p, monkeypa
         assert not shared.any()
 
 
+@pytest.mark.parametrize("tile,b,L,k,hid,n,p", [
+    ((32, 16, 3), 2, 11, 24, 56, 40, 7),  # 22 rows in one 32-row block: both 16-row epilogue steps
+    ((16, 16, 7), 1, 5, 7, 20, 17, 5),  # 20 hidden in 7 slices of 16: five slices sum nothing
+    ((16, 32, 2), 3, 9, 50, 48, 24, 0),  # a hidden step wider than the slice's remainder
+])
+@pytest.mark.parametrize("add_norm", [True, False])
+def test_mlp_split_tiles_match_float64(tile, b, L, k, hid, n, p, add_norm, monkeypatch):
+    """The split tiles of the whole-MLP kernel (programs per row block x hidden slice; the row
+    block's last program sums the slices' fc2 shares and runs the epilogue), with and without
+    the add + LayerNorm epilogue, against float64 into NaN-filled outputs; relaunched on one
+    shared counter buffer, which the kernel leaves at zero."""
+    from distilpose_kernels import mlp_triton
+
+    monkeypatch.setattr(mlp_triton, "_new_output", lambda shape, device, dtype: torch.full(shape, float("nan"),
+                                                                                            device=device, dtype=dtype))
+    monkeypatch.setattr(mlp_triton, "MLP_TILE_OVERRIDE", mlp_triton.SplitMlpTile(*tile, 4, 1))
+    args, args64 = _add_norm_inputs(b, L, k, n, p, hid, seed=k + hid)
+    (*main, pos), (*main64, pos64) = args, args64
+    shared = torch.zeros(64, dtype=torch.int32, device=DEV)
+    monkeypatch.setattr(mlp_triton, "_new_counts", lambda m, device: shared[:m])
+    runs = []
+    for _ in range(2):
+        if add_norm:
+            runs.append(dk.fused_mlp_add_norm(*main, 1e-5, pos, backend="triton"))
+        else:
+            runs.append((dk.fused_mlp(*main[:5], backend="triton"),))
+        assert not shared.any()
+    if add_norm:
+        want = dk.fused_mlp_add_norm_reference(*main64, 1e-5, pos64)
+    else:
+        want = (dk.fused_mlp_reference(*main64[:5]),)
+    for got, again in zip(runs[0], runs[1]):
+        assert torch.equal(got, again)
+    for got, w in zip(runs[0], want):
+        torch.testing.assert_close(got.double(), w, rtol=1e-5, atol=2e-5)
+
+
 def test_linear_add_norm_split_tiles_only_below_the_row_limit(monkeypatch):
-    """The GPU launcher's tile set: the split tiles (and their SPLIT_K x M x N workspace) only up
-    to SPLIT_MAX_ROWS rows; checked on the host-side choice, since the interpreter has no
+    """The GPU launchers' tile sets: the split tiles of linear_add_norm and of the MLP (and their
+    split x M x N workspace) only up to SPLIT_MAX_ROWS rows; checked on the host-side choice, since the interpreter has no
     autotuner."""
     from distilpose_kernels import mlp_triton as mt
 
@@ -357,9 +394,15 @@ def test_linear_add_norm_split_tiles_only_below_the_row_limit(monkeypatch):
         assert c["BLOCK_M"] % c["EPI_M"] == 0 and c["TILE_N"] > 0 and c["SPLIT_K"] >= 1
     assert mt._add_norm_grid(546, 192, mt._add_norm_config(mt.SplitTile(32, 64, 32, 3, 4, 3))) == (18, 9)
     assert mt._add_norm_grid(546, 192, mt._add_norm_config(mt.ADD_NORM_TUNE_TILES[0])) == (9, 1)
-    if mt._ADD_NORM_TUNED is not None:  # a GPU build: the two tuners' configs
+    for t in mt.MLP_SPLIT_TILES:
+        c = mt._mlp_config(t)
+        assert c["BLOCK_M"] % c["EPI_M"] == 0 and c["SPLIT_H"] > 1
+        assert mt._split_grid(546, c, "SPLIT_H") == (cdiv(546, t.block_m), t.split_h)
+    if mt._ADD_NORM_TUNED is not None:  # a GPU build: the tuners' configs
         assert {c.kwargs["TILE_N"] for c in mt._ADD_NORM_TUNED.configs} == {0}
         assert len(mt._ADD_NORM_TUNED_SMALL.configs) == len(mt.ADD_NORM_TUNE_TILES) + len(mt.ADD_NORM_SPLIT_TILES)
+        assert {c.kwargs["SPLIT_H"] for c in mt._MLP_TUNED.configs} == {1}
+        assert len(mt._MLP_TUNED_SMALL.configs) == len(mt.MLP_TUNE_TILES) + len(mt.MLP_SPLIT_TILES)
 
 
 @pytest.mark.parametrize("op", list(ADD_NORM_OPS))
@@ -830,19 +873,18 @@ _AOT = r"""
 import distilpose_kernels.mlp_triton as mt
 
 # the GPU autotuners key on argument names that exist (a typo would be ignored silently)
-for tuner in (mt._TUNED, mt._ADD_NORM_TUNED, mt._ADD_NORM_TUNED_SMALL, mt._MLP_TUNED):
+for tuner in (mt._TUNED, mt._ADD_NORM_TUNED, mt._ADD_NORM_TUNED_SMALL, mt._MLP_TUNED, mt._MLP_TUNED_SMALL):
     assert set(tuner.keys) <= set(tuner.arg_names), (tuner.keys, tuner.arg_names)
 
 ptrs = lambda p, names: {n: p for n in names}  # noqa: E731
 # every tile in bf16; the first tile also in fp32 with FMA and with 3xTF32 dots
 VARIANTS = lambda tiles: [(t, "*bf16", "tf32") for t in tiles] + [(tiles[0], "*fp32", pr) for pr in ("ieee", "tf32x3")]  # noqa: E731
-for t, p, prec in VARIANTS(mt.MLP_TUNE_TILES):
+for t, p, prec in VARIANTS(mt.MLP_TUNE_TILES) + VARIANTS(mt.MLP_SPLIT_TILES):
     for add_norm in (False, True):
         consts = dict(HAS_B1=True, HAS_B2=True, ADD_NORM=add_norm, HAS_POS=add_norm, HAS_W=add_norm,
-                      HAS_B=add_norm, PRECISION=prec, UPCAST=False, BLOCK_M=t.block_m, BLOCK_K=64,
-                      BLOCK_H=t.block_inner, BLOCK_N=256)
+                      HAS_B=add_norm, PRECISION=prec, UPCAST=False, BLOCK_K=64, BLOCK_N=256, **mt._mlp_config(t))
         compile_(mt._mlp_kernel, ptrs(p, ("X", "W1", "B1", "W2", "B2", "Y", "RES", "POS", "LNW", "LNB", "XO")),
-                 dict(eps="fp32"), consts, num_warps=t.num_warps, num_stages=t.num_stages)
+                 dict(eps="fp32", WS="*fp32", CNT="*i32"), consts, num_warps=t.num_warps, num_stages=t.num_stages)
 for t, p, prec in VARIANTS(mt.ADD_NORM_TUNE_TILES) + VARIANTS(mt.ADD_NORM_SPLIT_TILES):
     consts = dict(HAS_BIAS=True, HAS_POS=True, HAS_W=True, HAS_B=True, PRECISION=prec, UPCAST=False, BLOCK_N=256,
                   **mt._add_norm_config(t))
@@ -962,6 +1004,36 @@ def test_gpu_linear_add_norm_split_tiles_tde_batch1(k, dtype, monkeypatch):
             err, err_e = float((g.double() - w).abs().max()), float((e.double() - w).abs().max())
             floor = 4 * torch.finfo(dtype).eps * float(w.abs().max())
             assert err <= max(2 * err_e, floor), (tile, name, err, err_e)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("add_norm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_mlp_split_tiles_tde_batch1(add_norm, dtype, monkeypatch):
+    """Every split tile of the whole-MLP kernel at the TDE's batch-1 flip shape (546 rows,
+    192 -> 576 -> 192, pos on the last 256 tokens) against float64 within twice the eager ops'
+    error, and the same bits in repeated calls."""
+    from distilpose_kernels import mlp_triton as mt
+
+    args, _ = _add_norm_inputs(2, 273, 192, 192, 256, 576, dtype=dtype, seed=7)
+    *main, pos = args
+    main64 = [None if a is None else a.double() for a in main]
+    if add_norm:
+        fn = lambda: dk.fused_mlp_add_norm(*main, 1e-5, pos, backend="triton")  # noqa: E731
+        want = dk.fused_mlp_add_norm_reference(*main64, 1e-5, pos.double())
+        eager = dk.fused_mlp_add_norm_reference(*main, 1e-5, pos)
+    else:
+        fn = lambda: (dk.fused_mlp(*main[:5], backend="triton"),)  # noqa: E731
+        want, eager = (dk.fused_mlp_reference(*main64[:5]),), (dk.fused_mlp_reference(*main[:5]),)
+    for tile in mt.MLP_SPLIT_TILES:
+        monkeypatch.setattr(mt, "MLP_TILE_OVERRIDE", tile)
+        got = fn()
+        for _ in range(3):
+            assert all(torch.equal(a, g) for a, g in zip(fn(), got)), tile
+        for g, e, w in zip(got, eager, want):
+            err, err_e = float((g.double() - w).abs().max()), float((e.double() - w).abs().max())
+            floor = 4 * torch.finfo(dtype).eps * float(w.abs().max())
+            assert err <= max(2 * err_e, floor), (tile, err, err_e)
 
 
 def test_triton_ops_reject_unsupported_dtypes_the_same_way():

@@ -81,17 +81,19 @@ def candidates():
                            dict(eps="fp32", WS="*fp32", CNT="*i32"), consts, t.num_warps, t.num_stages,
                            dict(N=C, K=k, sxm=k, swn=k)),
                        t.block_m, t.tile_n if split else C, C * (t.split_k if split else 1))
-        for t in mt.MLP_TUNE_TILES:
+        for t in mt.MLP_TUNE_TILES + mt.MLP_SPLIT_TILES:
+            split = isinstance(t, mt.SplitMlpTile)
             for add_norm in (False, True):
                 consts = dict(HAS_B1=True, HAS_B2=True, ADD_NORM=add_norm, HAS_POS=add_norm, HAS_W=add_norm,
-                              HAS_B=add_norm, PRECISION=prec, UPCAST=False, BLOCK_M=t.block_m, BLOCK_K=64,
-                              BLOCK_H=t.block_inner, BLOCK_N=256)
-                yield (f"fused_mlp{'_add_norm' if add_norm else ''} 192-576-192", t._asdict(), dt, prec,
+                              HAS_B=add_norm, PRECISION=prec, UPCAST=False, BLOCK_K=64, BLOCK_N=256,
+                              **mt._mlp_config(t))
+                yield (f"fused_mlp{'_add_norm' if add_norm else ''}{' split' if split else ''} 192-576-192",
+                       t._asdict(), dt, prec,
                        lambda t=t, consts=consts: _compile(
                            mt._mlp_kernel, p, ("X", "W1", "B1", "W2", "B2", "Y", "RES", "POS", "LNW", "LNB", "XO"),
-                           dict(eps="fp32"), consts, t.num_warps, t.num_stages,
+                           dict(eps="fp32", WS="*fp32", CNT="*i32"), consts, t.num_warps, t.num_stages,
                            dict(K=C, HID=HID, N=C, sxm=C, s1h=C, s2n=HID, sym=C)),
-                       t.block_m, C, C)
+                       t.block_m, C, C * (t.split_h if split else 1))
 
 
 def main(argv=None) -> int:
