@@ -38,11 +38,15 @@ _INTERPRET = triton_interpret()
 
 
 class GemmTile(NamedTuple):
+    """Launch shape of ``_linear_gelu_kernel``; ``split_k`` > 1: K slices per output tile
+    (their partials summed by the tile's last program)."""
+
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1
 
 
 DEFAULT_TILE = GemmTile(128, 64, 64, 4, 3)
@@ -50,10 +54,13 @@ DEFAULT_TILE = GemmTile(128, 64, 64, 4, 3)
 TILE_OVERRIDE: Optional[GemmTile] = None
 #: output allocator (tests swap in a NaN-filled one)
 _new_output = torch.empty
+#: the GPU autotuners time the split tiles (below) up to this many rows: their workspace is
+#: split x M x N fp32, and only small M (batch-1 latency) leaves SMs idle
+SPLIT_MAX_ROWS = 4096
 
 
 def _new_counts(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters of the split ``linear_add_norm`` tiles, one per row block. New per
+    """Zeroed int32 counters of the split tiles, one per row block or output tile. New per
     call (a fill): a buffer shared between calls could be counted by two launches at once
     (graphs replayed on two streams). Tests swap in a shared one to check that the kernel leaves
     them at zero."""
@@ -77,13 +84,29 @@ def _gemm_tile(X, Wt, rm, rn, m_ok, n_ok, K, sxm, sxk, swn, swk, PRECISION: tl.c
 
 
 @triton.jit
+def _linear_finish(acc, rm, rn, m_ok, n_ok, B, Y, sym, syn, HAS_B: tl.constexpr, GELU: tl.constexpr):
+    if HAS_B:
+        acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    tl.store(Y + rm.to(tl.int64)[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _linear_gelu_kernel(
-    X, Wt, B, Y,
+    X, Wt, B, Y, WS, CNT,
     M, N, K,
     sxm, sxk, swn, swk, sym, syn,
     HAS_B: tl.constexpr, GELU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
+    """One (BLOCK_M, BLOCK_N) output tile per program_id(0) (grouped order). SPLIT_K > 1: the
+    tile's K is cut in SPLIT_K slices (program_id(1)); each stores its fp32 partial to WS
+    (SPLIT_K, M, N) and counts itself in CNT[tile] (zero before the launch); the tile's last
+    program sums the partials in slice order, applies the bias and GELU, stores, and resets the
+    count (as ``_linear_add_norm_kernel``)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -96,13 +119,27 @@ def _linear_gelu_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    acc = _gemm_tile(X, Wt, rm, rn, m_ok, n_ok, K, sxm, sxk, swn, swk, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-    if HAS_B:
-        acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if GELU:
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-    tl.store(Y + rm.to(tl.int64)[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    if SPLIT_K == 1:
+        acc = _gemm_tile(X, Wt, rm, rn, m_ok, n_ok, K, sxm, sxk, swn, swk, PRECISION, UPCAST, BLOCK_M, BLOCK_N,
+                         BLOCK_K)
+        _linear_finish(acc, rm, rn, m_ok, n_ok, B, Y, sym, syn, HAS_B, GELU)
+    else:
+        pid_k = tl.program_id(1)
+        k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k0 = pid_k * k_len
+        part = _gemm_tile(X + k0 * sxk, Wt + k0 * swk, rm, rn, m_ok, n_ok, tl.minimum(K - k0, k_len), sxm, sxk,
+                          swn, swk, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        off = rm.to(tl.int64)[:, None] * N + rn[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
+        tl.store(WS + pid_k.to(tl.int64) * M * N + off, part, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(WS + s * M * N + off, mask=mask, other=0.0, cache_modifier=".cg")
+            _linear_finish(acc, rm, rn, m_ok, n_ok, B, Y, sym, syn, HAS_B, GELU)
+            tl.store(CNT + pid, 0)
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -111,11 +148,28 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
 
 #: autotuned tiles (GPU only): few, because each is compiled on first use of a shape
 TUNE_TILES = (GemmTile(128, 64, 32, 4, 3), GemmTile(64, 64, 32, 4, 3), GemmTile(32, 64, 32, 4, 3))
-_TUNED = None if _INTERPRET else triton.autotune(
-    [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k},
-                   num_warps=t.num_warps, num_stages=t.num_stages) for t in TUNE_TILES],
-    key=["M", "N", "K", "GELU", "PRECISION"],
-)(_linear_gelu_kernel)
+#: timed too where M <= SPLIT_MAX_ROWS (batch 1: 546 rows, 162 tiles of 32 x 64 for N = 576): K
+#: in 2 or 3 slices, a 2-3 step dot chain per program instead of 6 (K = 192) or 18 (K = 576)
+SPLIT_TILES = (GemmTile(32, 64, 32, 4, 3, 2), GemmTile(32, 64, 32, 4, 3, 3), GemmTile(64, 64, 32, 4, 3, 3))
+
+
+def _gemm_config(t: GemmTile) -> dict:
+    return dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT_K=t.split_k)
+
+
+def _gemm_tuner(tiles):
+    if _INTERPRET:
+        return None
+    return triton.autotune([triton.Config(_gemm_config(t), num_warps=t.num_warps, num_stages=t.num_stages)
+                            for t in tiles], key=["M", "N", "K", "GELU", "PRECISION"])(_linear_gelu_kernel)
+
+
+_TUNED = _gemm_tuner(TUNE_TILES)
+_TUNED_SMALL = _gemm_tuner(TUNE_TILES + SPLIT_TILES)
+
+
+def _gemm_grid(m: int, n: int, c: dict) -> tuple:
+    return (cdiv(m, c["BLOCK_M"]) * cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])
 
 
 def linear_gelu_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -131,18 +185,27 @@ def linear_gelu_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         z = (bias.float() if bias is not None else torch.zeros(n, device=x2.device)).expand(m, n)
         y.copy_(torch.nn.functional.gelu(z) if gelu else z)
         return y
-    args = (x2, weight, bias if bias is not None else weight, y, m, n, k,
+    tuned = _TUNED_SMALL if m <= SPLIT_MAX_ROWS else _TUNED
+    if tuned is not None and TILE_OVERRIDE is None and x2.is_cuda:
+        tiles = TUNE_TILES + (SPLIT_TILES if m <= SPLIT_MAX_ROWS else ())
+    else:
+        tuned, tiles = None, (TILE_OVERRIDE or DEFAULT_TILE,)
+    split = [t for t in tiles if t.split_k > 1]
+    if split:  # partial tiles, and per output tile a count of its programs done (zero before the launch)
+        ws = torch.empty((max(t.split_k for t in split), m, n), device=x2.device, dtype=torch.float32)
+        count = _new_counts(max(cdiv(m, t.block_m) * cdiv(n, t.block_n) for t in split), x2.device)
+    else:
+        ws = count = y
+    args = (x2, weight, bias if bias is not None else weight, y, ws, count, m, n, k,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1))
     meta = dict(HAS_B=bias is not None, GELU=bool(gelu), PRECISION=_precision(x2.dtype, x2.device),
                 UPCAST=_INTERPRET and x2.dtype == torch.bfloat16, GROUP_M=8)
-    if _TUNED is not None and TILE_OVERRIDE is None and x2.is_cuda:
-        _TUNED[lambda c: (cdiv(m, c["BLOCK_M"]) * cdiv(n, c["BLOCK_N"]),)](*args, **meta)
-        return y
-    t = TILE_OVERRIDE or DEFAULT_TILE
-    _linear_gelu_kernel[(cdiv(m, t.block_m) * cdiv(n, t.block_n),)](
-        *args, **meta, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        num_warps=t.num_warps, num_stages=t.num_stages,
-    )
+    if tuned is not None:
+        tuned[lambda c: _gemm_grid(m, n, c)](*args, **meta)
+    else:
+        t = tiles[0]
+        _linear_gelu_kernel[_gemm_grid(m, n, _gemm_config(t))](*args, **meta, **_gemm_config(t),
+                                                               num_warps=t.num_warps, num_stages=t.num_stages)
     return y
 
 
@@ -280,8 +343,6 @@ ADD_NORM_TUNE_TILES = (RowTile(64, 32, 8, 3), RowTile(32, 32, 4, 3), RowTile(16,
 #: 576) whole-row programs are 9 to 35; these launch 100 to 300.
 ADD_NORM_SPLIT_TILES = (SplitTile(32, 64, 32, 3, 4, 3), SplitTile(16, 64, 32, 3, 4, 3), SplitTile(32, 64, 64, 2, 8, 3),
                         SplitTile(32, 32, 32, 2, 4, 3), SplitTile(64, 64, 32, 4, 8, 3))
-#: the split tiles' workspace is SPLIT_K x M x N fp32: only small M (latency-bound) uses them
-SPLIT_MAX_ROWS = 4096
 
 
 def _add_norm_config(t: Union[RowTile, SplitTile]) -> dict:

@@ -345,6 +345,31 @@ def test_linear_add_norm_split_tiles_match_float64(tile, b, L, k, n, p, monkeypa
         assert not shared.any()
 
 
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("tile,m,k,n", [
+    ((16, 16, 16, 3), 37, 24, 40),  # 3 slices of 16 over K = 24: the last one sums nothing
+    ((16, 32, 16, 2), 18, 7, 3),  # K = 7: one slice sums nothing; a tile wider than N
+    ((16, 16, 16, 2), 51, 50, 96),  # K not a multiple of the step; 4 x 6 tiles
+])
+def test_linear_split_k_tiles_match_float64(op, tile, m, k, n, monkeypatch):
+    """The split-K tiles of linear / linear_gelu (the output tile's last program sums the K
+    slices' partials, then bias and GELU) against float64 into NaN-filled outputs; relaunched on
+    one shared counter buffer, which the kernel leaves at zero."""
+    from distilpose_kernels import mlp_triton
+
+    monkeypatch.setattr(mlp_triton, "_new_output", lambda shape, device, dtype: torch.full(shape, float("nan"),
+                                                                                            device=device, dtype=dtype))
+    monkeypatch.setattr(mlp_triton, "TILE_OVERRIDE", mlp_triton.GemmTile(*tile[:3], 4, 1, tile[3]))
+    shared = torch.zeros(64, dtype=torch.int32, device=DEV)
+    monkeypatch.setattr(mlp_triton, "_new_counts", lambda c, device: shared[:c])
+    fn, ref = OPS[op]
+    (x, w, b), (x64, w64, b64) = _inputs((m,), k, n, seed=m + k)
+    got = fn(x, w, b, backend="triton")
+    assert not shared.any()
+    assert torch.equal(fn(x, w, b, backend="triton"), got)
+    torch.testing.assert_close(got.double(), ref(x64, w64, b64), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("tile,b,L,k,hid,n,p", [
     ((32, 16, 3), 2, 11, 24, 56, 40, 7),  # 22 rows in one 32-row block: both 16-row epilogue steps
     ((16, 16, 7), 1, 5, 7, 20, 17, 5),  # 20 hidden in 7 slices of 16: five slices sum nothing
@@ -394,6 +419,8 @@ def test_linear_add_norm_split_tiles_only_below_the_row_limit(monkeypatch):
         assert c["BLOCK_M"] % c["EPI_M"] == 0 and c["TILE_N"] > 0 and c["SPLIT_K"] >= 1
     assert mt._add_norm_grid(546, 192, mt._add_norm_config(mt.SplitTile(32, 64, 32, 3, 4, 3))) == (18, 9)
     assert mt._add_norm_grid(546, 192, mt._add_norm_config(mt.ADD_NORM_TUNE_TILES[0])) == (9, 1)
+    assert all(t.split_k > 1 for t in mt.SPLIT_TILES) and all(t.split_k == 1 for t in mt.TUNE_TILES)
+    assert mt._gemm_grid(546, 576, mt._gemm_config(mt.SPLIT_TILES[0])) == (18 * 9, mt.SPLIT_TILES[0].split_k)
     for t in mt.MLP_SPLIT_TILES:
         c = mt._mlp_config(t)
         assert c["BLOCK_M"] % c["EPI_M"] == 0 and c["SPLIT_H"] > 1
@@ -402,6 +429,8 @@ def test_linear_add_norm_split_tiles_only_below_the_row_limit(monkeypatch):
         assert {c.kwargs["TILE_N"] for c in mt._ADD_NORM_TUNED.configs} == {0}
         assert len(mt._ADD_NORM_TUNED_SMALL.configs) == len(mt.ADD_NORM_TUNE_TILES) + len(mt.ADD_NORM_SPLIT_TILES)
         assert {c.kwargs["SPLIT_H"] for c in mt._MLP_TUNED.configs} == {1}
+        assert {c.kwargs["SPLIT_K"] for c in mt._TUNED.configs} == {1}
+        assert len(mt._TUNED_SMALL.configs) == len(mt.TUNE_TILES) + len(mt.SPLIT_TILES)
         assert len(mt._MLP_TUNED_SMALL.configs) == len(mt.MLP_TUNE_TILES) + len(mt.MLP_SPLIT_TILES)
 
 
@@ -873,7 +902,8 @@ _AOT = r"""
 import distilpose_kernels.mlp_triton as mt
 
 # the GPU autotuners key on argument names that exist (a typo would be ignored silently)
-for tuner in (mt._TUNED, mt._ADD_NORM_TUNED, mt._ADD_NORM_TUNED_SMALL, mt._MLP_TUNED, mt._MLP_TUNED_SMALL):
+for tuner in (mt._TUNED, mt._TUNED_SMALL, mt._ADD_NORM_TUNED, mt._ADD_NORM_TUNED_SMALL, mt._MLP_TUNED,
+              mt._MLP_TUNED_SMALL):
     assert set(tuner.keys) <= set(tuner.arg_names), (tuner.keys, tuner.arg_names)
 
 ptrs = lambda p, names: {n: p for n in names}  # noqa: E731
@@ -890,12 +920,11 @@ for t, p, prec in VARIANTS(mt.ADD_NORM_TUNE_TILES) + VARIANTS(mt.ADD_NORM_SPLIT_
                   **mt._add_norm_config(t))
     compile_(mt._linear_add_norm_kernel, ptrs(p, ("X", "Wt", "B", "RES", "POS", "LNW", "LNB", "XO", "Y")),
              dict(eps="fp32", WS="*fp32", CNT="*i32"), consts, num_warps=t.num_warps, num_stages=t.num_stages)
-for t, p, prec in VARIANTS((mt.DEFAULT_TILE, *mt.TUNE_TILES)):
+for t, p, prec in VARIANTS((mt.DEFAULT_TILE, *mt.TUNE_TILES)) + VARIANTS(mt.SPLIT_TILES):
     for gelu in (True, False):
-        consts = dict(HAS_B=True, GELU=gelu, PRECISION=prec, UPCAST=False, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                      BLOCK_K=t.block_k, GROUP_M=8)
-        compile_(mt._linear_gelu_kernel, dict(X=p, Wt=p, B=p, Y=p), {}, consts, num_warps=t.num_warps,
-                 num_stages=t.num_stages)
+        consts = dict(HAS_B=True, GELU=gelu, PRECISION=prec, UPCAST=False, GROUP_M=8, **mt._gemm_config(t))
+        compile_(mt._linear_gelu_kernel, dict(X=p, Wt=p, B=p, Y=p, WS="*fp32", CNT="*i32"), {}, consts,
+                 num_warps=t.num_warps, num_stages=t.num_stages)
 """
 
 
@@ -1004,6 +1033,30 @@ def test_gpu_linear_add_norm_split_tiles_tde_batch1(k, dtype, monkeypatch):
             err, err_e = float((g.double() - w).abs().max()), float((e.double() - w).abs().max())
             floor = 4 * torch.finfo(dtype).eps * float(w.abs().max())
             assert err <= max(2 * err_e, floor), (tile, name, err, err_e)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(192, 576), (576, 192)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_linear_split_k_tiles_tde_batch1(k, n, dtype, monkeypatch, matmul_tf32):
+    """Every split-K tile of linear / linear_gelu at the TDE's batch-1 flip shapes (546 rows: qkv /
+    fc1 K = 192, fc2 K = 576) against float64 within twice cuBLAS's error, the same bits in
+    repeated calls."""
+    from distilpose_kernels import mlp_triton as mt
+
+    matmul_tf32(False)
+    (x, w, b), (x64, w64, b64) = _inputs((546,), k, n, dtype=dtype, seed=k)
+    for op, (fn, ref) in OPS.items():
+        want = ref(x64, w64, b64)
+        e_ref = float((ref(x, w, b).double() - want).abs().max())
+        floor = 4 * torch.finfo(dtype).eps * float(want.abs().max())
+        for tile in mt.SPLIT_TILES:
+            monkeypatch.setattr(mt, "TILE_OVERRIDE", tile)
+            got = fn(x, w, b, backend="triton")
+            for _ in range(3):
+                assert torch.equal(fn(x, w, b, backend="triton"), got), (op, tile)
+            e = float((got.double() - want).abs().max())
+            assert e <= max(2 * e_ref, floor), (op, tile, e, e_ref)
 
 
 @pytest.mark.gpu

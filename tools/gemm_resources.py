@@ -60,16 +60,15 @@ def candidates():
     C, HID = TDE["C"], TDE["HID"]
     variants = [("bf16", "*bf16", "tf32"), ("fp32", "*fp32", "tf32x3"), ("fp32", "*fp32", "ieee")]
     for dt, p, prec in variants:
-        for t in mt.TUNE_TILES:
+        for t in mt.TUNE_TILES + mt.SPLIT_TILES:
             for gelu, (n, k) in ((True, (HID, C)), (False, (C, HID)), (False, (3 * C, C))):
-                consts = dict(HAS_B=True, GELU=gelu, PRECISION=prec, UPCAST=False, BLOCK_M=t.block_m,
-                              BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=8)
-                name = f"linear{'_gelu' if gelu else ''} N={n} K={k}"
+                consts = dict(HAS_B=True, GELU=gelu, PRECISION=prec, UPCAST=False, GROUP_M=8, **mt._gemm_config(t))
+                name = f"linear{'_gelu' if gelu else ''}{' split' if t.split_k > 1 else ''} N={n} K={k}"
                 yield (name, t._asdict(), dt, prec,
                        lambda t=t, consts=consts, n=n, k=k: _compile(
-                           mt._linear_gelu_kernel, p, ("X", "Wt", "B", "Y"), {}, consts, t.num_warps,
-                           t.num_stages, dict(N=n, K=k, sxm=k, swn=k, sym=n)),
-                       t.block_m, t.block_n, n)
+                           mt._linear_gelu_kernel, p, ("X", "Wt", "B", "Y"), dict(WS="*fp32", CNT="*i32"), consts,
+                           t.num_warps, t.num_stages, dict(N=n, K=k, sxm=k, swn=k, sym=n)),
+                       t.block_m, t.block_n, n * t.split_k)
         for t in mt.ADD_NORM_TUNE_TILES + mt.ADD_NORM_SPLIT_TILES:
             split = isinstance(t, mt.SplitTile)
             for k in ((C, HID) if split else (C,)):
