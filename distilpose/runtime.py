@@ -47,6 +47,9 @@ __all__ = [
 ]
 
 #: Left/right keypoint pairs of COCO-17 (swapped by a horizontal flip).
+#: int32 counters an engine lends its split GEMM tiles (``distilpose_kernels.split_counters``): the
+#: most any of them needs at batch 1 is 162 (546 x 576 in 32 x 64 tiles); larger calls get their own
+SPLIT_COUNTS_SIZE = 4096
 COCO_FLIP_PAIRS: Tuple[Tuple[int, int], ...] = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -287,6 +290,11 @@ class InferenceEngine:
             self._step = torch.compile(self._forward_decode, dynamic=False, **kwargs)
         self._graphs: Dict[tuple, tuple] = {}
         self._pool = None
+        # the split GEMM tiles (batch-1 latency) count their programs here, not in a zeroed
+        # tensor per call: no fill kernel per GEMM in the step or its CUDA graph. One per
+        # engine: the engine (static graph buffers included) is not reentrant anyway.
+        self._split_counts = (torch.zeros(SPLIT_COUNTS_SIZE, dtype=torch.int32, device=self.device)
+                              if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ the step
 
@@ -414,7 +422,7 @@ class InferenceEngine:
         if self.cuda_graph:
             kp, sc = self._replay(img, c, s, r)
         else:
-            kp, sc = self._step(img, c, s, r)
+            kp, sc = self._run_step(img, c, s, r)
         return {"keypoints": kp, "scores": sc}
 
     def predict(self, crops, center=None, scale=None, rotation=None) -> torch.Tensor:
@@ -423,6 +431,10 @@ class InferenceEngine:
         return torch.cat((out["keypoints"], out["scores"][..., None]), dim=-1)
 
     # ------------------------------------------------------------------ CUDA graphs
+
+    def _run_step(self, img, c, s, r):
+        with dk.split_counters(self._split_counts):
+            return self._step(img, c, s, r)
 
     def _replay(self, img, c, s, r):
         key = (tuple(img.shape), r is None)  # the input buffer has one dtype and layout (_input_spec)
@@ -445,7 +457,7 @@ class InferenceEngine:
         static_in = (static_img, *(None if t is None else t.clone() for t in (c, s, r)))
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph, static_out = dk.capture_cuda_graph(lambda: self._step(*static_in), warmup=3, pool=self._pool,
+        graph, static_out = dk.capture_cuda_graph(lambda: self._run_step(*static_in), warmup=3, pool=self._pool,
                                                   device=self.device)
         return graph, static_in, static_out
 

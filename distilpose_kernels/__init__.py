@@ -49,6 +49,7 @@ _LAZY = {
     "fused_mlp_add_norm_reference": "mlp",
     "linear_add_norm": "mlp",
     "linear_add_norm_reference": "mlp",
+    "split_counters": "mlp",
     "fp32_dot_precision": "_utils",
     "auto_choices": "_utils",
     "timing_for_cuda_graphs": "_utils",

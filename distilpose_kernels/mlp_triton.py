@@ -33,6 +33,7 @@ import triton.language as tl
 from ._triton_helpers import dot as _dot
 from ._triton_helpers import layernorm_rows
 from ._utils import cdiv, contiguous_vectors, fp32_dot_precision, triton_interpret
+from .mlp import SPLIT_COUNTS
 
 _INTERPRET = triton_interpret()
 
@@ -60,10 +61,13 @@ SPLIT_MAX_ROWS = 4096
 
 
 def _new_counts(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters of the split tiles, one per row block or output tile. New per
-    call (a fill): a buffer shared between calls could be counted by two launches at once
-    (graphs replayed on two streams). Tests swap in a shared one to check that the kernel leaves
-    them at zero."""
+    """Zeroed int32 counters of the split tiles, one per row block or output tile: the buffer
+    of ``mlp.split_counters`` when one is set (on this device, large enough), else a new one (a
+    fill: a buffer shared between calls could be counted by two launches at once, e.g. graphs
+    replayed on two streams). Every split kernel leaves its counters at zero."""
+    shared = SPLIT_COUNTS.get()
+    if shared is not None and shared.device == torch.device(device) and shared.numel() >= n:
+        return shared[:n]
     return torch.zeros(n, device=device, dtype=torch.int32)
 
 

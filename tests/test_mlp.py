@@ -407,6 +407,39 @@ def test_mlp_split_tiles_match_float64(tile, b, L, k, hid, n, p, add_norm, monke
         torch.testing.assert_close(got.double(), w, rtol=1e-5, atol=2e-5)
 
 
+def test_split_counters_lends_one_buffer_to_every_split_kernel(monkeypatch):
+    """dk.split_counters(buf): the split tiles count in buf (no new zeroed tensor per call) and
+    leave it at zero; calls needing more counters than buf holds get their own; outside, each
+    call gets a new one; bad buffers are refused by name."""
+    from distilpose_kernels import mlp_triton as mt
+
+    buf = torch.zeros(40, dtype=torch.int32, device=DEV)
+    with dk.split_counters(buf):
+        assert mt._new_counts(12, buf.device).data_ptr() == buf.data_ptr()
+        big = mt._new_counts(41, buf.device)
+        assert big.data_ptr() != buf.data_ptr() and big.numel() == 41 and not big.any()
+        monkeypatch.setattr(mt, "ADD_NORM_TILE_OVERRIDE", mt.SplitTile(16, 16, 16, 3, 4, 1))
+        monkeypatch.setattr(mt, "TILE_OVERRIDE", mt.GemmTile(16, 16, 16, 4, 1, 2))
+        monkeypatch.setattr(mt, "MLP_TILE_OVERRIDE", mt.SplitMlpTile(16, 16, 3, 4, 1))
+        args, args64 = _add_norm_inputs(2, 11, 24, 40, 7, seed=3)
+        for _ in range(2):
+            got = dk.linear_add_norm(*args[:-1], 1e-5, args[-1], backend="triton")
+            assert not buf.any()
+        want = dk.linear_add_norm_reference(*args64[:-1], 1e-5, args64[-1])
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=2e-5)
+        (x, w, b), (x64, w64, b64) = _inputs((37,), 24, 40, seed=2)
+        torch.testing.assert_close(dk.linear_gelu(x, w, b, backend="triton").double(),
+                                   F.gelu(F.linear(x64, w64, b64)), rtol=1e-5, atol=1e-5)
+        assert not buf.any()
+    assert mt._new_counts(12, buf.device).data_ptr() != buf.data_ptr()
+    for bad, msg in ((buf.long(), "counts: expected dtype"), (buf.view(5, 8), "counts: expected a 1-D"),
+                     (buf[::2], "counts: expected a contiguous")):
+        with pytest.raises((TypeError, ValueError), match=msg):
+            with dk.split_counters(bad):
+                pass
+
+
 def test_linear_add_norm_split_tiles_only_below_the_row_limit(monkeypatch):
     """The GPU launchers' tile sets: the split tiles of linear_add_norm and of the MLP (and their
     split x M x N workspace) only up to SPLIT_MAX_ROWS rows; checked on the host-side choice, since the interpreter has no
