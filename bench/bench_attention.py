@@ -286,6 +286,36 @@ def test_add_norm_gpu(benchmark, op, impl, batch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["eager", "plain", "tuned"])
+def test_attention_fp32_b1_graph_gpu(benchmark, monkeypatch, impl):
+    """Token attention forward at the TDE's batch-1 flip shape (2 x 8 heads x 273 tokens, head
+    dim 24), fp32 with TF32 off, in a CUDA graph (device time): the einsum reference (``eager``),
+    the fused kernel without the split-key configs (``plain``) and with them (``tuned``: what
+    inference runs; the config picked is in extra_info)."""
+    from benchutils import cuda_graph
+    from distilpose_kernels import attention_triton as at
+
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False  # restored by bench/conftest.py
+    if impl == "plain":
+        monkeypatch.setattr(at, "SPLIT_MAX_ROWS", 0)
+    qkv = torch.randn(2, L, 3 * C, device=dev, generator=torch.Generator(device=dev).manual_seed(0))
+    f = (lambda: dk.token_attention_reference(qkv, H)) if impl == "eager" else (
+        lambda: dk.token_attention(qkv, H, backend="triton"))
+    with torch.inference_mode():
+        f()  # autotune outside the capture
+        extra = {}
+        if impl != "eager":
+            which = "fwd_small" if impl == "tuned" else "fwd"
+            extra["config"] = str(next((v for k, v in at._BUCKET_CONFIGS.items() if k[0] == which), None))
+        graph = cuda_graph(f)
+        benchmark.group = "attention fwd fp32 B=2 (CUDA graph)"
+        run_benchmark(benchmark, graph, device=dev, flops=attention_flops(2, L, H, D, "fwd"),
+                      bytes_moved=attention_bytes(2, L, C, 4, "fwd"), impl=impl, batch=2, dtype="fp32",
+                      op="attention_b1", cuda_graph=True, **extra)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", ["proj", "fc2", "mlp"])
 @pytest.mark.parametrize("impl", ["eager", "rows", "tuned", "auto", "gemms"])
 def test_add_norm_fp32_b1_graph_gpu(benchmark, monkeypatch, impl, case):

@@ -11,7 +11,7 @@ import importlib.util
 import os
 import time
 import warnings
-from typing import Callable, Iterable, Optional, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
@@ -365,6 +365,46 @@ def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], ref
         _record(what, key, choice, f"failed: {type(e).__name__}: {str(e)[:200]}", timing=timing)
     cache[key] = choice
     return choice
+
+
+# ----------------------------------------------------------------------------- split-kernel counters
+
+#: set by ``split_counters``: the zeroed int32 buffer the split kernels count in (None: a new one per call)
+SPLIT_COUNTS: contextvars.ContextVar[Optional[torch.Tensor]] = contextvars.ContextVar("distilpose_split_counts",
+                                                                                      default=None)
+
+
+@contextlib.contextmanager
+def split_counters(counts: Optional[torch.Tensor]) -> Iterator[None]:
+    """Inside, the split kernels (the small-launch tiles of ``linear`` / ``linear_gelu`` /
+    ``linear_add_norm`` / ``fused_mlp(_add_norm)`` and the split-key ``token_attention``
+    forward, on CUDA) count their programs in ``counts`` (a zeroed 1-D int32 tensor; every kernel
+    leaves it at zero) instead of in a new zeroed tensor per call: no fill kernel per call, or per
+    node of a CUDA graph captured inside. Calls that need more counters than ``counts`` holds,
+    or run on another device, still get their own.
+
+    The caller guarantees that no two launches use ``counts`` at once: one stream at a time, and
+    no two graphs captured with it replayed concurrently (``InferenceEngine`` keeps one per
+    engine, whose graphs and static buffers are not reentrant either). ``None``: no change.
+    """
+    if counts is not None:
+        check_tensor("counts", counts, ndim=1, dtypes=(torch.int32,))
+        if not counts.is_contiguous():
+            raise ValueError("counts: expected a contiguous tensor")
+    token = SPLIT_COUNTS.set(counts)
+    try:
+        yield
+    finally:
+        SPLIT_COUNTS.reset(token)
+
+
+def zeroed_counts(n: int, device: torch.device) -> torch.Tensor:
+    """n zeroed int32 counters for a split kernel: a slice of the ``split_counters`` buffer when
+    one is set (on this device, large enough), else a new tensor (a fill)."""
+    shared = SPLIT_COUNTS.get()
+    if shared is not None and shared.device == torch.device(device) and shared.numel() >= n:
+        return shared[:n]
+    return torch.zeros(n, device=device, dtype=torch.int32)
 
 
 # ----------------------------------------------------------------------------- checks

@@ -26,7 +26,8 @@ import triton.language as tl
 
 from ._triton_helpers import dot as _dot
 from ._triton_helpers import layernorm_rows
-from ._utils import cdiv, contiguous_vectors, env_switch, fp32_dot_precision, next_pow2, triton_interpret
+from ._utils import (cdiv, contiguous_vectors, env_switch, fp32_dot_precision, next_pow2, triton_interpret,
+                     zeroed_counts)
 
 _LOG2E = 1.4426950408889634
 
@@ -47,14 +48,23 @@ def _new_output(shape, device, dtype) -> torch.Tensor:
 
 @triton.jit
 def _attn_fwd_kernel(
-    QKV, Out, LSE,
+    QKV, Out, LSE, WS, WML, CNT,
     stride_qn, stride_ql, stride_qc,
     stride_on, stride_ol, stride_oc,
     L, H, C, qk_scale,  # qk_scale = softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
+    """One program per (query block, sequence x head); online softmax over the keys.
+
+    SPLIT > 1 (split keys, for launches too small to fill the GPU: batch-1 inference): the keys
+    are cut in SPLIT slices (program_id(2)); each program stores its unnormalised accumulator to
+    WS (SPLIT, N*H, L, BLOCK_D) and its running max and sum (log2 units) to WML (SPLIT, N*H, L, 2),
+    then counts itself in CNT[(sequence x head, query block)] (zero before the launch); the last
+    one merges the slices in slice order (the same result whichever came last), stores the
+    output and the log-sum-exp, and resets the count.
+    """
     pid_m = tl.program_id(0)
     pid_nh = tl.program_id(1)
     n = (pid_nh // H).to(tl.int64)
@@ -73,12 +83,19 @@ def _attn_fwd_kernel(
     k_base = base + (C + col)[None, :] * stride_qc
     v_base = base + (2 * C + col)[None, :] * stride_qc
 
+    if SPLIT == 1:
+        lo = 0
+        hi = L
+    else:
+        n_len = tl.cdiv(tl.cdiv(L, SPLIT), BLOCK_N) * BLOCK_N
+        lo = tl.program_id(2) * n_len
+        hi = tl.minimum(L, lo + n_len)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, L, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        n_ok = cols < L
+        n_ok = cols < hi
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * stride_ql, mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_ql, mask=kv_mask, other=0.0)
@@ -91,11 +108,41 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
     out_ptrs = Out + n * stride_on + offs_m[:, None] * stride_ol + col[None, :] * stride_oc
-    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
-    tl.store(LSE + pid_nh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
+    if SPLIT == 1:
+        acc = acc / l_i[:, None]
+        tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+        tl.store(LSE + pid_nh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
+    else:
+        nh_total = tl.num_programs(1)
+        row = (tl.program_id(2) * nh_total + pid_nh).to(tl.int64) * L + offs_m  # (slice, nh, query)
+        tl.store(WS + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=m_ok[:, None])
+        tl.store(WML + row * 2, m_i, mask=m_ok)
+        tl.store(WML + row * 2 + 1, l_i, mask=m_ok)
+        tl.debug_barrier()  # every thread's stores, then the one-thread release count
+        cnt = CNT + pid_nh * tl.num_programs(0) + pid_m
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            for sl in tl.static_range(SPLIT):
+                r = (sl * nh_total + pid_nh).to(tl.int64) * L + offs_m
+                m_all = tl.maximum(m_all, tl.load(WML + r * 2, mask=m_ok, other=float("-inf"), cache_modifier=".cg"))
+            m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)  # rows past L
+            l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for sl in tl.static_range(SPLIT):
+                r = (sl * nh_total + pid_nh).to(tl.int64) * L + offs_m
+                w = tl.exp2(tl.load(WML + r * 2, mask=m_ok, other=float("-inf"), cache_modifier=".cg") - m_safe)
+                l_all += w * tl.load(WML + r * 2 + 1, mask=m_ok, other=0.0, cache_modifier=".cg")
+                acc += w[:, None] * tl.load(WS + r[:, None] * BLOCK_D + offs_d[None, :], mask=m_ok[:, None],
+                                            other=0.0, cache_modifier=".cg")
+            l_all = tl.where(m_ok, l_all, 1.0)  # rows past L: nothing summed, nothing stored
+            acc = acc / l_all[:, None]
+            tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+            lse = (m_all + tl.log2(l_all)) * 0.6931471805599453
+            tl.store(LSE + pid_nh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
+            tl.store(cnt, 0)
 
 
 # ============================================================================ attention backward
@@ -264,14 +311,28 @@ def _heuristic_blocks(L: int, block_d: int, dtype: torch.dtype) -> Tuple[int, in
 BLOCK_OVERRIDE: Optional[object] = None
 
 
-def _configs():
+def _configs(split: bool = False):
+    """Autotune candidates (BLOCK_M, BLOCK_N, warps, stages); ``split``: with SPLIT set, plus the
+    split-key forward configs."""
     cfgs = []
     for bm, bn, w, s in [
         (32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
         (128, 32, 4, 2), (128, 64, 8, 2), (128, 64, 4, 3), (32, 64, 4, 2),
     ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **({"SPLIT": 1} if split else {})}, num_warps=w,
+                                  num_stages=s))
+    if split:
+        cfgs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": sp}, num_warps=w, num_stages=s)
+                 for bm, bn, w, s, sp in SPLIT_CONFIGS]
     return cfgs
+
+
+#: split-key forward configs (BLOCK_M, BLOCK_N, warps, stages, SPLIT), timed for launches of at
+#: most SPLIT_MAX_ROWS query rows (N * H * L). At batch 1 with the flip test (2 x 8 heads x 273
+#: tokens) the plain forward has 80-144 programs, each walking all 273 keys; these cut the walk in
+#: 2-4 slices on 2-4x the programs.
+SPLIT_CONFIGS = ((32, 32, 4, 2, 2), (32, 32, 4, 2, 3), (16, 32, 4, 2, 4), (32, 64, 4, 2, 2), (64, 32, 4, 2, 3))
+SPLIT_MAX_ROWS = 16384
 
 
 def _prune(configs, named_args, **kwargs):
@@ -285,11 +346,13 @@ def _prune(configs, named_args, **kwargs):
 #: autotuned config per (kernel, pow2 bucket of L, BLOCK_D, dtype, HEAD_DIM, PRECISION)
 _BUCKET_CONFIGS: dict = {}
 _KEY = ["L", "HEAD_DIM", "BLOCK_D", "PRECISION", "UPCAST"]
-_RAW = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_RAW = {"fwd": _attn_fwd_kernel, "fwd_small": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel,
+        "dq": _attn_bwd_dq_kernel}
 #: which block size tiles the grid's first axis
-_GRID_BLOCK = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
+_GRID_BLOCK = {"fwd": "BLOCK_M", "fwd_small": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
 _TUNED = (
-    {k: triton.autotune(_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(f)
+    {k: triton.autotune(_configs(split=k == "fwd_small"), key=_KEY,
+                        prune_configs_by={"early_config_prune": _prune})(f)
      for k, f in _RAW.items()}
     if not _INTERPRET else {}
 )
@@ -305,29 +368,68 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 def _launch(which: str, L: int, nh: int, block_d: int, dtype: torch.dtype, *args, **kw) -> None:
-    """Launch an attention kernel: autotuned on GPU, fixed heuristic blocks otherwise."""
+    """Launch an attention kernel: autotuned on GPU, fixed heuristic blocks otherwise. The
+    forward kernels ("fwd", "fwd_small": with the split-key configs) take SPLIT (a third grid
+    axis); BLOCK_OVERRIDE may set it (a Config's "SPLIT", or a third tuple entry)."""
     gb = _GRID_BLOCK[which]
+    forward = which.startswith("fwd")
     cfg = BLOCK_OVERRIDE if isinstance(BLOCK_OVERRIDE, triton.Config) else None
     if BLOCK_OVERRIDE is None and AUTOTUNE and which in _TUNED:
+        if which == "fwd":
+            kw["SPLIT"] = 1  # its configs leave SPLIT to the caller ("fwd_small"'s set it)
         # Triton's autotuner keys on the exact L: every new sequence length would re-benchmark
         # all configs. Tune once per power-of-two bucket of L and reuse that config.
         bucket = (which, _pow2_at_least(L, 16), block_d, dtype, kw.get("HEAD_DIM"), kw.get("PRECISION"))
         cfg = _BUCKET_CONFIGS.get(bucket)
         if cfg is None:
             tuner = _TUNED[which]
-            tuner[lambda meta: (cdiv(L, meta[gb]), nh)](*args, **kw)
+            tuner[lambda meta: (cdiv(L, meta[gb]), nh, meta.get("SPLIT", 1))](*args, **kw)
             best = getattr(tuner, "best_config", None)
             if best is not None:
                 _BUCKET_CONFIGS[bucket] = best
             return
+        kw.pop("SPLIT", None)
+    split = 1
     if cfg is not None:
         bm, bn, warps, stages = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
+        split = cfg.kwargs.get("SPLIT", 1)
     else:
-        bm, bn = BLOCK_OVERRIDE if BLOCK_OVERRIDE is not None else _heuristic_blocks(L, block_d, dtype)
+        bm, bn, *rest = BLOCK_OVERRIDE if BLOCK_OVERRIDE is not None else _heuristic_blocks(L, block_d, dtype)
+        split = rest[0] if rest else 1
         warps, stages = 4, None
-    grid = (cdiv(L, bm if gb == "BLOCK_M" else bn), nh)
+    if not forward:
+        split = 1  # the backward kernels have no key split
+    grid = (cdiv(L, bm if gb == "BLOCK_M" else bn), nh, split)
     extra = {} if stages is None else {"num_stages": stages}
+    if forward:
+        extra["SPLIT"] = split
     _RAW[which][grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **extra, **kw)
+
+
+def _split_workspace(which: str, L: int, nh: int, block_d: int, device: torch.device) -> Optional[tuple]:
+    """(acc (S, nh, L, BLOCK_D), max/sum (S, nh, L, 2), counters) for the split-key forward when
+    it may run (``which`` "fwd_small" on the GPU tuner, or a split BLOCK_OVERRIDE), else None."""
+    if isinstance(BLOCK_OVERRIDE, triton.Config):
+        splits = [(BLOCK_OVERRIDE.kwargs["BLOCK_M"], BLOCK_OVERRIDE.kwargs.get("SPLIT", 1))]
+    elif BLOCK_OVERRIDE is not None:
+        splits = [(BLOCK_OVERRIDE[0], BLOCK_OVERRIDE[2] if len(BLOCK_OVERRIDE) > 2 else 1)]
+    elif which == "fwd_small" and AUTOTUNE and which in _TUNED:
+        splits = [(bm, sp) for bm, _, _, _, sp in SPLIT_CONFIGS]
+    else:
+        return None
+    splits = [(bm, sp) for bm, sp in splits if sp > 1]
+    if not splits:
+        return None
+    s_max = max(sp for _, sp in splits)
+    ws = torch.empty((s_max, nh, L, block_d), device=device, dtype=torch.float32)
+    wml = torch.empty((s_max, nh, L, 2), device=device, dtype=torch.float32)
+    return ws, wml, _new_counts(nh * cdiv(L, min(bm for bm, _ in splits)), device)
+
+
+def _new_counts(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed counters of the split-key forward (``_utils.zeroed_counts``); tests swap in a
+    shared buffer to check that the kernel leaves them at zero."""
+    return zeroed_counts(n, device)
 
 
 # ============================================================================ host wrappers
@@ -343,9 +445,12 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[
     lse = _new_output((n, num_heads, L), qkv.device, torch.float32)
     if n == 0 or L == 0:
         return out, lse
+    nh = n * num_heads
+    which = "fwd_small" if nh * L <= SPLIT_MAX_ROWS else "fwd"
+    ws, wml, cnt = _split_workspace(which, L, nh, block_d, qkv.device) or (out, out, out)
     _launch(
-        "fwd", L, n * num_heads, block_d, qkv.dtype,
-        qkv, out, lse,
+        which, L, nh, block_d, qkv.dtype,
+        qkv, out, lse, ws, wml, cnt,
         *qkv.stride(), *out.stride(),
         L, num_heads, c, scale * _LOG2E,
         HEAD_DIM=d, BLOCK_D=block_d, PRECISION=_precision(qkv.dtype, qkv.device), UPCAST=_upcast(qkv.dtype),

@@ -46,10 +46,8 @@ NaN propagates.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +58,7 @@ from ._utils import (agrees_at_dtype, annotate, check_tensor, env_switch, fp32_d
                      select_triton_backend, timed_choice)
 
 __all__ = ["fused_mlp", "fused_mlp_add_norm", "fused_mlp_add_norm_reference", "fused_mlp_reference", "linear",
-           "linear_add_norm", "linear_add_norm_reference", "linear_gelu", "linear_gelu_reference", "linear_reference",
-           "split_counters"]
+           "linear_add_norm", "linear_add_norm_reference", "linear_gelu", "linear_gelu_reference", "linear_reference"]
 
 AUTOTUNE_ENV = "DISTILPOSE_LINEAR_GELU_AUTOTUNE"
 AUTOTUNE = env_switch(AUTOTUNE_ENV, True)
@@ -71,34 +68,6 @@ _triton_module = lazy_module("distilpose_kernels.mlp_triton")
 _CHOICE: Dict[tuple, bool] = {}
 #: the widest MLP output the fused kernel keeps in registers; wider ones run the reference
 MLP_MAX_N = 512
-
-
-#: set by ``split_counters``: the zeroed int32 buffer the split tiles count in (None: a new one per call)
-SPLIT_COUNTS: contextvars.ContextVar[Optional[Tensor]] = contextvars.ContextVar("distilpose_split_counts",
-                                                                                default=None)
-
-
-@contextlib.contextmanager
-def split_counters(counts: Optional[Tensor]) -> Iterator[None]:
-    """Inside, the split tiles of ``linear`` / ``linear_gelu`` / ``linear_add_norm`` /
-    ``fused_mlp(_add_norm)`` (small row counts, CUDA) count their programs in ``counts`` (a zeroed
-    1-D int32 tensor; every kernel leaves it at zero) instead of in a new zeroed tensor per call:
-    no fill kernel per call, or per node of a CUDA graph captured inside. Calls that need more
-    counters than ``counts`` holds, or run on another device, still get their own.
-
-    The caller guarantees that no two launches use ``counts`` at once: one stream at a time, and
-    no two graphs captured with it replayed concurrently (``InferenceEngine`` keeps one per
-    engine, whose graph and static buffers are not reentrant either). ``None``: no change.
-    """
-    if counts is not None:
-        check_tensor("counts", counts, ndim=1, dtypes=(torch.int32,))
-        if not counts.is_contiguous():
-            raise ValueError("counts: expected a contiguous tensor")
-    token = SPLIT_COUNTS.set(counts)
-    try:
-        yield
-    finally:
-        SPLIT_COUNTS.reset(token)
 
 
 def _check_like(name: str, t: Tensor, x: Tensor, **shape) -> None:

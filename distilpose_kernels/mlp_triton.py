@@ -32,8 +32,7 @@ import triton.language as tl
 
 from ._triton_helpers import dot as _dot
 from ._triton_helpers import layernorm_rows
-from ._utils import cdiv, contiguous_vectors, fp32_dot_precision, triton_interpret
-from .mlp import SPLIT_COUNTS
+from ._utils import cdiv, contiguous_vectors, fp32_dot_precision, triton_interpret, zeroed_counts
 
 _INTERPRET = triton_interpret()
 
@@ -61,14 +60,10 @@ SPLIT_MAX_ROWS = 4096
 
 
 def _new_counts(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters of the split tiles, one per row block or output tile: the buffer
-    of ``mlp.split_counters`` when one is set (on this device, large enough), else a new one (a
-    fill: a buffer shared between calls could be counted by two launches at once, e.g. graphs
-    replayed on two streams). Every split kernel leaves its counters at zero."""
-    shared = SPLIT_COUNTS.get()
-    if shared is not None and shared.device == torch.device(device) and shared.numel() >= n:
-        return shared[:n]
-    return torch.zeros(n, device=device, dtype=torch.int32)
+    """Zeroed int32 counters of the split tiles, one per row block or output tile
+    (``_utils.zeroed_counts``: the ``split_counters`` buffer, or a new one). Every split kernel
+    leaves them at zero; tests swap in a shared buffer to check that."""
+    return zeroed_counts(n, device)
 
 
 @triton.jit

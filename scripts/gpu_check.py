@@ -61,7 +61,8 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
     # the TDE's GEMM fusions (info rows; the e2e stages show what they buy together), lower priority
     "bench-fusions": ("bench/bench_attention.py",
                       "(test_linear_gelu_gpu and not compile) or test_linear_fp32_gpu or "
-                      "(test_fused_mlp_gpu and not compile) or test_add_norm_gpu or test_add_norm_fp32_b1_graph_gpu"),
+                      "(test_fused_mlp_gpu and not compile) or test_add_norm_gpu or test_add_norm_fp32_b1_graph_gpu or "
+                      "test_attention_fp32_b1_graph_gpu"),
     # Reg2HM + score loss fwd+bwd N=256 (fused / eager / compile, fp32 teacher); targets N=64
     # (per call and in CUDA graphs: after the build, so "fused" is the extension's path when it built)
     "bench-heatmap": ("bench/bench_heatmap.py",
@@ -835,6 +836,8 @@ def evaluate_goals(benchmarks: List[dict], ceilings: Dict[str, float]) -> List[D
         for n, dtype in ((256, "bfloat16"), (2, "float32")):
             vs_baseline(f"TDE {op} + add + LayerNorm B={n} {dtype} one kernel vs eager",
                         select(an, op=f"{op}_add_norm", batch=n), "eager", ("fused", "auto", "split", "gemms"))
+    ab = [b for b in benchmarks if "test_attention_fp32_b1_graph_gpu" in b["_file"]]
+    vs_baseline("TDE attention B=2 fp32 graph vs einsum", ab, "eager", ("plain", "tuned"))
     a1 = [b for b in benchmarks if "test_add_norm_fp32_b1_graph_gpu" in b["_file"]]
     for case in ("proj", "fc2", "mlp"):
         vs_baseline(f"TDE {case} + add + LayerNorm B=2 fp32 graph vs eager", select(a1, op=f"{case}_add_norm_b1"),

@@ -92,6 +92,30 @@ def test_several_blocks_with_partial_tail(monkeypatch, blocks):
     _check_close("dqkv", g, g_ref, 5e-5, 1e-4)
 
 
+@pytest.mark.parametrize("blocks", [(16, 16, 2), (32, 16, 3), (16, 32, 4)])
+def test_split_key_forward_matches_float64(monkeypatch, blocks):
+    """The split-key forward (keys in slices; the last program of each query block merges the
+    slices' max / sum / accumulator) against float64: the output, the log-sum-exp (the backward
+    reads it) and the gradients. L=45 in 2-4 slices: with 32-key steps a slice may be empty. The
+    counters are relaunched on one shared buffer, which the kernel leaves at zero."""
+    at = _at()
+    monkeypatch.setattr(at, "BLOCK_OVERRIDE", blocks)
+    shared = torch.zeros(64, dtype=torch.int32, device=DEV)
+    monkeypatch.setattr(at, "_new_counts", lambda n, device: shared[:n])
+    qkv = _rand_qkv(2, 45, 2, 24, seed=4)
+    dout = torch.randn(2, 45, 48, device=DEV)
+    out, g = _triton_fwd_bwd(qkv, 2, dout, scale=0.3)
+    assert not shared.any()
+    out_ref, g_ref = _ref_fwd_bwd(qkv, 2, dout, scale=0.3)
+    _check_close("out", out, out_ref, 2e-5, 1e-4)
+    _check_close("dqkv", g, g_ref, 5e-5, 1e-4)
+    o2, lse = at.attention_forward(qkv.detach().float(), 2, 0.3)
+    assert not shared.any() and torch.equal(o2, out)
+    q, k, v = qkv.detach().double().reshape(2, 45, 3, 2, 24).permute(2, 0, 3, 1, 4)
+    want_lse = torch.logsumexp((q @ k.transpose(-1, -2)) * 0.3, dim=-1)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("seed", [11, 12, 13])
 def test_random_shapes(seed):
     g = torch.Generator().manual_seed(seed)
@@ -473,7 +497,11 @@ import distilpose_kernels.attention_triton as at
 for p, prec in (("*bf16", "tf32"), ("*fp32", "ieee"), ("*fp32", "tf32x3")):
     c = dict(HEAD_DIM=24, BLOCK_D=32, BLOCK_M=64, BLOCK_N=64, PRECISION=prec, UPCAST=False)
     bwd = dict(QKV=p, DO=p, LSE="*fp32", Delta="*fp32", DQKV=p)
-    compile_(at._attn_fwd_kernel, dict(QKV=p, Out=p, LSE="*fp32"), dict(qk_scale="fp32"), c, num_warps=4, num_stages=3)
+    fwd_ptrs = dict(QKV=p, Out=p, LSE="*fp32", WS="*fp32", WML="*fp32", CNT="*i32")
+    compile_(at._attn_fwd_kernel, fwd_ptrs, dict(qk_scale="fp32"), dict(c, SPLIT=1), num_warps=4, num_stages=3)
+    for bm, bn, w, s, sp in at.SPLIT_CONFIGS:  # the split-key forward (batch-1 launches)
+        compile_(at._attn_fwd_kernel, fwd_ptrs, dict(qk_scale="fp32"), dict(c, BLOCK_M=bm, BLOCK_N=bn, SPLIT=sp),
+                 num_warps=w, num_stages=s)
     compile_(at._attn_bwd_dkdv_kernel, bwd, dict(qk_scale="fp32", sm_scale="fp32"), c, num_warps=4)
     compile_(at._attn_bwd_dq_kernel, bwd, dict(qk_scale="fp32", sm_scale="fp32"), c, num_warps=4)
 p = "*bf16"
