@@ -331,7 +331,7 @@ def _configs(split: bool = False):
 #: most SPLIT_MAX_ROWS query rows (N * H * L). At batch 1 with the flip test (2 x 8 heads x 273
 #: tokens) the plain forward has 80-144 programs, each walking all 273 keys; these cut the walk in
 #: 2-4 slices on 2-4x the programs.
-SPLIT_CONFIGS = ((32, 32, 4, 2, 2), (32, 32, 4, 2, 3), (16, 32, 4, 2, 4), (32, 64, 4, 2, 2), (64, 32, 4, 2, 3))
+SPLIT_CONFIGS = ((32, 32, 4, 2, 2), (32, 32, 4, 2, 3), (16, 32, 4, 2, 4))
 SPLIT_MAX_ROWS = 16384
 
 

@@ -149,7 +149,7 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
 TUNE_TILES = (GemmTile(128, 64, 32, 4, 3), GemmTile(64, 64, 32, 4, 3), GemmTile(32, 64, 32, 4, 3))
 #: timed too where M <= SPLIT_MAX_ROWS (batch 1: 546 rows, 162 tiles of 32 x 64 for N = 576): K
 #: in 2 or 3 slices, a 2-3 step dot chain per program instead of 6 (K = 192) or 18 (K = 576)
-SPLIT_TILES = (GemmTile(32, 64, 32, 4, 3, 2), GemmTile(32, 64, 32, 4, 3, 3), GemmTile(64, 64, 32, 4, 3, 3))
+SPLIT_TILES = (GemmTile(32, 64, 32, 4, 3, 2), GemmTile(32, 64, 32, 4, 3, 3))
 
 
 def _gemm_config(t: GemmTile) -> dict:
@@ -339,9 +339,9 @@ class SplitTile(NamedTuple):
 ADD_NORM_TILE_OVERRIDE: Optional[Union[RowTile, SplitTile]] = None
 ADD_NORM_TUNE_TILES = (RowTile(64, 32, 8, 3), RowTile(32, 32, 4, 3), RowTile(16, 64, 4, 3))
 #: timed too where M <= SPLIT_MAX_ROWS. At the TDE's batch-1 shape (546 rows, N = 192, K = 192 or
-#: 576) whole-row programs are 9 to 35; these launch 100 to 300.
-ADD_NORM_SPLIT_TILES = (SplitTile(32, 64, 32, 3, 4, 3), SplitTile(16, 64, 32, 3, 4, 3), SplitTile(32, 64, 64, 2, 8, 3),
-                        SplitTile(32, 32, 32, 2, 4, 3), SplitTile(64, 64, 32, 4, 8, 3))
+#: 576) whole-row programs are 9 to 35; these launch 162 to 315. Few: each costs a compile on the
+#: GPU's first call of a shape (the autotuner times them all).
+ADD_NORM_SPLIT_TILES = (SplitTile(32, 64, 32, 3, 4, 3), SplitTile(16, 64, 32, 3, 4, 3), SplitTile(32, 32, 32, 2, 4, 3))
 
 
 def _add_norm_config(t: Union[RowTile, SplitTile]) -> dict:
@@ -438,7 +438,7 @@ MLP_TUNE_TILES = (RowTile(64, 64, 8, 2), RowTile(32, 64, 4, 2), RowTile(128, 32,
 #: programs are 5 to 18; these launch 315 or 630, one hidden slice of 64 or 32 columns each. 8 warps
 #: and 16 rows: a (BLOCK_H x 256) fp32 slice of fc2's weight, split in two for 3xTF32, then fits
 #: in registers (sm_90: no spills, ``tools/gemm_resources.py``)
-MLP_SPLIT_TILES = (SplitMlpTile(16, 32, 9, 8, 2), SplitMlpTile(16, 32, 18, 8, 2), SplitMlpTile(16, 64, 9, 8, 2))
+MLP_SPLIT_TILES = (SplitMlpTile(16, 32, 9, 8, 2), SplitMlpTile(16, 32, 18, 8, 2))
 
 
 @triton.jit

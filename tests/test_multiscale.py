@@ -140,8 +140,8 @@ def test_hrmodule_fused_sum_keeps_the_outputs():
     x = torch.randn(2, 3, *model.input_size)
     with torch.no_grad():
         a, b = folded(x), fused(x)
-    for k in a:  # the CPU runs the op's reference: the same ops in the same order
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+    for k in a:  # the CPU runs the op's reference; the downsample biases are added with the last convs'
+        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-6)
 
 
 _AOT = r"""
