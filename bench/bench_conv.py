@@ -91,6 +91,31 @@ def test_conv2d_relu_gpu(benchmark, case, setting, impl):
     assert torch.isfinite(out).all() and (out >= 0).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["unfused", "cudnn", "triton", "auto"])
+@pytest.mark.parametrize("setting", ["b256_bf16_cl", "b64_bf16_cl"])
+def test_stem_conv_gpu(benchmark, setting, impl):
+    """The backbones' first conv: RGB 3 -> 64, 3x3, stride 2, on the 256 x 192 crop (folded BN:
+    bias, then ReLU). cuDNN has no tensor-core kernel for 3 input channels; ``triton`` is the
+    implicit-GEMM kernel for short reductions (27 here), ``auto`` the timed choice among all.
+    Batch 256 (DistilPose-S throughput) and 64 (the distillation step's teacher), bf16, channels-last."""
+    torch.backends.cudnn.benchmark = True
+    n = int(setting[1:].split("_")[0])
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(n, 3, 256, 192, generator=g, device="cuda").to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(64, 3, 3, 3, generator=g, device="cuda") / 27 ** 0.5).to(torch.bfloat16)
+    b = torch.randn(64, generator=g, device="cuda").to(torch.bfloat16)
+    nbytes = (x.numel() + w.numel() + b.numel() + n * 64 * 128 * 96) * 2
+    fn = (lambda: torch.relu(F.conv2d(x, w, b, 2, 1))) if impl == "unfused" else (
+        lambda: dk.conv2d_relu(x, w, b, stride=2, padding=1, backend=None if impl == "auto" else impl))
+    benchmark.group = f"stem conv 3->64 s2 {setting}"
+    with torch.inference_mode():
+        out = run_benchmark(benchmark, fn, device="cuda", flops=2.0 * n * 64 * 128 * 96 * 27, bytes_moved=nbytes,
+                            op="stem_conv", impl=impl, setting=setting, batch=n, dtype="bfloat16", channels_last=True)
+    assert torch.isfinite(out).all() and (out >= 0).all()
+
+
 @pytest.mark.parametrize("impl", ["unfused", "op"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_conv2d_relu_cpu(benchmark, case, impl):

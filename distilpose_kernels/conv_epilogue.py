@@ -17,10 +17,14 @@ Public API
   ``conv2d_relu(x, weight, bias, residual)``; ``ConvReLU2d.from_conv(conv)`` shares a conv's
   parameters.
 
-Backends: "reference"; "cudnn" (the fused cuDNN op; CUDA tensors only); None/"auto": on CUDA,
-the fused op where it was measured faster than the reference and agreed with it, chosen once
-per (shapes, layouts, dtype, device, conv arguments) on the first call outside a CUDA-graph
-capture; the reference elsewhere, and on CUDA while that choice is not made yet (capture).
+Backends: "reference"; "cudnn" (the fused cuDNN op; CUDA tensors only); "triton" (an implicit
+GEMM for short reductions, Cin x kh x kw <= TRITON_MAX_REDUCTION, no groups or residual: the RGB
+stem convs, where cuDNN has no tensor-core kernel; ``conv_epilogue_triton``; CUDA, or the CPU
+under TRITON_INTERPRET=1); None/"auto": on CUDA, the fused op where it was measured faster than
+the reference and agreed with it, then the Triton kernel where it takes the shape and was
+measured faster than that choice, each chosen once per (shapes, layouts, dtype, device, conv
+arguments) on the first call outside a CUDA-graph capture; the reference elsewhere, and on
+CUDA while that choice is not made yet (capture).
 cuDNN's fused kernels are fast for most shapes but much slower for some (pytorch#68506), so
 "auto" never trusts them untimed. ``DISTILPOSE_CONV_EPILOGUE_AUTOTUNE=0`` makes "auto" use
 the fused op on CUDA without timing or checking. DISTILPOSE_FORCE_REFERENCE=1 makes "auto"
@@ -42,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._utils import agrees_at_dtype, annotate, env_switch, force_reference, timed_choice
+from ._utils import (agrees_at_dtype, annotate, env_switch, force_reference, lazy_module, timed_choice,
+                     triton_interpret)
 
 __all__ = ["conv2d_relu", "conv2d_relu_reference", "ConvReLU2d"]
 
@@ -56,6 +61,11 @@ IntPair = Union[int, Sequence[int]]
 
 # (shapes, layouts, dtype, device, conv args, cuDNN flags) -> True: fused cuDNN op, False: reference
 _CHOICE: Dict[tuple, bool] = {}
+#: the Triton kernel takes convolutions without groups or residual whose reduction (Cin x kh x
+#: kw) is at most this long: the RGB stems (27), where cuDNN has no tensor-core kernel
+TRITON_MAX_REDUCTION = 64
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_triton_module = lazy_module("distilpose_kernels.conv_epilogue_triton")
 
 
 # ============================================================================ checks
@@ -175,6 +185,31 @@ def _cudnn(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional
     return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, groups)
 
 
+def _triton_unsupported(x: Tensor, weight: Tensor, residual: Optional[Tensor], groups: int) -> Optional[str]:
+    """Why the Triton kernel cannot run this convolution (None: it can)."""
+    if groups != 1:
+        return "grouped convolutions"
+    if residual is not None:
+        return "a residual"
+    if x.dtype not in TRITON_DTYPES:
+        return f"dtype {x.dtype}"
+    red = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    if red > TRITON_MAX_REDUCTION:
+        return f"a reduction Cin*kh*kw = {red} > {TRITON_MAX_REDUCTION}"
+    if not (x.is_cuda or (x.device.type == "cpu" and triton_interpret())):
+        return f"tensors on {x.device} (CUDA, or the CPU under TRITON_INTERPRET=1)"
+    return None
+
+
+def _triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
+            dilation: List[int]) -> Tensor:
+    n, cout = x.shape[0], weight.shape[0]
+    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+    return _triton_module().small_conv_relu_forward(x, weight, bias, stride, padding, dilation, (n, cout, ho, wo),
+                                                    _out_format(x, weight))
+
+
 def _agrees(got: Tensor, ref: Tensor) -> bool:
     """Equal up to the rounding of one extra intermediate and the conv algorithm (a missing
     bias, residual or ReLU is far outside)."""
@@ -206,10 +241,19 @@ def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[T
     def fused() -> Tensor:
         return _cudnn(x, weight, bias, residual, stride, padding, dilation, groups)
 
+    def triton_path() -> Tensor:
+        return _triton(x, weight, bias, stride, padding, dilation)
+
     if backend == "auto" and x.is_cuda and x.dtype in CUDNN_DTYPES and torch.backends.cudnn.enabled:
-        use_fused = not AUTOTUNE or _choose(_key(x, weight, bias, residual, stride, padding, dilation, groups),
-                                            fused, reference)
+        key = _key(x, weight, bias, residual, stride, padding, dilation, groups)
+        use_fused = not AUTOTUNE or _choose(key, fused, reference)
         backend = "cudnn" if use_fused else "reference"
+        if AUTOTUNE and _triton_unsupported(x, weight, residual, groups) is None and timed_choice(
+                _CHOICE, key + ("triton",), triton_path, fused if use_fused else reference, _agrees,
+                "conv2d_relu: the Triton small-reduction kernel"):
+            backend = "triton"
+    if backend == "triton":
+        return triton_path()
     out = fused() if backend == "cudnn" else reference()
     return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
 
@@ -221,7 +265,7 @@ def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[T
 def _conv2d_relu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
                     stride: List[int], padding: List[int], dilation: List[int], groups: int,
                     backend: str) -> Tensor:
-    if backend != "reference" and not x.is_cuda:
+    if backend != "reference" and not x.is_cuda and not (backend == "triton" and triton_interpret()):
         backend = "reference"
     with torch.no_grad():
         return _run(x, weight, bias, residual, stride, padding, dilation, groups, backend)
@@ -261,15 +305,21 @@ _conv2d_relu_op.register_autograd(_backward, setup_context=_setup_context)
 # ============================================================================ public op
 
 
-def _resolve_backend(backend: Optional[str], x: Tensor) -> str:
+def _resolve_backend(backend: Optional[str], x: Tensor, weight: Tensor, residual: Optional[Tensor],
+                     groups: int) -> str:
     backend = "auto" if backend is None else backend
-    if backend not in ("auto", "reference", "cudnn"):
-        raise ValueError(f"backend: expected None, 'auto', 'reference' or 'cudnn', got {backend!r}")
+    if backend not in ("auto", "reference", "cudnn", "triton"):
+        raise ValueError(f"backend: expected None, 'auto', 'reference', 'cudnn' or 'triton', got {backend!r}")
     if backend == "cudnn":
         if not x.is_cuda:
             raise RuntimeError(f"conv2d_relu: backend='cudnn' needs CUDA tensors, x is on {x.device}")
         if x.dtype not in CUDNN_DTYPES:
             raise TypeError(f"x: backend='cudnn' supports {[str(d) for d in CUDNN_DTYPES]}, got {x.dtype}")
+        return backend
+    if backend == "triton":
+        why = _triton_unsupported(x, weight, residual, groups)
+        if why is not None:
+            raise ValueError(f"conv2d_relu: backend='triton' does not take {why}")
         return backend
     if backend == "auto" and (force_reference() or not x.is_cuda):
         return "reference"
@@ -286,7 +336,7 @@ def conv2d_relu(
     x: (N, Cin, H, W); weight: (Cout, Cin/groups, kh, kw); bias: (Cout,) or None;
     residual: (N, Cout, Ho, Wo) or None. All in one floating dtype on one device (after the
     autocast cast). Returns (N, Cout, Ho, Wo), channels-last when x or weight is.
-    backend: None/"auto", "reference" or "cudnn" (see the module docstring).
+    backend: None/"auto", "reference", "cudnn" or "triton" (see the module docstring).
     """
     st = _pair("stride", stride, 1)
     pad = _pair("padding", padding, 0)
@@ -305,7 +355,7 @@ def _conv2d_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Op
             t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
             for t in (x, weight, bias, residual))
     _check(x, weight, bias, residual, st, pad, dil, groups)
-    which = _resolve_backend(backend, x)
+    which = _resolve_backend(backend, x, weight, residual, groups)
     if which == "reference":
         return conv2d_relu_reference(x, weight, bias, residual, st, pad, dil, groups)
     tracked = torch.is_grad_enabled() and (

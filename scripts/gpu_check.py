@@ -84,7 +84,8 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
     # the distillation step (its own stage and JSON: a stage cut short loses only its own cases)
     "bench-e2e-train": ("bench/bench_e2e.py", "test_e2e_train_distill"),
     # fused conv epilogue (conv + bias [+ residual] + ReLU) at DistilPose-S's Bottleneck shapes
-    "bench-conv": ("bench/bench_conv.py", "(test_conv2d_relu_gpu or test_upsample_sum_gpu) and not compile"),
+    "bench-conv": ("bench/bench_conv.py",
+                   "(test_conv2d_relu_gpu or test_upsample_sum_gpu or test_stem_conv_gpu) and not compile"),
     # lower priority: torch.compile variants of the S batch-1 case (compiles take a while)
     "bench-e2e-compile": ("bench/bench_e2e.py",
                           "test_e2e_infer_b1_fp32 and distilpose_s and withflip and compile"),
@@ -819,6 +820,10 @@ def evaluate_goals(benchmarks: List[dict], ceilings: Dict[str, float]) -> List[D
         for setting in ("b256_bf16_cl", "b2_fp32"):
             vs_baseline(f"conv epilogue {case} {setting} vs unfused", select(conv, case=case, setting=setting),
                         "unfused", ("cudnn", "auto", "compile"))
+    stem = [b for b in benchmarks if "test_stem_conv_gpu" in b["_file"]]
+    for setting in ("b256_bf16_cl", "b64_bf16_cl"):
+        vs_baseline(f"stem conv 3->64 s2 {setting} vs unfused", select(stem, setting=setting), "unfused",
+                    ("cudnn", "triton", "auto"))
     ups = [b for b in benchmarks if "test_upsample_sum_gpu" in b["_file"]]
     for layout in ("cl", "nchw"):
         vs_baseline(f"HRNet fusion sum b64 bf16 {layout} vs eager", select(ups, layout=layout), "eager",

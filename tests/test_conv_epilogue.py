@@ -12,6 +12,7 @@ from torch import nn
 
 import distilpose_kernels as dk
 from distilpose_kernels import conv_epilogue as ce
+from sm90 import compile_for_sm90
 
 # (N, Cin, H, W, Cout, k, stride, padding, dilation, groups)
 SHAPES = [
@@ -142,6 +143,70 @@ def test_nan_propagates_on_the_reference_path():
     assert got[0, :, 3, 2].isnan().all() and not got[1:].isnan().any()
 
 
+# ----------------------------------------------------------------------------- the Triton kernel (short reductions)
+
+# (N, Cin, H, W, Cout, k, stride, padding, dilation, groups): reductions Cin x kh x kw <= 64
+TRITON_SHAPES = [
+    (2, 3, 17, 13, 24, 3, 2, 1, 1, 1),  # the RGB stem: 27-long reduction, stride 2, odd sizes
+    (1, 3, 9, 11, 8, 3, 1, 1, 1, 1),  # batch 1, stride 1
+    (2, 4, 8, 8, 20, 1, 1, 0, 1, 1),  # 1x1, Cout not a multiple of the tile
+    (1, 2, 7, 9, 5, (5, 3), (2, 1), (2, 1), (1, 2), 1),  # non-square kernel / stride / padding, dilation
+    (1, 7, 6, 6, 3, 3, 1, 1, 1, 1),  # a 63-long reduction, in one 64-wide block
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
+def test_triton_small_reduction_conv_matches_float64(shape, bias, channels_last, monkeypatch):
+    """backend="triton" (implicit GEMM over Cin x kh x kw) against float64, into NaN-filled
+    outputs, in the layout the reference gives; small tiles so several programs cover pixels and
+    output channels."""
+    from distilpose_kernels import conv_epilogue_triton as ct
+
+    monkeypatch.setattr(ct, "TILE_OVERRIDE", (32, 16, 4))
+    monkeypatch.setattr(ct, "_new_output", lambda shape, device, dtype: torch.full(shape, float("nan"),
+                                                                                  device=device, dtype=dtype))
+    (x, w, b, _), (x64, w64, b64, _), args = _make(shape, bias=bias, residual=False, channels_last=channels_last)
+    got = dk.conv2d_relu(x, w, b, **args, backend="triton")
+    want = _expected64(x64, w64, b64, None, args)
+    ref = dk.conv2d_relu(x, w, b, **args, backend="reference")
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert got.stride() == ref.stride()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+def test_triton_small_reduction_conv_low_precision_nan_and_gradients(monkeypatch):
+    """bf16 within twice the bf16 reference's error of float64; a NaN input pixel gives NaN in
+    the outputs that read it (the reference's ReLU propagates it) and nowhere else; with autograd
+    the op's backward gives the reference's gradients."""
+    from distilpose_kernels import conv_epilogue_triton as ct
+
+    monkeypatch.setattr(ct, "TILE_OVERRIDE", (32, 16, 4))
+    (x, w, b, _), (x64, w64, b64, _), args = _make(TRITON_SHAPES[0], residual=False, channels_last=True)
+    want = _expected64(x64, w64, b64, None, args)
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+    got = dk.conv2d_relu(xb, wb, bb, **args, backend="triton")
+    ref = dk.conv2d_relu(xb, wb, bb, **args, backend="reference")
+    err, err_ref = (float((t.double() - want).abs().max()) for t in (got, ref))
+    assert got.dtype == torch.bfloat16 and err <= max(2 * err_ref, 1e-2), (err, err_ref)
+    xn = x.clone()
+    xn[1, 0, 5, 6] = float("nan")
+    got_n = dk.conv2d_relu(xn, w, b, **args, backend="triton")
+    ref_n = dk.conv2d_relu(xn, w, b, **args, backend="reference")
+    assert torch.equal(got_n.isnan(), ref_n.isnan()) and got_n.isnan().any()
+    torch.testing.assert_close(got_n.nan_to_num(0.0), ref_n.nan_to_num(0.0), rtol=1e-5, atol=1e-5)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    refs = [t.clone().requires_grad_() for t in (x, w, b)]
+    g = torch.randn(want.shape)
+    dk.conv2d_relu(*leaves, **args, backend="triton").backward(g)
+    dk.conv2d_relu_reference(*refs, **args).backward(g)
+    for a, r in zip(leaves, refs):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -162,7 +227,12 @@ def test_bad_inputs_have_clear_errors():
         (dict(groups=0), ValueError, "groups: expected an int >= 1"),
         (dict(groups=3), ValueError, "weight: expected shape"),
         (dict(x=x[:, :, :1, :1], padding=0), ValueError, "x: spatial size"),
-        (dict(backend="triton"), ValueError, "backend: expected"),
+        (dict(backend="fast"), ValueError, "backend: expected"),
+        (dict(backend="triton"), ValueError, "backend='triton' does not take a residual"),
+        (dict(backend="triton", residual=None, groups=2, weight=w[:, :4]), ValueError,
+         "backend='triton' does not take grouped convolutions"),
+        (dict(backend="triton", residual=None), ValueError,
+         r"backend='triton' does not take a reduction Cin\*kh\*kw = 72 > 64"),
         (dict(backend="cudnn"), RuntimeError, "backend='cudnn' needs CUDA tensors"),
     ]
     base = dict(x=x, weight=w, bias=b, residual=r, **args)
@@ -229,6 +299,39 @@ def test_auto_decides_nothing_on_nonfinite_data_or_in_a_capture(tuner, monkeypat
     assert calls["fused"] == 0
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert ce._choose(("k",), *make(good)) is False and ("k",) not in ce._CHOICE
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("triton_ms,cudnn_ok,want", [(0.5, True, "triton"), (3.0, True, "cudnn"),
+                                                    (0.5, False, "triton"), (3.0, False, "reference")])
+def test_auto_times_the_triton_kernel_against_the_first_choice(stub_cuda_timer, monkeypatch, triton_ms, cudnn_ok,
+                                                                want):
+    """"auto" on CUDA (faked): cuDNN's fused op vs the reference first, then, for a short
+    reduction, the Triton kernel vs that winner; each choice cached under its own key."""
+    from distilpose_kernels import conv_epilogue_triton as ct
+
+    monkeypatch.setattr(ce, "_CHOICE", {})
+    monkeypatch.setattr(ct, "TILE_OVERRIDE", (32, 16, 4))
+    stub_cuda_timer.update(fused=1.0, reference=2.0, triton_path=triton_ms)
+    (x, w, b, _), _, args = _make(TRITON_SHAPES[0], residual=False)
+    ran = []
+    ref = dk.conv2d_relu_reference(x, w, b, **args)
+
+    def cudnn(*a):
+        ran.append("cudnn")
+        if not cudnn_ok:
+            raise RuntimeError("no engine")
+        return ref.clone()
+
+    monkeypatch.setattr(ce, "_cudnn", cudnn)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the failing cuDNN op warns
+        got = ce._run(x, w, b, None, [2, 2], [1, 1], [1, 1], 1, "auto")  # TRITON_SHAPES[0]'s conv arguments
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    keys = list(ce._CHOICE)
+    assert len(keys) == 2 and keys[1] == keys[0] + ("triton",)
+    assert ce._CHOICE[keys[1]] is (want == "triton") and ce._CHOICE[keys[0]] is cudnn_ok
 
 
 def test_agreement_tolerance_by_dtype():
@@ -429,6 +532,42 @@ GPU_CASES = [
     (GPU_SHAPES[1], torch.float16, False, True), (GPU_SHAPES[3], torch.float16, True, False),
     (GPU_SHAPES[1], torch.bfloat16, False, True),
 ]
+
+
+_AOT = r"""
+import distilpose_kernels.conv_epilogue_triton as ct
+
+for p, prec in (("*bf16", "tf32"), ("*fp32", "tf32x3"), ("*fp32", "ieee")):
+    for bp, bc, w in ct.TUNE_TILES:
+        compile_(ct._small_conv_relu_kernel, dict(X=p, Wt=p, B=p, Y=p), {},
+                 dict(KH=3, KW=3, HAS_B=True, PRECISION=prec, UPCAST=False, BLOCK_P=bp, BLOCK_CO=bc, BLOCK_K=32),
+                 num_warps=w, num_stages=2)
+"""
+
+
+@pytest.mark.slow
+def test_triton_small_reduction_conv_compiles_for_sm90_without_a_gpu():
+    """Every tile the GPU autotuner may pick, bf16 and fp32 (3xTF32 and FMA dots), at the stem's
+    3x3 kernel: lowered to an sm_90 cubin (ptxas catches what the interpreter lets pass)."""
+    compile_for_sm90(_AOT)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,channels_last", [(torch.bfloat16, True), (torch.float32, False), (torch.float16, True)])
+def test_gpu_triton_stem_conv_matches_float64(dtype, channels_last):
+    """The stem's first conv (3 -> 64, 3x3, stride 2) at 256 x 192, batch 8: backend="triton" and
+    "auto" within twice the reference's error of float64 (the reference in the same dtype)."""
+    shape = (8, 3, 256, 192, 64, 3, 2, 1, 1, 1)
+    (x, w, b, _), (x64, w64, b64, _), args = _make(shape, dtype=dtype, residual=False, channels_last=channels_last,
+                                                   device="cuda")
+    want = _expected64(x64, w64, b64, None, args)
+    e_ref = float((dk.conv2d_relu(x, w, b, **args, backend="reference").double() - want).abs().max())
+    floor = 4 * torch.finfo(dtype).eps * float(want.abs().max())
+    for backend in ("triton", None):
+        got = dk.conv2d_relu(x, w, b, **args, backend=backend)
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        e = float((got.double() - want).abs().max())
+        assert e <= max(2 * e_ref, floor), (backend, e, e_ref)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,110 @@
+"""Triton kernel of ``conv2d_relu`` for convolutions with a short reduction (imported only when
+the Triton path runs).
+
+The stem of every backbone here starts with a 3 -> 64 channel 3x3 stride-2 convolution on the
+RGB crop. With 3 input channels cuDNN has no tensor-core kernel for it and falls back to a
+CUDA-core direct convolution: on an H200 at batch 256 (bf16, channels-last) that one conv took
+989 us of an 11.8 ms DistilPose-S step, about 8x its memory time (the 403 MB output).
+
+``_small_conv_relu_kernel`` is an implicit GEMM whose whole reduction (Cin * kh * kw = 27,
+padded to 32) is one tensor-core dot: each program gathers BLOCK_P output pixels' input
+patches straight from x (any strides: NCHW or channels-last; zero padding by masking), multiplies
+them by the (27 x BLOCK_CO) weight tile, adds the bias, applies the ReLU and stores once. The
+reduction index runs (kh, kw, ci), so for a channels-last x consecutive reduction entries are
+consecutive in memory. Reductions longer than one block loop over it (correct for any size,
+but meant for short ones: ``conv_epilogue.TRITON_MAX_REDUCTION``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_helpers import dot as _dot
+from ._utils import cdiv, contiguous_vectors, fp32_dot_precision, triton_interpret
+
+_INTERPRET = triton_interpret()
+#: tests pin a small tile (BLOCK_P, BLOCK_CO, num_warps)
+TILE_OVERRIDE: Optional[Tuple[int, int, int]] = None
+#: output allocator (tests swap in a NaN-filled one)
+_new_output = torch.empty
+
+
+@triton.jit
+def _small_conv_relu_kernel(
+    X, Wt, B, Y,
+    N, CIN, H, W, COUT, HO, WO,
+    sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_B: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """relu(conv2d(x, w) + b) for BLOCK_P output pixels (flat over N x HO x WO) and BLOCK_CO
+    output channels."""
+    rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = rp < N * HO * WO
+    n = (rp // (HO * WO)).to(tl.int64)
+    rem = rp % (HO * WO)
+    oh = rem // WO
+    ow = rem % WO
+    rc = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    c_ok = rc < COUT
+    ktot = CIN * KH * KW
+    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
+    for k0 in range(0, ktot, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < ktot
+        ci = rk % CIN
+        tap = rk // CIN
+        kh = tap // KW
+        kw = tap % KW
+        ih = oh[:, None] * STRIDE_H - PAD_H + kh[None, :] * DIL_H
+        iw = ow[:, None] * STRIDE_W - PAD_W + kw[None, :] * DIL_W
+        in_ok = p_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(X + n[:, None] * sxn + ci[None, :] * sxc + ih * sxh + iw * sxw, mask=in_ok, other=0.0)
+        b = tl.load(Wt + rc[None, :] * swo + ci[:, None] * swi + kh[:, None] * swh + kw[:, None] * sww,
+                    mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        acc += _dot(a, b, PRECISION, UPCAST)
+    if HAS_B:
+        acc += tl.load(B + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in the reference
+    y = Y + n[:, None] * syn + rc[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw
+    tl.store(y, acc.to(Y.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+#: (BLOCK_P, BLOCK_CO, num_warps) candidates of the GPU autotuner
+TUNE_TILES = ((128, 64, 4), (256, 64, 8), (64, 64, 4))
+_TUNED = None if _INTERPRET else triton.autotune(
+    [triton.Config({"BLOCK_P": p, "BLOCK_CO": c}, num_warps=w, num_stages=2) for p, c, w in TUNE_TILES],
+    key=["N", "CIN", "COUT", "HO", "WO", "KH", "KW", "PRECISION"],
+)(_small_conv_relu_kernel)
+
+
+def small_conv_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
+                            dilation, out_shape: Tuple[int, int, int, int],
+                            memory_format: torch.memory_format) -> torch.Tensor:
+    """x (N, Cin, H, W) any strides, weight (Cout, Cin, kh, kw) any strides, bias (Cout,) or None
+    -> relu(conv2d(x, weight, bias)) (N, Cout, Ho, Wo) in x's dtype and ``memory_format``."""
+    n, cout, ho, wo = out_shape
+    cin, kh, kw = weight.shape[1:]
+    (bias,) = contiguous_vectors(bias)
+    y = _new_output(out_shape, device=x.device, dtype=x.dtype).contiguous(memory_format=memory_format)
+    if y.numel() == 0:
+        return y
+    ktot = cin * kh * kw
+    block_k = min(64, max(16, 1 << (ktot - 1).bit_length()))
+    precision = fp32_dot_precision(x.device) if x.dtype == torch.float32 else "tf32"
+    args = (x, weight, bias if bias is not None else weight, y, n, cin, x.shape[2], x.shape[3], cout, ho, wo,
+            *x.stride(), *weight.stride(), *y.stride(), *stride, *padding, *dilation)
+    meta = dict(KH=kh, KW=kw, HAS_B=bias is not None, PRECISION=precision,
+                UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_K=block_k)
+    pixels = n * ho * wo
+    if _TUNED is not None and TILE_OVERRIDE is None and x.is_cuda:
+        _TUNED[lambda c: (cdiv(pixels, c["BLOCK_P"]), cdiv(cout, c["BLOCK_CO"]))](*args, **meta)
+        return y
+    bp, bc, warps = TILE_OVERRIDE or TUNE_TILES[0]
+    _small_conv_relu_kernel[(cdiv(pixels, bp), cdiv(cout, bc))](*args, **meta, BLOCK_P=bp, BLOCK_CO=bc,
+                                                                num_warps=warps)
+    return y
