@@ -68,8 +68,10 @@ def _conv_epilogue_dispatch(device: str) -> tuple[str, str]:
 
     if not conv_epilogue.AUTOTUNE:
         return "cudnn", f"fused cuDNN conv+bias(+add)+ReLU for {dts}, untimed ({AUTOTUNE_ENV}=0)"
-    return "cudnn|reference", (f"fused cuDNN conv+bias(+add)+ReLU for {dts} where timed faster and equal "
-                               "(once per shape, outside CUDA-graph capture)")
+    return "cudnn|triton|reference", (f"fused cuDNN conv+bias(+add)+ReLU for {dts} where timed faster and equal; "
+                                      "the Triton kernel for short reductions (Cin*kh*kw <= "
+                                      f"{conv_epilogue.TRITON_MAX_REDUCTION}) where timed faster still "
+                                      "(once per shape, outside CUDA-graph capture)")
 
 
 def _triton_dispatch(op: str, device: str) -> tuple[str, str]:
