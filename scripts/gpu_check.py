@@ -487,6 +487,70 @@ def stage_sanitizer(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
             "extension": ext, "cuda_graphs": graphs, "seconds": round(time.monotonic() - t0, 1)}
 
 
+#: tools/ncu_cases.py cases, in order (the stage keeps what finished)
+NCU_CASES = ("loss", "add_norm_b1", "attention_b1", "stem_b64")
+NCU_SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "LaunchStats", "WarpStateStats")
+#: metrics quoted in the stage's summary (names as ncu's CSV gives them)
+NCU_METRICS = ("Duration", "Memory Throughput", "DRAM Throughput", "Compute (SM) Throughput", "Achieved Occupancy",
+               "Registers Per Thread", "Grid Size", "Block Size")
+
+
+def _find_ncu() -> Optional[str]:
+    cands = [shutil.which("ncu")]
+    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if base:
+            cands.append(os.path.join(base, "bin", "ncu"))
+    return next((c for c in cands if c and os.path.exists(c)), None)
+
+
+def parse_ncu_csv(text: str) -> List[Dict[str, Any]]:
+    """Kernels of ``ncu --csv --page details`` output: [{"kernel", "metrics": {name: "value unit"}}]
+    in launch order, NCU_METRICS only."""
+    import csv
+    import io
+
+    lines = [ln for ln in text.splitlines() if ln.startswith('"')]
+    if not lines:
+        return []
+    kernels: Dict[str, Dict[str, Any]] = {}
+    for row in csv.DictReader(io.StringIO("\n".join(lines))):
+        name = row.get("Metric Name")
+        if name not in NCU_METRICS:
+            continue
+        key = row.get("ID", "") + "|" + row.get("Kernel Name", "")
+        k = kernels.setdefault(key, {"kernel": row.get("Kernel Name", ""), "metrics": {}})
+        k["metrics"][name] = f"{row.get('Metric Value', '')} {row.get('Metric Unit', '')}".strip()
+    return list(kernels.values())
+
+
+def stage_ncu(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
+    """Nsight Compute on one call of each NCU_CASES case (tools/ncu_cases.py), clocks left alone
+    (--clock-control none): duration, memory and SM throughput, occupancy and warp stalls of
+    the kernels behind the missed goals. The raw CSV goes to the output folder."""
+    ncu = _find_ncu()
+    if ncu is None:
+        return {"status": "skipped", "why": "ncu not found"}
+    t0 = time.monotonic()
+    cases: Dict[str, Any] = {}
+    for case in NCU_CASES:
+        left = limit - (time.monotonic() - t0)
+        if left < 15:
+            cases[case] = {"status": "not run", "why": "stage time spent"}
+            continue
+        sections = [a for sec in NCU_SECTIONS for a in ("--section", sec)]
+        res = r.sh([ncu, "--clock-control", "none", "--profile-from-start", "off", "--target-processes", "all",
+                    "--csv", "--page", "details", *sections, PY, "tools/ncu_cases.py", case], left)
+        (r.out_dir / f"ncu-{case}-{r.tag}.csv").write_text(res["text"], encoding="utf-8")
+        kernels = parse_ncu_csv(res["text"])
+        for k in kernels:
+            r.say(f"   {case}: {k['kernel'][:60]}: " + ", ".join(f"{n} {v}" for n, v in k["metrics"].items()))
+        cases[case] = {"status": "ok" if res["rc"] == 0 and kernels else "fail", "kernels": kernels,
+                       **_strip(res)}
+    ok = [c for c in cases.values() if c["status"] == "ok"]
+    return {"status": "ok" if len(ok) == len(NCU_CASES) else ("partial" if ok else "fail"), "cases": cases,
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
 #: the profile stage's cases (name fragments of tools/profile_ops.py): the goals still missed.
 #: Per call, host-bound: the loss and attention fwd+bwd (their host functions are cProfiled).
 #: End to end: the kernels of batch-1 fp32 flip and batch-256 bf16 graphs, and the fast-teacher
@@ -580,6 +644,8 @@ STAGES: List[Stage] = [
           75, 10, run=make_bench_stage("bench-fusions")),
     Stage("bench-e2e-compile", "S batch-1 flip fp32 with torch.compile (+ CUDA graph)", 120, 20,
           run=make_bench_stage("bench-e2e-compile")),
+    Stage("ncu", "Nsight Compute counters of one call of the missed goals' kernels (tools/ncu_cases.py)", 90, 15,
+          run=stage_ncu),
     Stage("tests-rest", "the rest of the suite on the GPU machine (pytest tests -m 'not gpu')", 150, 20,
           run=stage_tests_rest),
 ]

@@ -328,11 +328,11 @@ def test_engine_cuda_graph_matches_eager(preset):
 # ----------------------------------------------------------------------------- GPU check + perf table logic
 
 
-def _load_script(name: str):
+def _load_script(name: str, folder: str = "scripts"):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"_distilpose_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
@@ -428,6 +428,32 @@ def test_gpu_check_goal_table_from_results():
     assert "TDE proj + add + LayerNorm B=2 fp32 graph vs eager" not in rows
     ups = rows["HRNet fusion sum b64 bf16 cl vs eager"]
     assert ups["status"] == "info" and "fused 3.00x (0.100 ms, 10000 GB/s)" in ups["measured"]
+
+
+def test_gpu_check_reads_ncu_csv_and_the_ncu_cases_exist():
+    """The ncu stage's parser: the summary metrics per kernel, in launch order, from
+    ``ncu --csv --page details`` output (other lines ignored); every case it runs exists."""
+    gc = _load_script("gpu_check")
+    head = '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",' \
+           '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"'
+    rows = [
+        '"0","1","python3","h","simhm_loss_fwd_kernel","1","7","(256, 1, 1)","(4352, 1, 1)","0","9.0",'
+        '"GPU Speed Of Light Throughput","Duration","us","24.19"',
+        '"0","1","python3","h","simhm_loss_fwd_kernel","1","7","(256, 1, 1)","(4352, 1, 1)","0","9.0",'
+        '"GPU Speed Of Light Throughput","DRAM Throughput","%","51.3"',
+        '"0","1","python3","h","simhm_loss_fwd_kernel","1","7","(256, 1, 1)","(4352, 1, 1)","0","9.0",'
+        '"GPU Speed Of Light Throughput","L1/TEX Hit Rate","%","3.1"',
+        '"1","1","python3","h","simhm_loss_finalize_kernel","1","7","(1024, 1, 1)","(1, 1, 1)","0","9.0",'
+        '"Occupancy","Achieved Occupancy","%","49.8"',
+    ]
+    text = "==PROF== Connected to process 1\n" + head + "\n" + "\n".join(rows) + "\nncu_cases: loss done\n"
+    got = gc.parse_ncu_csv(text)
+    assert [k["kernel"] for k in got] == ["simhm_loss_fwd_kernel", "simhm_loss_finalize_kernel"]
+    assert got[0]["metrics"] == {"Duration": "24.19 us", "DRAM Throughput": "51.3 %"}
+    assert got[1]["metrics"] == {"Achieved Occupancy": "49.8 %"}
+    assert gc.parse_ncu_csv("no csv here") == []
+    nc = _load_script("ncu_cases", "tools")
+    assert set(gc.NCU_CASES) <= set(nc.CASES)
 
 
 def test_gpu_check_dry_run_and_selections(capsys):
