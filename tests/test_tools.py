@@ -102,6 +102,28 @@ def test_kernel_resources_tool_soft_argmax(tmp_path):
     assert slope[("vec", "fp32", 4)] < 0.5 * slope[("reg", "fp32", 16)]
 
 
+def test_kernel_resources_tool_simhm_loss_issues_the_map_loads_first(tmp_path):
+    """The CUDA loss forward requests its teacher map before reading the prediction: in every
+    16-byte-load instance the first map load precedes the first reciprocal (1 / sigma^2, which
+    needs the prediction), so a map costs one memory round trip, not two in a row."""
+    headers = ROOT / ".cuda_headers" / "torch" / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    if not headers.exists():
+        pytest.skip("CUDA torch headers not fetched (tools/check_cuda_compile.sh fetches them)")
+    from test_native_host import _nvcc
+
+    if _nvcc() is None:
+        pytest.skip("nvcc not found")
+    out = tmp_path / "loss.json"
+    proc = _run_tool(["tools/kernel_resources.py", "--simhm-loss", "--json", str(out)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["kernels"]
+    assert {r["dtype"] for r in rows} == {"fp32", "fp16", "bf16"}
+    for r in rows:
+        assert r["map_loads_first"] and r["first_map_load"] < r["first_rcp"], r
+    fp32 = next(r for r in rows if r["dtype"] == "fp32")
+    assert fp32["stack"] == 0 and fp32["regs"] <= 64, fp32
+
+
 def test_profile_ops_distill_cases_and_host_profile_run_on_cpu(monkeypatch):
     """The profiler's distillation-step cases (tiny presets here) and its cProfile helper."""
     sys.path.insert(0, str(ROOT / "tools"))

@@ -124,34 +124,70 @@ def occupancy(regs: int, threads: int, shared: int) -> int:
     return max(0, min(by_regs, by_threads, by_smem, SM90["blocks"]))
 
 
-def soft_argmax_static(headers: str) -> List[dict]:
-    """Compile csrc/cuda/decode_cuda.cu for sm_90 with nvcc and read, for each soft-argmax
-    forward instance, its registers and SASS length; the slope of the length between ITEMS
-    instances is the straight-line code per pixel (the per-map overhead cancels)."""
+def _nvcc_sass(source: str, headers: str) -> tuple:
+    """Compile csrc/cuda/<source> for sm_90 with nvcc (the extension's flags) -> (cuobjdump
+    resource usage, SASS) text."""
     root = Path(__file__).resolve().parents[1]
     nvcc = os.environ.get("NVCC") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     ti = Path(headers) / "torch" / "include"
     with tempfile.TemporaryDirectory() as d:
-        cubin = Path(d) / "decode.cubin"
+        cubin = Path(d) / "k.cubin"
         subprocess.run(
             [nvcc, "-std=c++20", "-O3", "-gencode=arch=compute_90,code=sm_90", "-D__CUDA_NO_HALF_OPERATORS__",
              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
              "--expt-relaxed-constexpr", "-I", str(root / "csrc"), "-I", str(ti), "-DDISTILPOSE_WITH_CUDA=1",
-             "-cubin", str(root / "csrc" / "cuda" / "decode_cuda.cu"), "-o", str(cubin)],
+             "-cubin", str(root / "csrc" / "cuda" / source), "-o", str(cubin)],
             check=True, capture_output=True, text=True)
         usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
                                check=True).stdout
         sass = subprocess.run([_cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    regs = dict(re.findall(r"Function (\S+):\s*\n\s*REG:(\d+)", usage))
-    lengths: Dict[str, int] = {}
+    return usage, sass
+
+
+def _sass_by_function(sass: str) -> Dict[str, List[str]]:
+    out: Dict[str, List[str]] = {}
     current = None
     for line in sass.splitlines():
         m = re.search(r"Function : (\S+)", line)
         if m:
             current = m.group(1)
-            lengths[current] = 0
+            out[current] = []
         elif current and re.match(r"\s+/\*[0-9a-f]{4}\*/", line):
-            lengths[current] += 1
+            out[current].append(line)
+    return out
+
+
+def simhm_loss_static(headers: str) -> List[dict]:
+    """Compile csrc/cuda/simhm_loss_cuda.cu for sm_90 and read, for each vector-load instance of
+    the loss forward, its registers and stack, and where in the SASS the map's first 16-byte
+    load sits against the first reciprocal (MUFU.RCP: the 1 / sigma^2 that needs the prediction
+    loaded). Before it: the map's loads are in flight while the prediction is read (one memory
+    round trip per map); after it: two round trips, one after the other."""
+    usage, sass = _nvcc_sass("simhm_loss_cuda.cu", headers)
+    res = {m.group(1): (int(m.group(2)), int(m.group(3)))
+           for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+)", usage)}
+    rows = []
+    for name, lines in _sass_by_function(sass).items():
+        m = re.search(r"simhm_loss_fwd_kernelI(f|6__half|13__nv_bfloat16)Li(\d+)E", name)
+        if not m or m.group(2) == "1":
+            continue
+        dtype = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}[m.group(1)]
+        first_load = next((i for i, ln in enumerate(lines) if "LDG.E.128" in ln), None)
+        first_rcp = next((i for i, ln in enumerate(lines) if "MUFU.RCP" in ln), None)
+        regs, stack = res.get(name, (0, 0))
+        rows.append(dict(kernel="simhm_loss_fwd", dtype=dtype, vector=int(m.group(2)), regs=regs, stack=stack,
+                         first_map_load=first_load, first_rcp=first_rcp,
+                         map_loads_first=first_load is not None and first_rcp is not None and first_load < first_rcp))
+    return sorted(rows, key=lambda r: r["dtype"])
+
+
+def soft_argmax_static(headers: str) -> List[dict]:
+    """Compile csrc/cuda/decode_cuda.cu for sm_90 with nvcc and read, for each soft-argmax
+    forward instance, its registers and SASS length; the slope of the length between ITEMS
+    instances is the straight-line code per pixel (the per-map overhead cancels)."""
+    usage, sass = _nvcc_sass("decode_cuda.cu", headers)
+    regs = dict(re.findall(r"Function (\S+):\s*\n\s*REG:(\d+)", usage))
+    lengths = {name: len(lines) for name, lines in _sass_by_function(sass).items()}
     rows = []
     for name, n in lengths.items():
         m = re.search(r"soft_argmax_fwd_(reg|vec)_kernelI(f|6__half|13__nv_bfloat16)(?:f)?Li(\d+)E", name)
@@ -179,9 +215,23 @@ def main(argv=None) -> int:
     ap.add_argument("--soft-argmax", action="store_true",
                     help="the CUDA soft-argmax forward kernels instead (nvcc; torch headers as in "
                          "tools/check_cuda_compile.sh)")
+    ap.add_argument("--simhm-loss", action="store_true",
+                    help="the CUDA loss forward kernels instead (nvcc): do the map's loads come before the "
+                         "math that needs the prediction?")
     ap.add_argument("--headers", default=os.environ.get("DISTILPOSE_CUDA_HEADERS", ".cuda_headers"),
                     help="folder holding torch/include of a CUDA torch wheel (tools/check_cuda_compile.sh fetches it)")
     args = ap.parse_args(argv)
+    if args.simhm_loss:
+        rows = simhm_loss_static(args.headers)
+        print("CUDA loss forward, compiled for sm_90 (static, no GPU): SASS index of the map's first 16-byte load "
+              "vs the first MUFU.RCP (needs the prediction)")
+        for r in rows:
+            print(f"{r['dtype']:>5} x{r['vector']}: {r['regs']} regs, stack {r['stack']}, first map load "
+                  f"{r['first_map_load']}, first RCP {r['first_rcp']}: "
+                  f"{'map loads first' if r['map_loads_first'] else 'prediction first (two round trips)'}")
+        if args.json:
+            atomic_write(args.json, json.dumps(dict(target="sm_90", kernels=rows), indent=1))
+        return 0 if rows and all(r["map_loads_first"] for r in rows) else 1
     if args.soft_argmax:
         rows = soft_argmax_static(args.headers)
         print("CUDA soft-argmax forward, compiled for sm_90 (static, no GPU): SASS per pixel = slope between ITEMS")

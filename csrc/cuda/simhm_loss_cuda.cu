@@ -59,6 +59,53 @@ __device__ __forceinline__ void block_sum(float (&v)[NV], float (*smem)[32]) {
   }
 }
 
+// kItems vectors of V pixels per thread, starting at vector j0 (stride blockDim.x), into x.
+template <typename T, int V>
+__device__ __forceinline__ void load_vectors(const T* __restrict__ map, int j0, int nvec, float (&x)[kItems][V]) {
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int j = j0 + k * blockDim.x;
+    if (j < nvec) {
+      if constexpr (V == 1) {
+        x[k][0] = load1<T>(map, j);
+      } else {
+        vec_load<T>(map, j, x[k]);
+      }
+    }
+  }
+}
+
+// Adds the vectors loaded by load_vectors(j0) to the five sums S, X1, X2, Y1, Y2.
+template <int V>
+__device__ __forceinline__ void accumulate_vectors(const SimHMMap& m, float kx, float ky, int j0, int nvec, int W,
+                                                   const float (&x)[kItems][V], float (&acc)[5]) {
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int j = j0 + k * blockDim.x;
+    if (j < nvec) {
+      const int e0 = j * V;
+      const int row = e0 / W, col = e0 - row * W;  // V divides W: the vector is in one row
+      const float dy = static_cast<float>(row) - m.muy;
+      const float ey = ky * dy * dy;
+      float q_row = 0.f;
+#pragma unroll
+      for (int c = 0; c < V; ++c) {
+        const float dx = static_cast<float>(col + c) - m.mux;
+        const float g = vec_exp2(fmaf(kx * dx, dx, ey)) * m.in_grid;
+        const float r = g - x[k][c];
+        acc[0] = fmaf(r, r, acc[0]);
+        const float q = r * g;
+        const float qd = q * dx;
+        acc[1] += qd;
+        acc[2] = fmaf(qd, dx, acc[2]);
+        q_row += q;
+      }
+      acc[3] = fmaf(q_row, dy, acc[3]);
+      acc[4] = fmaf(q_row * dy, dy, acc[4]);
+    }
+  }
+}
+
 // V pixels per vector (V == VecTraits<T>::kElems: 16-byte loads; V == 1: scalar loads).
 template <typename T, int V>
 __global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_kernel(const float* __restrict__ coords,
@@ -69,13 +116,19 @@ __global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_kernel(const float
                                                                       float* __restrict__ stats, int NK, int H, int W) {
   __shared__ float smem[5][32];
   const int i = blockIdx.x;
-  const SimHMMap m = simhm_map(coords[2 * i], coords[2 * i + 1], sigma[2 * i], sigma[2 * i + 1], kw[i], score[i], H, W);
   const int HW = H * W, nvec = HW / V;
   const T* map = teacher + static_cast<int64_t>(i) * HW;
+  // The first pass's teacher vectors are requested before the prediction is read: their
+  // latency then overlaps the prediction's loads and the math that depends on them. (Written
+  // after them, the compiler issued the map's loads only once the prediction had arrived: two
+  // memory round trips per map, one after the other.)
+  float x[kItems][V];
+  load_vectors<T, V>(map, threadIdx.x, nvec, x);
+  const SimHMMap m = simhm_map(coords[2 * i], coords[2 * i + 1], sigma[2 * i], sigma[2 * i + 1], kw[i], score[i], H, W);
   // g = in_grid * 2^(kx dx^2 + ky dy^2), the Gaussian of the spec with exp -> exp2
   const float kx = -0.5f * kLog2e * m.inv_ax, ky = -0.5f * kLog2e * m.inv_ay;
-  // the score target, loaded first by the thread that stores the statistics: its latency
-  // overlaps the map's loads instead of following the block reduction
+  // the score target, loaded by the thread that stores the statistics: its latency overlaps
+  // the map's math instead of following the block reduction
   float tv = 0.f;
   if (threadIdx.x == 0) {
     const int64_t p = simhm_score_pixel(m, H, W);
@@ -84,43 +137,8 @@ __global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_kernel(const float
   float acc[5] = {0.f, 0.f, 0.f, 0.f, 0.f};  // S, X1, X2, Y1, Y2
   const int step = blockDim.x * kItems;
   for (int j0 = threadIdx.x; j0 < nvec; j0 += step) {
-    float x[kItems][V];
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      const int j = j0 + k * blockDim.x;
-      if (j < nvec) {
-        if constexpr (V == 1) {
-          x[k][0] = load1<T>(map, j);
-        } else {
-          vec_load<T>(map, j, x[k]);
-        }
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      const int j = j0 + k * blockDim.x;
-      if (j < nvec) {
-        const int e0 = j * V;
-        const int row = e0 / W, col = e0 - row * W;  // V divides W: the vector is in one row
-        const float dy = static_cast<float>(row) - m.muy;
-        const float ey = ky * dy * dy;
-        float q_row = 0.f;
-#pragma unroll
-        for (int c = 0; c < V; ++c) {
-          const float dx = static_cast<float>(col + c) - m.mux;
-          const float g = vec_exp2(fmaf(kx * dx, dx, ey)) * m.in_grid;
-          const float r = g - x[k][c];
-          acc[0] = fmaf(r, r, acc[0]);
-          const float q = r * g;
-          const float qd = q * dx;
-          acc[1] += qd;
-          acc[2] = fmaf(qd, dx, acc[2]);
-          q_row += q;
-        }
-        acc[3] = fmaf(q_row, dy, acc[3]);
-        acc[4] = fmaf(q_row * dy, dy, acc[4]);
-      }
-    }
+    if (j0 != static_cast<int>(threadIdx.x)) load_vectors<T, V>(map, j0, nvec, x);
+    accumulate_vectors<V>(m, kx, ky, j0, nvec, W, x, acc);
   }
   block_sum<5>(acc, smem);
   if (threadIdx.x == 0) {
