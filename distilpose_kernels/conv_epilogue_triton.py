@@ -28,7 +28,7 @@ from ._utils import cdiv, contiguous_vectors, fp32_dot_precision, triton_interpr
 _INTERPRET = triton_interpret()
 #: tests pin a small tile (BLOCK_P, BLOCK_CO, num_warps)
 TILE_OVERRIDE: Optional[Tuple[int, int, int]] = None
-#: output allocator (tests swap in a NaN-filled one)
+#: output allocator, torch.empty's signature (tests swap in a NaN-filled one)
 _new_output = torch.empty
 
 
@@ -90,7 +90,7 @@ def small_conv_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     n, cout, ho, wo = out_shape
     cin, kh, kw = weight.shape[1:]
     (bias,) = contiguous_vectors(bias)
-    y = _new_output(out_shape, device=x.device, dtype=x.dtype).contiguous(memory_format=memory_format)
+    y = _new_output(out_shape, device=x.device, dtype=x.dtype, memory_format=memory_format)
     if y.numel() == 0:
         return y
     ktot = cin * kh * kw

@@ -166,8 +166,8 @@ def test_triton_small_reduction_conv_matches_float64(shape, bias, channels_last,
     from distilpose_kernels import conv_epilogue_triton as ct
 
     monkeypatch.setattr(ct, "TILE_OVERRIDE", (32, 16, 4))
-    monkeypatch.setattr(ct, "_new_output", lambda shape, device, dtype: torch.full(shape, float("nan"),
-                                                                                  device=device, dtype=dtype))
+    monkeypatch.setattr(ct, "_new_output", lambda shape, device, dtype, memory_format: torch.full(
+        shape, float("nan"), device=device, dtype=dtype).contiguous(memory_format=memory_format))
     (x, w, b, _), (x64, w64, b64, _), args = _make(shape, bias=bias, residual=False, channels_last=channels_last)
     got = dk.conv2d_relu(x, w, b, **args, backend="triton")
     want = _expected64(x64, w64, b64, None, args)
