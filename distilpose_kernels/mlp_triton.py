@@ -128,15 +128,16 @@ def _linear_gelu_kernel(
         k0 = pid_k * k_len
         part = _gemm_tile(X + k0 * sxk, Wt + k0 * swk, rm, rn, m_ok, n_ok, tl.minimum(K - k0, k_len), sxm, sxk,
                           swn, swk, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-        off = rm.to(tl.int64)[:, None] * N + rn[None, :]
         mask = m_ok[:, None] & n_ok[None, :]
-        tl.store(WS + pid_k.to(tl.int64) * M * N + off, part, mask=mask)
+        ws_rows = (pid_k * M + rm).to(tl.int64) * N  # small: split tiles run only up to SPLIT_MAX_ROWS rows
+        tl.store(WS + ws_rows[:, None] + rn[None, :], part, mask=mask)
         tl.debug_barrier()
         arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
-                acc += tl.load(WS + s * M * N + off, mask=mask, other=0.0, cache_modifier=".cg")
+                rows = (s * M + rm).to(tl.int64) * N
+                acc += tl.load(WS + rows[:, None] + rn[None, :], mask=mask, other=0.0, cache_modifier=".cg")
             _linear_finish(acc, rm, rn, m_ok, n_ok, B, Y, sym, syn, HAS_B, GELU)
             tl.store(CNT + pid, 0)
 
