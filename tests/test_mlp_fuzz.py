@@ -358,3 +358,43 @@ def test_error_messages_name_the_argument():
     for call, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             call()
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_tiles_random_shapes_strides_and_nan(seed, poisoned, monkeypatch):
+    """The split tiles of linear_gelu, linear_add_norm and fused_mlp_add_norm (small-launch
+    kernels whose last program of a block sums fp32 partials) at random odd shapes with strided
+    operands, against float64; a NaN in one input row stays in that row's outputs."""
+    from distilpose_kernels import mlp_triton as mt
+
+    g = torch.Generator().manual_seed(100 + seed)
+    ri = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    b, L, k, hid, n = ri(1, 3), ri(1, 21), ri(1, 41), ri(1, 50), ri(1, 40)
+    p = ri(0, L + 1)
+    monkeypatch.setattr(mt, "TILE_OVERRIDE", mt.GemmTile(16, 16, 16, 4, 1, ri(2, 4)))
+    monkeypatch.setattr(mt, "ADD_NORM_TILE_OVERRIDE", mt.SplitTile(16, 16, 16, ri(2, 4), 4, 1))
+    monkeypatch.setattr(mt, "MLP_TILE_OVERRIDE", mt.SplitMlpTile(16, 16, ri(2, 5), 4, 1))
+    x = _r(g, b, L, k)
+    x[0, L - 1, 0] = float("nan")
+    w1, b1, w2, b2 = _r(g, hid, k, scale=k ** -0.5), _r(g, hid), _r(g, n, hid, scale=hid ** -0.5), _r(g, n)
+    wl, bl = _r(g, n, k, scale=k ** -0.5), _r(g, n)
+    res, lw, lb = _r(g, b, L, n), _r(g, n).abs() + 0.5, _r(g, n)
+    pos = _r(g, 1, p, n) if p else None
+    bad = torch.zeros(b, L, dtype=torch.bool)
+    bad[0, L - 1] = True
+
+    def check(got, want, name):
+        for gt, wt in zip(got, want):
+            gt = gt.double().cpu()
+            assert gt[bad].isnan().all() and torch.isfinite(gt[~bad]).all(), name
+            torch.testing.assert_close(gt[~bad], wt[~bad], rtol=2e-5, atol=2e-5, msg=name)
+
+    check((dk.linear_gelu(_strided(_dev(x)), _wt(_dev(w1)), _dev(b1), backend="triton"),),
+          (_gelu64(F.linear(x, w1, b1)),), "linear_gelu")
+    check(dk.linear_add_norm(_strided(_dev(x)), _dev(wl), _dev(bl), _dev(res), _dev(lw), _dev(lb), 1e-5, _dev(pos),
+                             backend="triton"),
+          dk.linear_add_norm_reference(x, wl, bl, res, lw, lb, 1e-5, pos), "linear_add_norm")
+    check(dk.fused_mlp_add_norm(_dev(x), _wt(_dev(w1)), _dev(b1), _dev(w2), _dev(b2), _dev(res), _dev(lw), _dev(lb),
+                                1e-5, _dev(pos), backend="triton"),
+          dk.fused_mlp_add_norm_reference(x, w1, b1, w2, b2, res, lw, lb, 1e-5, pos), "fused_mlp_add_norm")
