@@ -128,6 +128,36 @@ def test_attention_nonfinite_stays_in_its_rows_and_heads():
             torch.testing.assert_close(g[fin].double(), g_r[fin], atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.interpreter
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("blocks", [(16, 16, 2), (16, 16, 3)])
+def test_attention_split_keys_odd_shapes_and_nonfinite(blocks, monkeypatch):
+    """The split-key forward (batch-1 inference launches) on the odd shapes above and with the
+    NaN policy's inputs: the same values and the same finite pattern as float64 (an inf key
+    poisons its slice's max; the merge carries that into the row, as the one-pass kernel does)."""
+    from distilpose_kernels import attention_triton as at
+
+    monkeypatch.setattr(at, "BLOCK_OVERRIDE", blocks)
+    for n, L, h, d in [(1, 1, 1, 24), (2, 33, 1, 8), (1, 65, 2, 40), (1, 6, 1, 136)]:
+        g = torch.Generator().manual_seed(L * 31 + d)
+        qkv = torch.randn(L, n, 3 * h * d, generator=g).to(DEV).transpose(0, 1)
+        dout = torch.randn(n, L, h * d, generator=g).to(DEV)
+        out, gq = _triton_fwd_bwd(qkv, h, dout)
+        out_r, g_r = _ref_fwd_bwd(qkv, h, dout)
+        torch.testing.assert_close(out.double(), out_r, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(gq.double(), g_r, atol=5e-5, rtol=1e-4)
+    n, L, h, d = 2, 37, 2, 24
+    for val in (float("nan"), float("inf")):
+        for col in (5, 48 + 5, 96 + 5):  # q, k, v of head 0
+            qkv = torch.randn(n, L, 3 * h * d, device=DEV)
+            qkv[0, 20, col] = val  # in the second key slice
+            out = dk.token_attention(qkv, h, backend="triton")
+            out_r = dk.token_attention_reference(qkv.double(), h)
+            assert torch.equal(torch.isfinite(out), torch.isfinite(out_r)), (val, col)
+            fin = torch.isfinite(out_r)
+            torch.testing.assert_close(out[fin].double(), out_r[fin], atol=2e-5, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- add_pos_layernorm
 
 
