@@ -157,6 +157,7 @@ def _bench_infer(benchmark, monkeypatch, device, preset, flip, path, batch, prec
     # the fused-vs-reference decisions this case made (earlier cases' decisions for the same
     # shapes are cached and apply too)
     benchmark.extra_info["auto_choices"] = dk.auto_choices()[n_choices:]
+    benchmark.extra_info["tuned_configs"] = dk.tuned_configs()  # the autotuners' tiles so far in this process
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     passes = 2 if flip == "withflip" else 1

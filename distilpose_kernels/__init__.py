@@ -51,6 +51,7 @@ _LAZY = {
     "linear_add_norm_reference": "mlp",
     "fp32_dot_precision": "_utils",
     "auto_choices": "_utils",
+    "tuned_configs": "_utils",
     "timing_for_cuda_graphs": "_utils",
     "capture_cuda_graph": "_utils",
     "split_counters": "_utils",

@@ -316,6 +316,35 @@ def auto_choices() -> list:
     return [dict(d) for d in _DECISIONS]
 
 
+#: the kernel modules whose GPU autotuners ``tuned_configs`` reports (only those already imported)
+_TUNED_MODULES = ("mlp_triton", "attention_triton", "conv_epilogue_triton", "heatmap_triton", "multiscale_triton",
+                  "keypoints_triton")
+
+
+def tuned_configs() -> dict:
+    """The tiles the Triton autotuners picked in this process: {"module.tuner": {key: config}}
+    (key: the sizes and constexprs it was tuned for, config: block sizes, warps, stages, as
+    text). Only kernel modules already imported are read, so this imports no Triton; empty on
+    machines without a GPU (no autotuning there). With ``auto_choices`` it shows what a model
+    actually runs, e.g. whether the batch-1 split tiles won."""
+    import sys
+
+    out: dict = {}
+    for name in _TUNED_MODULES:
+        mod = sys.modules.get(f"{__package__}.{name}")
+        if mod is None:
+            continue
+        for attr, val in vars(mod).items():
+            tuners = val.items() if isinstance(val, dict) else [(None, val)]
+            for sub, t in tuners:
+                cache = getattr(t, "cache", None)
+                if not isinstance(cache, dict) or not hasattr(t, "configs") or not cache:
+                    continue
+                label = f"{name}.{attr}" + (f"[{sub}]" if sub is not None else "")
+                out[label] = {str(k): str(v) for k, v in cache.items()}
+    return out
+
+
 def _record(what: str, key, choice: bool, why: str, fused_ms=None, reference_ms=None, timing: str = "call") -> None:
     if len(_DECISIONS) >= _MAX_DECISIONS:
         del _DECISIONS[0]

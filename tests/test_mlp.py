@@ -1139,3 +1139,23 @@ def test_triton_ops_reject_unsupported_dtypes_the_same_way():
         got = op(None)
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, want())
+
+
+def test_tuned_configs_reports_the_autotuners_picks(monkeypatch):
+    """dk.tuned_configs(): per autotuner (module attributes, and dicts of them as attention's),
+    the tile picked for each key, as text; nothing for tuners that have not tuned."""
+    from distilpose_kernels import mlp_triton as mt
+
+    class FakeTuner:
+        configs = ["a", "b"]
+
+        def __init__(self, cache):
+            self.cache = cache
+
+    monkeypatch.setattr(mt, "_FAKE_TUNER", FakeTuner({(546, 192, "fp32"): "BLOCK_M: 32, SPLIT_K: 3"}), raising=False)
+    monkeypatch.setattr(mt, "_FAKE_TUNERS", {"fwd": FakeTuner({(273,): "BLOCK_M: 16"}), "dq": FakeTuner({})},
+                        raising=False)
+    got = dk.tuned_configs()
+    assert got["mlp_triton._FAKE_TUNER"] == {"(546, 192, 'fp32')": "BLOCK_M: 32, SPLIT_K: 3"}
+    assert got["mlp_triton._FAKE_TUNERS[fwd]"] == {"(273,)": "BLOCK_M: 16"}
+    assert "mlp_triton._FAKE_TUNERS[dq]" not in got

@@ -266,11 +266,16 @@ def main(argv=None) -> int:
     for case in e2e_cases:
         measure(*case)
     report["auto_choices"] = dk.auto_choices()
+    report["tuned_configs"] = dk.tuned_configs()
     save()
     print("fused-vs-reference decisions of the ops' \"auto\" backends (dk.auto_choices()):")
     for d in report["auto_choices"]:
         t = f"{d['fused_ms']:.4f} vs {d['reference_ms']:.4f} ms" if d["fused_ms"] is not None else ""
         print(f"  {d['use']:<9} {d['why'][:60]:<12} {t:<24} {d['op']} {d['key'][:90]}", flush=True)
+    print("tiles the Triton autotuners picked (dk.tuned_configs()):")
+    for tuner, picks in report["tuned_configs"].items():
+        for key, cfg in picks.items():
+            print(f"  {tuner:<40} {key[:60]:<60} {cfg}", flush=True)
     return 0
 
 
