@@ -17,8 +17,10 @@ ends in a sync). Paths compared (``path`` in the test id and ``extra_info["path"
 - fp32 paths run the TDE's Linears through ``distilpose_kernels.linear`` where it is timed
   faster than cuBLAS, and every fp32 Triton dot as 3xTF32 (fp32 accuracy on the tensor cores,
   ``distilpose_kernels.fp32_dot_precision``); ``cudagraph_ieee`` is the same path with FMA dots
-  (``DISTILPOSE_FP32_DOT=ieee``) and cuBLAS Linears, to show what that buys; ``cudagraph_mlpk``
-  runs each MLP as one kernel (``mlp_kernel=True``, the 16-bit engines' default) instead;
+  (``DISTILPOSE_FP32_DOT=ieee``) and cuBLAS Linears, to show what that buys; ``cudagraph_nomlpk``
+  runs each MLP as fc1 + GELU and fc2 + add + LayerNorm (``mlp_kernel=False``) instead of
+  through ``fused_mlp_add_norm``, whose "auto" chooses among one kernel, those two and the
+  reference ops (the default);
 - every folded path also fuses each conv's bias, residual add and ReLU into the conv
   (``InferenceEngine(fuse_epilogues=...)``, on by default with folding, off under compile);
   ``*_noepi`` is the same path without that, to show what it buys; ``*_plain`` also without
@@ -203,7 +205,7 @@ def cuda_device():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "preset,flip,path",
-    _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32", "cudagraph_ieee", "cudagraph_mlpk",
+    _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32", "cudagraph_ieee", "cudagraph_nomlpk",
                                                                     "cudagraph_noepi", "cudagraph_plain",
                                                                     "compile_cudagraph_ops")],
 )

@@ -159,12 +159,12 @@ class InferenceEngine:
             where it is timed faster than its reference ops): 4 to 5 kernels per layer instead of
             7, and neither GEMM output goes to memory on its own. Takes precedence over
             ``fuse_pos_norm``. Default: on unless ``compile``.
-        mlp_kernel: run each TDE MLP (fc1, GELU, fc2) as one kernel
-            (``distilpose_kernels.fused_mlp``; the 576-wide hidden activation is never written),
-            used on CUDA where it is timed faster than cuBLAS + GELU + cuBLAS; it replaces
-            ``fuse_mlp`` / ``triton_linears`` inside the MLP. Default: on for bf16/fp16 unless
-            ``compile`` (at large batches the hidden activation is most of the MLP's memory
-            traffic; at fp32 batch 1 the separate 3xTF32 GEMMs spread over more SMs).
+        mlp_kernel: run each TDE MLP (fc1, GELU, fc2) through ``distilpose_kernels.fused_mlp``
+            / ``fused_mlp_add_norm``, whose "auto" times three ways once per shape: one kernel
+            (the 576-wide hidden activation never written; at batch 1 its split tiles), the
+            reference ops, and ``linear_gelu`` + ``linear(_add_norm)`` (two GEMMs, each with its
+            own choice); it replaces ``fuse_mlp`` / ``triton_linears`` inside the MLP. Default:
+            on unless ``compile``.
         attention_backend: set on every module with a ``backend`` attribute (the TDE's
             attention): None/"auto", "reference" or "triton".
         compile: ``torch.compile`` the step (``compile_mode``, e.g. "default", "max-autotune-no-cudagraphs").
@@ -244,7 +244,7 @@ class InferenceEngine:
         self.triton_linears = bool(triton_linears)
         self.fuse_add_norm = (not compile) if fuse_add_norm is None else bool(fuse_add_norm)
         if mlp_kernel is None:
-            mlp_kernel = precision != "fp32" and not compile
+            mlp_kernel = not compile
         self.mlp_kernel = bool(mlp_kernel)
         from .fuse import set_tde_fusions
 

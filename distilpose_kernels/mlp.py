@@ -154,17 +154,19 @@ def _agrees_16bit(got: Tensor, ref: Tensor) -> bool:
     return agrees_at_dtype(got, ref, 2e-2, 2e-2)
 
 
-def _choose(key: tuple, fused: Callable[[], Tensor], reference: Callable[[], Tensor], op: str = "linear_gelu") -> bool:
-    """Whether "auto" runs ``op``'s kernel for ``key`` (``_utils.timed_choice``); ``key[-1]`` is
-    the dot precision ("ieee" / "tf32x3" / "tf32" for float32 operands, "16bit" for fp16/bf16
-    ones), which sets how close to the cuBLAS reference the kernel must come."""
+def _choose(key: tuple, fused: Callable[[], Tensor], reference: Callable[[], Tensor], op: str = "linear_gelu",
+            what: Optional[str] = None) -> bool:
+    """Whether "auto" runs ``fused`` (by default ``op``'s kernel) rather than ``reference`` for
+    ``key`` (``_utils.timed_choice``); ``key[-1]`` is the dot precision ("ieee" / "tf32x3" /
+    "tf32" for float32 operands, "16bit" for fp16/bf16 ones), which sets how close to the
+    cuBLAS reference the kernel must come."""
     if key[-1] in ("ieee", "tf32x3"):
         agrees = _agrees_fp32
     elif key[-1] == "16bit":
         agrees = _agrees_16bit
     else:
         agrees = _agrees_tf32
-    return timed_choice(_CHOICE, key, fused, reference, agrees, f"{op}: the Triton kernel")
+    return timed_choice(_CHOICE, key, fused, reference, agrees, what or f"{op}: the Triton kernel")
 
 
 def _precision_key(x: Tensor) -> str:
@@ -172,9 +174,12 @@ def _precision_key(x: Tensor) -> str:
 
 
 def _dispatch(backend: str, x: Tensor, key: Callable[[], tuple], op: str, kernel: Callable[[], Tensor],
-              reference: Callable[[], Tensor]) -> Tensor:
+              reference: Callable[[], Tensor],
+              alternative: Optional[Tuple[str, Callable[[], Tensor]]] = None) -> Tensor:
     """Run ``kernel`` or ``reference`` for ``backend`` ("triton", "reference" or "auto": on CUDA
-    the timed choice for ``key()``, the reference elsewhere)."""
+    the timed choice for ``key()``, the reference elsewhere). ``alternative`` (name, fn): another
+    way to the same result (the whole MLP as two GEMM ops) that "auto" then times against the
+    first choice, under its own key."""
     if backend == "auto":
         if not x.is_cuda:
             backend = "reference"
@@ -187,6 +192,12 @@ def _dispatch(backend: str, x: Tensor, key: Callable[[], tuple], op: str, kernel
                 # under autocast says nothing about the same dtypes without it (a bf16-cast model)
                 k = ("autocast",) + k
             backend = "triton" if _choose(k, kernel, reference, op) else "reference"
+            if alternative is not None:
+                name, alt = alternative
+                first = kernel if backend == "triton" else reference
+                # the precision stays last in the key: it sets the agreement tolerance
+                if _choose((name,) + k, alt, first, op, f"{op}: the {name} form"):
+                    return alt()
     return kernel() if backend == "triton" else reference()
 
 
@@ -306,7 +317,10 @@ def _mlp_run(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Option
         backend, x,
         lambda: ("mlp", math.prod(x.shape[:-1]), x.shape[-1], w1.shape[0], w2.shape[0], x.dtype,
                  x.device.index, _precision_key(x)),
-        "fused_mlp", lambda: _mlp_fused(x, w1, b1, w2, b2), lambda: fused_mlp_reference(x, w1, b1, w2, b2))
+        "fused_mlp", lambda: _mlp_fused(x, w1, b1, w2, b2), lambda: fused_mlp_reference(x, w1, b1, w2, b2),
+        # the whole MLP as two GEMM ops (fc1 + GELU, then fc2), each with its own "auto" choice:
+        # at small row counts they may beat one kernel, so "auto" times them as a third way
+        ("linear_gelu + linear", lambda: linear(linear_gelu(x, w1, b1), w2, b2)))
 
 
 @torch.library.custom_op("distilpose::fused_mlp", mutates_args=())
@@ -440,12 +454,17 @@ def _add_norm_kernel(x: Tensor, weights: tuple, residual: Tensor, norm_weight, n
 
 def _add_norm_run(x, weights, residual, norm_weight, norm_bias, pos2, eps, backend, reference) -> Tuple[Tensor, Tensor]:
     mlp = len(weights) == 4
+    alternative = None
+    if mlp:
+        w1, b1, w2, b2 = weights
+        alternative = ("linear_gelu + linear_add_norm",
+                       lambda: linear_add_norm(linear_gelu(x, w1, b1), w2, b2, residual, norm_weight, norm_bias, eps, pos2))
     return _dispatch(
         backend, x,
         lambda: ("mlp_add_norm" if mlp else "add_norm", math.prod(x.shape[:-1]), x.shape[-1],
                  *(w.shape[0] for w in weights[::2]), pos2 is not None, x.dtype, x.device.index, _precision_key(x)),
         "fused_mlp_add_norm" if mlp else "linear_add_norm",
-        lambda: _add_norm_kernel(x, weights, residual, norm_weight, norm_bias, pos2, eps), reference)
+        lambda: _add_norm_kernel(x, weights, residual, norm_weight, norm_bias, pos2, eps), reference, alternative)
 
 
 @torch.library.custom_op("distilpose::linear_add_norm", mutates_args=())

@@ -636,7 +636,7 @@ STAGES: List[Stage] = [
           run=make_bench_stage("bench-e2e-train")),
     Stage("profile", "tools/profile_ops.py on the missed goals' cases (PROFILE_CASES): wall vs kernel time, "
           "host functions, kernels of the e2e graphs", 100, 30, run=stage_profile),
-    Stage("bench-e2e-variants", "S batch-1 fp32 diagnostic paths: nofold, cl, tf32, ieee, mlpk, noepi, plain", 90, 15,
+    Stage("bench-e2e-variants", "S batch-1 fp32 diagnostic paths: nofold, cl, tf32, ieee, nomlpk, noepi, plain", 90, 15,
           run=make_bench_stage("bench-e2e-variants")),
     Stage("bench-conv", "fused conv epilogue vs unfused (Bottleneck shapes); HRNet fusion sum vs eager / compile", 60, 10,
           run=make_bench_stage("bench-conv")),

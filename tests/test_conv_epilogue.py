@@ -706,10 +706,12 @@ def test_engine_fuses_the_pos_norm_step_by_default_and_not_under_compile():
     assert linears(compiled) == {False} and linears(InferenceEngine(model, precision="bf16")) == {False}
     assert linears(InferenceEngine(model, triton_linears=False)) == {False}
     assert not any(layer.attn.triton_linears for layer in model.tde.layers)
-    # the whole MLP as one kernel: 16-bit engines only, not under compile
+    # the whole MLP through fused_mlp(_add_norm) (its "auto" times one kernel, the reference and
+    # two GEMM ops): every engine but compiled ones
     bf16 = InferenceEngine(model, precision="bf16")
-    assert all(layer.mlp.mlp_kernel for layer in bf16.model.tde.layers) and "mlp_kernel=True" in repr(bf16)
-    assert not any(layer.mlp.mlp_kernel for e in (on, InferenceEngine(model, precision="bf16", compile=True),
+    assert all(layer.mlp.mlp_kernel for e in (bf16, on) for layer in e.model.tde.layers)
+    assert "mlp_kernel=True" in repr(bf16) and "mlp_kernel=True" in repr(on)
+    assert not any(layer.mlp.mlp_kernel for e in (compiled, InferenceEngine(model, precision="bf16", compile=True),
                                                    InferenceEngine(model, precision="bf16", mlp_kernel=False))
                    for layer in e.model.tde.layers)
     assert not any(layer.mlp.mlp_kernel for layer in model.tde.layers)

@@ -239,9 +239,10 @@ def test_fused_mlp_wide_output_runs_the_reference_or_says_why():
 
 
 def test_fused_mlp_auto_choice_key_and_fp32_tolerance(tuner, monkeypatch):
-    """On CUDA, "auto" decides once per (sizes, dtype, device, precision) under the name fused_mlp."""
+    """On CUDA, "auto" decides once per (sizes, dtype, device, precision) under the name fused_mlp,
+    then times the two-GEMM form against that choice under its own key (the precision last)."""
     seen = []
-    monkeypatch.setattr(mlp_mod, "_choose", lambda key, fused, ref, op: seen.append((key, op)) or False)
+    monkeypatch.setattr(mlp_mod, "_choose", lambda key, fused, ref, op, what=None: seen.append((key, op)) or False)
     args, _ = _mlp_inputs((5,), 8, 16, 4, seed=1)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     got = mlp_mod._mlp_run(*args, "auto")
@@ -249,20 +250,80 @@ def test_fused_mlp_auto_choice_key_and_fp32_tolerance(tuner, monkeypatch):
     # (None / "ieee" on a CPU machine; 0 / the GPU's fp32 dot precision on a GPU machine)
     x = args[0]
     want_precision = "ieee" if x.device.type == "cpu" else fp32_dot_precision(x.device)
-    assert seen == [(("mlp", 5, 8, 16, 4, torch.float32, x.device.index, want_precision), "fused_mlp")]
+    key = ("mlp", 5, 8, 16, 4, torch.float32, x.device.index, want_precision)
+    assert seen == [(key, "fused_mlp"), (("linear_gelu + linear",) + key, "fused_mlp")]
     torch.testing.assert_close(got, dk.fused_mlp_reference(*args))
+
+
+@pytest.mark.parametrize("op", ["mlp", "mlp_add_norm"])
+@pytest.mark.parametrize("kernel_ms,gemms_ms,want", [(1.0, 0.5, "gemms"), (1.0, 3.0, "kernel"), (5.0, 0.5, "gemms"),
+                                                    (5.0, 3.0, "reference")])
+def test_whole_mlp_auto_times_the_two_gemm_form_as_a_third_way(op, kernel_ms, gemms_ms, want, stub_cuda_timer,
+                                                                 monkeypatch):
+    """fused_mlp / fused_mlp_add_norm "auto" (CUDA faked, timings stubbed): the one-kernel MLP vs
+    the reference ops first, then linear_gelu + linear(_add_norm) vs that winner; the faster
+    of the three runs, and its output is the same."""
+    monkeypatch.setattr(mlp_mod, "_CHOICE", {})
+    ran = []
+
+    def named(name, fn):
+        def run(*a, **k):
+            ran.append(name)
+            return fn(*a, **k)
+
+        return run
+
+    real_kernel, real_add_norm_kernel = mlp_mod._mlp_fused, mlp_mod._add_norm_kernel
+    monkeypatch.setattr(mlp_mod, "_mlp_fused", named("kernel", real_kernel))
+    monkeypatch.setattr(mlp_mod, "_add_norm_kernel", named("kernel", real_add_norm_kernel))
+    real_lg = mlp_mod.linear_gelu
+    monkeypatch.setattr(mlp_mod, "linear_gelu", named("gemms", lambda *a, **k: real_lg(*a, backend="triton")))
+    monkeypatch.setattr(mlp_mod, "linear", lambda *a, **k: mlp_mod._call("linear", *a, "triton"))
+    real_lan = mlp_mod.linear_add_norm
+    monkeypatch.setattr(mlp_mod, "linear_add_norm", lambda *a, **k: real_lan(*a, **k, backend="triton"))
+    times = {"kernel": kernel_ms, "reference": 2.0, "gemms": gemms_ms}
+    from distilpose_kernels import _utils
+
+    def timer(fn, rounds=3, reps=5, device_only=False):
+        n = len(ran)
+        fn()
+        tag = ran[n] if len(ran) > n else "reference"
+        return times[tag]
+
+    monkeypatch.setattr(_utils, "cuda_time_ms", timer)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    if op == "mlp":
+        args, _ = _mlp_inputs((2, 7), 16, 24, 16, seed=3)
+        got = mlp_mod._mlp_run(*args, "auto")
+        want_out = dk.fused_mlp_reference(*args)
+    else:
+        args, _ = _add_norm_inputs(2, 7, 16, 16, 3, 24, seed=3)
+        *main, pos = args
+        ref = lambda: dk.fused_mlp_add_norm_reference(*main, 1e-5, pos)  # noqa: E731
+        got = mlp_mod._add_norm_run(main[0], tuple(main[1:5]), main[5], main[6], main[7], pos[0], 1e-5, "auto", ref)
+        want_out = ref()
+    ran.clear()
+    if op == "mlp":
+        again = mlp_mod._mlp_run(*args, "auto")  # decided: the winner runs once, untimed
+    else:
+        again = mlp_mod._add_norm_run(main[0], tuple(main[1:5]), main[5], main[6], main[7], pos[0], 1e-5, "auto", ref)
+    assert ran[:1] == ([] if want == "reference" else [want])  # the reference ops are not tagged
+    for g, a, w in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, again, want_out))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=2e-5)
 
 
 def test_auto_decisions_under_autocast_are_kept_apart(tuner, monkeypatch):
     """A decision made under autocast (whose reference runs autocast's ops) is not reused for the
     same dtypes without autocast (a model cast to bf16), and the other way round."""
     seen = []
-    monkeypatch.setattr(mlp_mod, "_choose", lambda key, fused, ref, op: seen.append(key) or False)
+    monkeypatch.setattr(mlp_mod, "_choose", lambda key, fused, ref, op, what=None: seen.append(key) or False)
     args, _ = _mlp_inputs((5,), 8, 16, 4, seed=2)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     mlp_mod._mlp_run(*args, "auto")
     with torch.autocast(args[0].device.type, dtype=torch.bfloat16):
         mlp_mod._mlp_run(*args, "auto")
+    seen = [k for k in seen if k[0] != "linear_gelu + linear"]  # the two-GEMM form's own choices
     assert len(seen) == 2 and seen[1] == ("autocast",) + seen[0]
     assert seen[0][-1] == seen[1][-1]  # the precision stays last: it sets the agreement tolerance
 
