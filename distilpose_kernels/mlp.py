@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import add_pos_layernorm_reference
+from .attention import add_pos_layernorm, add_pos_layernorm_reference
 from ._utils import (agrees_at_dtype, annotate, check_tensor, env_switch, fp32_dot_precision, lazy_module,
                      select_triton_backend, timed_choice)
 
@@ -454,11 +454,16 @@ def _add_norm_kernel(x: Tensor, weights: tuple, residual: Tensor, norm_weight, n
 
 def _add_norm_run(x, weights, residual, norm_weight, norm_bias, pos2, eps, backend, reference) -> Tuple[Tensor, Tensor]:
     mlp = len(weights) == 4
-    alternative = None
+    # another way to the same result, timed by "auto" against the first choice: two of our ops
+    # (the GEMM on its own tiles, which stay efficient where whole-row programs are too big or too few)
     if mlp:
         w1, b1, w2, b2 = weights
         alternative = ("linear_gelu + linear_add_norm",
                        lambda: linear_add_norm(linear_gelu(x, w1, b1), w2, b2, residual, norm_weight, norm_bias, eps, pos2))
+    else:
+        alternative = ("linear + add_pos_layernorm",
+                       lambda: add_pos_layernorm(residual, pos2, norm_weight, norm_bias, eps,
+                                                 residual=linear(x, weights[0], weights[1])))
     return _dispatch(
         backend, x,
         lambda: ("mlp_add_norm" if mlp else "add_norm", math.prod(x.shape[:-1]), x.shape[-1],

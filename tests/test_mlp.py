@@ -313,6 +313,31 @@ def test_whole_mlp_auto_times_the_two_gemm_form_as_a_third_way(op, kernel_ms, ge
         torch.testing.assert_close(a, w, rtol=1e-5, atol=2e-5)
 
 
+def test_linear_add_norm_auto_times_linear_plus_add_pos_layernorm(tuner, monkeypatch):
+    """linear_add_norm "auto" (CUDA faked): after the kernel vs the reference ops, linear +
+    add_pos_layernorm (two of our ops) is timed against the winner under its own key; chosen,
+    it gives the same (x_out, y)."""
+    seen = []
+
+    def choose(key, fused, ref, op, what=None):
+        seen.append(key)
+        return key[0] == "linear + add_pos_layernorm"  # the second way wins, the kernel does not
+
+    monkeypatch.setattr(mlp_mod, "_choose", choose)
+    from distilpose_kernels import attention as attn
+
+    monkeypatch.setattr(attn, "select_triton_backend", lambda *a, **k: "reference")  # no kernels on the CPU
+    monkeypatch.setattr(mlp_mod, "linear", lambda x, w, b=None, backend=None: F.linear(x, w, b))
+    args, _ = _add_norm_inputs(2, 7, 16, 24, 3, seed=4)
+    *main, pos = args
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    ref = lambda: dk.linear_add_norm_reference(*main, 1e-5, pos)  # noqa: E731
+    got = mlp_mod._add_norm_run(main[0], tuple(main[1:3]), main[3], main[4], main[5], pos[0], 1e-5, "auto", ref)
+    assert len(seen) == 2 and seen[1] == ("linear + add_pos_layernorm",) + seen[0]
+    for g, w in zip(got, ref()):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_auto_decisions_under_autocast_are_kept_apart(tuner, monkeypatch):
     """A decision made under autocast (whose reference runs autocast's ops) is not reused for the
     same dtypes without autocast (a model cast to bf16), and the other way round."""
