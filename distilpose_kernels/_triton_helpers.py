@@ -29,3 +29,25 @@ def layernorm_rows(xf, cols, c_ok, C, eps, W, B, HAS_W: tl.constexpr, HAS_B: tl.
     if HAS_B:
         y = y + tl.load(B + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     return y, mean, rstd
+
+
+@triton.jit
+def split_bounds(total, SPLIT: tl.constexpr, STEP: tl.constexpr, idx):
+    """[lo, hi) of slice ``idx`` when range(total) is cut in SPLIT slices of whole STEPs (a
+    slice past the end is empty: hi <= lo). SPLIT == 1: [0, total)."""
+    length = tl.cdiv(tl.cdiv(total, SPLIT), STEP) * STEP
+    lo = idx * length
+    return lo, tl.minimum(total, lo + length)
+
+
+@triton.jit
+def last_to_arrive(count_ptr, expected):
+    """The split kernels' semaphore, called by every program of a group once its partial results
+    are stored: counts the program at ``count_ptr`` and is true for the one that completes
+    ``expected`` arrivals. Every thread's stores come before the one-thread release atomic
+    (the barrier); its acquire orders the caller's later loads (which should read with
+    cache_modifier=".cg", from L2) after every other program's stores. The caller resets the
+    count to 0 when it has read them, so relaunches on the same buffer work."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    return arrived == expected - 1

@@ -459,7 +459,8 @@ def _add_norm_run(x, weights, residual, norm_weight, norm_bias, pos2, eps, backe
     if mlp:
         w1, b1, w2, b2 = weights
         alternative = ("linear_gelu + linear_add_norm",
-                       lambda: linear_add_norm(linear_gelu(x, w1, b1), w2, b2, residual, norm_weight, norm_bias, eps, pos2))
+                       lambda: linear_add_norm(linear_gelu(x, w1, b1), w2, b2, residual, norm_weight, norm_bias, eps,
+                                               pos2))
     else:
         alternative = ("linear + add_pos_layernorm",
                        lambda: add_pos_layernorm(residual, pos2, norm_weight, norm_bias, eps,

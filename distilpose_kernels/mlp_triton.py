@@ -24,14 +24,14 @@ the position table on the visual tokens), store that, and store its LayerNorm
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import triton
 import triton.language as tl
 
 from ._triton_helpers import dot as _dot
-from ._triton_helpers import layernorm_rows
+from ._triton_helpers import last_to_arrive, layernorm_rows, split_bounds
 from ._utils import cdiv, contiguous_vectors, fp32_dot_precision, triton_interpret, zeroed_counts
 
 _INTERPRET = triton_interpret()
@@ -124,16 +124,13 @@ def _linear_gelu_kernel(
         _linear_finish(acc, rm, rn, m_ok, n_ok, B, Y, sym, syn, HAS_B, GELU)
     else:
         pid_k = tl.program_id(1)
-        k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-        k0 = pid_k * k_len
-        part = _gemm_tile(X + k0 * sxk, Wt + k0 * swk, rm, rn, m_ok, n_ok, tl.minimum(K - k0, k_len), sxm, sxk,
-                          swn, swk, PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        k0, k1 = split_bounds(K, SPLIT_K, BLOCK_K, pid_k)  # a slice past K sums nothing: zeros
+        part = _gemm_tile(X + k0 * sxk, Wt + k0 * swk, rm, rn, m_ok, n_ok, k1 - k0, sxm, sxk, swn, swk, PRECISION,
+                          UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
         mask = m_ok[:, None] & n_ok[None, :]
         ws_rows = (pid_k * M + rm).to(tl.int64) * N  # small: split tiles run only up to SPLIT_MAX_ROWS rows
         tl.store(WS + ws_rows[:, None] + rn[None, :], part, mask=mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
+        if last_to_arrive(CNT + pid, SPLIT_K):
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 rows = (s * M + rm).to(tl.int64) * N
@@ -153,19 +150,72 @@ TUNE_TILES = (GemmTile(128, 64, 32, 4, 3), GemmTile(64, 64, 32, 4, 3), GemmTile(
 SPLIT_TILES = (GemmTile(32, 64, 32, 4, 3, 2), GemmTile(32, 64, 32, 4, 3, 3))
 
 
+class _Family(NamedTuple):
+    """One kernel's launch candidates: ``kernel()`` the kernel (looked up at launch: tests swap in
+    a spy), ``config(tile)`` its constexprs, ``slices(tile)`` how many
+    partials a split tile sums (1: not split), ``counts(tile, m, n)`` its counters; the GPU
+    autotuners over ``tiles`` and, up to SPLIT_MAX_ROWS rows, over ``tiles + split_tiles``;
+    ``default`` the tile used without autotuning."""
+
+    kernel: Callable
+    config: Callable
+    slices: Callable
+    counts: Callable
+    tiles: tuple
+    split_tiles: tuple
+    default: object
+    tuned: object
+    tuned_small: object
+
+
+def _family(kernel, config, slices, counts, tiles, split_tiles, key, default=None) -> _Family:
+    def tuner(ts):
+        if _INTERPRET:
+            return None
+        return triton.autotune([triton.Config(config(t), num_warps=t.num_warps, num_stages=t.num_stages) for t in ts],
+                               key=key)(kernel())
+
+    return _Family(kernel, config, slices, counts, tiles, split_tiles, default or tiles[0], tuner(tiles),
+                   tuner(tiles + split_tiles))
+
+
+def _candidates(fam: _Family, override, m: int, on_gpu: bool) -> tuple:
+    """(autotuner or None, the tiles it may launch): on a GPU the autotuner (with the split tiles
+    up to SPLIT_MAX_ROWS rows), else the override or the default tile."""
+    small = m <= SPLIT_MAX_ROWS
+    tuned = fam.tuned_small if small else fam.tuned
+    if tuned is not None and override is None and on_gpu:
+        return tuned, fam.tiles + (fam.split_tiles if small else ())
+    return None, (override or fam.default,)
+
+
+def _split_workspace(fam: _Family, tiles: tuple, m: int, n: int, device, dummy: torch.Tensor) -> tuple:
+    """(partials (slices, m, n) fp32, zeroed counters) for the split tiles among ``tiles``
+    (``dummy`` twice when there are none)."""
+    split = [t for t in tiles if fam.slices(t) > 1]
+    if not split:
+        return dummy, dummy
+    ws = torch.empty((max(fam.slices(t) for t in split), m, n), device=device, dtype=torch.float32)
+    return ws, _new_counts(max(fam.counts(t, m, n) for t in split), device)
+
+
+def _launch_family(fam: _Family, tuned, tiles: tuple, grid: Callable[[dict], tuple], args: tuple, meta: dict) -> None:
+    if tuned is not None:
+        tuned[grid](*args, **meta)
+        return
+    t = tiles[0]
+    c = fam.config(t)
+    fam.kernel()[grid(c)](*args, **meta, **c, num_warps=t.num_warps, num_stages=t.num_stages)
+
+
 def _gemm_config(t: GemmTile) -> dict:
     return dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, SPLIT_K=t.split_k)
 
 
-def _gemm_tuner(tiles):
-    if _INTERPRET:
-        return None
-    return triton.autotune([triton.Config(_gemm_config(t), num_warps=t.num_warps, num_stages=t.num_stages)
-                            for t in tiles], key=["M", "N", "K", "GELU", "PRECISION"])(_linear_gelu_kernel)
-
-
-_TUNED = _gemm_tuner(TUNE_TILES)
-_TUNED_SMALL = _gemm_tuner(TUNE_TILES + SPLIT_TILES)
+_GEMM = _family(lambda: _linear_gelu_kernel, _gemm_config, lambda t: t.split_k,
+                lambda t, m, n: cdiv(m, t.block_m) * cdiv(n, t.block_n),  # one counter per output tile
+                TUNE_TILES, SPLIT_TILES, ["M", "N", "K", "GELU", "PRECISION"], DEFAULT_TILE)
+_TUNED, _TUNED_SMALL = _GEMM.tuned, _GEMM.tuned_small
 
 
 def _gemm_grid(m: int, n: int, c: dict) -> tuple:
@@ -185,27 +235,13 @@ def linear_gelu_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         z = (bias.float() if bias is not None else torch.zeros(n, device=x2.device)).expand(m, n)
         y.copy_(torch.nn.functional.gelu(z) if gelu else z)
         return y
-    tuned = _TUNED_SMALL if m <= SPLIT_MAX_ROWS else _TUNED
-    if tuned is not None and TILE_OVERRIDE is None and x2.is_cuda:
-        tiles = TUNE_TILES + (SPLIT_TILES if m <= SPLIT_MAX_ROWS else ())
-    else:
-        tuned, tiles = None, (TILE_OVERRIDE or DEFAULT_TILE,)
-    split = [t for t in tiles if t.split_k > 1]
-    if split:  # partial tiles, and per output tile a count of its programs done (zero before the launch)
-        ws = torch.empty((max(t.split_k for t in split), m, n), device=x2.device, dtype=torch.float32)
-        count = _new_counts(max(cdiv(m, t.block_m) * cdiv(n, t.block_n) for t in split), x2.device)
-    else:
-        ws = count = y
+    tuned, tiles = _candidates(_GEMM, TILE_OVERRIDE, m, x2.is_cuda)
+    ws, count = _split_workspace(_GEMM, tiles, m, n, x2.device, y)
     args = (x2, weight, bias if bias is not None else weight, y, ws, count, m, n, k,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1))
     meta = dict(HAS_B=bias is not None, GELU=bool(gelu), PRECISION=_precision(x2.dtype, x2.device),
                 UPCAST=_INTERPRET and x2.dtype == torch.bfloat16, GROUP_M=8)
-    if tuned is not None:
-        tuned[lambda c: _gemm_grid(m, n, c)](*args, **meta)
-    else:
-        t = tiles[0]
-        _linear_gelu_kernel[_gemm_grid(m, n, _gemm_config(t))](*args, **meta, **_gemm_config(t),
-                                                               num_warps=t.num_warps, num_stages=t.num_stages)
+    _launch_family(_GEMM, tuned, tiles, lambda c: _gemm_grid(m, n, c), args, meta)
     return y
 
 
@@ -283,20 +319,14 @@ def _linear_add_norm_kernel(
         n_tiles = tl.cdiv(N, TILE_N)
         pid_n = tl.program_id(1) % n_tiles
         pid_k = tl.program_id(1) // n_tiles
-        k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-        k0 = pid_k * k_len
+        k0, k1 = split_bounds(K, SPLIT_K, BLOCK_K, pid_k)  # a slice past K sums nothing: zeros
         rt = pid_n * TILE_N + tl.arange(0, TILE_N)
         t_ok = rt < N
-        # a slice past K (small K) sums nothing: its partial is zeros
-        part = _gemm_tile(X + k0 * sxk, Wt + k0 * swk, rm, rt, m_ok, t_ok, tl.minimum(K - k0, k_len), sxm, sxk,
-                          swn, swk, PRECISION, UPCAST, BLOCK_M, TILE_N, BLOCK_K)
+        part = _gemm_tile(X + k0 * sxk, Wt + k0 * swk, rm, rt, m_ok, t_ok, k1 - k0, sxm, sxk, swn, swk, PRECISION,
+                          UPCAST, BLOCK_M, TILE_N, BLOCK_K)
         ws_rows = (pid_k * M + rm).to(tl.int64) * N
         tl.store(WS + ws_rows[:, None] + rt[None, :], part, mask=m_ok[:, None] & t_ok[None, :])
-        # every thread's partial is stored before the (one-thread, release) count; the last
-        # program's acquire makes all of them visible to its loads (.cg: from L2, not L1)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(CNT + pid_m, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_tiles * SPLIT_K - 1:
+        if last_to_arrive(CNT + pid_m, n_tiles * SPLIT_K):
             # EPI_M rows at a time: a whole (BLOCK_M, BLOCK_N) fp32 tile and its LayerNorm
             # temporaries would not fit in registers
             for e in tl.static_range(BLOCK_M // EPI_M):
@@ -353,15 +383,11 @@ def _add_norm_config(t: Union[RowTile, SplitTile]) -> dict:
     return dict(BLOCK_M=t.block_m, BLOCK_K=t.block_inner, TILE_N=0, SPLIT_K=1, EPI_M=t.block_m)
 
 
-def _add_norm_tuner(tiles):
-    if _INTERPRET:
-        return None
-    return triton.autotune([triton.Config(_add_norm_config(t), num_warps=t.num_warps, num_stages=t.num_stages)
-                            for t in tiles], key=["M", "N", "K", "PRECISION"])(_linear_add_norm_kernel)
-
-
-_ADD_NORM_TUNED = _add_norm_tuner(ADD_NORM_TUNE_TILES)
-_ADD_NORM_TUNED_SMALL = _add_norm_tuner(ADD_NORM_TUNE_TILES + ADD_NORM_SPLIT_TILES)
+_ADD_NORM = _family(lambda: _linear_add_norm_kernel, _add_norm_config,
+                    lambda t: t.split_k if isinstance(t, SplitTile) else 1,
+                    lambda t, m, n: cdiv(m, t.block_m),  # one counter per row block
+                    ADD_NORM_TUNE_TILES, ADD_NORM_SPLIT_TILES, ["M", "N", "K", "PRECISION"])
+_ADD_NORM_TUNED, _ADD_NORM_TUNED_SMALL = _ADD_NORM.tuned, _ADD_NORM.tuned_small
 
 
 def _add_norm_grid(m: int, n: int, c: dict) -> tuple:
@@ -394,27 +420,13 @@ def linear_add_norm_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Option
     if m == 0:
         return x_out, y
     (res, pos_t, lnw, lnb), scalars, strides, meta = _epilogue_args(residual, pos, norm_weight, norm_bias, eps)
-    tuned = _ADD_NORM_TUNED_SMALL if m <= SPLIT_MAX_ROWS else _ADD_NORM_TUNED
-    if tuned is not None and ADD_NORM_TILE_OVERRIDE is None and x2.is_cuda:
-        tiles = ADD_NORM_TUNE_TILES + (ADD_NORM_SPLIT_TILES if m <= SPLIT_MAX_ROWS else ())
-    else:
-        tuned, tiles = None, (ADD_NORM_TILE_OVERRIDE or ADD_NORM_TUNE_TILES[0],)
-    split = [t for t in tiles if isinstance(t, SplitTile)]
-    if split:  # partial tiles, and per row block a count of the programs done (zero before the launch)
-        ws = torch.empty((max(t.split_k for t in split), m, n), device=x2.device, dtype=torch.float32)
-        count = _new_counts(cdiv(m, min(t.block_m for t in split)), x2.device)
-    else:
-        ws = count = y
+    tuned, tiles = _candidates(_ADD_NORM, ADD_NORM_TILE_OVERRIDE, m, x2.is_cuda)
+    ws, count = _split_workspace(_ADD_NORM, tiles, m, n, x2.device, y)
     args = (x2, weight, bias if bias is not None else weight, res, pos_t, lnw, lnb, x_out, y, ws, count, m, n, k,
             *scalars, x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *strides)
     meta.update(HAS_BIAS=bias is not None, PRECISION=_precision(x2.dtype, x2.device),
                 UPCAST=_INTERPRET and x2.dtype == torch.bfloat16, BLOCK_N=max(16, 1 << (n - 1).bit_length()))
-    if tuned is not None:
-        tuned[lambda c: _add_norm_grid(m, n, c)](*args, **meta)
-    else:
-        c = _add_norm_config(tiles[0])
-        _linear_add_norm_kernel[_add_norm_grid(m, n, c)](*args, **meta, **c, num_warps=tiles[0].num_warps,
-                                                         num_stages=tiles[0].num_stages)
+    _launch_family(_ADD_NORM, tuned, tiles, lambda c: _add_norm_grid(m, n, c), args, meta)
     return x_out, y
 
 
@@ -483,13 +495,7 @@ def _mlp_kernel(
     rn = tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    if SPLIT_H == 1:
-        h_lo = 0
-        h_hi = HID
-    else:
-        h_len = tl.cdiv(tl.cdiv(HID, SPLIT_H), BLOCK_H) * BLOCK_H
-        h_lo = tl.program_id(1) * h_len
-        h_hi = tl.minimum(HID, h_lo + h_len)
+    h_lo, h_hi = split_bounds(HID, SPLIT_H, BLOCK_H, tl.program_id(1))  # SPLIT_H == 1: all of it
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for h0 in range(h_lo, h_hi, BLOCK_H):
         h_ok = (h0 + rh) < h_hi
@@ -507,9 +513,7 @@ def _mlp_kernel(
     else:
         ws_rows = (tl.program_id(1) * M + rm).to(tl.int64) * N
         tl.store(WS + ws_rows[:, None] + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
-        tl.debug_barrier()  # as in _linear_add_norm_kernel: stores, then the one-thread release count
-        arrived = tl.atomic_add(CNT + pid_m, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_H - 1:
+        if last_to_arrive(CNT + pid_m, SPLIT_H):
             for e in tl.static_range(BLOCK_M // EPI_M):
                 re = pid_m * BLOCK_M + e * EPI_M + tl.arange(0, EPI_M)
                 e_ok = re < M
@@ -530,15 +534,10 @@ def _mlp_config(t: Union[RowTile, SplitMlpTile]) -> dict:
     return dict(BLOCK_M=t.block_m, BLOCK_H=t.block_inner, SPLIT_H=1, EPI_M=t.block_m)
 
 
-def _mlp_tuner(tiles):
-    if _INTERPRET:
-        return None
-    return triton.autotune([triton.Config(_mlp_config(t), num_warps=t.num_warps, num_stages=t.num_stages)
-                            for t in tiles], key=["M", "K", "HID", "N", "ADD_NORM", "PRECISION"])(_mlp_kernel)
-
-
-_MLP_TUNED = _mlp_tuner(MLP_TUNE_TILES)
-_MLP_TUNED_SMALL = _mlp_tuner(MLP_TUNE_TILES + MLP_SPLIT_TILES)
+_MLP = _family(lambda: _mlp_kernel, _mlp_config, lambda t: t.split_h if isinstance(t, SplitMlpTile) else 1,
+               lambda t, m, n: cdiv(m, t.block_m),  # one counter per row block
+               MLP_TUNE_TILES, MLP_SPLIT_TILES, ["M", "K", "HID", "N", "ADD_NORM", "PRECISION"])
+_MLP_TUNED, _MLP_TUNED_SMALL = _MLP.tuned, _MLP.tuned_small
 
 
 def _split_grid(m: int, c: dict, split: str) -> tuple:
@@ -564,17 +563,8 @@ def mlp_forward(x2: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], 
     else:
         res = pos_t = lnw = lnb = y
         scalars, strides, emeta = (1, 1, 0.0), (0, 0, 0, 0, 0), dict(HAS_POS=False, HAS_W=False, HAS_B=False)
-    tuned = _MLP_TUNED_SMALL if m <= SPLIT_MAX_ROWS else _MLP_TUNED
-    if tuned is not None and MLP_TILE_OVERRIDE is None and x2.is_cuda:
-        tiles = MLP_TUNE_TILES + (MLP_SPLIT_TILES if m <= SPLIT_MAX_ROWS else ())
-    else:
-        tuned, tiles = None, (MLP_TILE_OVERRIDE or MLP_TUNE_TILES[0],)
-    split = [t for t in tiles if isinstance(t, SplitMlpTile)]
-    if split:  # fc2 partial outputs per hidden slice, and the per-row-block counts
-        ws = torch.empty((max(t.split_h for t in split), m, n), device=x2.device, dtype=torch.float32)
-        count = _new_counts(cdiv(m, min(t.block_m for t in split)), x2.device)
-    else:
-        ws = count = y
+    tuned, tiles = _candidates(_MLP, MLP_TILE_OVERRIDE, m, x2.is_cuda)
+    ws, count = _split_workspace(_MLP, tiles, m, n, x2.device, y)  # fc2's partials per hidden slice
     block_n = max(16, 1 << (n - 1).bit_length())
     block_k = min(64, max(16, 1 << (k - 1).bit_length()))
     args = (x2, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, y, res, pos_t, lnw, lnb, x_out,
@@ -584,10 +574,5 @@ def mlp_forward(x2: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], 
     meta = dict(HAS_B1=b1 is not None, HAS_B2=b2 is not None, ADD_NORM=add_norm, **emeta,
                 PRECISION=_precision(x2.dtype, x2.device), UPCAST=_INTERPRET and x2.dtype == torch.bfloat16,
                 BLOCK_K=block_k, BLOCK_N=block_n)
-    if tuned is not None:
-        tuned[lambda c: _split_grid(m, c, "SPLIT_H")](*args, **meta)
-    else:
-        c = _mlp_config(tiles[0])
-        _mlp_kernel[_split_grid(m, c, "SPLIT_H")](*args, **meta, **c, num_warps=tiles[0].num_warps,
-                                                  num_stages=tiles[0].num_stages)
+    _launch_family(_MLP, tuned, tiles, lambda c: _split_grid(m, c, "SPLIT_H"), args, meta)
     return (x_out, y) if add_norm else y
