@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._triton_helpers import dot as _dot
-from ._triton_helpers import layernorm_rows
+from ._triton_helpers import last_to_arrive, layernorm_rows, split_bounds
 from ._utils import (cdiv, contiguous_vectors, env_switch, fp32_dot_precision, next_pow2, triton_interpret,
                      zeroed_counts)
 
@@ -83,13 +83,7 @@ def _attn_fwd_kernel(
     k_base = base + (C + col)[None, :] * stride_qc
     v_base = base + (2 * C + col)[None, :] * stride_qc
 
-    if SPLIT == 1:
-        lo = 0
-        hi = L
-    else:
-        n_len = tl.cdiv(tl.cdiv(L, SPLIT), BLOCK_N) * BLOCK_N
-        lo = tl.program_id(2) * n_len
-        hi = tl.minimum(L, lo + n_len)
+    lo, hi = split_bounds(L, SPLIT, BLOCK_N, tl.program_id(2))  # SPLIT == 1: all keys
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -120,10 +114,8 @@ def _attn_fwd_kernel(
         tl.store(WS + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=m_ok[:, None])
         tl.store(WML + row * 2, m_i, mask=m_ok)
         tl.store(WML + row * 2 + 1, l_i, mask=m_ok)
-        tl.debug_barrier()  # every thread's stores, then the one-thread release count
         cnt = CNT + pid_nh * tl.num_programs(0) + pid_m
-        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT - 1:
+        if last_to_arrive(cnt, SPLIT):
             m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             for sl in tl.static_range(SPLIT):
                 r = (sl * nh_total + pid_nh).to(tl.int64) * L + offs_m
@@ -367,6 +359,11 @@ def _upcast(dtype: torch.dtype) -> bool:
     return _INTERPRET and dtype == torch.bfloat16
 
 
+def _bucket(which: str, L: int, block_d: int, dtype: torch.dtype, head_dim, precision) -> tuple:
+    """The key of an autotuned config in ``_BUCKET_CONFIGS`` (the power-of-two bucket of L)."""
+    return (which, _pow2_at_least(L, 16), block_d, dtype, head_dim, precision)
+
+
 def _launch(which: str, L: int, nh: int, block_d: int, dtype: torch.dtype, *args, **kw) -> None:
     """Launch an attention kernel: autotuned on GPU, fixed heuristic blocks otherwise. The
     forward kernels ("fwd", "fwd_small": with the split-key configs) take SPLIT (a third grid
@@ -379,7 +376,7 @@ def _launch(which: str, L: int, nh: int, block_d: int, dtype: torch.dtype, *args
             kw["SPLIT"] = 1  # its configs leave SPLIT to the caller ("fwd_small"'s set it)
         # Triton's autotuner keys on the exact L: every new sequence length would re-benchmark
         # all configs. Tune once per power-of-two bucket of L and reuse that config.
-        bucket = (which, _pow2_at_least(L, 16), block_d, dtype, kw.get("HEAD_DIM"), kw.get("PRECISION"))
+        bucket = _bucket(which, L, block_d, dtype, kw.get("HEAD_DIM"), kw.get("PRECISION"))
         cfg = _BUCKET_CONFIGS.get(bucket)
         if cfg is None:
             tuner = _TUNED[which]
@@ -406,15 +403,20 @@ def _launch(which: str, L: int, nh: int, block_d: int, dtype: torch.dtype, *args
     _RAW[which][grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **extra, **kw)
 
 
-def _split_workspace(which: str, L: int, nh: int, block_d: int, device: torch.device) -> Optional[tuple]:
+def _split_workspace(which: str, L: int, nh: int, block_d: int, device: torch.device,
+                     bucket: tuple) -> Optional[tuple]:
     """(acc (S, nh, L, BLOCK_D), max/sum (S, nh, L, 2), counters) for the split-key forward when
-    it may run (``which`` "fwd_small" on the GPU tuner, or a split BLOCK_OVERRIDE), else None."""
+    it may run (``which`` "fwd_small" on the GPU tuner, or a split BLOCK_OVERRIDE), else None.
+    Once ``bucket`` is tuned only its config counts: no workspace (nor a counters' fill) per
+    call when a one-pass config won."""
+    tuned = _BUCKET_CONFIGS.get(bucket)
     if isinstance(BLOCK_OVERRIDE, triton.Config):
         splits = [(BLOCK_OVERRIDE.kwargs["BLOCK_M"], BLOCK_OVERRIDE.kwargs.get("SPLIT", 1))]
     elif BLOCK_OVERRIDE is not None:
         splits = [(BLOCK_OVERRIDE[0], BLOCK_OVERRIDE[2] if len(BLOCK_OVERRIDE) > 2 else 1)]
     elif which == "fwd_small" and AUTOTUNE and which in _TUNED:
-        splits = [(bm, sp) for bm, _, _, _, sp in SPLIT_CONFIGS]
+        splits = ([(tuned.kwargs["BLOCK_M"], tuned.kwargs.get("SPLIT", 1))] if tuned is not None
+                  else [(bm, sp) for bm, _, _, _, sp in SPLIT_CONFIGS])
     else:
         return None
     splits = [(bm, sp) for bm, sp in splits if sp > 1]
@@ -447,13 +449,15 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[
         return out, lse
     nh = n * num_heads
     which = "fwd_small" if nh * L <= SPLIT_MAX_ROWS else "fwd"
-    ws, wml, cnt = _split_workspace(which, L, nh, block_d, qkv.device) or (out, out, out)
+    precision = _precision(qkv.dtype, qkv.device)
+    bucket = _bucket(which, L, block_d, qkv.dtype, d, precision)
+    ws, wml, cnt = _split_workspace(which, L, nh, block_d, qkv.device, bucket) or (out, out, out)
     _launch(
         which, L, nh, block_d, qkv.dtype,
         qkv, out, lse, ws, wml, cnt,
         *qkv.stride(), *out.stride(),
         L, num_heads, c, scale * _LOG2E,
-        HEAD_DIM=d, BLOCK_D=block_d, PRECISION=_precision(qkv.dtype, qkv.device), UPCAST=_upcast(qkv.dtype),
+        HEAD_DIM=d, BLOCK_D=block_d, PRECISION=precision, UPCAST=_upcast(qkv.dtype),
     )
     return out, lse
 

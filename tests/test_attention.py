@@ -626,3 +626,25 @@ def test_tde_fused_residual_norms_match_the_plain_layers(pos_mode):
                        tde.patch_embed.weight.grad.clone())
     for a, b in zip(outs[False], outs[True]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_split_key_workspace_only_while_a_split_config_may_run(monkeypatch):
+    """The split-key forward's workspace and counters: for every split candidate until the
+    bucket is tuned, then only if its tuned config splits (no allocation nor counters' fill
+    per call when a one-pass config won); none for large launches."""
+    triton = pytest.importorskip("triton")
+    at = _at()
+    monkeypatch.setattr(at, "AUTOTUNE", True)
+    monkeypatch.setattr(at, "_TUNED", {"fwd_small": object(), "fwd": object()})
+    monkeypatch.setattr(at, "_BUCKET_CONFIGS", {})
+    bucket = at._bucket("fwd_small", 273, 32, torch.float32, 24, "ieee")
+    ws, wml, cnt = at._split_workspace("fwd_small", 273, 16, 32, torch.device("cpu"), bucket)
+    s_max, bm_min = max(c[4] for c in at.SPLIT_CONFIGS), min(c[0] for c in at.SPLIT_CONFIGS)
+    assert ws.shape == (s_max, 16, 273, 32) and wml.shape == (s_max, 16, 273, 2)
+    assert cnt.numel() == 16 * -(-273 // bm_min) and not cnt.any()
+    at._BUCKET_CONFIGS[bucket] = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "SPLIT": 1})
+    assert at._split_workspace("fwd_small", 273, 16, 32, torch.device("cpu"), bucket) is None
+    at._BUCKET_CONFIGS[bucket] = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "SPLIT": 3})
+    ws, _, cnt = at._split_workspace("fwd_small", 273, 16, 32, torch.device("cpu"), bucket)
+    assert ws.shape[0] == 3 and cnt.numel() == 16 * 9
+    assert at._split_workspace("fwd", 273, 64 * 8, 32, torch.device("cpu"), bucket) is None
