@@ -443,11 +443,13 @@ def stage_tests_rest(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
     return _pytest_stage(r, ["tests", "-m", "not gpu", *ignore, "-q", "-rfE", *_xdist_args(8)], limit)
 
 
-def _find_sanitizer() -> Optional[str]:
-    cands = [shutil.which("compute-sanitizer")]
+def _find_cuda_tool(name: str) -> Optional[str]:
+    """A CUDA toolkit program (compute-sanitizer, ncu): on PATH, else in $CUDA_HOME/bin or
+    /usr/local/cuda/bin."""
+    cands = [shutil.which(name)]
     for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
         if base:
-            cands.append(os.path.join(base, "bin", "compute-sanitizer"))
+            cands.append(os.path.join(base, "bin", name))
     return next((c for c in cands if c and os.path.exists(c)), None)
 
 
@@ -472,7 +474,7 @@ def stage_sanitizer(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
     """memcheck on the CUDA extension's GPU tests (caching allocator off, so out-of-bounds
     accesses inside cached blocks are seen) and on the CUDA-graph tests (caching on: a capture
     cannot cudaMalloc)."""
-    cs = _find_sanitizer()
+    cs = _find_cuda_tool("compute-sanitizer")
     if cs is None:
         return {"status": "skipped", "why": "compute-sanitizer not found"}
     t0 = time.monotonic()
@@ -493,14 +495,6 @@ NCU_SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "LaunchSt
 #: metrics quoted in the stage's summary (names as ncu's CSV gives them)
 NCU_METRICS = ("Duration", "Memory Throughput", "DRAM Throughput", "Compute (SM) Throughput", "Achieved Occupancy",
                "Registers Per Thread", "Grid Size", "Block Size")
-
-
-def _find_ncu() -> Optional[str]:
-    cands = [shutil.which("ncu")]
-    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if base:
-            cands.append(os.path.join(base, "bin", "ncu"))
-    return next((c for c in cands if c and os.path.exists(c)), None)
 
 
 def parse_ncu_csv(text: str) -> List[Dict[str, Any]]:
@@ -527,7 +521,7 @@ def stage_ncu(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
     """Nsight Compute on one call of each NCU_CASES case (tools/ncu_cases.py), clocks left alone
     (--clock-control none): duration, memory and SM throughput, occupancy and warp stalls of
     the kernels behind the missed goals. The raw CSV goes to the output folder."""
-    ncu = _find_ncu()
+    ncu = _find_cuda_tool("ncu")
     if ncu is None:
         return {"status": "skipped", "why": "ncu not found"}
     t0 = time.monotonic()

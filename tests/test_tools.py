@@ -19,6 +19,18 @@ def _run_tool(args, **kw):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
 
 
+def _skip_without_nvcc_and_cuda_headers() -> None:
+    """The CUDA sources' static checks compile with nvcc against a CUDA torch wheel's headers
+    (tools/check_cuda_compile.sh fetches them into .cuda_headers)."""
+    headers = ROOT / ".cuda_headers" / "torch" / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    if not headers.exists():
+        pytest.skip("CUDA torch headers not fetched (tools/check_cuda_compile.sh fetches them)")
+    from test_native_host import _nvcc
+
+    if _nvcc() is None:
+        pytest.skip("nvcc not found")
+
+
 def _skip_without_sm90_compiler() -> None:
     """The static-resource tools compile for sm_90 on the CPU machine (on a GPU machine the
     candidates are timed instead); they need Triton's NVIDIA backend."""
@@ -86,13 +98,7 @@ def test_kernel_resources_tool_loss_candidates(tmp_path):
 
 
 def test_kernel_resources_tool_soft_argmax(tmp_path):
-    headers = ROOT / ".cuda_headers" / "torch" / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
-    if not headers.exists():
-        pytest.skip("CUDA torch headers not fetched (tools/check_cuda_compile.sh fetches them)")
-    from test_native_host import _nvcc
-
-    if _nvcc() is None:
-        pytest.skip("nvcc not found")
+    _skip_without_nvcc_and_cuda_headers()
     out = tmp_path / "sa.json"
     proc = _run_tool(["tools/kernel_resources.py", "--soft-argmax", "--json", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -106,13 +112,7 @@ def test_kernel_resources_tool_simhm_loss_issues_the_map_loads_first(tmp_path):
     """The CUDA loss forward requests its teacher map before reading the prediction: in every
     16-byte-load instance the first map load precedes the first reciprocal (1 / sigma^2, which
     needs the prediction), so a map costs one memory round trip, not two in a row."""
-    headers = ROOT / ".cuda_headers" / "torch" / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
-    if not headers.exists():
-        pytest.skip("CUDA torch headers not fetched (tools/check_cuda_compile.sh fetches them)")
-    from test_native_host import _nvcc
-
-    if _nvcc() is None:
-        pytest.skip("nvcc not found")
+    _skip_without_nvcc_and_cuda_headers()
     out = tmp_path / "loss.json"
     proc = _run_tool(["tools/kernel_resources.py", "--simhm-loss", "--json", str(out)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
