@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import distilpose_kernels as dk
+from distilpose_kernels import targets as dk_targets
 from benchutils import cuda_graph, input_copies, rotate, run_benchmark
 
 K, H, W = 17, 64, 48
@@ -180,7 +181,7 @@ def _bench_targets(benchmark, impl, encoding, device, n=64):
         ours = dk.gaussian_heatmap_targets(kp.cpu(), vis.cpu(), INPUT, (H, W), 2.0, encoding, backend="reference")[0]
         np.testing.assert_allclose(fn()[0], ours.numpy(), atol=2e-5)  # the baseline computes the same thing
     else:
-        backend = "triton" if impl == "triton" else "reference"
+        backend = {"triton": "triton", "cuda": "cuda"}.get(impl, "reference")
         fn = lambda: dk.gaussian_heatmap_targets(kp, vis, INPUT, (H, W), 2.0, encoding, backend=backend)  # noqa: E731
     run_benchmark(
         benchmark, fn, device=device, bytes_moved=n * K * H * W * 4,
@@ -190,8 +191,12 @@ def _bench_targets(benchmark, impl, encoding, device, n=64):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("encoding", ["unbiased", "msra", "udp"])
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", ["cuda", "triton", "torch"])
 def test_targets_gpu(benchmark, impl, encoding):
+    """impl "cuda": the compiled extension's kernel (the default on CUDA when built), "triton":
+    the Triton kernel, "torch": the vectorised reference on the GPU."""
+    if impl == "cuda" and not dk_targets.extension_targets_available("cuda"):
+        pytest.skip("the extension is not built with CUDA")
     _bench_targets(benchmark, impl, encoding, "cuda")
 
 

@@ -2,8 +2,8 @@
 //
 // Importing it runs the static TORCH_LIBRARY_IMPL registrations of the CPU (and, in CUDA
 // builds, CUDA) kernels. The operator schemas themselves (distilpose::soft_argmax_fwd,
-// distilpose::soft_argmax_bwd, distilpose::decode_heatmaps, distilpose::simhm_loss_ext*) are defined once, from Python,
-// in distilpose_kernels/decode.py and heatmap.py, so they (and their fake kernels and autograd) exist
+// distilpose::soft_argmax_bwd, distilpose::decode_heatmaps, distilpose::simhm_loss_ext*, distilpose::simhm_targets_ext) are defined once, from Python,
+// in distilpose_kernels/decode.py, heatmap.py and targets.py, so they (and their fake kernels and autograd) exist
 // whether or not this library was built; the dispatcher accepts kernels registered before
 // the schema and checks the C++ signatures against it when it is defined.
 #include <Python.h>
@@ -30,6 +30,6 @@ PyMODINIT_FUNC PyInit__C(void) {
 #ifdef DISTILPOSE_CUDA_ARCHS
   PyModule_AddStringConstant(m, "cuda_archs", DP_STR(DISTILPOSE_CUDA_ARCHS));
 #endif
-  PyModule_AddStringConstant(m, "ops", "soft_argmax_fwd,soft_argmax_bwd,decode_heatmaps,simhm_loss_ext_fwd,simhm_loss_ext_bwd,simhm_loss_ext");
+  PyModule_AddStringConstant(m, "ops", "soft_argmax_fwd,soft_argmax_bwd,decode_heatmaps,simhm_loss_ext_fwd,simhm_loss_ext_bwd,simhm_loss_ext,simhm_targets_ext");
   return m;
 }

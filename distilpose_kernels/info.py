@@ -151,6 +151,11 @@ def info(verbose: bool = False) -> dict[str, Any]:
             if extension_loss_available("cuda"):
                 table["simulated_heatmap_loss"] = {
                     "backend": "cuda", "why": "the extension's kernels with C++ autograd (backend='triton': Triton)"}
+            from .targets import extension_targets_available
+
+            if extension_targets_available("cuda"):
+                table["gaussian_heatmap_targets"] = {
+                    "backend": "cuda", "why": "the extension's kernel: one dispatcher call (backend='triton': Triton)"}
         table["conv2d_relu"] = dict(zip(("backend", "why"), _conv_epilogue_dispatch(dev)))
         report["dispatch"][dev] = table
         try:

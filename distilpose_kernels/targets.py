@@ -16,8 +16,12 @@ Conventions (mmpose 0.x ``TopDownGenerateTarget``, reproduced exactly, quirks in
   sub-pixel offset ``x / stride - mu`` (``_udp_generate_target``, GaussianHeatmap mode).
 - optional ``joint_weights`` (K,) multiply the weights (mmpose ``use_different_joint_weights``).
 
-Paths: a Triton kernel (default on CUDA, every output element written by the kernel) and a
-vectorised PyTorch path (no Python loop over samples or keypoints; default elsewhere).
+Paths (``backend``): "cuda" / "cpp", the compiled extension's kernel (csrc/cuda/targets_cuda.cu,
+csrc/cpu/targets_cpu.cpp; the default on CUDA when the extension is built with CUDA: one
+dispatcher call, no Triton launch path on the host); "triton", the Triton kernel (the default on
+CUDA otherwise); "reference", a vectorised PyTorch path (no Python loop over samples or
+keypoints; the default elsewhere). The kernels write every output element and share one float32
+arithmetic.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._utils import annotate, check_same_device, check_tensor, lazy_module, select_triton_backend
+from . import _ext
+from ._utils import annotate, check_same_device, check_tensor, force_reference, lazy_module, select_triton_backend
 
 TARGET_ENCODINGS = ("msra", "unbiased", "udp")
 _ENC_ID = {name: i for i, name in enumerate(TARGET_ENCODINGS)}  # matches heatmap_triton.ENC_*
@@ -181,6 +186,62 @@ def _(keypoints, visibility, input_h, input_w, heatmap_h, heatmap_w, sigma, enco
     )
 
 
+# The compiled extension's kernels (csrc/cpu/targets_cpu.cpp, csrc/cuda/targets_cuda.cu): the schema is
+# defined here, so the op and its fake kernel exist whether or not the extension was built.
+_ext_lib = torch.library.Library("distilpose", "FRAGMENT")
+_ext_lib.define(
+    "simhm_targets_ext(Tensor keypoints, Tensor visibility, int input_h, int input_w, int heatmap_h, "
+    "int heatmap_w, float sigma, int encoding) -> (Tensor heatmaps, Tensor weights)"
+)
+
+
+@torch.library.register_fake("distilpose::simhm_targets_ext", lib=_ext_lib)
+def _(keypoints, visibility, input_h, input_w, heatmap_h, heatmap_w, sigma, encoding):
+    n, k = keypoints.shape[:2]
+    return (keypoints.new_empty((n, k, heatmap_h, heatmap_w), dtype=torch.float32),
+            keypoints.new_empty((n, k, 1), dtype=torch.float32))
+
+
+_ext.load()  # registers the compiled kernels, if built
+_EXT_TARGETS_OPS = ("simhm_targets_ext",)
+_ext_targets_op: list = []  # [torch.ops.distilpose.simhm_targets_ext.default], resolved on first use
+TARGET_BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
+
+
+def extension_targets_available(device_type: str) -> bool:
+    """Whether the compiled extension serves ``gaussian_heatmap_targets`` on ``device_type``."""
+    return _ext.available(device_type, _EXT_TARGETS_OPS)
+
+
+def _ext_targets():
+    if not _ext_targets_op:
+        _ext_targets_op.append(torch.ops.distilpose.simhm_targets_ext.default)
+    return _ext_targets_op[0]
+
+
+def _targets_backend(keypoints: torch.Tensor, visibility: torch.Tensor, backend: Optional[str]) -> str:
+    """"reference", "triton" or "extension" (``backend`` as in gaussian_heatmap_targets)."""
+    if backend in ("cpp", "cuda"):
+        want = "cpu" if backend == "cpp" else "cuda"
+        for name, t in (("keypoints", keypoints), ("visibility", visibility)):
+            if t.device.type != want:
+                raise ValueError(f"backend={backend!r} needs {name} on {want}, got a tensor on {t.device}")
+        if not extension_targets_available(want):
+            st = _ext.load()
+            why = st.error or ("built without CUDA (rebuild with FORCE_CUDA=1 on a CUDA machine)"
+                               if st.loaded and not st.cuda_built and want == "cuda"
+                               else "the built extension predates the targets op; rebuild it")
+            raise RuntimeError(f"gaussian_heatmap_targets: backend={backend!r} requested but the compiled "
+                               f"extension is unavailable: {why}")
+        return "extension"
+    if backend in (None, "auto") and keypoints.is_cuda and not force_reference() and \
+            extension_targets_available("cuda"):
+        return "extension"  # one dispatcher call: no Triton launch path on the host
+    if backend is not None and backend not in TARGET_BACKENDS:
+        raise ValueError(f"backend: expected None or one of {TARGET_BACKENDS}, got {backend!r}")
+    return select_triton_backend("gaussian_heatmap_targets", (keypoints, visibility), backend)
+
+
 @annotate("distilpose.gaussian_heatmap_targets")
 def gaussian_heatmap_targets(
     keypoints: torch.Tensor,
@@ -198,12 +259,13 @@ def gaussian_heatmap_targets(
     input_size, heatmap_size: (height, width), e.g. (256, 192) and (64, 48); sigma in heatmap
     pixels; encoding: "msra" | "unbiased" (the spec's teacher target, default) | "udp".
     Returns (heatmaps (N, K, H, W) float32, weights (N, K, 1) float32). Not differentiable.
+    backend: None/"auto", "cuda" / "cpp" (the compiled extension), "triton" or "reference".
     See the module docstring for the exact encoding rules.
     """
     ins, hms, sigma = _check_targets_inputs(
         keypoints, visibility, input_size, heatmap_size, sigma, encoding, joint_weights
     )
-    be = select_triton_backend("gaussian_heatmap_targets", (keypoints, visibility), backend)
+    be = _targets_backend(keypoints, visibility, backend)
     if be == "reference":
         return gaussian_heatmap_targets_reference(
             keypoints, visibility, ins, hms, sigma, encoding, joint_weights
@@ -212,6 +274,14 @@ def gaussian_heatmap_targets(
     vis = visibility.detach().reshape(n, k)
     if vis.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         vis = vis.to(torch.float32)
+    if be == "extension":
+        kp32 = keypoints.detach()
+        kp32 = (kp32 if kp32.dtype == torch.float32 else kp32.float()).contiguous()
+        vis32 = (vis if vis.dtype == torch.float32 else vis.float()).contiguous()
+        heatmaps, weight = _ext_targets()(kp32, vis32, ins[0], ins[1], hms[0], hms[1], sigma, _ENC_ID[encoding])
+        if joint_weights is not None:
+            weight = weight * joint_weights.detach().to(torch.float32).view(1, k, 1)
+        return heatmaps, weight
     args = (keypoints.detach().contiguous(), vis.contiguous(), ins[0], ins[1], hms[0], hms[1], sigma, _ENC_ID[encoding])
     if torch.compiler.is_compiling():
         heatmaps, weight = _simhm_targets(*args)

@@ -41,7 +41,7 @@ def test_extension_module_attributes():
             pytest.fail(f"distilpose_kernels._C expected but not loaded: {st.error}")
         pytest.skip(f"extension not built: {st.error}")
     assert st.ops == ["soft_argmax_fwd", "soft_argmax_bwd", "decode_heatmaps",
-                      "simhm_loss_ext_fwd", "simhm_loss_ext_bwd", "simhm_loss_ext"]
+                      "simhm_loss_ext_fwd", "simhm_loss_ext_bwd", "simhm_loss_ext", "simhm_targets_ext"]
     assert st.built_with_torch == torch.__version__.split("+")[0]
     if torch.version.cuda is None:
         assert not st.cuda_built and st.dispatch_keys == ("CPU",)

@@ -154,8 +154,13 @@ CASES = [
 ]
 
 
+_needs_ext = pytest.mark.skipif(not tg.extension_targets_available("cpu"),
+                                reason="the compiled extension (targets op) is not built")
+_EXT = ("cpp",) if tg.extension_targets_available("cpu") else ()
+
+
 @pytest.mark.parametrize("encoding", ["msra", "unbiased", "udp"])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", pytest.param("cpp", marks=_needs_ext)])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[3][0]}x{c[3][1]}-s{c[4]}")
 def test_targets_match_numpy_loop(encoding, backend, case):
     n, k, ins, hms, sigma = case
@@ -172,7 +177,7 @@ def test_targets_match_numpy_loop(encoding, backend, case):
 def test_targets_hand_values():
     # unbiased: centre exactly at heatmap pixel (x=3, y=2) -> peak 1 there, exp(-1/8) next to it
     kp = torch.tensor([[[3 * 4.0, 2 * 4.0]]])
-    for backend in ("reference", "triton"):
+    for backend in ("reference", "triton") + _EXT:
         m, w = dk.gaussian_heatmap_targets(kp, torch.ones(1, 1), (32, 24), (8, 6), 2.0, "unbiased", backend=backend)
         assert float(m[0, 0, 2, 3]) == pytest.approx(1.0, abs=1e-6)
         assert float(m[0, 0, 2, 4]) == pytest.approx(np.exp(-1 / 8), abs=1e-6)
@@ -189,7 +194,7 @@ def test_targets_visibility_3d_joint_weights_and_nonfinite():
     kp[1, 1, 1] = float("inf")
     vis[1, :2] = 1.0
     jw = torch.linspace(0.5, 1.5, 6)
-    for backend in ("reference", "triton"):
+    for backend in ("reference", "triton") + _EXT:
         m, w = dk.gaussian_heatmap_targets(kp, vis[..., None], (64, 48), (16, 12), 2.0, "msra", jw, backend=backend)
         assert torch.isfinite(m).all()
         assert (w[1, :2] == 0).all() and (m[1, :2] == 0).all()
@@ -258,3 +263,95 @@ def test_targets_bad_inputs(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         dk.gaussian_heatmap_targets(**args)
+
+
+# ----------------------------------------------------------------------------- the compiled extension
+
+
+@_needs_ext
+@pytest.mark.parametrize("encoding", tg.TARGET_ENCODINGS)
+def test_targets_extension_k133_odd_sizes_batch1(encoding):
+    """The extension's CPU kernel (the CUDA kernel's mirror) at K=133 (whole-body), batch 1 and
+    odd sizes, against the numpy loop and bit-for-bit weights."""
+    for n, k, ins, hms, sigma in ((1, 133, (256, 192), (64, 48), 2.0), (2, 17, (61, 47), (15, 11), 1.3)):
+        kp, vis = _keypoints(n, k, ins, seed=k)
+        want_m, want_w = numpy_targets(kp, vis, ins, hms, sigma, encoding)
+        m, w = dk.gaussian_heatmap_targets(kp, vis, ins, hms, sigma, encoding, backend="cpp")
+        torch.testing.assert_close(w, want_w, rtol=0, atol=0)
+        torch.testing.assert_close(m, want_m, rtol=0, atol=2e-5)
+
+
+@_needs_ext
+def test_targets_extension_writes_every_element():
+    """The C++ op allocates its outputs uninitialised: every element must be written. Each call
+    follows a freed NaN-filled tensor of the same size, whose memory the allocator may hand back."""
+    kp, vis = _keypoints(3, 9, (37, 29))
+    for enc in tg.TARGET_ENCODINGS:
+        junk = torch.full((3, 9, 9, 7), float("nan"))
+        del junk
+        m, w = dk.gaussian_heatmap_targets(kp, vis, (37, 29), (9, 7), 1.0, enc, backend="cpp")
+        assert torch.isfinite(m).all() and torch.isfinite(w).all()
+        ref_m, ref_w = numpy_targets(kp, vis, (37, 29), (9, 7), 1.0, enc)
+        torch.testing.assert_close(m, ref_m, rtol=0, atol=2e-5)
+        torch.testing.assert_close(w, ref_w, rtol=0, atol=0)
+
+
+@_needs_ext
+def test_targets_extension_opcheck_and_default_on_cpu_is_reference():
+    kp, vis = _keypoints(1, 3, (20, 16))
+    for enc in range(3):
+        torch.library.opcheck(torch.ops.distilpose.simhm_targets_ext.default, (kp, vis, 20, 16, 5, 4, 2.0, enc))
+    # on CPU tensors "auto" stays on the vectorised reference (the extension is the CUDA default)
+    assert tg._targets_backend(kp, vis, None) == "reference"
+    assert tg._targets_backend(kp, vis, "cpp") == "extension"
+
+
+@_needs_ext
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((torch.rand(2, 3, 3), torch.ones(2, 3), 64, 48, 16, 12, 2.0, 0), "keypoints: expected shape"),
+        ((torch.rand(2, 3, 2).double(), torch.ones(2, 3), 64, 48, 16, 12, 2.0, 0), "keypoints: expected float32"),
+        ((torch.rand(3, 2, 2).transpose(0, 1), torch.ones(2, 3), 64, 48, 16, 12, 2.0, 0), "keypoints: expected a contiguous"),
+        ((torch.rand(2, 3, 2), torch.ones(2, 4), 64, 48, 16, 12, 2.0, 0), "visibility: expected shape"),
+        ((torch.rand(2, 3, 2), torch.ones(2, 3, dtype=torch.float16), 64, 48, 16, 12, 2.0, 0), "visibility: expected float32"),
+        ((torch.rand(2, 3, 2), torch.ones(2, 3), 64, 48, 16, 12, 2.0, 3), "encoding"),
+        ((torch.rand(2, 3, 2), torch.ones(2, 3), 64, 48, 16, 1, 2.0, 2), "heatmap_size"),
+        ((torch.rand(2, 3, 2), torch.ones(2, 3), 0, 48, 16, 12, 2.0, 0), "input_size"),
+        ((torch.rand(2, 3, 2), torch.ones(2, 3), 64, 48, 16, 12, float("nan"), 0), "sigma"),
+        ((torch.rand(2, 3, 2), torch.ones(2, 3), 64, 48, 16, 12, -1.0, 1), "sigma"),
+    ],
+)
+def test_targets_extension_op_errors_name_the_argument(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.distilpose.simhm_targets_ext.default(*args)
+
+
+def test_targets_backend_cuda_on_cpu_tensors_and_unknown_backend():
+    kp, vis = torch.rand(2, 3, 2) * 40, torch.ones(2, 3)
+    with pytest.raises(ValueError, match="backend='cuda' needs keypoints on cuda"):
+        dk.gaussian_heatmap_targets(kp, vis, (64, 48), (16, 12), backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        dk.gaussian_heatmap_targets(kp, vis, (64, 48), (16, 12), backend="numpy")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and tg.extension_targets_available("cuda")),
+                    reason="needs a GPU and the extension built with CUDA")
+@pytest.mark.parametrize("encoding", tg.TARGET_ENCODINGS)
+def test_gpu_targets_extension_matches_numpy_and_triton(encoding):
+    """The CUDA kernel: the default on CUDA. Against the numpy loop (weights exact) and the
+    Triton kernel; odd sizes take the scalar-store path, 64x48 the 16-byte one; poisoned memory."""
+    for n, k, ins, hms, sigma in ((64, 17, (256, 192), (64, 48), 2.0), (1, 133, (61, 47), (15, 11), 1.3),
+                                  (3, 5, (37, 29), (9, 7), 1.0)):
+        kp, vis = _keypoints(n, k, ins, seed=n + k)
+        want_m, want_w = numpy_targets(kp, vis, ins, hms, sigma, encoding)
+        junk = torch.full((n, k) + hms, float("nan"), device="cuda")
+        del junk
+        assert tg._targets_backend(kp.cuda(), vis.cuda(), None) == "extension"
+        m, w = dk.gaussian_heatmap_targets(kp.cuda(), vis.cuda(), ins, hms, sigma, encoding)
+        torch.testing.assert_close(w.cpu(), want_w, rtol=0, atol=0)
+        torch.testing.assert_close(m.cpu(), want_m, rtol=0, atol=2e-5)
+        mt, wt = dk.gaussian_heatmap_targets(kp.cuda(), vis.cuda(), ins, hms, sigma, encoding, backend="triton")
+        torch.testing.assert_close(m, mt, rtol=0, atol=2e-6)
+        torch.testing.assert_close(w, wt, rtol=0, atol=0)
