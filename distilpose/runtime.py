@@ -114,6 +114,29 @@ def crop_to_image(
     return _kp.crop_to_image(coords, center, scale, rotation, crop_size)
 
 
+#: torch._foreach_copy_ (PyTorch >= 2.1): copies a list of tensors in one multi-tensor launch
+#: where dtypes and devices match (per-tensor copies otherwise, the same result)
+_FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
+
+
+def _to_device_together(kp: torch.Tensor, sc: torch.Tensor, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(keypoints (N, K, 2), scores (N, K)) on ``device`` in one copy: at batch 1 each
+    device-to-host copy is a synchronisation. When the two are adjacent in one buffer (as
+    ``regression_to_image`` allocates them) that buffer is copied as is; else they are packed
+    first (one kernel). The results are new tensors (never graph buffers)."""
+    if kp.device == device:
+        return kp.clone(), sc.clone()
+    n, k = sc.shape
+    nk2 = kp.numel()
+    adjacent = (kp.is_contiguous() and sc.is_contiguous() and kp.dtype == sc.dtype
+                and kp.untyped_storage().data_ptr() == sc.untyped_storage().data_ptr()
+                and sc.storage_offset() == kp.storage_offset() + nk2)
+    flat = (kp.as_strided((nk2 + sc.numel(),), (1,)) if adjacent
+            else torch.cat((kp.reshape(-1), sc.reshape(-1).to(kp.dtype))))
+    host = flat.to(device)
+    return host[:nk2].view(n, k, 2), host[nk2:].view(n, k).to(sc.dtype)
+
+
 def _set_attention_backend(model: nn.Module, backend: Optional[str]) -> None:
     for m in model.modules():
         if hasattr(m, "backend") and (m.backend is None or isinstance(m.backend, str)):
@@ -408,6 +431,7 @@ class InferenceEngine:
         center: Optional[torch.Tensor] = None,
         scale: Optional[torch.Tensor] = None,
         rotation: Optional[torch.Tensor] = None,
+        device: Optional[Union[str, torch.device]] = None,
     ) -> Dict[str, torch.Tensor]:
         """Keypoints of normalised crops.
 
@@ -416,18 +440,22 @@ class InferenceEngine:
         scalar value is broadcast. Without center/scale the keypoints are in crop pixels.
         Host-side (CPU / array) center, scale and rotation must be finite and scale positive
         (ValueError otherwise); tensors already on the device are not checked (no host sync).
-        Returns {"keypoints": (N, K, 2) fp32, "scores": (N, K) fp32} on the engine's device.
+        Returns {"keypoints": (N, K, 2) fp32, "scores": (N, K) fp32} on the engine's device,
+        or on ``device`` (e.g. "cpu"): both in one device-to-host copy, never graph buffers.
         """
         img, c, s, r = self._prepare(crops, center, scale, rotation)
         if self.cuda_graph:
-            kp, sc = self._replay(img, c, s, r)
+            kp, sc = self._replay(img, c, s, r, clone=device is None)
         else:
             kp, sc = self._run_step(img, c, s, r)
+        if device is not None:
+            kp, sc = _to_device_together(kp, sc, torch.device(device))
         return {"keypoints": kp, "scores": sc}
 
-    def predict(self, crops, center=None, scale=None, rotation=None) -> torch.Tensor:
-        """Like ``__call__`` but returns one (N, K, 3) [x, y, score] tensor."""
-        out = self(crops, center, scale, rotation)
+    def predict(self, crops, center=None, scale=None, rotation=None,
+                device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+        """Like ``__call__`` but returns one (N, K, 3) [x, y, score] tensor (on ``device`` if given)."""
+        out = self(crops, center, scale, rotation, device=device)
         return torch.cat((out["keypoints"], out["scores"][..., None]), dim=-1)
 
     # ------------------------------------------------------------------ CUDA graphs
@@ -436,18 +464,22 @@ class InferenceEngine:
         with dk.split_counters(self._split_counts):
             return self._step(img, c, s, r)
 
-    def _replay(self, img, c, s, r):
+    def _replay(self, img, c, s, r, clone: bool = True):
         key = (tuple(img.shape), r is None)  # the input buffer has one dtype and layout (_input_spec)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(img, c, s, r)
             self._graphs[key] = entry
         graph, static_in, static_out = entry
-        for dst, src in zip(static_in, (img, c, s, r)):
-            if dst is not None:
+        dsts = [d for d in static_in if d is not None]
+        srcs = [t for d, t in zip(static_in, (img, c, s, r)) if d is not None]
+        if _FOREACH_COPY is not None and all(t.device == d.device for t, d in zip(srcs, dsts)):
+            _FOREACH_COPY(dsts, srcs, non_blocking=True)  # one launch for all inputs (same dtypes)
+        else:
+            for dst, src in zip(dsts, srcs):
                 dst.copy_(src, non_blocking=True)
         graph.replay()
-        if self.clone_outputs:
+        if self.clone_outputs and clone:
             return tuple(o.clone() for o in static_out)
         return static_out
 

@@ -112,10 +112,10 @@ def _check(coords, scores, center, scale, crop_size, rotation, flipped_coords, f
 
 
 def _run(coords, scores, center, scale, crop_h, crop_w, rotation, flipped_coords, flipped_scores, flip_perm,
-         backend: str) -> Tuple[Tensor, Tensor]:
+         backend: str, packed: bool = False) -> Tuple[Tensor, Tensor]:
     if backend == "triton":
         return _triton_module().regression_to_image(coords, scores, center, scale, (crop_h, crop_w), rotation,
-                                                    flipped_coords, flipped_scores, flip_perm)
+                                                    flipped_coords, flipped_scores, flip_perm, packed=packed)
     return regression_to_image_reference(coords, scores, center, scale, (crop_h, crop_w), rotation,
                                          flipped_coords, flipped_scores, flip_perm)
 
@@ -155,6 +155,8 @@ def regression_to_image(
     if torch.compiler.is_compiling():
         return tuple(_op(coords, scores, center, scale, crop_h, crop_w, rotation, flipped_coords, flipped_scores,
                          flip_perm, "triton"))
+    # eager: the two outputs adjacent in one buffer (one host copy for both; the custom op above
+    # returns them apart, as custom ops must)
     return _run(coords, scores, center, scale, crop_h, crop_w, rotation, flipped_coords, flipped_scores, flip_perm,
-                "triton")
+                "triton", packed=True)
 

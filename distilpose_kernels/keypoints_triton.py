@@ -56,11 +56,18 @@ def _regression_to_image_kernel(
 
 
 def regression_to_image(coords, scores, center, scale, crop_size: Tuple[int, int], rotation: Optional[torch.Tensor],
-                        flipped_coords, flipped_scores, flip_perm):
-    """-> (keypoints (N, K, 2) fp32, scores (N, K) fp32); inputs through their strides."""
+                        flipped_coords, flipped_scores, flip_perm, packed: bool = False):
+    """-> (keypoints (N, K, 2) fp32, scores (N, K) fp32); inputs through their strides.
+    ``packed``: both outputs are views of one buffer, the scores right after the keypoints (a
+    caller can copy them to the host in one transfer); not for custom ops, whose outputs must
+    not share storage."""
     n, k, _ = coords.shape
-    kp = _new_output((n, k, 2), device=coords.device, dtype=torch.float32)
-    sc = _new_output((n, k), device=coords.device, dtype=torch.float32)
+    if packed:
+        buf = _new_output((n * k * 3,), device=coords.device, dtype=torch.float32)
+        kp, sc = buf[: n * k * 2].view(n, k, 2), buf[n * k * 2:].view(n, k)
+    else:
+        kp = _new_output((n, k, 2), device=coords.device, dtype=torch.float32)
+        sc = _new_output((n, k), device=coords.device, dtype=torch.float32)
     if n * k == 0:
         return kp, sc
     flip = flipped_coords is not None

@@ -134,6 +134,63 @@ def test_engine_decodes_students_through_the_op(monkeypatch):
     torch.testing.assert_close(got["keypoints"], want, rtol=0, atol=1e-4)
 
 
+def test_eager_outputs_are_adjacent_and_reach_the_host_in_one_copy(monkeypatch):
+    """The eager Triton path returns keypoints and scores as views of one buffer (scores right
+    after keypoints), so the engine's ``device="cpu"`` copies them in one transfer, no packing
+    kernel; the custom op (torch.compile's path) returns separate tensors, as custom ops must."""
+    from distilpose.runtime import _to_device_together
+
+    t = _inputs(3, 17, seed=5)
+    args = dict(flipped_coords=t["flipped_coords"], flipped_scores=t["flipped_scores"], flip_perm=t["flip_perm"])
+    kp, sc = dk.regression_to_image(t["coords"], t["scores"], t["center"], t["scale"], (256, 192), backend="triton",
+                                    **args)
+    assert kp.untyped_storage().data_ptr() == sc.untyped_storage().data_ptr()
+    assert sc.storage_offset() == kp.storage_offset() + kp.numel() and kp.is_contiguous() and sc.is_contiguous()
+    kp2, sc2 = kp_mod._op(t["coords"], t["scores"], t["center"], t["scale"], 256, 192, None, args["flipped_coords"],
+                          args["flipped_scores"], args["flip_perm"], "triton")
+    assert kp2.untyped_storage().data_ptr() != sc2.untyped_storage().data_ptr()
+    torch.testing.assert_close(kp2, kp, rtol=0, atol=0)
+    torch.testing.assert_close(sc2, sc, rtol=0, atol=0)
+
+    cats = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **kw: cats.append(1) or real_cat(*a, **kw))
+    meta = torch.device("meta")  # any other device takes the copy path; meta keeps the test on CPU
+    hk, hs = _to_device_together(kp, sc, meta)
+    assert not cats and hk.shape == (3, 17, 2) and hs.shape == (3, 17) and hk.device == meta
+    hk, hs = _to_device_together(kp2, sc2, meta)  # apart: packed first (one cat), still one copy
+    assert len(cats) == 1 and hk.shape == (3, 17, 2) and hs.shape == (3, 17)
+
+
+def test_to_device_together_values_and_fresh_tensors():
+    from distilpose.runtime import _to_device_together
+
+    buf = torch.randn(2 * 5 * 3)
+    kp, sc = buf[:20].view(2, 5, 2), buf[20:].view(2, 5)
+    for a, b in ((kp, sc), (torch.randn(2, 5, 2), torch.randn(2, 5).double())):
+        hk, hs = _to_device_together(a, b, torch.device("cpu"))  # same device: clones
+        torch.testing.assert_close(hk, a, rtol=0, atol=0)
+        torch.testing.assert_close(hs, b, rtol=0, atol=0)
+        assert hk.data_ptr() != a.data_ptr() and hs.data_ptr() != b.data_ptr() and hs.dtype == b.dtype
+
+
+def test_engine_results_on_a_device_match(monkeypatch):
+    from distilpose.models import build_model
+    from distilpose.runtime import InferenceEngine
+
+    model = build_model("distilpose_tiny").eval()
+    x = torch.randn(1, 3, *model.input_size)
+    center, scale = torch.tensor([[100.0, 80.0]]), torch.tensor([[120.0, 160.0]])
+    eng = InferenceEngine(model, flip_test=True)
+    a = eng(x, center, scale)
+    b = eng(x, center, scale, device="cpu")
+    torch.testing.assert_close(b["keypoints"], a["keypoints"], rtol=0, atol=0)
+    torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=0)
+    p = eng.predict(x, center, scale, device="cpu")
+    assert p.shape == (1, eng.num_keypoints, 3)
+    torch.testing.assert_close(p[..., :2], a["keypoints"], rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_regression_to_image_kernel_compiles_for_sm90_without_a_gpu():
     compile_for_sm90(r"""
@@ -144,3 +201,26 @@ for p in ("*fp32", "*bf16"):
         compile_(kt._regression_to_image_kernel, dict(C=p, S=p, FC=p, FS=p, PERM="*i64", CEN="*fp32", SCA="*fp32",
                  ROT="*fp32", KP="*fp32", SC="*fp32"), {}, dict(FLIP=flip, HAS_ROT=flip, BLOCK=kt.BLOCK))
 """)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_graphed_engine_results_on_the_host_in_one_copy():
+    """CUDA-graph engine: the inputs copied in one foreach launch, the results straight from the
+    graph's buffers to the host (no clone), equal to the cloned device results; a second call
+    with other inputs does not change the first call's host results."""
+    from distilpose.models import build_model
+    from distilpose.runtime import InferenceEngine
+
+    model = build_model("distilpose_tiny").eval()
+    eng = InferenceEngine(model, device="cuda", flip_test=True, fold_bn=True, cuda_graph=True)
+    x = torch.randn(1, 3, *model.input_size, device="cuda")
+    center, scale = torch.tensor([[100.0, 80.0]], device="cuda"), torch.tensor([[120.0, 160.0]], device="cuda")
+    a = eng(x, center, scale)
+    b = eng(x, center, scale, device="cpu")
+    assert b["keypoints"].device.type == "cpu"
+    torch.testing.assert_close(b["keypoints"], a["keypoints"].cpu(), rtol=0, atol=0)
+    torch.testing.assert_close(b["scores"], a["scores"].cpu(), rtol=0, atol=0)
+    keep = b["keypoints"].clone()
+    eng(torch.randn_like(x), center * 2, scale, device="cpu")
+    torch.testing.assert_close(b["keypoints"], keep, rtol=0, atol=0)

@@ -168,7 +168,7 @@ def cases(dev: torch.device, want: Callable[[str], bool] = lambda name: True) ->
         crops = torch.randn(batch, 3, 256, 192, generator=g).to(dev)
         center = torch.full((batch, 2), 200.0, device=dev)
         scale = torch.full((batch, 2), 150.0, device=dev)
-        out.append((name, (lambda e=eng, c=crops, ce=center, sc=scale: e(c, ce, sc)), None))
+        out.append((name, (lambda e=eng, c=crops, ce=center, sc=scale: e(c, ce, sc, device="cpu")), None))
     out += distill_cases(dev, g, want=want)
     return out
 
