@@ -53,6 +53,8 @@ _LAZY = {
     "auto_choices": "_utils",
     "tuned_configs": "_utils",
     "timing_for_cuda_graphs": "_utils",
+    "timed_choice": "_utils",
+    "agrees_at_dtype": "_utils",
     "capture_cuda_graph": "_utils",
     "split_counters": "_utils",
     "FP32_DOT_ENV": "_utils",

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import distilpose_kernels as dk
 from distilpose.models import build_model, count_parameters, sine_position_table
 from distilpose.models.backbones import StemNet
 from distilpose.models.complexity import measure_complexity
@@ -71,6 +72,54 @@ def test_patch_flattening_order():
         pr, pc = divmod(patch, 16)
         index = (r * 3 + q) * c + ch  # (row in patch, column in patch, channel)
         assert tokens[1, patch, index] == feat[1, ch, pr * 4 + r, pc * 3 + q]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("backend", ["conv", "gemm"])
+def test_patch_embedding_paths_match_float64(backend, channels_last):
+    """Both patch-embedding paths equal the spec's Linear on patch vectors (float64), NCHW and
+    channels-last maps, with gradients; on CPU "auto" is the conv and records no decision."""
+    m = build_model("distilpose_tiny")
+    tde = m.tde
+    c = tde.in_channels
+    feat = torch.randn(2, c, 64, 48)
+    if channels_last:
+        feat = feat.to(memory_format=torch.channels_last)
+    feat.requires_grad_(True)
+    want = torch.nn.functional.linear(tde.patchify(feat.detach().double()), tde.patch_embed.weight.double(),
+                                      tde.patch_embed.bias.double())
+    tde.patch_backend = backend
+    got = tde.embed_patches(feat)
+    assert got.shape == (2, 256, tde.dim) and got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    f64 = feat.detach().double().requires_grad_(True)
+    loss64 = torch.nn.functional.linear(tde.patchify(f64), tde.patch_embed.weight.double(),
+                                        tde.patch_embed.bias.double()).square().sum()
+    (want_grad,) = torch.autograd.grad(loss64, f64)
+    torch.testing.assert_close(feat.grad.double(), want_grad, rtol=1e-4, atol=1e-4)
+    tde.patch_backend = "auto"
+    n = len(dk.auto_choices())
+    with torch.no_grad():
+        torch.testing.assert_close(tde.embed_patches(feat.detach()), got.detach(), rtol=1e-5, atol=1e-5)
+    assert not [d for d in dk.auto_choices()[n:] if d["op"].startswith("patch embedding")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_patch_embedding_auto_decides_once_and_agrees():
+    m = build_model("distilpose_s").cuda().eval()
+    feat = torch.randn(2, m.tde.in_channels, 64, 48, device="cuda")
+    n = len(dk.auto_choices())
+    with torch.inference_mode():
+        a = m.tde.embed_patches(feat)
+        b = m.tde.embed_patches(feat)
+        m.tde.patch_backend = "conv"
+        ref = m.tde.embed_patches(feat)
+    made = [d for d in dk.auto_choices()[n:] if d["op"].startswith("patch embedding")]
+    assert len(made) == 1 and made[0]["why"] in ("faster", "slower")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert dk.agrees_at_dtype(a, ref, 2e-2, 1e-2)
 
 
 @pytest.mark.parametrize("preset", ["distilpose_tiny", "tokenpose_tiny"])

@@ -158,6 +158,10 @@ class TransformerLayer(nn.Module):
         return dk.linear_add_norm(u, mlp.fc2.weight, mlp.fc2.bias, x, nw, nb, eps, pos)
 
 
+#: "auto" decisions of the patch embedding (``TokenDistillingEncoder.embed_patches``), per key
+_PATCH_CHOICES: dict = {}
+
+
 class TokenDistillingEncoder(nn.Module):
     """(N, C, H, W) feature map -> (keypoint tokens (N, K, D), visual tokens (N, P, D)).
 
@@ -205,6 +209,9 @@ class TokenDistillingEncoder(nn.Module):
         #: precedence over fuse_pos_norm; with autograd the ops run their reference. Set by
         #: InferenceEngine.
         self.fuse_add_norm = False
+        #: the patch embedding's path: "auto" (timed in inference on CUDA), "conv" or "gemm"
+        #: (``embed_patches``); the same math
+        self.patch_backend = "auto"
         self.patch_embed = nn.Linear(ph * pw * in_channels, dim)
         self.keypoint_token = nn.Parameter(torch.zeros(1, num_keypoints, dim))
         self.register_buffer("pos_embedding", sine_position_table(self.grid[0], self.grid[1], dim))
@@ -233,8 +240,35 @@ class TokenDistillingEncoder(nn.Module):
         return x.reshape(n, gh * gw, ph * pw * c)
 
     def embed_patches(self, feat: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> visual tokens (N, P, D) = ``patch_embed(patchify(feat))``, computed as a
-        (ph, pw)-strided convolution with the Linear's weight viewed as (D, C, ph, pw).
+        """(N, C, H, W) -> visual tokens (N, P, D) = ``patch_embed(patchify(feat))``.
+
+        ``patch_backend`` "conv": the strided convolution below; "gemm": ``patchify`` then
+        ``distilpose_kernels.linear`` (one GEMM, K = ph*pw*C = 3072: at batch 1 the conv runs on
+        few output tiles, the GEMM's split tiles on more); "auto" (default): in inference on
+        CUDA (no grad, not compiling) both are timed once per input shape, dtype and layout
+        (``distilpose_kernels.timed_choice``, device time inside a CUDA-graph warm-up) and the
+        faster is kept; elsewhere "conv".
+        """
+        backend = self.patch_backend
+        if backend == "auto":
+            if not feat.is_cuda or torch.is_grad_enabled() or torch.compiler.is_compiling():
+                backend = "conv"
+            else:
+                key = ("patch_embed", tuple(feat.shape), feat.dtype, tuple(feat.stride()), self.patch_size,
+                       self.patch_embed.weight.dtype, feat.device.index, torch.is_autocast_enabled())
+                gemm = dk.timed_choice(
+                    _PATCH_CHOICES, key, lambda: self._embed_gemm(feat), lambda: self._embed_conv(feat),
+                    lambda got, ref: dk.agrees_at_dtype(got, ref, 2e-2, 1e-2),
+                    "patch embedding: patchify + distilpose_kernels.linear")
+                backend = "gemm" if gemm else "conv"
+        return self._embed_gemm(feat) if backend == "gemm" else self._embed_conv(feat)
+
+    def _embed_gemm(self, feat: torch.Tensor) -> torch.Tensor:
+        return dk.linear(self.patchify(feat), self.patch_embed.weight, self.patch_embed.bias)
+
+    def _embed_conv(self, feat: torch.Tensor) -> torch.Tensor:
+        """The patch embedding as a (ph, pw)-strided convolution with the Linear's weight viewed
+        as (D, C, ph, pw).
 
         Same math as the Linear on patch vectors, without materialising them: that permute
         copy gathers with the channel innermost, so an NCHW map is read uncoalesced (the
