@@ -426,7 +426,9 @@ def stage_tests_ext(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
     error paths through the CUDA build) in one plain process; on a native crash, a backtrace."""
     t0 = time.monotonic()
     ignore = [a for f in TRITON_TEST_FILES for a in ("--ignore", f)]
-    gpu = _pytest_stage(r, ["tests", "-m", "gpu", *ignore, "-q", "-rfEs", *_timeout_args(120)], 0.6 * limit)
+    # 4 workers: most of these tests' time is Triton / cuDNN compilation, not GPU work
+    gpu = _pytest_stage(r, ["tests", "-m", "gpu", *ignore, "-q", "-rfEs", *_timeout_args(120), *_xdist_args(4)],
+                        0.6 * limit)
     ext = _pytest_stage(r, ["tests/test_decode.py", "tests/test_extension_build.py::test_extension_uses_the_shared_cxx_runtime",
                             "-m", "not gpu", "-q", "-rfEs", "-p", "no:xdist"],
                         max(10.0, limit - (time.monotonic() - t0) - 20))
@@ -478,7 +480,7 @@ def stage_sanitizer(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
     if cs is None:
         return {"status": "skipped", "why": "compute-sanitizer not found"}
     t0 = time.monotonic()
-    ext = _sanitize(r, cs, ["tests/test_decode.py", "tests/test_heatmap_ext.py", "-m", "gpu", "-k",
+    ext = _sanitize(r, cs, ["tests/test_decode.py", "tests/test_heatmap_ext.py", "tests/test_targets.py", "-m", "gpu", "-k",
                                 "not cuda_graph and not (ext_loss_vs_float64 and (256 or 1100 or float16))"],
                     0.55 * limit, dict(r.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1"))
     graphs = _sanitize(r, cs, ["tests/test_gpu_kernels.py", "tests/test_heatmap_ext.py", "-m", "gpu", "-k", "cuda_graph"],

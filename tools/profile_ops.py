@@ -22,7 +22,7 @@ import pstats
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -46,8 +46,10 @@ def _wall(fn: Callable[[], object], n: int = 20) -> float:
     return statistics.median(ts)
 
 
-def _kernels(fn: Callable[[], object], n: int = 10) -> Dict[str, float]:
-    """Summed device time per kernel name for ONE call (averaged over ``n`` calls), seconds."""
+def _kernels(fn: Callable[[], object], n: int = 10) -> Tuple[Dict[str, float], Dict[str, float], List[list]]:
+    """For ONE call (averaged over ``n`` calls): summed device time per kernel name (seconds),
+    launches per kernel name, and the first call's kernels in launch order ([name, us]): the
+    order tells which layer a kernel belongs to (e.g. which convolution)."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -55,11 +57,18 @@ def _kernels(fn: Callable[[], object], n: int = 10) -> Dict[str, float]:
             fn()
         torch.cuda.synchronize()
     out: Dict[str, float] = {}
+    counts: Dict[str, float] = {}
+    evs = []
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             dur_us = ev.time_range.elapsed_us()
             out[ev.name] = out.get(ev.name, 0.0) + dur_us * 1e-6 / n
-    return out
+            counts[ev.name] = counts.get(ev.name, 0.0) + 1.0 / n
+            evs.append((ev.time_range.start, ev.name, dur_us))
+    evs.sort(key=lambda e: e[0])
+    per_call = len(evs) // n if n else 0
+    sequence = [[name[:100], round(us, 2)] for _, name, us in evs[:per_call]]
+    return out, counts, sequence
 
 
 def host_profile(fn: Callable[[], object], calls: int = 200, top: int = 14) -> List[dict]:
@@ -240,11 +249,13 @@ def main(argv=None) -> int:
 
     def measure(name, fn, nbytes):
         wall = _wall(fn)
-        ks = _kernels(fn)
+        ks, counts, sequence = _kernels(fn)
         dev_t = sum(ks.values())
         row = {"op": name, "wall_us": wall * 1e6, "kernel_us": dev_t * 1e6, "bytes": nbytes,
                "kernel_gbps": nbytes / dev_t / 1e9 if dev_t and nbytes else None,
-               "kernels": {kname: v * 1e6 for kname, v in sorted(ks.items(), key=lambda kv: -kv[1])}}
+               "kernels": {kname: v * 1e6 for kname, v in sorted(ks.items(), key=lambda kv: -kv[1])},
+               "launches": {kname: round(counts[kname], 2) for kname in sorted(ks, key=lambda k: -ks[k])},
+               "launches_per_call": round(sum(counts.values()), 1), "sequence": sequence}
         rows.append(row)
         top = ", ".join(f"{kn[:60]} {v:.1f}" for kn, v in list(row["kernels"].items())[:6])
         print(f"{name:<38} wall {row['wall_us']:8.1f} us  kernels {row['kernel_us']:8.1f} us "
