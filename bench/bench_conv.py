@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import distilpose_kernels as dk
 
-from benchutils import run_benchmark
+from benchutils import cuda_graph, run_benchmark
 
 # name -> (Cin, Cout, k, residual)
 CASES = {"b1x1res": (64, 256, 1, True), "b3x3": (64, 64, 3, False)}
@@ -63,22 +63,31 @@ def _compiled():
 
 
 def _fn(impl: str, args):
+    if impl.endswith("_graph"):  # device time: replayed in a CUDA graph (batch-1 engines run so)
+        return cuda_graph(_fn(impl[: -len("_graph")], args))
     x, w, b, r, pad = args
     if impl == "unfused":
         return lambda: _unfused(x, w, b, r, pad)
     if impl == "compile":
         return lambda: _compiled()(x, w, b, r, pad)
-    backend = {"cudnn": "cudnn", "auto": None, "op": None}[impl]
+    backend = {"cudnn": "cudnn", "triton": "triton", "auto": None, "op": None}[impl]
     return lambda: dk.conv2d_relu(x, w, b, r, padding=pad, backend=backend)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["unfused", "cudnn", "auto", "compile"])
+@pytest.mark.parametrize("impl", ["unfused", "cudnn", "triton", "auto", "compile",
+                                  "unfused_graph", "cudnn_graph", "triton_graph"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_conv2d_relu_gpu(benchmark, case, setting, impl):
+    """The Bottleneck's convs with their epilogues: unfused eager ops, cuDNN's fused op, the
+    Triton implicit GEMM (bias + residual + ReLU epilogue), "auto" (the timed choice), compile;
+    ``*_graph``: the same replayed in a CUDA graph (device time, batch 2 only: the batch-1 flip
+    engine's Bottleneck convs, where per-call host time would hide the kernels)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    if impl.endswith("_graph") and setting != "b2_fp32":
+        pytest.skip("graph replays: the batch-2 setting only")
     torch.backends.cudnn.benchmark = True
     n, dtype, cl = SETTINGS[setting]
     args, nbytes, flops = _inputs(case, n, dtype, cl, "cuda")

@@ -18,8 +18,8 @@ Public API
   parameters.
 
 Backends: "reference"; "cudnn" (the fused cuDNN op; CUDA tensors only); "triton" (an implicit
-GEMM for short reductions, Cin x kh x kw <= TRITON_MAX_REDUCTION, no groups or residual: the RGB
-stem convs, where cuDNN has no tensor-core kernel; ``conv_epilogue_triton``; CUDA, or the CPU
+GEMM, Cin x kh x kw <= TRITON_MAX_REDUCTION, no groups: the RGB stem convs, where cuDNN has no
+tensor-core kernel, and the small-batch block convs; ``conv_epilogue_triton``; CUDA, or the CPU
 under TRITON_INTERPRET=1); None/"auto": on CUDA, the fused op where it was measured faster than
 the reference and agreed with it, then the Triton kernel where it takes the shape and was
 measured faster than that choice, each chosen once per (shapes, layouts, dtype, device, conv
@@ -61,9 +61,11 @@ IntPair = Union[int, Sequence[int]]
 
 # (shapes, layouts, dtype, device, conv args, cuDNN flags) -> True: fused cuDNN op, False: reference
 _CHOICE: Dict[tuple, bool] = {}
-#: the Triton kernel takes convolutions without groups or residual whose reduction (Cin x kh x
-#: kw) is at most this long: the RGB stems (27), where cuDNN has no tensor-core kernel
-TRITON_MAX_REDUCTION = 64
+#: the Triton kernel takes convolutions without groups whose reduction (Cin x kh x kw) is at
+#: most this long: the RGB stems (27), where cuDNN has no tensor-core kernel, and the
+#: Bottleneck / HRNet block convs (64-576 at batch 1-2, where cuDNN's kernels are latency-bound);
+#: "auto" times it against cuDNN per shape
+TRITON_MAX_REDUCTION = 2304
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _triton_module = lazy_module("distilpose_kernels.conv_epilogue_triton")
 
@@ -189,8 +191,6 @@ def _triton_unsupported(x: Tensor, weight: Tensor, residual: Optional[Tensor], g
     """Why the Triton kernel cannot run this convolution (None: it can)."""
     if groups != 1:
         return "grouped convolutions"
-    if residual is not None:
-        return "a residual"
     if x.dtype not in TRITON_DTYPES:
         return f"dtype {x.dtype}"
     red = weight.shape[1] * weight.shape[2] * weight.shape[3]
@@ -201,13 +201,13 @@ def _triton_unsupported(x: Tensor, weight: Tensor, residual: Optional[Tensor], g
     return None
 
 
-def _triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
-            dilation: List[int]) -> Tensor:
+def _triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride: List[int],
+            padding: List[int], dilation: List[int]) -> Tensor:
     n, cout = x.shape[0], weight.shape[0]
     ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
     wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
     return _triton_module().small_conv_relu_forward(x, weight, bias, stride, padding, dilation, (n, cout, ho, wo),
-                                                    _out_format(x, weight))
+                                                    _out_format(x, weight), residual)
 
 
 def _agrees(got: Tensor, ref: Tensor) -> bool:
@@ -242,7 +242,7 @@ def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[T
         return _cudnn(x, weight, bias, residual, stride, padding, dilation, groups)
 
     def triton_path() -> Tensor:
-        return _triton(x, weight, bias, stride, padding, dilation)
+        return _triton(x, weight, bias, residual, stride, padding, dilation)
 
     if backend == "auto" and x.is_cuda and x.dtype in CUDNN_DTYPES and torch.backends.cudnn.enabled:
         key = _key(x, weight, bias, residual, stride, padding, dilation, groups)

@@ -11,8 +11,11 @@ padded to 32) is one tensor-core dot: each program gathers BLOCK_P output pixels
 patches straight from x (any strides: NCHW or channels-last; zero padding by masking), multiplies
 them by the (27 x BLOCK_CO) weight tile, adds the bias, applies the ReLU and stores once. The
 reduction index runs (kh, kw, ci), so for a channels-last x consecutive reduction entries are
-consecutive in memory. Reductions longer than one block loop over it (correct for any size,
-but meant for short ones: ``conv_epilogue.TRITON_MAX_REDUCTION``).
+consecutive in memory. Reductions longer than one block loop over it, BLOCK_K at a time, and a
+residual (the Bottleneck's identity) is added before the ReLU: the same kernel is a candidate
+for the Bottleneck convs at batch 1-2 (576-long reductions over 6,144 output pixels), where
+cuDNN's fused kernels took 12-18 us each in the H200 batch-1 graph; "auto" times it per shape
+(``conv_epilogue.TRITON_MAX_REDUCTION`` caps the reductions it considers).
 """
 from __future__ import annotations
 
@@ -34,15 +37,15 @@ _new_output = torch.empty
 
 @triton.jit
 def _small_conv_relu_kernel(
-    X, Wt, B, Y,
+    X, Wt, B, R, Y,
     N, CIN, H, W, COUT, HO, WO,
-    sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+    sxn, sxc, sxh, sxw, swo, swi, swh, sww, srn, src, srh, srw, syn, syc, syh, syw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_B: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """relu(conv2d(x, w) + b) for BLOCK_P output pixels (flat over N x HO x WO) and BLOCK_CO
-    output channels."""
+    """relu(conv2d(x, w) + b [+ r]) for BLOCK_P output pixels (flat over N x HO x WO) and
+    BLOCK_CO output channels."""
     rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = rp < N * HO * WO
     n = (rp // (HO * WO)).to(tl.int64)
@@ -69,13 +72,19 @@ def _small_conv_relu_kernel(
         acc += _dot(a, b, PRECISION, UPCAST)
     if HAS_B:
         acc += tl.load(B + rc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_R:  # the block's residual, added before the ReLU (as cudnn_convolution_add_relu)
+        r = R + n[:, None] * srn + rc[None, :] * src + oh[:, None] * srh + ow[:, None] * srw
+        acc += tl.load(r, mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in the reference
     y = Y + n[:, None] * syn + rc[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw
     tl.store(y, acc.to(Y.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
 
 
-#: (BLOCK_P, BLOCK_CO, num_warps) candidates of the GPU autotuner
-TUNE_TILES = ((128, 64, 4), (256, 64, 8), (64, 64, 4))
+#: (BLOCK_P, BLOCK_CO, num_warps) candidates of the GPU autotuner: at most 32 output elements per
+#: thread (more spilled: 128 x 64 on 4 warps and 256 x 64 on 8 had 0.6-3.3 KB stack frames for
+#: sm_90, tools-free check with cuobjdump); (32, 64): more programs for small launches (batch 1-2
+#: Bottlenecks: 6,144 output pixels)
+TUNE_TILES = ((128, 64, 8), (64, 64, 4), (32, 64, 4))
 _TUNED = None if _INTERPRET else triton.autotune(
     [triton.Config({"BLOCK_P": p, "BLOCK_CO": c}, num_warps=w, num_stages=2) for p, c, w in TUNE_TILES],
     key=["N", "CIN", "COUT", "HO", "WO", "KH", "KW", "PRECISION"],
@@ -84,9 +93,11 @@ _TUNED = None if _INTERPRET else triton.autotune(
 
 def small_conv_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
                             dilation, out_shape: Tuple[int, int, int, int],
-                            memory_format: torch.memory_format) -> torch.Tensor:
-    """x (N, Cin, H, W) any strides, weight (Cout, Cin, kh, kw) any strides, bias (Cout,) or None
-    -> relu(conv2d(x, weight, bias)) (N, Cout, Ho, Wo) in x's dtype and ``memory_format``."""
+                            memory_format: torch.memory_format,
+                            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (N, Cin, H, W) any strides, weight (Cout, Cin, kh, kw) any strides, bias (Cout,) or None,
+    residual (N, Cout, Ho, Wo) any strides or None -> relu(conv2d(x, weight, bias) + residual)
+    (N, Cout, Ho, Wo) in x's dtype and ``memory_format``."""
     n, cout, ho, wo = out_shape
     cin, kh, kw = weight.shape[1:]
     (bias,) = contiguous_vectors(bias)
@@ -94,11 +105,14 @@ def small_conv_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     if y.numel() == 0:
         return y
     ktot = cin * kh * kw
-    block_k = min(64, max(16, 1 << (ktot - 1).bit_length()))
+    # a short reduction (the RGB stem, 27) in one block; longer ones 16 at a time (the gathered
+    # A tile's pointers and masks: BLOCK_K = 32 spilled next to a residual epilogue)
+    block_k = max(16, 1 << (ktot - 1).bit_length()) if ktot <= 32 else 16
     precision = fp32_dot_precision(x.device) if x.dtype == torch.float32 else "tf32"
-    args = (x, weight, bias if bias is not None else weight, y, n, cin, x.shape[2], x.shape[3], cout, ho, wo,
-            *x.stride(), *weight.stride(), *y.stride(), *stride, *padding, *dilation)
-    meta = dict(KH=kh, KW=kw, HAS_B=bias is not None, PRECISION=precision,
+    res = residual if residual is not None else y
+    args = (x, weight, bias if bias is not None else weight, res, y, n, cin, x.shape[2], x.shape[3], cout, ho, wo,
+            *x.stride(), *weight.stride(), *res.stride(), *y.stride(), *stride, *padding, *dilation)
+    meta = dict(KH=kh, KW=kw, HAS_B=bias is not None, HAS_R=residual is not None, PRECISION=precision,
                 UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_K=block_k)
     pixels = n * ho * wo
     if _TUNED is not None and TILE_OVERRIDE is None and x.is_cuda:

@@ -887,7 +887,9 @@ def evaluate_goals(benchmarks: List[dict], ceilings: Dict[str, float]) -> List[D
     for case in ("b1x1res", "b3x3"):
         for setting in ("b256_bf16_cl", "b2_fp32"):
             vs_baseline(f"conv epilogue {case} {setting} vs unfused", select(conv, case=case, setting=setting),
-                        "unfused", ("cudnn", "auto", "compile"))
+                        "unfused", ("cudnn", "triton", "auto", "compile"))
+        vs_baseline(f"conv epilogue {case} b2_fp32 in a CUDA graph vs unfused",
+                    select(conv, case=case, setting="b2_fp32"), "unfused_graph", ("cudnn_graph", "triton_graph"))
     stem = [b for b in benchmarks if "test_stem_conv_gpu" in b["_file"]]
     for setting in ("b256_bf16_cl", "b64_bf16_cl"):
         vs_baseline(f"stem conv 3->64 s2 {setting} vs unfused", select(stem, setting=setting), "unfused",

@@ -151,7 +151,7 @@ TRITON_SHAPES = [
     (1, 3, 9, 11, 8, 3, 1, 1, 1, 1),  # batch 1, stride 1
     (2, 4, 8, 8, 20, 1, 1, 0, 1, 1),  # 1x1, Cout not a multiple of the tile
     (1, 2, 7, 9, 5, (5, 3), (2, 1), (2, 1), (1, 2), 1),  # non-square kernel / stride / padding, dilation
-    (1, 7, 6, 6, 3, 3, 1, 1, 1, 1),  # a 63-long reduction, in one 64-wide block
+    (1, 7, 6, 6, 3, 3, 1, 1, 1, 1),  # a 63-long reduction: 4 blocks of 16, the last masked
 ]
 
 
@@ -175,6 +175,36 @@ def test_triton_small_reduction_conv_matches_float64(shape, bias, channels_last,
     assert got.shape == want.shape and got.dtype == torch.float32
     assert got.stride() == ref.stride()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+# (N, Cin, H, W, Cout, k, stride, padding, dilation, groups): reductions over several BLOCK_K blocks
+TRITON_LONG_SHAPES = [
+    (2, 17, 9, 7, 24, 3, 1, 1, 1, 1),  # 153 = 2 x 64 + 25: a masked last block, Bottleneck-like 3x3
+    (1, 72, 6, 5, 40, 1, 1, 0, 1, 1),  # 1x1, 72-long (a Bottleneck's 256 -> 64 in small)
+    (1, 20, 8, 6, 16, 3, 2, 1, 1, 1),  # 180-long, stride 2
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("shape", TRITON_LONG_SHAPES, ids=str)
+def test_triton_conv_long_reduction_and_residual_match_float64(shape, residual, channels_last, monkeypatch):
+    """The block convs' form: reductions over several BLOCK_K blocks (masked tails), the residual
+    added before the ReLU (any layout), into NaN-filled outputs; float64 reference."""
+    from distilpose_kernels import conv_epilogue_triton as ct
+
+    monkeypatch.setattr(ct, "TILE_OVERRIDE", (32, 16, 4))
+    monkeypatch.setattr(ct, "_new_output", lambda shape, device, dtype, memory_format: torch.full(
+        shape, float("nan"), device=device, dtype=dtype).contiguous(memory_format=memory_format))
+    (x, w, b, r), (x64, w64, b64, r64), args = _make(shape, bias=True, residual=residual,
+                                                     channels_last=channels_last)
+    got = dk.conv2d_relu(x, w, b, r, **args, backend="triton")
+    want = _expected64(x64, w64, b64, r64, args)
+    ref = dk.conv2d_relu(x, w, b, r, **args, backend="reference")
+    assert got.stride() == ref.stride() and not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert (got == 0).any() and (got > 0).any()  # the ReLU clips some outputs and keeps others
 
 
 @pytest.mark.interpreter
@@ -228,11 +258,10 @@ def test_bad_inputs_have_clear_errors():
         (dict(groups=3), ValueError, "weight: expected shape"),
         (dict(x=x[:, :, :1, :1], padding=0), ValueError, "x: spatial size"),
         (dict(backend="fast"), ValueError, "backend: expected"),
-        (dict(backend="triton"), ValueError, "backend='triton' does not take a residual"),
         (dict(backend="triton", residual=None, groups=2, weight=w[:, :4]), ValueError,
          "backend='triton' does not take grouped convolutions"),
-        (dict(backend="triton", residual=None), ValueError,
-         r"backend='triton' does not take a reduction Cin\*kh\*kw = 72 > 64"),
+        (dict(backend="triton", residual=None, x=torch.randn(1, 260, 4, 4), weight=torch.randn(8, 260, 3, 3)),
+         ValueError, r"backend='triton' does not take a reduction Cin\*kh\*kw = 2340 > 2304"),
         (dict(backend="cudnn"), RuntimeError, "backend='cudnn' needs CUDA tensors"),
     ]
     base = dict(x=x, weight=w, bias=b, residual=r, **args)
@@ -539,10 +568,43 @@ import distilpose_kernels.conv_epilogue_triton as ct
 
 for p, prec in (("*bf16", "tf32"), ("*fp32", "tf32x3"), ("*fp32", "ieee")):
     for bp, bc, w in ct.TUNE_TILES:
-        compile_(ct._small_conv_relu_kernel, dict(X=p, Wt=p, B=p, Y=p), {},
-                 dict(KH=3, KW=3, HAS_B=True, PRECISION=prec, UPCAST=False, BLOCK_P=bp, BLOCK_CO=bc, BLOCK_K=32),
-                 num_warps=w, num_stages=2)
+        for has_r, bk in ((False, 32), (True, 16)):  # the stem; a block conv (residual, looped reduction)
+            compile_(ct._small_conv_relu_kernel, dict(X=p, Wt=p, B=p, R=p, Y=p), {},
+                     dict(KH=3, KW=3, HAS_B=True, HAS_R=has_r, PRECISION=prec, UPCAST=False, BLOCK_P=bp,
+                          BLOCK_CO=bc, BLOCK_K=bk),
+                     num_warps=w, num_stages=2)
 """
+
+
+_NO_SPILLS = r"""
+import os, subprocess, tempfile
+import distilpose_kernels.conv_epilogue_triton as ct
+
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+frames = []
+for p, prec in (("*bf16", "tf32"), ("*fp32", "tf32x3")):
+    for bp, bc, w in ct.TUNE_TILES:
+        for has_r, bk in ((False, 32), (True, 16)):
+            k = compile_(ct._small_conv_relu_kernel, dict(X=p, Wt=p, B=p, R=p, Y=p), {},
+                         dict(KH=3, KW=3, HAS_B=True, HAS_R=has_r, PRECISION=prec, UPCAST=False, BLOCK_P=bp,
+                              BLOCK_CO=bc, BLOCK_K=bk), num_warps=w, num_stages=2)
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                                     check=True).stdout
+            stack = int(out.split("STACK:")[1].split()[0])
+            frames.append((p, bp, bc, w, has_r, stack))
+assert len(frames) == 12 and all(f[-1] <= 32 for f in frames), frames
+"""
+
+
+@pytest.mark.slow
+def test_triton_conv_tiles_do_not_spill_on_sm90():
+    """Every autotuned tile, bf16 and fp32 (3xTF32), with and without the residual epilogue: at
+    most a 32-byte stack frame in the sm_90 cubin (the 64-elements-per-thread tiles had 0.6-3.3 KB:
+    spills in every K step)."""
+    compile_for_sm90(_NO_SPILLS)
 
 
 @pytest.mark.slow
@@ -772,3 +834,23 @@ def test_fully_fused_model_compiles_without_graph_breaks(preset, tde_path):
         want = fused(x)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("shape,residual", [((2, 64, 64, 48, 64, 3, 1, 1, 1, 1), False),
+                                            ((2, 64, 64, 48, 256, 1, 1, 0, 1, 1), True),
+                                            ((2, 256, 64, 48, 64, 1, 1, 0, 1, 1), False)], ids=str)
+def test_gpu_triton_block_convs_match_float64(shape, residual, dtype, channels_last):
+    """DistilPose-S's Bottleneck convs at the batch-1 flip engine's batch 2: backend="triton"
+    (looped reduction, residual epilogue) and "auto" within twice the same-dtype reference's
+    error of float64."""
+    (x, w, b, r), (x64, w64, b64, r64), args = _make(shape, dtype=dtype, residual=residual,
+                                                     channels_last=channels_last, device="cuda")
+    want = _expected64(x64, w64, b64, r64, args)
+    e_ref = float((dk.conv2d_relu(x, w, b, r, **args, backend="reference").double() - want).abs().max())
+    floor = 4 * torch.finfo(dtype).eps * float(want.abs().max())
+    for backend in ("triton", None):
+        got = dk.conv2d_relu(x, w, b, r, **args, backend=backend)
+        e = float((got.double() - want).abs().max())
+        assert e <= max(2 * e_ref, floor), (backend, e, e_ref)
