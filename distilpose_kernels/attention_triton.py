@@ -322,8 +322,9 @@ def _configs(split: bool = False):
 #: split-key forward configs (BLOCK_M, BLOCK_N, warps, stages, SPLIT), timed for launches of at
 #: most SPLIT_MAX_ROWS query rows (N * H * L). At batch 1 with the flip test (2 x 8 heads x 273
 #: tokens) the plain forward has 80-144 programs, each walking all 273 keys; these cut the walk in
-#: 2-4 slices on 2-4x the programs.
-SPLIT_CONFIGS = ((32, 32, 4, 2, 2), (32, 32, 4, 2, 3), (16, 32, 4, 2, 4))
+#: 2-4 slices on 2-4x the programs. (16, 128) without a split: 288 programs of 3 key steps each
+#: (the H200 tuner's pick among the others, 64 x 64, walks 5; 32 x 128 spilled 7 KB in fp32).
+SPLIT_CONFIGS = ((32, 32, 4, 2, 2), (32, 32, 4, 2, 3), (16, 32, 4, 2, 4), (16, 128, 4, 2, 1))
 SPLIT_MAX_ROWS = 16384
 
 

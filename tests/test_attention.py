@@ -116,6 +116,18 @@ def test_split_key_forward_matches_float64(monkeypatch, blocks):
     torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
 
 
+def test_batch1_wide_key_block_forward_matches_float64(monkeypatch):
+    """The (16, 128) small-launch config at the TDE's L = 273 (3 key steps, the last partial):
+    output and gradients against float64."""
+    monkeypatch.setattr(_at(), "BLOCK_OVERRIDE", (16, 128, 1))
+    qkv = _rand_qkv(1, 273, 2, 24, seed=7)
+    dout = torch.randn(1, 273, 48, device=DEV)
+    out, g = _triton_fwd_bwd(qkv, 2, dout, scale=24 ** -0.5)
+    out_ref, g_ref = _ref_fwd_bwd(qkv, 2, dout, scale=24 ** -0.5)
+    _check_close("out", out, out_ref, 2e-5, 1e-4)
+    _check_close("dqkv", g, g_ref, 5e-5, 1e-4)
+
+
 @pytest.mark.parametrize("seed", [11, 12, 13])
 def test_random_shapes(seed):
     g = torch.Generator().manual_seed(seed)
