@@ -221,6 +221,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--no-host", action="store_true", help="skip the cProfile part")
+    ap.add_argument("--e2e-first", action="store_true",
+                    help="the end-to-end rows before the op rows (a stage cut short keeps those)")
     ap.add_argument("--only", default=None,
                     help="comma-separated name fragments: profile only the cases whose name contains one")
     args = ap.parse_args(argv)
@@ -262,20 +264,27 @@ def main(argv=None) -> int:
               f"({row['kernel_gbps'] or 0:7.0f} GB/s)  [{top}]", flush=True)
         save()
 
-    for case in op_cases:
-        measure(*case)
-    if not args.no_host:  # before the slow end-to-end rows: a short stage limit keeps it
-        for name, fn, _ in op_cases:
-            if not name.startswith(("token_attention fwd+bwd", "simulated_heatmap_loss", "gaussian_heatmap_targets")):
-                continue
-            prof_rows = host_profile(fn)
-            report["host"][name] = prof_rows
-            print(f"host time, {name} (cProfile, us per call, own time):")
-            for r in prof_rows:
-                print(f"  {r['own_us']:8.1f} {r['calls_per_call']:6.1f}x  {r['function'][:90]}", flush=True)
-            save()
-    for case in e2e_cases:
-        measure(*case)
+    def op_rows() -> None:
+        for case in op_cases:
+            measure(*case)
+        if not args.no_host:  # before the slow end-to-end rows: a short stage limit keeps it
+            for name, fn, _ in op_cases:
+                if not name.startswith(("token_attention fwd+bwd", "simulated_heatmap_loss",
+                                        "gaussian_heatmap_targets")):
+                    continue
+                prof_rows = host_profile(fn)
+                report["host"][name] = prof_rows
+                print(f"host time, {name} (cProfile, us per call, own time):")
+                for r in prof_rows:
+                    print(f"  {r['own_us']:8.1f} {r['calls_per_call']:6.1f}x  {r['function'][:90]}", flush=True)
+                save()
+
+    def e2e_rows() -> None:
+        for case in e2e_cases:
+            measure(*case)
+
+    for part in ((e2e_rows, op_rows) if args.e2e_first else (op_rows, e2e_rows)):
+        part()
     report["auto_choices"] = dk.auto_choices()
     report["tuned_configs"] = dk.tuned_configs()
     save()
