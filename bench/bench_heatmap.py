@@ -81,7 +81,7 @@ def _fwd_bwd(fn, coords, sigma, score, teacher, weight):
     return step
 
 
-def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32"):
+def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32", label=None):
     elt = torch.empty((), dtype=TEACHER_DTYPES[teacher_dtype]).element_size()
     nbytes = loss_bytes(n, K, H, W, elt)
     copies = input_copies(nbytes, device)  # fresh teacher maps each call: HBM, not L2
@@ -92,7 +92,8 @@ def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32"):
         steps.append(cuda_graph(step) if graphed else step)
     run_benchmark(
         benchmark, rotate(steps), device=device, bytes_moved=nbytes,
-        op="simulated_heatmap_loss fwd+bwd", impl=impl, n=n, teacher_dtype=teacher_dtype, input_copies=copies,
+        op="simulated_heatmap_loss fwd+bwd", impl=label or impl, n=n, teacher_dtype=teacher_dtype,
+        input_copies=copies,
     )
     if impl.startswith("fused") and device == "cuda":
         from distilpose_kernels import heatmap_triton as hmt
@@ -110,12 +111,23 @@ def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32"):
 @pytest.mark.gpu
 @pytest.mark.parametrize("teacher_dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("impl", ["fused", "fused_triton", "eager", "compile", "fused_cudagraph",
-                                  "fused_triton_cudagraph", "compile_cudagraph"])
+                                  "fused_triton_cudagraph", "compile_cudagraph", "fused_persistent_cudagraph"])
 @pytest.mark.parametrize("n", [32, 256])
-def test_loss_fwd_bwd_gpu(benchmark, impl, n, teacher_dtype):
+def test_loss_fwd_bwd_gpu(benchmark, impl, n, teacher_dtype, monkeypatch):
+    """``fused_persistent_*``: the extension with its persistent forward (DISTILPOSE_SIMHM_FWD=
+    persistent: blocks walk the maps, the next map's loads in flight during this map's math),
+    captured with it."""
     if teacher_dtype != "fp32" and not impl.startswith("fused"):
         pytest.skip("the references run with an fp32 teacher only")
-    _bench_loss(benchmark, impl, n, "cuda", teacher_dtype)
+    if "persistent" in impl:
+        if not hm.extension_loss_available("cuda"):
+            pytest.skip("the extension is not built with CUDA")
+        monkeypatch.setenv("DISTILPOSE_SIMHM_FWD", "persistent")
+        impl_run = impl.replace("_persistent", "")
+    else:
+        monkeypatch.delenv("DISTILPOSE_SIMHM_FWD", raising=False)
+        impl_run = impl
+    _bench_loss(benchmark, impl_run, n, "cuda", teacher_dtype, label=impl)
 
 
 @pytest.mark.parametrize("impl", ["eager", "compile"])

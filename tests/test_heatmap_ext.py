@@ -257,6 +257,30 @@ def test_gpu_ext_statistics_equal_the_triton_kernels(released):
 
 @pytest.mark.gpu
 @_cuda_ext
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(256, 17, 64, 48), (3, 5, 64, 48), (1, 133, 37, 32), (4, 17, 128, 96),
+                                   (2, 9, 64, 50)], ids=str)
+def test_gpu_ext_persistent_forward_is_bit_equal(shape, teacher_dtype, monkeypatch):
+    """DISTILPOSE_SIMHM_FWD=persistent (blocks walk the maps, the next map's loads issued
+    before this map's math): the same per-map arithmetic, so statistics and losses bit-equal to
+    the one-block-per-map kernel; maps wider than one pass (128 x 96 fp32) and scalar-load
+    widths (50) take that kernel anyway; fewer maps than blocks (15)."""
+    c, s, sc, t, w = _cuda(_inputs(*shape, seed=sum(shape), teacher_dtype=teacher_dtype))
+    monkeypatch.delenv("DISTILPOSE_SIMHM_FWD", raising=False)
+    base = torch.ops.distilpose.simhm_loss_ext_fwd(c, s, sc, t, w, True)
+    monkeypatch.setenv("DISTILPOSE_SIMHM_FWD", "persistent")
+    pers = torch.ops.distilpose.simhm_loss_ext_fwd(c, s, sc, t, w, True)
+    torch.cuda.synchronize()
+    for name, a, b in zip(("reg2hm", "score", "stats", "joint_w2"), pers, base):
+        assert torch.equal(a, b), name
+    want = _run("reference", (c, s, sc, t, w), "released", dtype=torch.float64)
+    got = _run("cuda", (c, s, sc, t, w), "released")
+    for a, b in zip(got, want):
+        assert _rel_err(a, b) < 1e-5
+
+
+@pytest.mark.gpu
+@_cuda_ext
 def test_gpu_ext_is_the_default_on_cuda_and_deterministic(monkeypatch):
     inputs = _cuda(_inputs(256, 17, 64, 48, seed=11))
     monkeypatch.setattr(hm, "_kernels", lambda: pytest.fail("auto took the Triton path"))

@@ -15,6 +15,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "../simhm_math.h"
 #include "simhm_loss_cuda.h"
@@ -149,6 +151,61 @@ __global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_kernel(const float
   }
 }
 
+// The persistent form of the forward, for maps read in one pass (H*W <= blockDim * kItems * V):
+// gridDim blocks (as many as fit on the device at once) walk the maps i = blockIdx.x, + gridDim.x,
+// ... and request map i + gridDim.x's pixels and prediction before the math and the block
+// reduction of map i, so every block keeps a map's loads in flight while it computes. (The
+// one-block-per-map kernel above issues its loads, then computes, then reduces: a block's memory
+// requests stop during its math and its reduction, and a whole wave of blocks starts in step.)
+// Per map the same arithmetic in the same order: statistics bit-equal to simhm_loss_fwd_kernel.
+// Opt-in (DISTILPOSE_SIMHM_FWD=persistent) until a GPU run measures it.
+template <typename T, int V>
+__global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_persistent_kernel(
+    const float* __restrict__ coords, const float* __restrict__ sigma, const float* __restrict__ score,
+    const float* __restrict__ kw, const T* __restrict__ teacher, float* __restrict__ stats, int NK, int H, int W) {
+  __shared__ float smem[2][5][32];  // alternate per map: one barrier per map suffices
+  const int HW = H * W, nvec = HW / V;
+  float x[kItems][V], xn[kItems][V];
+  float p[6], pn[6];  // cx, cy, sx, sy, kw, score of the current / next map
+  int i = blockIdx.x;
+  if (i >= NK) return;
+  load_vectors<T, V>(teacher + static_cast<int64_t>(i) * HW, threadIdx.x, nvec, x);
+  p[0] = coords[2 * i], p[1] = coords[2 * i + 1], p[2] = sigma[2 * i], p[3] = sigma[2 * i + 1], p[4] = kw[i];
+  p[5] = score[i];
+  for (int it = 0; i < NK; i += gridDim.x, ++it) {
+    const int inext = i + static_cast<int>(gridDim.x);
+    if (inext < NK) {  // the next map's requests go out before this map's math
+      load_vectors<T, V>(teacher + static_cast<int64_t>(inext) * HW, threadIdx.x, nvec, xn);
+      pn[0] = coords[2 * inext], pn[1] = coords[2 * inext + 1], pn[2] = sigma[2 * inext];
+      pn[3] = sigma[2 * inext + 1], pn[4] = kw[inext], pn[5] = score[inext];
+    }
+    const T* map = teacher + static_cast<int64_t>(i) * HW;
+    const SimHMMap m = simhm_map(p[0], p[1], p[2], p[3], p[4], p[5], H, W);
+    const float kx = -0.5f * kLog2e * m.inv_ax, ky = -0.5f * kLog2e * m.inv_ay;
+    float tv = 0.f;
+    if (threadIdx.x == 0) {
+      const int64_t px = simhm_score_pixel(m, H, W);
+      if (px >= 0) tv = load1<T>(map, static_cast<int>(px));
+    }
+    float acc[5] = {0.f, 0.f, 0.f, 0.f, 0.f};
+    accumulate_vectors<V>(m, kx, ky, threadIdx.x, nvec, W, x, acc);
+    block_sum<5>(acc, smem[it & 1]);
+    if (threadIdx.x == 0) {
+      float out[kSimHMNumStats];
+      simhm_map_stats(m, acc[0], acc[1], acc[3], acc[2], acc[4], tv, H, W, out);
+#pragma unroll
+      for (int s = 0; s < kSimHMNumStats; ++s) stats[static_cast<int64_t>(s) * NK + i] = out[s];
+    }
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+#pragma unroll
+      for (int c = 0; c < V; ++c) x[k][c] = xn[k][c];
+    }
+#pragma unroll
+    for (int q = 0; q < 6; ++q) p[q] = pn[q];
+  }
+}
+
 // One block. Joints in chunks of kc <= blockDim; each thread owns (joint k0 + t % kc, slice
 // t / kc) and sums its slice of the batch; slices are then added in a fixed order.
 __global__ void __launch_bounds__(kFinalizeThreads) simhm_loss_finalize_kernel(const float* __restrict__ stats, int N,
@@ -225,6 +282,27 @@ int fwd_threads(int nvec) {
   return t < 32 ? 32 : (t > kMaxThreads ? kMaxThreads : t);
 }
 
+// DISTILPOSE_SIMHM_FWD=persistent selects the persistent forward (read per launch, so one
+// process can time both; a CUDA graph keeps the kernel it captured).
+bool persistent_forward_requested() {
+  const char* v = std::getenv("DISTILPOSE_SIMHM_FWD");
+  return v != nullptr && std::strcmp(v, "persistent") == 0;
+}
+
+// Blocks of the persistent forward: as many as are resident at once on the current device.
+template <typename T, int V>
+cudaError_t persistent_grid(int threads, int64_t nk, int* grid) {
+  int dev = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, simhm_loss_fwd_persistent_kernel<T, V>, threads, 0);
+  if (err != cudaSuccess) return err;
+  const int64_t g = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  *grid = static_cast<int>(g < nk ? g : nk);
+  return cudaSuccess;
+}
+
 template <typename T>
 cudaError_t launch_fwd_t(const float* coords, const float* sigma, const float* score, const float* kw,
                          const void* teacher, int64_t nk, int64_t H, int64_t W, float* stats, cudaStream_t stream) {
@@ -232,6 +310,16 @@ cudaError_t launch_fwd_t(const float* coords, const float* sigma, const float* s
   const T* tp = static_cast<const T*>(teacher);
   const bool vec = (W % V == 0) && (reinterpret_cast<uintptr_t>(tp) % 16 == 0);
   const int hw = static_cast<int>(H * W);
+  // the persistent form holds one pass of a map per thread: maps of at most kMaxThreads * kItems vectors
+  if (vec && persistent_forward_requested() && hw / V <= kMaxThreads * kItems) {
+    const int threads = fwd_threads(hw / V);
+    int grid = 0;
+    const cudaError_t err = persistent_grid<T, V>(threads, nk, &grid);
+    if (err != cudaSuccess) return err;
+    simhm_loss_fwd_persistent_kernel<T, V><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+        coords, sigma, score, kw, tp, stats, static_cast<int>(nk), static_cast<int>(H), static_cast<int>(W));
+    return cudaGetLastError();
+  }
   if (vec) {
     simhm_loss_fwd_kernel<T, V><<<static_cast<unsigned>(nk), fwd_threads(hw / V), 0, stream>>>(
         coords, sigma, score, kw, tp, stats, static_cast<int>(nk), static_cast<int>(H), static_cast<int>(W));
