@@ -255,7 +255,8 @@ class TokenDistillingEncoder(nn.Module):
                 backend = "conv"
             else:
                 key = ("patch_embed", tuple(feat.shape), feat.dtype, tuple(feat.stride()), self.patch_size,
-                       self.patch_embed.weight.dtype, feat.device.index, torch.is_autocast_enabled())
+                       self.patch_embed.weight.dtype, feat.device.index,
+                       torch.is_autocast_enabled(feat.device.type))
                 gemm = dk.timed_choice(
                     _PATCH_CHOICES, key, lambda: self._embed_gemm(feat), lambda: self._embed_conv(feat),
                     lambda got, ref: dk.agrees_at_dtype(got, ref, 2e-2, 1e-2),
