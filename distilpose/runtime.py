@@ -275,6 +275,11 @@ class InferenceEngine:
                         fuse_gelu=self.fuse_mlp, triton_linears=self.triton_linears, mlp_kernel=self.mlp_kernel)
         if attention_backend is not None:
             _set_attention_backend(model, None if attention_backend == "auto" else attention_backend)
+        from .models.heads import RegressionHead
+
+        for m in model.modules():  # the student's head as one kernel on CUDA (regression_head)
+            if isinstance(m, RegressionHead):
+                m.fused = True
         if hasattr(model, "check_finite"):
             model.check_finite = False  # a host sync per call; inputs come from our own pipeline
         model.to(self.device)

@@ -64,6 +64,8 @@ _LAZY = {
     "conv2d_relu_reference": "conv_epilogue",
     "ConvReLU2d": "conv_epilogue",
     "regression_to_image": "keypoints",
+    "regression_head": "heads",
+    "regression_head_reference": "heads",
     "regression_to_image_reference": "keypoints",
     "info": "info",
     "annotate": "_utils",

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import distilpose_kernels as dk
 from distilpose_kernels import annotate
 
 
@@ -31,10 +32,17 @@ class RegressionHead(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=1e-5)
         self.fc = nn.Linear(dim, 5)
+        #: run LN -> Linear -> activations as the one-kernel ``distilpose_kernels.regression_head``
+        #: (float32 outputs; with autograd it runs its reference). Set by InferenceEngine.
+        self.fused = False
         _init_linear_ln(self)
 
     @annotate("distilpose.head")
     def forward(self, kpt_tokens: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if self.fused:
+            out = dk.regression_head(kpt_tokens, self.norm.weight, self.norm.bias, self.fc.weight, self.fc.bias,
+                                     self.norm.eps)
+            return {"coords": out[..., 0:2], "score": out[..., 2:3], "sigma": out[..., 3:5]}
         out = self.fc(self.norm(kpt_tokens))
         return {
             "coords": out[..., 0:2].sigmoid(),
