@@ -297,17 +297,23 @@ class TokenDistillingEncoder(nn.Module):
         dt = torch.promote_types(vis.dtype, self.keypoint_token.dtype)
         pos = self.pos_embedding.to(dt)
         vis = vis.to(dt)
-        if self.pos_mode != "none":
-            vis = vis + pos
-        x = torch.cat((self.keypoint_token.expand(vis.shape[0], -1, -1).to(dt), vis), dim=1)
+        kpt = self.keypoint_token.expand(vis.shape[0], -1, -1).to(dt)
         if self.fuse_add_norm:
             re_add = self.pos_mode == "sine-full"
-            h = self.layers[0].norm1(x)
+            norm1 = self.layers[0].norm1
+            if self.pos_mode != "none":  # the table's add and the first LayerNorm: one kernel
+                x, h = dk.add_pos_layernorm(torch.cat((kpt, vis), dim=1), pos, norm1.weight, norm1.bias, norm1.eps)
+            else:
+                x = torch.cat((kpt, vis), dim=1)
+                h = norm1(x)
             for i, layer in enumerate(self.layers):
                 last = i + 1 == len(self.layers)
                 x, h = layer.forward_add_norm(x, h, None if last else self.layers[i + 1].norm1,
                                               pos if re_add and not last else None)
             return x[:, :k], x[:, k:]
+        if self.pos_mode != "none":
+            vis = vis + pos
+        x = torch.cat((kpt, vis), dim=1)
         if self.fuse_pos_norm:
             res = None
             for i, layer in enumerate(self.layers):
