@@ -157,7 +157,8 @@ __global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_kernel(const float
 // reduction of map i, so every block keeps a map's loads in flight while it computes. (The
 // one-block-per-map kernel above issues its loads, then computes, then reduces: a block's memory
 // requests stop during its math and its reduction, and a whole wave of blocks starts in step.)
-// Per map the same arithmetic in the same order: statistics bit-equal to simhm_loss_fwd_kernel.
+// Per map the same arithmetic in the same order as simhm_loss_fwd_kernel (equal statistics up to
+// the compiler's FMA contraction in each kernel; deterministic).
 // Opt-in (DISTILPOSE_SIMHM_FWD=persistent) until a GPU run measures it.
 template <typename T, int V>
 __global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_persistent_kernel(
