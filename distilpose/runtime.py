@@ -124,7 +124,7 @@ def _to_device_together(kp: torch.Tensor, sc: torch.Tensor, device: torch.device
     device-to-host copy is a synchronisation. When the two are adjacent in one buffer (as
     ``regression_to_image`` allocates them) that buffer is copied as is; else they are packed
     first (one kernel). The results are new tensors (never graph buffers)."""
-    if kp.device == device:
+    if kp.device.type == device.type and device.index in (None, kp.device.index):  # "cuda" means cuda:N too
         return kp.clone(), sc.clone()
     n, k = sc.shape
     nk2 = kp.numel()
@@ -133,7 +133,7 @@ def _to_device_together(kp: torch.Tensor, sc: torch.Tensor, device: torch.device
                 and sc.storage_offset() == kp.storage_offset() + nk2)
     flat = (kp.as_strided((nk2 + sc.numel(),), (1,)) if adjacent
             else torch.cat((kp.reshape(-1), sc.reshape(-1).to(kp.dtype))))
-    host = flat.to(device)
+    host = flat.to(device, copy=True)  # a new tensor even if .to would not need to move it
     return host[:nk2].view(n, k, 2), host[nk2:].view(n, k).to(sc.dtype)
 
 
