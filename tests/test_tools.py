@@ -116,12 +116,16 @@ def test_kernel_resources_tool_simhm_loss_issues_the_map_loads_first(tmp_path):
     out = tmp_path / "loss.json"
     proc = _run_tool(["tools/kernel_resources.py", "--simhm-loss", "--json", str(out)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = json.loads(out.read_text())["kernels"]
+    all_rows = json.loads(out.read_text())["kernels"]
+    rows = [r for r in all_rows if r["kernel"] == "simhm_loss_fwd"]
     assert {r["dtype"] for r in rows} == {"fp32", "fp16", "bf16"}
     for r in rows:
         assert r["map_loads_first"] and r["first_map_load"] < r["first_rcp"], r
     fp32 = next(r for r in rows if r["dtype"] == "fp32")
     assert fp32["stack"] == 0 and fp32["regs"] <= 64, fp32
+    # the opt-in persistent form (two maps' pixels per thread) without spills
+    pers = [r for r in all_rows if r["kernel"] == "simhm_loss_fwd_persistent"]
+    assert {r["dtype"] for r in pers} == {"fp32", "fp16", "bf16"} and all(r["stack"] == 0 for r in pers), pers
 
 
 def test_profile_ops_distill_cases_and_host_profile_run_on_cpu(monkeypatch):
