@@ -40,8 +40,9 @@ inline void check_targets_inputs(const at::Tensor& keypoints, const at::Tensor& 
               ", got (", input_h, ", ", input_w, ")");
   TORCH_CHECK(heatmap_h >= minimum && heatmap_w >= minimum, op, ": heatmap_size: expected (height, width) >= ",
               minimum, ", got (", heatmap_h, ", ", heatmap_w, ")");
-  TORCH_CHECK(heatmap_h * heatmap_w < (int64_t(1) << 24), op,
-              ": heatmap_size: H*W must be < 2^24 (pixel indices in float32), got (", heatmap_h, ", ", heatmap_w, ")");
+  TORCH_CHECK(heatmap_h < (int64_t(1) << 24) && heatmap_w < (int64_t(1) << 24), op,
+              ": heatmap_size: H and W must be < 2^24 (pixel coordinates in float32), got (", heatmap_h, ", ",
+              heatmap_w, ")");
   TORCH_CHECK(N * K < (int64_t(1) << 31), op, ": keypoints: N*K must be < 2^31, got ", keypoints.sizes());
   TORCH_CHECK(std::isfinite(sigma) && sigma > 0.0, op, ": sigma: expected a positive finite value, got ", sigma);
 }

@@ -30,6 +30,8 @@ from ._utils import annotate, check_tensor, lazy_module, select_triton_backend, 
 __all__ = ["regression_head", "regression_head_reference"]
 
 _triton_module = lazy_module("distilpose_kernels.heads_triton")
+#: "auto" runs the kernel for token widths up to this (DistilPose: 192); the reference beyond
+MAX_KERNEL_DIM = 2048
 
 
 def regression_head_reference(tokens: Tensor, norm_weight: Tensor, norm_bias: Tensor, fc_weight: Tensor,
@@ -85,6 +87,8 @@ def regression_head(tokens: Tensor, norm_weight: Tensor, norm_bias: Tensor, fc_w
     _check(tokens, norm_weight, norm_bias, fc_weight, fc_bias, eps)
     tensors = (tokens, norm_weight, norm_bias, fc_weight, fc_bias)
     which = select_triton_backend("regression_head", tensors, backend)
+    if backend in (None, "auto") and tokens.shape[-1] > MAX_KERNEL_DIM:
+        which = "reference"  # one program holds BLOCK_R whole rows: wider tokens would spill
     if which == "reference" or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return regression_head_reference(tokens, norm_weight, norm_bias, fc_weight, fc_bias, eps)
     if torch.compiler.is_compiling():
