@@ -61,8 +61,12 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
     # the TDE's GEMM fusions (info rows; the e2e stages show what they buy together), lower priority
     "bench-fusions": ("bench/bench_attention.py",
                       "(test_linear_gelu_gpu and not compile) or test_linear_fp32_gpu or "
-                      "(test_fused_mlp_gpu and not compile) or test_add_norm_gpu or test_add_norm_fp32_b1_graph_gpu or "
-                      "test_attention_fp32_b1_graph_gpu"),
+                      "(test_fused_mlp_gpu and not compile) or test_add_norm_gpu"),
+    # the batch-1 flip graph's building blocks replayed in CUDA graphs (device time): add-norm /
+    # MLP / attention at 546 rows, the Bottleneck convs at batch 2 (the missed b1 goal's evidence)
+    "bench-b1-graphs": (["bench/bench_attention.py", "bench/bench_conv.py"],
+                        "test_add_norm_fp32_b1_graph_gpu or test_attention_fp32_b1_graph_gpu or "
+                        "(test_conv2d_relu_gpu and b2_fp32 and graph)"),
     # Reg2HM + score loss fwd+bwd N=256 (fused / eager / compile, fp32 teacher); targets N=64
     # (per call and in CUDA graphs: after the build, so "fused" is the extension's path when it built)
     "bench-heatmap": ("bench/bench_heatmap.py",
@@ -85,7 +89,7 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
     "bench-e2e-train": ("bench/bench_e2e.py", "test_e2e_train_distill"),
     # fused conv epilogue (conv + bias [+ residual] + ReLU) at DistilPose-S's Bottleneck shapes
     "bench-conv": ("bench/bench_conv.py",
-                   "(test_conv2d_relu_gpu or test_upsample_sum_gpu or test_stem_conv_gpu) and not compile"),
+                   "(test_conv2d_relu_gpu or test_upsample_sum_gpu or test_stem_conv_gpu) and not compile and not graph"),
     # lower priority: torch.compile variants of the S batch-1 case (compiles take a while)
     "bench-e2e-compile": ("bench/bench_e2e.py",
                           "test_e2e_infer_b1_fp32 and distilpose_s and withflip and compile"),
@@ -634,6 +638,8 @@ STAGES: List[Stage] = [
           run=make_bench_stage("bench-e2e")),
     Stage("bench-e2e-train", "distillation step b64 bf16: reference, fused, frozen-teacher variants", 120, 30,
           run=make_bench_stage("bench-e2e-train")),
+    Stage("bench-b1-graphs", "batch-1 building blocks in CUDA graphs: add-norm / MLP / attention (546 rows), "
+          "Bottleneck convs (batch 2)", 75, 15, run=make_bench_stage("bench-b1-graphs")),
     Stage("profile", "tools/profile_ops.py on the missed goals' cases (PROFILE_CASES): wall vs kernel time, "
           "host functions, kernels of the e2e graphs", 100, 30, run=stage_profile),
     Stage("bench-e2e-variants", "S batch-1 fp32 diagnostic paths: nofold, cl, tf32, ieee, nomlpk, noepi, plain", 90, 15,
