@@ -38,7 +38,7 @@ NOT_KERNELS = {
     "aten.select", "aten.unsqueeze", "aten.squeeze", "aten.detach", "aten.alias", "aten.as_strided",
     "aten.reshape", "aten.split", "aten.unbind", "aten.empty", "aten.empty_like", "aten.lift_fresh",
     "aten.split_with_sizes", "aten.empty_strided", "aten.unflatten", "aten.flatten", "aten._reshape_alias",
-    "aten.new_empty", "aten.set_", "aten.copy_",
+    "aten.new_empty", "aten.set_", "aten.copy_", "aten.promote_types",
 }
 
 #: fusion setting -> module flags (TokenDistillingEncoder / Mlp / TokenAttentionBlock attributes)
@@ -165,6 +165,29 @@ def count_student_decode() -> Dict[str, dict]:
     return out
 
 
+def count_student_head() -> Dict[str, dict]:
+    """Kernels of the student's regression head on keypoint tokens sliced from the token stream
+    (as the TDE returns them): PyTorch ops (LayerNorm, Linear, sigmoid, softplus) vs the
+    regression_head kernel (forced on, in the interpreter); outputs compared."""
+    from distilpose.models.heads import RegressionHead
+    from distilpose_kernels import heads
+
+    torch.manual_seed(0)
+    head = RegressionHead(32).eval()
+    tokens = torch.randn(2, 3 + 12, 32)[:, :3]
+    out, ref = {}, None
+    for name, fused in (("pytorch ops", False), ("regression_head kernel", True)):
+        head.fused = fused
+        names = ("regression_head",) if fused else ()
+        with torch.no_grad(), _forced_triton(names, (heads,)), _counting_launches() as launches, _CountOps() as ops:
+            got = head(tokens)
+        kinds = {**{f"triton:{k}": v for k, v in launches.items()}, **dict(ops.counts)}
+        vals = torch.cat([got[k] for k in ("coords", "score", "sigma")], -1)
+        ref = vals if ref is None else ref
+        out[name] = {"head": sum(kinds.values()), "kernels": kinds, "max_abs_diff": float((vals - ref).abs().max())}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the counts here")
@@ -176,8 +199,11 @@ def main(argv=None) -> int:
     dec = count_student_decode()
     for name, r in dec.items():
         print(f"student step decoding, {name:<36} {r['decoding']:3d} kernels")
+    head = count_student_head()
+    for name, r in head.items():
+        print(f"student head, {name:<45} {r['head']:3d} kernels (max |diff| {r['max_abs_diff']:.1e})")
     if args.json:
-        atomic_write(args.json, json.dumps({"tde": res, "student_decode": dec}, indent=1))
+        atomic_write(args.json, json.dumps({"tde": res, "student_decode": dec, "student_head": head}, indent=1))
     return 0
 
 
