@@ -642,6 +642,8 @@ STAGES: List[Stage] = [
           "Bottleneck convs (batch 2)", 75, 15, run=make_bench_stage("bench-b1-graphs")),
     Stage("profile", "tools/profile_ops.py on the missed goals' cases (PROFILE_CASES): wall vs kernel time, "
           "host functions, kernels of the e2e graphs", 100, 30, run=stage_profile),
+    Stage("ncu", "Nsight Compute counters of one call of the missed goals' kernels (tools/ncu_cases.py)", 90, 15,
+          run=stage_ncu),
     Stage("bench-e2e-variants", "S batch-1 fp32 diagnostic paths: nofold, cl, tf32, ieee, nomlpk, noepi, plain", 90, 15,
           run=make_bench_stage("bench-e2e-variants")),
     Stage("bench-conv", "fused conv epilogue vs unfused (Bottleneck shapes); HRNet fusion sum vs eager / compile", 60, 10,
@@ -650,8 +652,6 @@ STAGES: List[Stage] = [
           75, 10, run=make_bench_stage("bench-fusions")),
     Stage("bench-e2e-compile", "S batch-1 flip fp32 with torch.compile (+ CUDA graph)", 120, 20,
           run=make_bench_stage("bench-e2e-compile")),
-    Stage("ncu", "Nsight Compute counters of one call of the missed goals' kernels (tools/ncu_cases.py)", 90, 15,
-          run=stage_ncu),
     Stage("tests-rest", "the rest of the suite on the GPU machine (pytest tests -m 'not gpu')", 150, 20,
           run=stage_tests_rest),
 ]
