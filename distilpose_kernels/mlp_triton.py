@@ -146,8 +146,10 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
 #: autotuned tiles (GPU only): few, because each is compiled on first use of a shape
 TUNE_TILES = (GemmTile(128, 64, 32, 4, 3), GemmTile(64, 64, 32, 4, 3), GemmTile(32, 64, 32, 4, 3))
 #: timed too where M <= SPLIT_MAX_ROWS (batch 1: 546 rows, 162 tiles of 32 x 64 for N = 576): K
-#: in 2 or 3 slices, a 2-3 step dot chain per program instead of 6 (K = 192) or 18 (K = 576)
-SPLIT_TILES = (GemmTile(32, 64, 32, 4, 3, 2), GemmTile(32, 64, 32, 4, 3, 3))
+#: in 2 or 3 slices, a 2-3 step dot chain per program instead of 6 (K = 192) or 18 (K = 576);
+#: 8 slices for long reductions (the TDE's patch embedding as a GEMM at batch 2: K = 3,072 over
+#: only 48 output tiles: 384 programs of 12 steps instead of 96)
+SPLIT_TILES = (GemmTile(32, 64, 32, 4, 3, 2), GemmTile(32, 64, 32, 4, 3, 3), GemmTile(32, 64, 32, 4, 3, 8))
 
 
 class _Family(NamedTuple):
