@@ -78,3 +78,21 @@ def available(device_type: str, ops: tuple = ()) -> bool:
     st = load()
     return (st.loaded and (device_type == "cpu" or (device_type == "cuda" and st.cuda_built))
             and all(o in st.ops for o in ops))
+
+
+def require(op: str, backend: str, tensors: dict, ops: tuple = ()) -> None:
+    """For an op asked for the compiled kernels explicitly (``backend`` "cpp" or "cuda"): every
+    tensor in ``tensors`` (argument name -> tensor) on that device type, and the extension built
+    for it with ``ops``; else a ValueError naming the argument, or a RuntimeError saying why the
+    extension is unavailable."""
+    want = "cpu" if backend == "cpp" else "cuda"
+    for name, t in tensors.items():
+        if t.device.type != want:
+            raise ValueError(f"{op}: {name}: backend={backend!r} needs a {want} tensor, got one on {t.device}")
+    if not available(want, ops):
+        st = load()
+        why = st.error or ("built without CUDA (rebuild with FORCE_CUDA=1 on a CUDA machine)"
+                           if not st.cuda_built and want == "cuda"
+                           else f"the built extension lacks {', '.join(ops)}; rebuild it")
+        raise RuntimeError(f"{op}: backend={backend!r} requested but the compiled extension is unavailable: {why}")
+

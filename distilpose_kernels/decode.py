@@ -121,13 +121,7 @@ def _resolve_backend(op: str, heatmaps: Tensor, backend: Optional[str]) -> str:
     if backend == "reference":
         return "reference"
     if backend in ("cpp", "cuda"):
-        want = "cpu" if backend == "cpp" else "cuda"
-        if dev != want:
-            raise ValueError(f"{op}: backend={backend!r} needs heatmaps on {want}, got a tensor on {heatmaps.device}")
-        if not _ext.available(want):
-            st = _ext.load()
-            why = st.error or "built without CUDA (rebuild with FORCE_CUDA=1 on a CUDA machine)"
-            raise RuntimeError(f"{op}: backend={backend!r} requested but the compiled extension is unavailable: {why}")
+        _ext.require(op, backend, {"heatmaps": heatmaps})
         return "extension"
     if backend != "auto":
         raise ValueError(f"{op}: backend must be None, 'auto', 'reference', 'cpp' or 'cuda', got {backend!r}")

@@ -344,16 +344,8 @@ def _loss_backend(coords, sigma, score, teacher_heatmaps, keypoint_weight, backe
         raise ValueError(f"simulated_heatmap_loss: backend must be None or one of {_LOSS_BACKENDS}, got {backend!r}")
     tensors = (coords, sigma, score, teacher_heatmaps, keypoint_weight)
     if backend in ("cpp", "cuda"):
-        want = "cpu" if backend == "cpp" else "cuda"
-        for name, t in zip(("coords", "sigma", "score", "teacher_heatmaps", "keypoint_weight"), tensors):
-            if t.device.type != want:
-                raise ValueError(f"{name}: backend={backend!r} needs tensors on {want}, got one on {t.device}")
-        if not extension_loss_available(want):
-            st = _ext.load()
-            why = st.error or ("built without CUDA (rebuild with FORCE_CUDA=1 on a CUDA machine)" if st.loaded and
-                               not st.cuda_built and want == "cuda" else "the built extension predates the loss ops; rebuild it")
-            raise RuntimeError(f"simulated_heatmap_loss: backend={backend!r} requested but the compiled extension "
-                               f"is unavailable: {why}")
+        names = ("coords", "sigma", "score", "teacher_heatmaps", "keypoint_weight")
+        _ext.require("simulated_heatmap_loss", backend, dict(zip(names, tensors)), _EXT_LOSS_OPS)
         return "extension"
     if backend in (None, "auto") and teacher_heatmaps.is_cuda and extension_loss_available("cuda") and \
             not force_reference() and torch.float64 not in (coords.dtype, sigma.dtype, score.dtype):

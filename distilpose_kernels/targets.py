@@ -222,17 +222,8 @@ def _ext_targets():
 def _targets_backend(keypoints: torch.Tensor, visibility: torch.Tensor, backend: Optional[str]) -> str:
     """"reference", "triton" or "extension" (``backend`` as in gaussian_heatmap_targets)."""
     if backend in ("cpp", "cuda"):
-        want = "cpu" if backend == "cpp" else "cuda"
-        for name, t in (("keypoints", keypoints), ("visibility", visibility)):
-            if t.device.type != want:
-                raise ValueError(f"backend={backend!r} needs {name} on {want}, got a tensor on {t.device}")
-        if not extension_targets_available(want):
-            st = _ext.load()
-            why = st.error or ("built without CUDA (rebuild with FORCE_CUDA=1 on a CUDA machine)"
-                               if st.loaded and not st.cuda_built and want == "cuda"
-                               else "the built extension predates the targets op; rebuild it")
-            raise RuntimeError(f"gaussian_heatmap_targets: backend={backend!r} requested but the compiled "
-                               f"extension is unavailable: {why}")
+        _ext.require("gaussian_heatmap_targets", backend, {"keypoints": keypoints, "visibility": visibility},
+                     _EXT_TARGETS_OPS)
         return "extension"
     if backend in (None, "auto") and keypoints.is_cuda and not force_reference() and \
             extension_targets_available("cuda"):

@@ -305,7 +305,7 @@ def test_errors_are_clear():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"beta: expected a finite value > 0"):
             dk.soft_argmax(x, bad)
-    with pytest.raises(ValueError, match=r"backend='cuda' needs heatmaps on cuda"):
+    with pytest.raises(ValueError, match=r"heatmaps: backend='cuda' needs a cuda tensor"):
         dk.soft_argmax(x, backend="cuda")
     with pytest.raises(ValueError, match=r"backend must be"):
         dk.soft_argmax(x, backend="triton")

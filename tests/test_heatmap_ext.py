@@ -329,5 +329,5 @@ def test_gpu_ext_errors_name_the_argument():
     c, s, sc, t, w = _cuda(_inputs(2, 17, 9, 8))
     with pytest.raises(RuntimeError, match="sigma: expected a tensor on cuda"):
         torch.ops.distilpose.simhm_loss_ext_fwd(c, s.cpu(), sc, t, w, True)
-    with pytest.raises(ValueError, match="backend='cpp' needs tensors on cpu"):
+    with pytest.raises(ValueError, match="coords: backend='cpp' needs a cpu tensor"):
         dk.simulated_heatmap_loss(c, s, sc, t, w, backend="cpp")

@@ -329,7 +329,7 @@ def test_targets_extension_op_errors_name_the_argument(args, match):
 
 def test_targets_backend_cuda_on_cpu_tensors_and_unknown_backend():
     kp, vis = torch.rand(2, 3, 2) * 40, torch.ones(2, 3)
-    with pytest.raises(ValueError, match="backend='cuda' needs keypoints on cuda"):
+    with pytest.raises(ValueError, match="keypoints: backend='cuda' needs a cuda tensor"):
         dk.gaussian_heatmap_targets(kp, vis, (64, 48), (16, 12), backend="cuda")
     with pytest.raises(ValueError, match="backend"):
         dk.gaussian_heatmap_targets(kp, vis, (64, 48), (16, 12), backend="numpy")
