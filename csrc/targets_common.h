@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/DeviceType.h>
 #include <c10/util/Exception.h>
 
@@ -45,6 +46,26 @@ inline void check_targets_inputs(const at::Tensor& keypoints, const at::Tensor& 
               heatmap_w, ")");
   TORCH_CHECK(N * K < (int64_t(1) << 31), op, ": keypoints: N*K must be < 2^31, got ", keypoints.sizes());
   TORCH_CHECK(std::isfinite(sigma) && sigma > 0.0, op, ": sigma: expected a positive finite value, got ", sigma);
+}
+
+// The checked call: its outputs (maps (N, K, H, W), weights (N, K, 1), float32, uninitialised:
+// the kernels write every element) and the per-call constants. Shared by the CPU and CUDA ops.
+struct TargetsCall {
+  at::Tensor maps, weights;
+  TargetConsts consts;
+  int64_t nk, H, W;
+  int encoding;
+};
+
+inline TargetsCall prepare_targets(const at::Tensor& keypoints, const at::Tensor& visibility, int64_t input_h,
+                                   int64_t input_w, int64_t heatmap_h, int64_t heatmap_w, double sigma,
+                                   int64_t encoding, c10::DeviceType device) {
+  check_targets_inputs(keypoints, visibility, input_h, input_w, heatmap_h, heatmap_w, sigma, encoding, device);
+  const int64_t N = keypoints.size(0), K = keypoints.size(1);
+  const auto opts = keypoints.options();
+  return TargetsCall{at::empty({N, K, heatmap_h, heatmap_w}, opts), at::empty({N, K, 1}, opts),
+                     target_consts(input_h, input_w, heatmap_h, heatmap_w, sigma, static_cast<int>(encoding)),
+                     N * K, heatmap_h, heatmap_w, static_cast<int>(encoding)};
 }
 
 }  // namespace distilpose

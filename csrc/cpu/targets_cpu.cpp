@@ -4,7 +4,6 @@
 // column and row factors.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -19,34 +18,27 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> simhm_targets_ext_cpu(const at::Tensor& keypoints, const at::Tensor& visibility,
                                                          int64_t input_h, int64_t input_w, int64_t heatmap_h,
                                                          int64_t heatmap_w, double sigma, int64_t encoding) {
-  check_targets_inputs(keypoints, visibility, input_h, input_w, heatmap_h, heatmap_w, sigma, encoding,
-                       c10::DeviceType::CPU);
-  const int64_t N = keypoints.size(0), K = keypoints.size(1), H = heatmap_h, W = heatmap_w;
-  const auto opts = keypoints.options();
-  at::Tensor maps = at::empty({N, K, H, W}, opts);
-  at::Tensor weights = at::empty({N, K, 1}, opts);
-  const int64_t NK = N * K;
-  if (NK == 0) return {maps, weights};
-  const TargetConsts c = target_consts(input_h, input_w, H, W, sigma, static_cast<int>(encoding));
+  const TargetsCall t = prepare_targets(keypoints, visibility, input_h, input_w, heatmap_h, heatmap_w, sigma,
+                                        encoding, c10::DeviceType::CPU);
+  const int64_t H = t.H, W = t.W;
   const float* kp = keypoints.const_data_ptr<float>();
   const float* vis = visibility.const_data_ptr<float>();
-  float* out = maps.data_ptr<float>();
-  float* wout = weights.data_ptr<float>();
-  const int enc = static_cast<int>(encoding);
-  at::parallel_for(0, NK, 1, [&](int64_t begin, int64_t end) {
+  float* out = t.maps.data_ptr<float>();
+  float* wout = t.weights.data_ptr<float>();
+  at::parallel_for(0, t.nk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> gx(W), gy(H);
     for (int64_t i = begin; i < end; ++i) {
-      const TargetMap m = target_map(kp[2 * i], kp[2 * i + 1], vis[i], H, W, c, enc);
+      const TargetMap m = target_map(kp[2 * i], kp[2 * i + 1], vis[i], H, W, t.consts, t.encoding);
       wout[i] = m.weight;
       for (int64_t x = 0; x < W; ++x)
-        gx[x] = target_factor(static_cast<float>(x), m.cx, m.x0, m.x1, c.inv_two_s2) * m.draw;
-      for (int64_t y = 0; y < H; ++y) gy[y] = target_factor(static_cast<float>(y), m.cy, m.y0, m.y1, c.inv_two_s2);
+        gx[x] = target_factor(static_cast<float>(x), m.cx, m.x0, m.x1, t.consts.inv_two_s2) * m.draw;
+      for (int64_t y = 0; y < H; ++y) gy[y] = target_factor(static_cast<float>(y), m.cy, m.y0, m.y1, t.consts.inv_two_s2);
       float* map = out + i * H * W;
       for (int64_t y = 0; y < H; ++y)
         for (int64_t x = 0; x < W; ++x) map[y * W + x] = gy[y] * gx[x];
     }
   });
-  return {maps, weights};
+  return {t.maps, t.weights};
 }
 
 }  // namespace
