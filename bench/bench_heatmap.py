@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import distilpose_kernels as dk
+from distilpose_kernels import heatmap as hm
 from distilpose_kernels import targets as dk_targets
 from benchutils import cuda_graph, input_copies, rotate, run_benchmark
 
@@ -56,8 +57,6 @@ def _compiled_reference():
 def _fused_path() -> str:
     """What backend=None (the library's default) runs on CUDA: the extension's kernels with their
     C++ autograd when the extension is built with CUDA, else the Triton kernels."""
-    from distilpose_kernels import heatmap as hm
-
     return "extension" if hm.extension_loss_available("cuda") else "triton"
 
 

@@ -672,7 +672,6 @@ class Trainer:
 
     def fit(self, resume: Optional[str] = None) -> Dict[str, Any]:
         """Train to ``optim.epochs`` (or ``max_steps``). Returns a summary dict."""
-        cfg = self.cfg
         if self.info.is_main:
             os.makedirs(self.work_dir, exist_ok=True)
             self._lock_work_dir()
