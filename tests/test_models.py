@@ -107,7 +107,10 @@ def test_patch_embedding_paths_match_float64(backend, channels_last):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_gpu_patch_embedding_auto_decides_once_and_agrees():
+def test_gpu_patch_embedding_auto_decides_once_and_agrees(monkeypatch):
+    from distilpose.models import tde
+
+    monkeypatch.setattr(tde, "_PATCH_CHOICES", {})  # an earlier test in this worker may have decided it
     m = build_model("distilpose_s").cuda().eval()
     feat = torch.randn(2, m.tde.in_channels, 64, 48, device="cuda")
     n = len(dk.auto_choices())
