@@ -99,8 +99,10 @@ def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32", label=None):
 
         path = "triton" if impl.startswith("fused_triton") else _fused_path()
         benchmark.extra_info["path"] = path
-        if path != "triton":
-            return  # the tuned Triton tile below does not apply
+        if path != "triton":  # the extension's forward kernel for this shape (the tuned Triton tile does not apply)
+            teacher = _loss_inputs(n, device, TEACHER_DTYPES[teacher_dtype])[3]
+            benchmark.extra_info["fwd_kernel"] = hm.chosen_fwd_kernel(teacher) or "undecided"
+            return
 
         key = (H, W, TEACHER_DTYPES[teacher_dtype], hmt.next_pow2(n * K), torch.cuda.current_device())
         tile = hmt._TUNED_TILES.get(key)
@@ -110,19 +112,23 @@ def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32", label=None):
 @pytest.mark.gpu
 @pytest.mark.parametrize("teacher_dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("impl", ["fused", "fused_triton", "eager", "compile", "fused_cudagraph",
-                                  "fused_triton_cudagraph", "compile_cudagraph", "fused_persistent_cudagraph"])
+                                  "fused_triton_cudagraph", "compile_cudagraph", "fused_blocks_cudagraph",
+                                  "fused_persistent_cudagraph", "fused_pipelined_cudagraph"])
 @pytest.mark.parametrize("n", [32, 256])
 def test_loss_fwd_bwd_gpu(benchmark, impl, n, teacher_dtype, monkeypatch):
-    """``fused_persistent_*``: the extension with its persistent forward (DISTILPOSE_SIMHM_FWD=
-    persistent: blocks walk the maps, the next map's loads in flight during this map's math),
-    captured with it."""
+    """``fused`` runs the default: the extension's forward kernel chosen by "auto" (timed once
+    per shape; extra_info "fwd_kernel" says which). ``fused_<kernel>_*``: the extension with that
+    forward forced (DISTILPOSE_SIMHM_FWD=blocks: one block per map; persistent: blocks walk the
+    maps, the next map in registers; pipelined: blocks stream ranges of maps through shared
+    memory with cp.async), captured with it."""
     if teacher_dtype != "fp32" and not impl.startswith("fused"):
         pytest.skip("the references run with an fp32 teacher only")
-    if "persistent" in impl:
+    forced = next((k for k in hm.SIMHM_FWD_KERNELS if impl.startswith(f"fused_{k}_")), None)
+    if forced:
         if not hm.extension_loss_available("cuda"):
             pytest.skip("the extension is not built with CUDA")
-        monkeypatch.setenv("DISTILPOSE_SIMHM_FWD", "persistent")
-        impl_run = impl.replace("_persistent", "")
+        monkeypatch.setenv("DISTILPOSE_SIMHM_FWD", forced)
+        impl_run = impl.replace(f"_{forced}", "")
     else:
         monkeypatch.delenv("DISTILPOSE_SIMHM_FWD", raising=False)
         impl_run = impl

@@ -5,7 +5,7 @@
 // Python launch path) costs several times that per call. Here the forward, the saved
 // statistics and the backward never enter Python: a call is one dispatcher call from Python.
 //
-//   simhm_loss_ext(coords, sigma, score, teacher, kw, released) -> (reg2hm, score_loss)
+//   simhm_loss_ext(coords, sigma, score, teacher, kw, released, fwd_kernel) -> (reg2hm, score_loss)
 //     Autograd: SimHMLossExt below (backward: simhm_loss_ext_bwd on the saved statistics);
 //     CompositeExplicitAutograd (inference mode): the forward op only.
 // The schemas are defined in Python (distilpose_kernels/heatmap.py), like those of the decode ops.
@@ -24,12 +24,12 @@ using Fwd4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Bwd3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 Fwd4 call_fwd(const at::Tensor& coords, const at::Tensor& sigma, const at::Tensor& score, const at::Tensor& teacher,
-              const at::Tensor& kw, bool released) {
+              const at::Tensor& kw, bool released, int64_t fwd_kernel) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("distilpose::simhm_loss_ext_fwd", "")
                              .typed<Fwd4(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, bool)>();
-  return op.call(coords, sigma, score, teacher, kw, released);
+                                         const at::Tensor&, bool, int64_t)>();
+  return op.call(coords, sigma, score, teacher, kw, released, fwd_kernel);
 }
 
 Bwd3 call_bwd(const at::Tensor& grad_reg, const at::Tensor& grad_score, const at::Tensor& stats, const at::Tensor& wk,
@@ -45,9 +45,9 @@ class SimHMLossExt : public torch::autograd::Function<SimHMLossExt> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& coords, const at::Tensor& sigma,
                                const at::Tensor& score, const at::Tensor& teacher, const at::Tensor& kw,
-                               bool released) {
+                               bool released, int64_t fwd_kernel) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [reg, sl, stats, wk] = call_fwd(coords, sigma, score, teacher, kw, released);
+    auto [reg, sl, stats, wk] = call_fwd(coords, sigma, score, teacher, kw, released, fwd_kernel);
     ctx->save_for_backward({stats, wk});
     ctx->saved_data["dtypes"] = std::vector<int64_t>{static_cast<int64_t>(coords.scalar_type()),
                                                      static_cast<int64_t>(sigma.scalar_type()),
@@ -64,23 +64,24 @@ class SimHMLossExt : public torch::autograd::Function<SimHMLossExt> {
     auto [gc, gsig, gsc] = call_bwd(grads[0], grads[1], saved[0], saved[1], static_cast<at::ScalarType>(dt[0]),
                                     static_cast<at::ScalarType>(dt[1]), static_cast<at::ScalarType>(dt[2]),
                                     ctx->saved_data["hw"].toInt(), ctx->saved_data["released"].toBool());
-    // one entry per forward input; no gradient for the teacher, the weights or `released`
+    // one entry per forward input; no gradient for the teacher, the weights, `released` or `fwd_kernel`
     return {ctx->needs_input_grad(0) ? gc : at::Tensor(), ctx->needs_input_grad(1) ? gsig : at::Tensor(),
-            ctx->needs_input_grad(2) ? gsc : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            ctx->needs_input_grad(2) ? gsc : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> simhm_loss_ext_autograd(const at::Tensor& coords, const at::Tensor& sigma,
                                                            const at::Tensor& score, const at::Tensor& teacher,
-                                                           const at::Tensor& kw, bool released) {
-  const variable_list out = SimHMLossExt::apply(coords, sigma, score, teacher, kw, released);
+                                                           const at::Tensor& kw, bool released, int64_t fwd_kernel) {
+  const variable_list out = SimHMLossExt::apply(coords, sigma, score, teacher, kw, released, fwd_kernel);
   return {out[0], out[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor> simhm_loss_ext_forward_only(const at::Tensor& coords, const at::Tensor& sigma,
                                                                const at::Tensor& score, const at::Tensor& teacher,
-                                                               const at::Tensor& kw, bool released) {
-  auto out = call_fwd(coords, sigma, score, teacher, kw, released);
+                                                               const at::Tensor& kw, bool released,
+                                                               int64_t fwd_kernel) {
+  auto out = call_fwd(coords, sigma, score, teacher, kw, released, fwd_kernel);
   return {std::get<0>(out), std::get<1>(out)};
 }
 

@@ -54,6 +54,12 @@ inline void check_simhm_inputs(const at::Tensor& coords, const at::Tensor& sigma
   check_simhm_device(teacher, "teacher_heatmaps", device, op);
 }
 
+// fwd_kernel names one of the CUDA forward kernels (SimHMFwdKernel).
+inline void check_simhm_fwd_kernel(int64_t fwd_kernel, const char* op) {
+  TORCH_CHECK(fwd_kernel >= 0 && fwd_kernel < kSimHMNumFwdKernels, op, ": fwd_kernel: expected 0 (blocks), ",
+              "1 (persistent) or 2 (pipelined), got ", fwd_kernel);
+}
+
 // The backward's inputs, checked, on `device`: the statistics and per-joint weights contiguous,
 // the two incoming gradients as float32.
 struct SimHMBwdInputs {

@@ -29,6 +29,13 @@ enum SimHMStat : int {
 };
 constexpr int kSimHMNumStats = 8;
 
+// The CUDA forward kernels (argument fwd_kernel of distilpose::simhm_loss_ext(_fwd)): one block
+// per map; persistent blocks holding the next map in registers; persistent blocks streaming maps
+// through shared memory with asynchronous copies. The same statistics up to fp32 summation
+// order. The CPU kernels accept and ignore it.
+enum SimHMFwdKernel : int { kSimHMFwdBlocks = 0, kSimHMFwdPersistent = 1, kSimHMFwdPipelined = 2 };
+constexpr int kSimHMNumFwdKernels = 3;
+
 // The Gaussian of one prediction.
 struct SimHMMap {
   float cx, cy, sx, sy, kw, sc;  // normalised coords, sigmas, keypoint weight, score

@@ -24,13 +24,15 @@ Shapes: N batch, K keypoints, H x W heatmap.
 """
 from __future__ import annotations
 
+import os as _os
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import _ext
-from ._utils import annotate, check_same_device, check_tensor, force_reference, lazy_module, select_triton_backend
+from ._utils import (agrees_at_dtype, annotate, check_same_device, check_tensor, force_reference, lazy_module,
+                     select_triton_backend, timed_choice)
 
 REG2HM_MODES = ("released", "per_sample")
 
@@ -295,7 +297,8 @@ class _SimHMLossFunction(torch.autograd.Function):
 _ext_lib = torch.library.Library("distilpose", "FRAGMENT")
 _ext_lib.define(
     "simhm_loss_ext_fwd(Tensor coords, Tensor sigma, Tensor score, Tensor teacher_heatmaps, "
-    "Tensor keypoint_weight, bool released) -> (Tensor reg2hm, Tensor score_loss, Tensor stats, Tensor joint_w2)"
+    "Tensor keypoint_weight, bool released, int fwd_kernel=0) "
+    "-> (Tensor reg2hm, Tensor score_loss, Tensor stats, Tensor joint_w2)"
 )
 _ext_lib.define(
     "simhm_loss_ext_bwd(Tensor grad_reg2hm, Tensor grad_score_loss, Tensor stats, Tensor joint_w2, "
@@ -304,17 +307,21 @@ _ext_lib.define(
 )
 _ext_lib.define(
     "simhm_loss_ext(Tensor coords, Tensor sigma, Tensor score, Tensor teacher_heatmaps, "
-    "Tensor keypoint_weight, bool released) -> (Tensor reg2hm, Tensor score_loss)"
+    "Tensor keypoint_weight, bool released, int fwd_kernel=0) -> (Tensor reg2hm, Tensor score_loss)"
 )
 
 
 # the same contract as the Triton ops: the same fake kernels
-torch.library.register_fake("distilpose::simhm_loss_ext_fwd", _loss_fwd_fake, lib=_ext_lib)
+@torch.library.register_fake("distilpose::simhm_loss_ext_fwd", lib=_ext_lib)
+def _(coords, sigma, score, teacher_heatmaps, keypoint_weight, released, fwd_kernel=0):
+    return _loss_fwd_fake(coords, sigma, score, teacher_heatmaps, keypoint_weight, released)
+
+
 torch.library.register_fake("distilpose::simhm_loss_ext_bwd", _loss_bwd_fake, lib=_ext_lib)
 
 
 @torch.library.register_fake("distilpose::simhm_loss_ext", lib=_ext_lib)
-def _(coords, sigma, score, teacher_heatmaps, keypoint_weight, released):
+def _(coords, sigma, score, teacher_heatmaps, keypoint_weight, released, fwd_kernel=0):
     return coords.new_empty(()), score.new_empty(())
 
 
@@ -333,6 +340,82 @@ def _ext_loss():
     if not _ext_loss_op:
         _ext_loss_op.append(torch.ops.distilpose.simhm_loss_ext.default)
     return _ext_loss_op[0]
+
+
+#: the extension's CUDA forward kernels (``fwd_kernel`` of distilpose::simhm_loss_ext, in this
+#: order): one block per map; persistent blocks holding the next map in registers; persistent
+#: blocks streaming maps through shared memory with asynchronous copies
+SIMHM_FWD_KERNELS = ("blocks", "persistent", "pipelined")
+SIMHM_FWD_ENV = "DISTILPOSE_SIMHM_FWD"
+_FWD_KERNEL_CHOICES: dict = {}  # timed_choice cache: (N*K, H, W, dtype, device, candidate, incumbent) -> bool
+
+
+def _ext_fwd_kernel(coords, sigma, score, teacher_heatmaps, kw, released: bool) -> int:
+    """The extension's CUDA forward kernel for this call (an index into SIMHM_FWD_KERNELS).
+
+    DISTILPOSE_SIMHM_FWD names one ("blocks", "persistent", "pipelined"); "auto" (the default)
+    times them once per (N*K, H, W, teacher dtype, device), outside CUDA-graph capture, on this
+    call's inputs: persistent against blocks, then pipelined against the winner, each kept only
+    if its statistics agree (``timed_choice``; ``auto_choices`` records the decisions). Before a
+    decision exists inside a capture, "blocks" runs. The CPU kernels ignore the choice."""
+    choice = _os.environ.get(SIMHM_FWD_ENV, "auto").strip().lower() or "auto"
+    if choice != "auto":
+        if choice not in SIMHM_FWD_KERNELS:
+            raise ValueError(f"{SIMHM_FWD_ENV}: expected one of auto, {', '.join(SIMHM_FWD_KERNELS)}, got {choice!r}")
+        return SIMHM_FWD_KERNELS.index(choice)
+    if not teacher_heatmaps.is_cuda:
+        return 0
+    return _timed_fwd_kernel((coords.detach(), sigma.detach(), score.detach(), teacher_heatmaps, kw, released))
+
+
+def _fwd_kernel_key(teacher: torch.Tensor) -> tuple:
+    n, k, h, w = teacher.shape
+    return (n * k, h, w, teacher.dtype, teacher.device.type, teacher.device.index)
+
+
+def chosen_fwd_kernel(teacher_heatmaps: torch.Tensor) -> Optional[str]:
+    """The CUDA forward kernel that ``simulated_heatmap_loss`` runs for teachers of this shape,
+    dtype and device: the one DISTILPOSE_SIMHM_FWD names, else the "auto" decision already made
+    (per call, or on device time for CUDA graphs, the latter preferred); None when undecided.
+    Times nothing (for reports)."""
+    forced = _os.environ.get(SIMHM_FWD_ENV, "auto").strip().lower() or "auto"
+    if forced in SIMHM_FWD_KERNELS:
+        return forced
+    key = _fwd_kernel_key(teacher_heatmaps)
+    for device_time in (True, False):
+        best = 0
+        for cand in (1, 2):
+            k = key + (cand, best)
+            decided = _FWD_KERNEL_CHOICES.get((k, "device time") if device_time else k)
+            if decided is None:
+                best = None
+                break
+            best = cand if decided else best
+        if best is not None:
+            return SIMHM_FWD_KERNELS[best]
+    return None
+
+
+def _timed_fwd_kernel(args: tuple, op=None) -> int:
+    """The tournament of ``_ext_fwd_kernel`` on the forward op's ``args`` (cached per shape)."""
+    key = _fwd_kernel_key(args[3])
+    op = op or torch.ops.distilpose.simhm_loss_ext_fwd.default
+
+    def run(kernel: int):
+        return lambda: op(*args, kernel)
+
+    best = 0
+    for cand in (1, 2):
+        if timed_choice(_FWD_KERNEL_CHOICES, key + (cand, best), run(cand), run(best), _fwd_stats_agree,
+                        f"simulated_heatmap_loss: the {SIMHM_FWD_KERNELS[cand]} CUDA forward "
+                        f"(vs {SIMHM_FWD_KERNELS[best]})"):
+            best = cand
+    return best
+
+
+def _fwd_stats_agree(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    """The forward kernels differ only in their fp32 summation order."""
+    return agrees_at_dtype(got, ref, 1e-3, 1e-5)
 
 
 _LOSS_BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
@@ -399,7 +482,10 @@ def simulated_heatmap_loss(
     if kw.dtype not in _FLOATS:
         kw = kw.to(torch.float32)
     if be == "extension":
-        return _ext_loss()(coords, sigma, score, teacher_heatmaps.detach(), kw, mode == "released")
+        teacher = teacher_heatmaps.detach()
+        released = mode == "released"
+        return _ext_loss()(coords, sigma, score, teacher, kw, released,
+                           _ext_fwd_kernel(coords, sigma, score, teacher, kw, released))
     args = (
         coords.contiguous(),
         sigma.contiguous(),

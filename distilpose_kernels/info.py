@@ -99,7 +99,7 @@ SWITCHES = (
     ("DISTILPOSE_LINEAR_GELU_AUTOTUNE", "1", "time the Triton GEMMs (linear_gelu, linear, fused_mlp, *_add_norm) against cuBLAS on the GPU"),
     (FP32_DOT_ENV, "auto", "float32 dots in the Triton kernels: auto (3xTF32 on sm_80+, else ieee), ieee, tf32x3"),
     ("DISTILPOSE_SOFTARGMAX_VEC", "1", "vectorised CUDA soft-argmax forward (0: the scalar kernels)"),
-    ("DISTILPOSE_SIMHM_FWD", "blocks", "the CUDA loss forward: blocks (one block per map) or persistent (opt-in, not yet timed)"),
+    ("DISTILPOSE_SIMHM_FWD", "auto", "the CUDA loss forward: auto (the fastest, timed once per shape), blocks (one block per map), persistent, pipelined"),
     ("DISTILPOSE_NVTX", "0", "NVTX ranges around ops and model stages (read at import)"),
 )
 

@@ -185,6 +185,97 @@ def test_ext_errors_name_the_argument():
                                                 torch.float32, 63, True)
 
 
+def test_ext_fwd_kernel_argument_is_checked_and_ignored_on_cpu():
+    """fwd_kernel picks one of the CUDA forwards; the CPU kernels serve all three the same way,
+    and an unknown index is an error naming the argument."""
+    c, s, sc, t, w = _inputs(2, 17, 9, 8, seed=3)
+    op = torch.ops.distilpose.simhm_loss_ext_fwd
+    base = op(c, s, sc, t, w, True)  # the schema's default: 0 (blocks)
+    for kernel in range(len(hm.SIMHM_FWD_KERNELS)):
+        for a, b in zip(op(c, s, sc, t, w, True, kernel), base):
+            assert torch.equal(a, b)
+    for bad in (-1, len(hm.SIMHM_FWD_KERNELS)):
+        with pytest.raises(RuntimeError, match=f"fwd_kernel: expected 0 \\(blocks\\), 1 \\(persistent\\) or "
+                                               f"2 \\(pipelined\\), got {bad}"):
+            op(c, s, sc, t, w, True, bad)
+        with pytest.raises(RuntimeError, match="fwd_kernel: expected"):
+            torch.ops.distilpose.simhm_loss_ext(c, s, sc, t, w, True, bad)
+
+
+def test_fwd_kernel_switch(monkeypatch):
+    """DISTILPOSE_SIMHM_FWD names a forward (case and spaces ignored); "auto" on CPU tensors is
+    0 without timing anything; anything else is an error naming the variable."""
+    inputs = _inputs(1, 17, 8, 8)
+    c, s, sc, t, w = inputs
+    monkeypatch.setattr(hm, "timed_choice", lambda *a, **k: pytest.fail("timed on the CPU"))
+    for value, want in (("pipelined", 2), (" Persistent ", 1), ("blocks", 0), ("auto", 0), ("", 0)):
+        monkeypatch.setenv("DISTILPOSE_SIMHM_FWD", value)
+        assert hm._ext_fwd_kernel(c, s, sc, t, w, True) == want, value
+    monkeypatch.setenv("DISTILPOSE_SIMHM_FWD", "fast")
+    with pytest.raises(ValueError, match="DISTILPOSE_SIMHM_FWD: expected one of auto, blocks, persistent, "
+                                         "pipelined, got 'fast'"):
+        dk.simulated_heatmap_loss(*inputs, backend="cpp")
+
+
+def test_fwd_kernel_tournament_keeps_the_fastest_agreeing_kernel(monkeypatch):
+    """The "auto" forward choice, with the device timing faked (the extension's CPU op stands in
+    for the CUDA one): persistent is timed against blocks, pipelined against the winner; a kernel
+    is kept only if it is faster and its statistics agree; decisions are cached per shape and
+    recorded; a kernel whose statistics disagree is refused with a warning."""
+    from distilpose_kernels import _utils
+
+    c, s, sc, t, w = _inputs(3, 17, 16, 12, seed=4)
+    args = (c.detach(), s.detach(), sc.detach(), t, w, True)
+    real = torch.ops.distilpose.simhm_loss_ext_fwd.default
+    times = {}
+    timed = []
+
+    def fake_time(fn, *a, **k):
+        kernel = fn.kernel
+        timed.append(kernel)
+        return times[kernel]
+
+    def op(*a):
+        out = real(*a)
+        if a[-1] == 2 and times.get("broken"):
+            return (out[0], out[1], out[2] * 1.01, out[3])  # pipelined "wrong" by 1%
+        return out
+
+    monkeypatch.setattr(_utils, "cuda_time_ms", fake_time)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(hm, "_FWD_KERNEL_CHOICES", {})
+    orig_timed_choice = hm.timed_choice
+
+    def timed_choice(cache, key, fused, reference, agrees, what):  # tells fake_time which kernel runs
+        fused.kernel, reference.kernel = key[-2], key[-1]
+        return orig_timed_choice(cache, key, fused, reference, agrees, what)
+
+    monkeypatch.setattr(hm, "timed_choice", timed_choice)
+    n0 = len(dk.auto_choices())
+    times.update({0: 1.0, 1: 1.5, 2: 0.5})  # persistent slower, pipelined fastest
+    assert hm._timed_fwd_kernel(args, op) == 2
+    assert timed == [1, 0, 2, 0]
+    made = dk.auto_choices()[n0:]
+    assert [(d["op"].split(": ")[1], d["use"], d["why"]) for d in made] == [
+        ("the persistent CUDA forward (vs blocks)", "reference", "slower"),
+        ("the pipelined CUDA forward (vs blocks)", "fused", "faster")]
+    assert hm._timed_fwd_kernel(args, op) == 2 and len(timed) == 4  # cached: nothing timed again
+    assert hm.chosen_fwd_kernel(t) == "pipelined" and hm.chosen_fwd_kernel(t[:1]) is None  # another shape
+    monkeypatch.setenv("DISTILPOSE_SIMHM_FWD", "persistent")
+    assert hm.chosen_fwd_kernel(t[:1]) == "persistent"
+    monkeypatch.delenv("DISTILPOSE_SIMHM_FWD")
+
+    monkeypatch.setattr(hm, "_FWD_KERNEL_CHOICES", {})
+    timed.clear()
+    times.update({0: 1.0, 1: 0.7, 2: 0.9})  # persistent wins, pipelined slower than it
+    assert hm._timed_fwd_kernel(args, op) == 1 and timed == [1, 0, 2, 1]
+
+    monkeypatch.setattr(hm, "_FWD_KERNEL_CHOICES", {})
+    times.update({0: 1.0, 1: 2.0, 2: 0.1, "broken": True})  # the fastest disagrees: refused
+    with pytest.warns(UserWarning, match="pipelined CUDA forward .*disagrees"):
+        assert hm._timed_fwd_kernel(args, op) == 0
+
+
 def test_auto_uses_the_extension_only_on_cuda(monkeypatch):
     """"auto" on CPU tensors stays on the reference; the extension's CPU kernels are opt-in."""
     inputs = _inputs(1, 17, 5, 4)
@@ -260,26 +351,53 @@ def test_gpu_ext_statistics_equal_the_triton_kernels(released):
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(256, 17, 64, 48), (3, 5, 64, 48), (1, 133, 37, 32), (4, 17, 128, 96),
                                    (2, 9, 64, 50)], ids=str)
-def test_gpu_ext_persistent_forward_matches_and_repeats(shape, teacher_dtype, monkeypatch):
-    """DISTILPOSE_SIMHM_FWD=persistent (blocks walk the maps, the next map's loads issued
-    before this map's math): the same per-map arithmetic, so the statistics and losses equal the
-    one-block-per-map kernel's (to 1e-6) and repeat bit for bit; maps wider than one pass
-    (128 x 96 fp32) and scalar-load widths (50) take that kernel anyway; fewer maps than blocks (15)."""
+@pytest.mark.parametrize("kernel", ["persistent", "pipelined"])
+def test_gpu_ext_forward_kernels_match_and_repeat(shape, teacher_dtype, kernel, monkeypatch):
+    """The persistent (blocks walk the maps, the next map's loads issued before this map's math)
+    and pipelined (each block streams a range of maps through shared memory, cp.async) forwards:
+    the same per-map arithmetic as the one-block-per-map kernel, so the statistics and losses
+    equal its own (persistent: the same pixel split, 1e-6; pipelined: another split, fp32
+    summation order, 1e-5) and repeat bit for bit. Maps wider than one pass (128 x 96 fp32: the
+    persistent form falls back; the pipelined one needs 147 KB of shared memory, opted in) and
+    scalar-load widths (50: both fall back); fewer maps than blocks (15). The public op with
+    DISTILPOSE_SIMHM_FWD set to the kernel agrees with float64."""
     c, s, sc, t, w = _cuda(_inputs(*shape, seed=sum(shape), teacher_dtype=teacher_dtype))
-    monkeypatch.delenv("DISTILPOSE_SIMHM_FWD", raising=False)
-    base = torch.ops.distilpose.simhm_loss_ext_fwd(c, s, sc, t, w, True)
-    monkeypatch.setenv("DISTILPOSE_SIMHM_FWD", "persistent")
-    pers = torch.ops.distilpose.simhm_loss_ext_fwd(c, s, sc, t, w, True)
-    again = torch.ops.distilpose.simhm_loss_ext_fwd(c, s, sc, t, w, True)
+    op = torch.ops.distilpose.simhm_loss_ext_fwd
+    index = hm.SIMHM_FWD_KERNELS.index(kernel)
+    base = op(c, s, sc, t, w, True, 0)
+    got = op(c, s, sc, t, w, True, index)
+    again = op(c, s, sc, t, w, True, index)
     torch.cuda.synchronize()
-    for name, a, b, a2 in zip(("reg2hm", "score", "stats", "joint_w2"), pers, base, again):
+    tol = 1e-6 if kernel == "persistent" else 1e-5
+    for name, a, b, a2 in zip(("reg2hm", "score", "stats", "joint_w2"), got, base, again):
         assert torch.equal(a, a2), name  # deterministic
-        # the same source per map; equal up to the compiler's FMA contraction in each kernel
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()) + 1e-30, msg=name)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()) + 1e-30, msg=name)
+    monkeypatch.setenv("DISTILPOSE_SIMHM_FWD", kernel)
     want = _run("reference", (c, s, sc, t, w), "released", dtype=torch.float64)
     got = _run("cuda", (c, s, sc, t, w), "released")
     for a, b in zip(got, want):
         assert _rel_err(a, b) < 1e-5
+
+
+@pytest.mark.gpu
+@_cuda_ext
+def test_gpu_ext_auto_forward_kernel_is_timed_once_and_recorded(monkeypatch):
+    """DISTILPOSE_SIMHM_FWD=auto (the default): the first call of a shape times persistent
+    against blocks and pipelined against the winner (two recorded decisions, both agreeing),
+    later calls reuse the choice; results equal float64."""
+    monkeypatch.delenv("DISTILPOSE_SIMHM_FWD", raising=False)
+    monkeypatch.setattr(hm, "_FWD_KERNEL_CHOICES", {})
+    inputs = _cuda(_inputs(64, 17, 64, 48, seed=21))
+    n0 = len(dk.auto_choices())
+    got = _run(None, inputs, "released")
+    made = [d for d in dk.auto_choices()[n0:] if d["op"].startswith("simulated_heatmap_loss: the ")]
+    assert len(made) == 2 and all(d["why"] in ("faster", "slower") for d in made), made
+    assert len(hm._FWD_KERNEL_CHOICES) == 2
+    again = _run(None, inputs, "released")
+    assert len(hm._FWD_KERNEL_CHOICES) == 2  # no new decision
+    want = _run("reference", inputs, "released", dtype=torch.float64)
+    for a, a2, b in zip(got, again, want):
+        assert torch.equal(a, a2) and _rel_err(a, b) < 1e-5
 
 
 @pytest.mark.gpu

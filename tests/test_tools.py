@@ -126,6 +126,12 @@ def test_kernel_resources_tool_simhm_loss_issues_the_map_loads_first(tmp_path):
     # the opt-in persistent form (two maps' pixels per thread) without spills
     pers = [r for r in all_rows if r["kernel"] == "simhm_loss_fwd_persistent"]
     assert {r["dtype"] for r in pers} == {"fp32", "fp16", "bf16"} and all(r["stack"] == 0 for r in pers), pers
+    # the pipelined form: asynchronous copies (LDGSTS), no spills, and at 64 x 48 at least 3 blocks
+    # per SM (2 maps each in flight: over 64 KB requested per SM in fp32)
+    pipe = [r for r in all_rows if r["kernel"] == "simhm_loss_fwd_pipelined"]
+    assert {r["dtype"] for r in pipe} == {"fp32", "fp16", "bf16"}, pipe
+    for r in pipe:
+        assert r["stack"] == 0 and r["async_copies"] > 0 and r["blocks_per_sm_64x48"] >= 3, r
 
 
 def test_profile_ops_distill_cases_and_host_profile_run_on_cpu(monkeypatch):

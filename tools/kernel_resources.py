@@ -168,12 +168,17 @@ def simhm_loss_static(headers: str) -> List[dict]:
            for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+)", usage)}
     rows = []
     for name, lines in _sass_by_function(sass).items():
-        mp = re.search(r"simhm_loss_fwd_persistent_kernelI(f|6__half|13__nv_bfloat16)Li(\d+)E", name)
-        if mp:  # the opt-in persistent form: its resources (its next map's loads precede the math by design)
+        mp = re.search(r"simhm_loss_fwd_(persistent|pipelined)_kernelI(f|6__half|13__nv_bfloat16)Li(\d+)E", name)
+        if mp:  # the persistent / pipelined forms: their resources (they request maps ahead by design)
             regs, stack = res.get(name, (0, 0))
-            rows.append(dict(kernel="simhm_loss_fwd_persistent",
-                             dtype={"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}[mp.group(1)],
-                             vector=int(mp.group(2)), regs=regs, stack=stack, first_map_load=None, first_rcp=None,
+            async_copies = sum("LDGSTS" in ln for ln in lines)  # cp.async: the pipelined form's copies
+            extra = {}
+            if mp.group(1) == "pipelined":  # 256 threads, 3 stages of a 64 x 48 map, 640 B of reduction scratch
+                smem = 3 * 64 * 48 * {"f": 4}.get(mp.group(2), 2) + 640
+                extra = dict(threads=256, shared_64x48=smem, blocks_per_sm_64x48=occupancy(regs, 256, smem + 1024))
+            rows.append(dict(kernel=f"simhm_loss_fwd_{mp.group(1)}", async_copies=async_copies, **extra,
+                             dtype={"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}[mp.group(2)],
+                             vector=int(mp.group(3)), regs=regs, stack=stack, first_map_load=None, first_rcp=None,
                              map_loads_first=None))
             continue
         m = re.search(r"simhm_loss_fwd_kernelI(f|6__half|13__nv_bfloat16)Li(\d+)E", name)
@@ -235,7 +240,9 @@ def main(argv=None) -> int:
               "vs the first MUFU.RCP (needs the prediction)")
         for r in rows:
             if r["kernel"] != "simhm_loss_fwd":
-                print(f"{r['dtype']:>5} x{r['vector']}: {r['regs']} regs, stack {r['stack']} ({r['kernel']})")
+                occ = (f", {r['blocks_per_sm_64x48']} blocks/SM at 64 x 48 ({r['shared_64x48']} B shared), "
+                       f"{r['async_copies']} cp.async sites" if "blocks_per_sm_64x48" in r else "")
+                print(f"{r['dtype']:>5} x{r['vector']}: {r['regs']} regs, stack {r['stack']} ({r['kernel']}){occ}")
                 continue
             print(f"{r['dtype']:>5} x{r['vector']}: {r['regs']} regs, stack {r['stack']}, first map load "
                   f"{r['first_map_load']}, first RCP {r['first_rcp']}: "

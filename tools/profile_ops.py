@@ -146,6 +146,22 @@ def cases(dev: torch.device, want: Callable[[str], bool] = lambda name: True) ->
             hmt.TILE_OVERRIDE = old
 
     out.append(("simulated_heatmap_loss fwd+bwd N=256 triton default tile", loss_default_tile, loss_bytes))
+
+    def loss_forced(kernel: str):  # the extension with one forward kernel forced (the default times them)
+        def run():
+            old = os.environ.get("DISTILPOSE_SIMHM_FWD")
+            os.environ["DISTILPOSE_SIMHM_FWD"] = kernel
+            try:
+                return loss()
+            finally:
+                if old is None:
+                    del os.environ["DISTILPOSE_SIMHM_FWD"]
+                else:
+                    os.environ["DISTILPOSE_SIMHM_FWD"] = old
+        return run
+
+    for kernel in ("blocks", "persistent", "pipelined"):
+        out.append((f"simulated_heatmap_loss fwd+bwd N=256 {kernel}", loss_forced(kernel), loss_bytes))
     # soft-argmax forward N=256, DARK decode N=256
     x = (torch.randn(n, k, h, w, generator=g) * 3).to(dev)
     out.append(("soft_argmax fwd N=256", lambda: dk.soft_argmax(x), x.numel() * 4 + n * k * 3 * 4))

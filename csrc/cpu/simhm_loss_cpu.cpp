@@ -88,9 +88,10 @@ void simhm_finalize(const float* stats, int64_t N, int64_t K, int64_t HW, bool r
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_fwd_cpu(
     const at::Tensor& coords, const at::Tensor& sigma, const at::Tensor& score, const at::Tensor& teacher_heatmaps,
-    const at::Tensor& keypoint_weight, bool released) {
+    const at::Tensor& keypoint_weight, bool released, int64_t fwd_kernel) {
   const char* op = "simhm_loss_ext_fwd";
   check_simhm_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight, c10::DeviceType::CPU, op);
+  check_simhm_fwd_kernel(fwd_kernel, op);  // a CUDA choice: one CPU kernel serves them all
   const SimHMInputs in = prepare_simhm_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight);
   const int64_t N = in.N, K = in.K, NK = N * K;
   const int H = static_cast<int>(in.H), W = static_cast<int>(in.W);

@@ -5,6 +5,9 @@
 //                                    multiple of that or the maps are misaligned), up to
 //                                    kItems vectors in flight per thread, one exp2 per pixel,
 //                                    five block-reduced sums -> the map's 8 statistics
+//           simhm_loss_fwd_persistent_kernel / simhm_loss_fwd_pipelined_kernel: the same per-map
+//                                    math with the maps' loads kept in flight across maps
+//                                    (fwd_kernel 1 / 2; Python times the three once per shape)
 //           simhm_loss_finalize_kernel one block: per-joint sums over the batch (fixed order,
 //                                    deterministic) -> wk (K,) and the two losses
 // backward: simhm_loss_bwd_kernel    elementwise over N*K from the statistics
@@ -12,10 +15,10 @@
 // the tensors are checked in simhm_loss_cuda_ops.cpp.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 
 #include "../simhm_math.h"
@@ -29,6 +32,7 @@ namespace {
 constexpr int kItems = 4;           // vectors per thread per pass (loads issued before any math)
 constexpr int kMaxThreads = 256;    // forward block size cap
 constexpr int kFinalizeThreads = 1024;
+constexpr int kFinalizeUnroll = 4;     // samples per finalize thread whose loads are in flight together
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <typename T>
@@ -207,6 +211,116 @@ __global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_persistent_kernel(
   }
 }
 
+constexpr int kPipeStages = 3;     // maps per block in shared memory: this one and two in flight
+constexpr int kPipeThreads = 256;
+
+// Requests this block's share of map `src` (nvec 16-byte vectors) into shared memory `dst`
+// (asynchronous copies: cp.async on sm_80+, plain copies before that).
+__device__ __forceinline__ void stage_map_async(uint4* dst, const uint4* __restrict__ src, int nvec) {
+  for (int j = threadIdx.x; j < nvec; j += blockDim.x) __pipeline_memcpy_async(dst + j, src + j, sizeof(uint4));
+}
+
+// The prediction of map i: cx, cy, sx, sy, keypoint weight, score.
+__device__ __forceinline__ void load_prediction(const float* __restrict__ coords, const float* __restrict__ sigma,
+                                                const float* __restrict__ score, const float* __restrict__ kw, int i,
+                                                float (&p)[6]) {
+  p[0] = coords[2 * i], p[1] = coords[2 * i + 1], p[2] = sigma[2 * i], p[3] = sigma[2 * i + 1], p[4] = kw[i];
+  p[5] = score[i];
+}
+
+// The pipelined form of the forward (fwd_kernel 2). Each block takes a contiguous range of maps
+// (ranges differ by at most one map) and keeps kPipeStages - 1 maps ahead of the one it computes
+// in flight as asynchronous copies into shared memory: the memory system always has about
+// (kPipeStages - 1) * 12 KB (fp32 64 x 48) per block requested, whatever the math and the
+// block reduction take, and no registers hold them. Per map the arithmetic of
+// simhm_loss_fwd_kernel (one exp2 per pixel, the same five sums); only the split of the pixels
+// among the threads differs (equal statistics up to fp32 summation order; deterministic).
+// Needs 16-byte vectors (W % V == 0, a 16-byte aligned teacher).
+template <typename T, int V>
+__global__ void __launch_bounds__(kPipeThreads) simhm_loss_fwd_pipelined_kernel(
+    const float* __restrict__ coords, const float* __restrict__ sigma, const float* __restrict__ score,
+    const float* __restrict__ kw, const T* __restrict__ teacher, float* __restrict__ stats, int NK, int H, int W) {
+  extern __shared__ uint4 pipe_stage[];  // kPipeStages maps of nvec vectors each
+  __shared__ float red[5][32];
+  const int HW = H * W, nvec = HW / V;
+  const int nblocks = static_cast<int>(gridDim.x), b = static_cast<int>(blockIdx.x);
+  const int per = NK / nblocks, rem = NK % nblocks;
+  const int begin = b * per + (b < rem ? b : rem);
+  const int count = per + (b < rem ? 1 : 0);
+  const uint4* src = reinterpret_cast<const uint4*>(teacher);  // map i: vectors [i * nvec, (i + 1) * nvec)
+#pragma unroll
+  for (int s = 0; s < kPipeStages - 1; ++s) {
+    if (s < count) stage_map_async(pipe_stage + s * nvec, src + static_cast<int64_t>(begin + s) * nvec, nvec);
+    __pipeline_commit();  // one group per map, empty ones included: wait_prior counts groups
+  }
+  float p[6] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  if (count > 0) load_prediction(coords, sigma, score, kw, begin, p);
+  // a thread's vectors j = t, t + blockDim, ...: their first pixel's row and column, and the step
+  const int e0 = static_cast<int>(threadIdx.x) * V;
+  const int row0 = e0 / W, col0 = e0 - row0 * W;
+  const int step = static_cast<int>(blockDim.x) * V, drow = step / W, dcol = step - drow * W;
+  for (int it = 0; it < count; ++it) {
+    const int i = begin + it;
+    const int ahead = it + kPipeStages - 1;
+    if (ahead < count)
+      stage_map_async(pipe_stage + (ahead % kPipeStages) * nvec, src + static_cast<int64_t>(begin + ahead) * nvec,
+                      nvec);
+    __pipeline_commit();
+    float pn[6] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (it + 1 < count) load_prediction(coords, sigma, score, kw, i + 1, pn);  // arrives during this map
+    __pipeline_wait_prior(kPipeStages - 1);  // this thread's copies of map `it` have landed
+    __syncthreads();                         // ... and every other thread's
+    const uint4* cur = pipe_stage + (it % kPipeStages) * nvec;
+    const SimHMMap m = simhm_map(p[0], p[1], p[2], p[3], p[4], p[5], H, W);
+    const float kx = -0.5f * kLog2e * m.inv_ax, ky = -0.5f * kLog2e * m.inv_ay;
+    float tv = 0.f;
+    if (threadIdx.x == 0) {
+      const int64_t px = simhm_score_pixel(m, H, W);
+      if (px >= 0) tv = vec_widen(reinterpret_cast<const T*>(cur)[px]);
+    }
+    float acc[5] = {0.f, 0.f, 0.f, 0.f, 0.f};  // S, X1, X2, Y1, Y2
+    int row = row0, col = col0;
+    for (int j = threadIdx.x; j < nvec; j += blockDim.x) {
+      T tmp[V];
+      *reinterpret_cast<uint4*>(tmp) = cur[j];
+      const float dy = static_cast<float>(row) - m.muy;
+      const float ey = ky * dy * dy;
+      float q_row = 0.f;
+#pragma unroll
+      for (int c = 0; c < V; ++c) {
+        const float dx = static_cast<float>(col + c) - m.mux;
+        const float g = vec_exp2(fmaf(kx * dx, dx, ey)) * m.in_grid;
+        const float r = g - vec_widen(tmp[c]);
+        acc[0] = fmaf(r, r, acc[0]);
+        const float q = r * g;
+        const float qd = q * dx;
+        acc[1] += qd;
+        acc[2] = fmaf(qd, dx, acc[2]);
+        q_row += q;
+      }
+      acc[3] = fmaf(q_row, dy, acc[3]);
+      acc[4] = fmaf(q_row * dy, dy, acc[4]);
+      col += dcol;
+      row += drow;
+      if (col >= W) {
+        col -= W;
+        ++row;
+      }
+    }
+    // its barrier also orders this map's reads of `cur` before the next iteration's copies into it
+    block_sum<5>(acc, red);
+    if (threadIdx.x == 0) {
+      float out[kSimHMNumStats];
+      simhm_map_stats(m, acc[0], acc[1], acc[3], acc[2], acc[4], tv, H, W, out);
+#pragma unroll
+      for (int s = 0; s < kSimHMNumStats; ++s) stats[static_cast<int64_t>(s) * NK + i] = out[s];
+    }
+#pragma unroll
+    for (int q = 0; q < 6; ++q) p[q] = pn[q];
+  }
+  __pipeline_wait_prior(0);  // no copy outlives the block (only empty groups are left by now)
+}
+
 // One block. Joints in chunks of kc <= blockDim; each thread owns (joint k0 + t % kc, slice
 // t / kc) and sums its slice of the batch; slices are then added in a fixed order.
 __global__ void __launch_bounds__(kFinalizeThreads) simhm_loss_finalize_kernel(const float* __restrict__ stats, int N,
@@ -226,13 +340,27 @@ __global__ void __launch_bounds__(kFinalizeThreads) simhm_loss_finalize_kernel(c
     const int kk = t % kc, slice = t / kc, k = k0 + kk;
     float w2 = 0.f, s = 0.f, e = 0.f;
     if (slice < slices && k < K) {
-      for (int n = slice; n < N; n += slices) {
-        const int64_t idx = static_cast<int64_t>(n) * K + k;
-        const float w = stats[kStWreg * NK + idx];
-        const float si = stats[kStS * NK + idx];
-        w2 = fmaf(w, w, w2);
-        s += released ? si : w * w * si;
-        e += fabsf(stats[kStErr * NK + idx]);
+      // kFinalizeUnroll samples' loads are issued before their sums (a loop of one load round
+      // trip per sample took most of this kernel's time); the sums keep the order n = slice,
+      // slice + slices, ...
+      for (int n0 = slice; n0 < N; n0 += kFinalizeUnroll * slices) {
+        float wv[kFinalizeUnroll], sv[kFinalizeUnroll], ev[kFinalizeUnroll];
+#pragma unroll
+        for (int u = 0; u < kFinalizeUnroll; ++u) {
+          const int n = n0 + u * slices;
+          const int64_t idx = static_cast<int64_t>(n < N ? n : 0) * K + k;
+          wv[u] = stats[kStWreg * NK + idx];
+          sv[u] = stats[kStS * NK + idx];
+          ev[u] = stats[kStErr * NK + idx];
+        }
+#pragma unroll
+        for (int u = 0; u < kFinalizeUnroll; ++u) {
+          if (n0 + u * slices < N) {
+            w2 = fmaf(wv[u], wv[u], w2);
+            s += released ? sv[u] : wv[u] * wv[u] * sv[u];
+            e += fabsf(ev[u]);
+          }
+        }
       }
     }
     part[0][t] = w2;
@@ -283,43 +411,70 @@ int fwd_threads(int nvec) {
   return t < 32 ? 32 : (t > kMaxThreads ? kMaxThreads : t);
 }
 
-// DISTILPOSE_SIMHM_FWD=persistent selects the persistent forward (read per launch, so one
-// process can time both; a CUDA graph keeps the kernel it captured).
-bool persistent_forward_requested() {
-  const char* v = std::getenv("DISTILPOSE_SIMHM_FWD");
-  return v != nullptr && std::strcmp(v, "persistent") == 0;
-}
-
-// Blocks of the persistent forward: as many as are resident at once on the current device.
-template <typename T, int V>
-cudaError_t persistent_grid(int threads, int64_t nk, int* grid) {
+// Blocks of the persistent / pipelined forward: as many as are resident at once on the current
+// device (never more than the maps).
+template <typename Kernel>
+cudaError_t resident_grid(Kernel kernel, int threads, size_t smem, int64_t nk, int* grid) {
   int dev = 0, sms = 0, per_sm = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, simhm_loss_fwd_persistent_kernel<T, V>, threads, 0);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
   if (err != cudaSuccess) return err;
   const int64_t g = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
   *grid = static_cast<int>(g < nk ? g : nk);
   return cudaSuccess;
 }
 
+// The pipelined kernel's shared memory for maps of hw pixels, or 0 when it does not fit on
+// this device (the caller then runs the one-block-per-map kernel).
+template <typename T, int V>
+size_t pipelined_smem(int hw) {
+  const size_t bytes = static_cast<size_t>(kPipeStages) * static_cast<size_t>(hw / V) * 16;
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    cudaGetLastError();  // clear the error: the fallback kernel runs instead
+    return 0;
+  }
+  // 5 * 32 floats of static shared memory for the block reduction
+  if (bytes + 5 * 32 * sizeof(float) > static_cast<size_t>(optin)) return 0;
+  if (bytes > 48 * 1024 &&
+      cudaFuncSetAttribute(simhm_loss_fwd_pipelined_kernel<T, V>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(bytes)) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return bytes;
+}
+
 template <typename T>
 cudaError_t launch_fwd_t(const float* coords, const float* sigma, const float* score, const float* kw,
-                         const void* teacher, int64_t nk, int64_t H, int64_t W, float* stats, cudaStream_t stream) {
+                         const void* teacher, int64_t nk, int64_t H, int64_t W, float* stats, int fwd_kernel,
+                         cudaStream_t stream) {
   constexpr int V = VecTraits<T>::kElems;
   const T* tp = static_cast<const T*>(teacher);
   const bool vec = (W % V == 0) && (reinterpret_cast<uintptr_t>(tp) % 16 == 0);
   const int hw = static_cast<int>(H * W);
   // the persistent form holds one pass of a map per thread: maps of at most kMaxThreads * kItems vectors
-  if (vec && persistent_forward_requested() && hw / V <= kMaxThreads * kItems) {
+  if (vec && fwd_kernel == kSimHMFwdPersistent && hw / V <= kMaxThreads * kItems) {
     const int threads = fwd_threads(hw / V);
     int grid = 0;
-    const cudaError_t err = persistent_grid<T, V>(threads, nk, &grid);
+    const cudaError_t err = resident_grid(simhm_loss_fwd_persistent_kernel<T, V>, threads, 0, nk, &grid);
     if (err != cudaSuccess) return err;
     simhm_loss_fwd_persistent_kernel<T, V><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
         coords, sigma, score, kw, tp, stats, static_cast<int>(nk), static_cast<int>(H), static_cast<int>(W));
     return cudaGetLastError();
+  }
+  if (vec && fwd_kernel == kSimHMFwdPipelined) {
+    const size_t smem = pipelined_smem<T, V>(hw);
+    int grid = 0;
+    if (smem > 0 &&
+        resident_grid(simhm_loss_fwd_pipelined_kernel<T, V>, kPipeThreads, smem, nk, &grid) == cudaSuccess) {
+      simhm_loss_fwd_pipelined_kernel<T, V><<<static_cast<unsigned>(grid), kPipeThreads, smem, stream>>>(
+          coords, sigma, score, kw, tp, stats, static_cast<int>(nk), static_cast<int>(H), static_cast<int>(W));
+      return cudaGetLastError();
+    }
+    cudaGetLastError();  // not resident on this device: the one-block-per-map kernel below
   }
   if (vec) {
     simhm_loss_fwd_kernel<T, V><<<static_cast<unsigned>(nk), fwd_threads(hw / V), 0, stream>>>(
@@ -335,19 +490,19 @@ cudaError_t launch_fwd_t(const float* coords, const float* sigma, const float* s
 
 cudaError_t launch_simhm_loss_fwd(DType teacher_dtype, const float* coords, const float* sigma, const float* score,
                                   const float* kw, const void* teacher, int64_t N, int64_t K, int64_t H, int64_t W,
-                                  bool released, float* stats, float* wk, float* reg, float* sl,
-                                  cudaStream_t stream) {
+                                  bool released, int fwd_kernel, float* stats, float* wk, float* reg,
+                                  float* sl, cudaStream_t stream) {
   const int64_t nk = N * K;
   cudaError_t err;
   switch (teacher_dtype) {
     case DType::kFloat32:
-      err = launch_fwd_t<float>(coords, sigma, score, kw, teacher, nk, H, W, stats, stream);
+      err = launch_fwd_t<float>(coords, sigma, score, kw, teacher, nk, H, W, stats, fwd_kernel, stream);
       break;
     case DType::kFloat16:
-      err = launch_fwd_t<__half>(coords, sigma, score, kw, teacher, nk, H, W, stats, stream);
+      err = launch_fwd_t<__half>(coords, sigma, score, kw, teacher, nk, H, W, stats, fwd_kernel, stream);
       break;
     case DType::kBFloat16:
-      err = launch_fwd_t<__nv_bfloat16>(coords, sigma, score, kw, teacher, nk, H, W, stats, stream);
+      err = launch_fwd_t<__nv_bfloat16>(coords, sigma, score, kw, teacher, nk, H, W, stats, fwd_kernel, stream);
       break;
     default:
       return cudaErrorInvalidValue;  // float64 teachers are converted by the caller

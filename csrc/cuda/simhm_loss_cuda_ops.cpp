@@ -17,9 +17,10 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_fwd_cuda(
     const at::Tensor& coords, const at::Tensor& sigma, const at::Tensor& score, const at::Tensor& teacher_heatmaps,
-    const at::Tensor& keypoint_weight, bool released) {
+    const at::Tensor& keypoint_weight, bool released, int64_t fwd_kernel) {
   const char* op = "simhm_loss_ext_fwd";
   check_simhm_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight, c10::DeviceType::CUDA, op);
+  check_simhm_fwd_kernel(fwd_kernel, op);
   const c10::cuda::CUDAGuard guard(teacher_heatmaps.device());
   const SimHMInputs in = prepare_simhm_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight);
   const SimHMFwdOut out(in);
@@ -29,6 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_fwd_cu
   C10_CUDA_CHECK(cuda::launch_simhm_loss_fwd(
       dt, in.coords.const_data_ptr<float>(), in.sigma.const_data_ptr<float>(), in.score.const_data_ptr<float>(),
       in.kw.const_data_ptr<float>(), in.teacher.const_data_ptr(), in.N, in.K, in.H, in.W, released,
+      static_cast<int>(fwd_kernel),
       out.stats.data_ptr<float>(), out.wk.data_ptr<float>(), out.reg.data_ptr<float>(), out.sl.data_ptr<float>(),
       c10::cuda::getCurrentCUDAStream()));
   return out.result(coords.scalar_type(), score.scalar_type());
