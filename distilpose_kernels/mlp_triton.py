@@ -152,6 +152,23 @@ TUNE_TILES = (GemmTile(128, 64, 32, 4, 3), GemmTile(64, 64, 32, 4, 3), GemmTile(
 SPLIT_TILES = (GemmTile(32, 64, 32, 4, 3, 2), GemmTile(32, 64, 32, 4, 3, 3), GemmTile(32, 64, 32, 4, 3, 8))
 
 
+#: a GEMM split tile of more than 3 slices is a candidate only when each slice keeps at least
+#: this many of K (long reductions); the workspace of the others stays at 3 x M x N
+LONG_SPLIT_MIN_K = 128
+
+
+def _split_allowed(slices: int, k: int) -> bool:
+    return slices <= 3 or k // slices >= LONG_SPLIT_MIN_K
+
+
+def _prune_gemm_splits(configs, named_args, **kwargs):
+    """The GEMM autotuner's early prune: the same rule as the workspace (``_candidates``), so it
+    never launches a tile whose partials the workspace cannot hold."""
+    k = named_args["K"]
+    kept = [c for c in configs if _split_allowed(c.kwargs["SPLIT_K"], k)]
+    return kept or configs[:1]
+
+
 class _Family(NamedTuple):
     """One kernel's launch candidates: ``kernel()`` the kernel (looked up at launch: tests swap in
     a spy), ``config(tile)`` its constexprs, ``slices(tile)`` how many
@@ -170,24 +187,29 @@ class _Family(NamedTuple):
     tuned_small: object
 
 
-def _family(kernel, config, slices, counts, tiles, split_tiles, key, default=None) -> _Family:
+def _family(kernel, config, slices, counts, tiles, split_tiles, key, default=None, prune=None) -> _Family:
     def tuner(ts):
         if _INTERPRET:
             return None
+        extra = dict(prune_configs_by={"early_config_prune": prune}) if prune else {}
         return triton.autotune([triton.Config(config(t), num_warps=t.num_warps, num_stages=t.num_stages) for t in ts],
-                               key=key)(kernel())
+                               key=key, **extra)(kernel())
 
     return _Family(kernel, config, slices, counts, tiles, split_tiles, default or tiles[0], tuner(tiles),
                    tuner(tiles + split_tiles))
 
 
-def _candidates(fam: _Family, override, m: int, on_gpu: bool) -> tuple:
+def _candidates(fam: _Family, override, m: int, on_gpu: bool, k: Optional[int] = None) -> tuple:
     """(autotuner or None, the tiles it may launch): on a GPU the autotuner (with the split tiles
-    up to SPLIT_MAX_ROWS rows), else the override or the default tile."""
+    up to SPLIT_MAX_ROWS rows; given ``k``, the GEMM's long-split tiles only for long
+    reductions, as its autotuner prunes them), else the override or the default tile."""
     small = m <= SPLIT_MAX_ROWS
     tuned = fam.tuned_small if small else fam.tuned
     if tuned is not None and override is None and on_gpu:
-        return tuned, fam.tiles + (fam.split_tiles if small else ())
+        splits = fam.split_tiles if small else ()
+        if k is not None:
+            splits = tuple(t for t in splits if _split_allowed(fam.slices(t), k))
+        return tuned, fam.tiles + splits
     return None, (override or fam.default,)
 
 
@@ -216,7 +238,7 @@ def _gemm_config(t: GemmTile) -> dict:
 
 _GEMM = _family(lambda: _linear_gelu_kernel, _gemm_config, lambda t: t.split_k,
                 lambda t, m, n: cdiv(m, t.block_m) * cdiv(n, t.block_n),  # one counter per output tile
-                TUNE_TILES, SPLIT_TILES, ["M", "N", "K", "GELU", "PRECISION"], DEFAULT_TILE)
+                TUNE_TILES, SPLIT_TILES, ["M", "N", "K", "GELU", "PRECISION"], DEFAULT_TILE, prune=_prune_gemm_splits)
 _TUNED, _TUNED_SMALL = _GEMM.tuned, _GEMM.tuned_small
 
 
@@ -237,7 +259,7 @@ def linear_gelu_forward(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         z = (bias.float() if bias is not None else torch.zeros(n, device=x2.device)).expand(m, n)
         y.copy_(torch.nn.functional.gelu(z) if gelu else z)
         return y
-    tuned, tiles = _candidates(_GEMM, TILE_OVERRIDE, m, x2.is_cuda)
+    tuned, tiles = _candidates(_GEMM, TILE_OVERRIDE, m, x2.is_cuda, k)
     ws, count = _split_workspace(_GEMM, tiles, m, n, x2.device, y)
     args = (x2, weight, bias if bias is not None else weight, y, ws, count, m, n, k,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1))

@@ -553,6 +553,32 @@ def test_linear_add_norm_split_tiles_only_below_the_row_limit(monkeypatch):
         assert len(mt._MLP_TUNED_SMALL.configs) == len(mt.MLP_TUNE_TILES) + len(mt.MLP_SPLIT_TILES)
 
 
+def test_gemm_long_split_tiles_only_for_long_reductions():
+    """The GEMM's 8-slice tile (for the patch embedding's K = 3,072) is a candidate only for long
+    reductions: the workspace (sized from _candidates' tiles) and the autotuner's early prune
+    follow one rule, so the tuner never launches a tile the workspace cannot hold, and the TDE's
+    K = 192 / 576 GEMMs keep a 3 x M x N workspace."""
+    import triton
+
+    from distilpose_kernels import mlp_triton as mt
+
+    assert max(t.split_k for t in mt.SPLIT_TILES) > 3  # there is a long-split tile to gate
+    fam = mt._GEMM._replace(tuned_small=object())  # stands for the GPU autotuner
+    configs = [triton.Config(mt._gemm_config(t), num_warps=t.num_warps, num_stages=t.num_stages)
+               for t in mt.TUNE_TILES + mt.SPLIT_TILES]
+    for k in (24, 192, 576, 1023, 1024, 3072):
+        tuned, tiles = mt._candidates(fam, None, 546, True, k)
+        assert tuned is fam.tuned_small
+        workspace_slices = {t.split_k for t in tiles}
+        tuner_slices = {c.kwargs["SPLIT_K"] for c in mt._prune_gemm_splits(configs, {"K": k})}
+        assert tuner_slices == workspace_slices, k
+        assert (max(workspace_slices) > 3) == (k >= 1024), (k, workspace_slices)
+    _, tiles = mt._candidates(fam, None, 546, True, None)  # no K given: every split tile
+    assert {t.split_k for t in tiles} == {t.split_k for t in mt.TUNE_TILES + mt.SPLIT_TILES}
+    _, tiles = mt._candidates(fam, None, mt.SPLIT_MAX_ROWS + 1, True, 3072)  # large M: no split tiles
+    assert all(t.split_k == 1 for t in tiles)
+
+
 @pytest.mark.parametrize("op", list(ADD_NORM_OPS))
 def test_add_norm_ops_low_precision_and_mixed_dtypes(op):
     """bf16 activations with fp32 LayerNorm weights and position table (as under autocast):
