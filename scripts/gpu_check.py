@@ -460,8 +460,9 @@ def _find_cuda_tool(name: str) -> Optional[str]:
     return next((c for c in cands if c and os.path.exists(c)), None)
 
 
-def _sanitize(r: Runner, cs: str, args: List[str], limit: float, env: Dict[str, str]) -> Dict[str, Any]:
-    res = r.sh([cs, "--tool", "memcheck", "--error-exitcode", "86", "--target-processes", "all", *PYTEST, *args,
+def _sanitize(r: Runner, cs: str, args: List[str], limit: float, env: Dict[str, str],
+              tool: str = "memcheck") -> Dict[str, Any]:
+    res = r.sh([cs, "--tool", tool, "--error-exitcode", "86", "--target-processes", "all", *PYTEST, *args,
                 "-q", "-rfEs"], limit, env=env)
     counts = parse_pytest_summary(res["text"])
     m = re.search(r"ERROR SUMMARY: (\d+) error", res["text"])
@@ -480,20 +481,25 @@ def _sanitize(r: Runner, cs: str, args: List[str], limit: float, env: Dict[str, 
 def stage_sanitizer(r: Runner, st: Stage, limit: float) -> Dict[str, Any]:
     """memcheck on the CUDA extension's GPU tests (caching allocator off, so out-of-bounds
     accesses inside cached blocks are seen) and on the CUDA-graph tests (caching on: a capture
-    cannot cudaMalloc)."""
+    cannot cudaMalloc); racecheck (shared-memory hazards) on the loss forwards that stream maps
+    through shared memory, at a size where each block's ring of stages wraps around."""
     cs = _find_cuda_tool("compute-sanitizer")
     if cs is None:
         return {"status": "skipped", "why": "compute-sanitizer not found"}
     t0 = time.monotonic()
+    race = _sanitize(r, cs, ["tests/test_heatmap_ext.py", "-m", "gpu", "-k", "racecheck"], 0.15 * limit, r.env,
+                     tool="racecheck")
     ext = _sanitize(r, cs, ["tests/test_decode.py", "tests/test_heatmap_ext.py", "tests/test_targets.py", "-m", "gpu", "-k",
-                                "not cuda_graph and not (ext_loss_vs_float64 and (256 or 1100 or float16))"],
-                    0.55 * limit, dict(r.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1"))
+                                "not cuda_graph and not racecheck and "
+                                "not (ext_loss_vs_float64 and (256 or 1100 or float16))"],
+                    0.5 * limit, dict(r.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1"))
     graphs = _sanitize(r, cs, ["tests/test_gpu_kernels.py", "tests/test_heatmap_ext.py", "-m", "gpu", "-k", "cuda_graph"],
                        max(10.0, limit - (time.monotonic() - t0)), r.env)
-    return {"status": "ok" if ext["status"] == "ok" and graphs["status"] == "ok" else "fail",
-            "counts": _sum_counts(ext, graphs),
-            "sanitizer_errors": (ext["sanitizer_errors"] or 0) + (graphs["sanitizer_errors"] or 0),
-            "extension": ext, "cuda_graphs": graphs, "seconds": round(time.monotonic() - t0, 1)}
+    parts = (race, ext, graphs)
+    return {"status": "ok" if all(p["status"] == "ok" for p in parts) else "fail",
+            "counts": _sum_counts(*parts),
+            "sanitizer_errors": sum(p["sanitizer_errors"] or 0 for p in parts),
+            "racecheck": race, "extension": ext, "cuda_graphs": graphs, "seconds": round(time.monotonic() - t0, 1)}
 
 
 #: tools/ncu_cases.py cases, in order (the stage keeps what finished)

@@ -381,6 +381,24 @@ def test_gpu_ext_forward_kernels_match_and_repeat(shape, teacher_dtype, kernel, 
 
 @pytest.mark.gpu
 @_cuda_ext
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_ext_pipelined_ring_wraps_racecheck(teacher_dtype):
+    """The pipelined forward where every block streams more maps than its ring has stages (small
+    maps, many of them: each block's stages are reused several times), against the one-block-per-map
+    kernel. Small on purpose: gpu_check's sanitizer stage runs it under racecheck (the barrier
+    that orders a stage's reads before the next copies into it)."""
+    props = torch.cuda.get_device_properties(0)
+    n = 8 * props.multi_processor_count  # 17 maps each: over 4 blocks per SM, several maps per block
+    c, s, sc, t, w = _cuda(_inputs(n, 17, 16, 12, seed=31, teacher_dtype=teacher_dtype))
+    op = torch.ops.distilpose.simhm_loss_ext_fwd
+    base = op(c, s, sc, t, w, False, 0)
+    got = op(c, s, sc, t, w, False, 2)
+    for name, a, b in zip(("reg2hm", "score", "stats", "joint_w2"), got, base):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()) + 1e-30, msg=name)
+
+
+@pytest.mark.gpu
+@_cuda_ext
 def test_gpu_ext_auto_forward_kernel_is_timed_once_and_recorded(monkeypatch):
     """DISTILPOSE_SIMHM_FWD=auto (the default): the first call of a shape times persistent
     against blocks and pipelined against the winner (two recorded decisions, both agreeing),
