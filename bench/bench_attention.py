@@ -316,6 +316,39 @@ def test_attention_fp32_b1_graph_gpu(benchmark, monkeypatch, impl):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["two_ops", "fused", "auto"])
+def test_qkv_attention_b1_graph_gpu(benchmark, impl, dtype):
+    """The TDE's qkv projection + attention at the batch-1 flip shape (2 x 273 tokens, C = 192, 8
+    heads of 24; fp32 with TF32 off, or bf16) in a CUDA graph (device time): ``two_ops``: the
+    ``linear`` op (its own Triton / cuBLAS choice) then ``token_attention`` (what the engine ran
+    before ``fuse_qkv``); ``fused``: ``qkv_attention``'s kernel (autotuned; its config in
+    extra_info); ``auto``: the op's timed choice between them (what the engine runs)."""
+    from benchutils import cuda_graph
+    from distilpose_kernels import attention_triton as at
+
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False  # restored by bench/conftest.py
+    dt = torch.float32 if dtype == "fp32" else torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(2, L, C, device=dev, generator=g).to(dt)
+    w = (torch.randn(3 * C, C, device=dev, generator=g) * C ** -0.5).to(dt)
+    f = {"two_ops": lambda: dk.token_attention(dk.linear(x, w), H),
+         "fused": lambda: dk.qkv_attention(x, w, H, backend="triton"),
+         "auto": lambda: dk.qkv_attention(x, w, H)}[impl]
+    with torch.inference_mode():
+        n0 = len(dk.auto_choices())
+        graph = cuda_graph(f)  # warm-up (autotune, "auto" on device time) outside the capture
+        extra = {"auto_choices": dk.auto_choices()[n0:]}
+        if impl == "fused" and at._QKV_ATTN_TUNED is not None:
+            extra["config"] = str(getattr(at._QKV_ATTN_TUNED, "best_config", None))
+        benchmark.group = f"qkv + attention fwd {dtype} B=2 (CUDA graph)"
+        flops = 2.0 * 2 * L * C * 3 * C + attention_flops(2, L, H, D, "fwd")
+        run_benchmark(benchmark, graph, device=dev, flops=flops, impl=impl, batch=2, dtype=dtype,
+                      op="qkv_attention_b1", cuda_graph=True, **extra)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", ["proj", "fc2", "mlp"])
 @pytest.mark.parametrize("impl", ["eager", "rows", "tuned", "auto", "gemms"])
 def test_add_norm_fp32_b1_graph_gpu(benchmark, monkeypatch, impl, case):

@@ -102,6 +102,7 @@ def _engine(model, device, path: str, flip: str, precision: str) -> InferenceEng
         triton_linears=False if path.endswith(("_plain", "_ieee")) else None,
         mlp_kernel=False if path.endswith(("_plain", "_nomlpk")) else (True if path.endswith("_mlpk") else None),
         fuse_add_norm=False if path.endswith("_plain") else None,
+        fuse_qkv=False if path.endswith(("_plain", "_noqkv")) else None,
         cast_model="_cast" in path,
         channels_last="_cl" in path,
         compile="compile" in path,
@@ -206,7 +207,7 @@ def cuda_device():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "preset,flip,path",
-    _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32", "cudagraph_ieee", "cudagraph_nomlpk",
+    _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32", "cudagraph_ieee", "cudagraph_nomlpk", "cudagraph_noqkv",
                                                                     "cudagraph_noepi", "cudagraph_plain",
                                                                     "compile_cudagraph_ops")],
 )

@@ -283,7 +283,7 @@ def fuse_conv_epilogues(model: nn.Module, inplace: bool = False, backend: Option
 
 
 #: the TDE modules' inference switches (TokenDistillingEncoder, Mlp, TokenAttentionBlock)
-TDE_FUSION_FLAGS = ("fuse_pos_norm", "fuse_add_norm", "fuse_gelu", "triton_linears", "mlp_kernel")
+TDE_FUSION_FLAGS = ("fuse_pos_norm", "fuse_add_norm", "fuse_gelu", "triton_linears", "mlp_kernel", "fuse_qkv")
 
 
 def set_tde_fusions(model: nn.Module, **flags: bool) -> nn.Module:

@@ -188,6 +188,10 @@ class InferenceEngine:
             reference ops, and ``linear_gelu`` + ``linear(_add_norm)`` (two GEMMs, each with its
             own choice); it replaces ``fuse_mlp`` / ``triton_linears`` inside the MLP. Default:
             on unless ``compile``.
+        fuse_qkv: run each TDE attention's qkv projection inside the attention kernel
+            (``distilpose_kernels.qkv_attention``: no (N, L, 3C) qkv tensor, one launch instead
+            of two; used on CUDA where it is timed faster than the Linear + attention ops).
+            Default: on unless ``compile``.
         attention_backend: set on every module with a ``backend`` attribute (the TDE's
             attention): None/"auto", "reference" or "triton".
         compile: ``torch.compile`` the step (``compile_mode``, e.g. "default", "max-autotune-no-cudagraphs").
@@ -217,6 +221,7 @@ class InferenceEngine:
         triton_linears: Optional[bool] = None,
         fuse_add_norm: Optional[bool] = None,
         mlp_kernel: Optional[bool] = None,
+        fuse_qkv: Optional[bool] = None,
         attention_backend: Optional[str] = None,
         compile: bool = False,
         compile_mode: Optional[str] = None,
@@ -269,10 +274,12 @@ class InferenceEngine:
         if mlp_kernel is None:
             mlp_kernel = not compile
         self.mlp_kernel = bool(mlp_kernel)
+        self.fuse_qkv = (not compile) if fuse_qkv is None else bool(fuse_qkv)
         from .fuse import set_tde_fusions
 
         set_tde_fusions(model, fuse_pos_norm=self.fuse_pos_norm, fuse_add_norm=self.fuse_add_norm,
-                        fuse_gelu=self.fuse_mlp, triton_linears=self.triton_linears, mlp_kernel=self.mlp_kernel)
+                        fuse_gelu=self.fuse_mlp, triton_linears=self.triton_linears, mlp_kernel=self.mlp_kernel,
+                        fuse_qkv=self.fuse_qkv)
         if attention_backend is not None:
             _set_attention_backend(model, None if attention_backend == "auto" else attention_backend)
         from .models.heads import RegressionHead
@@ -508,6 +515,7 @@ class InferenceEngine:
             f"precision={self.precision}, cast_model={self.cast_model}, flip_test={self.flip_test}, fold_bn={self.fold_bn}, "
             f"fuse_epilogues={self.fuse_epilogues}, fuse_pos_norm={self.fuse_pos_norm}, fuse_mlp={self.fuse_mlp}, "
             f"triton_linears={self.triton_linears}, fuse_add_norm={self.fuse_add_norm}, mlp_kernel={self.mlp_kernel}, "
+            f"fuse_qkv={self.fuse_qkv}, "
             f"compile={self.compiled}, cuda_graph={self.cuda_graph})"
         )
 

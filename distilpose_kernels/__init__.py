@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "token_attention": "attention",
     "token_attention_reference": "attention",
+    "qkv_attention": "attention",
+    "qkv_attention_reference": "attention",
     "TokenAttention": "attention",
     "add_pos_layernorm": "attention",
     "add_pos_layernorm_reference": "attention",

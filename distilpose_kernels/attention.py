@@ -3,6 +3,10 @@
 Public API
 - ``token_attention(qkv, num_heads, scale=None, backend=None)``: (N, L, 3C) -> (N, L, C).
 - ``token_attention_reference``: the original two-einsum formulation (pure PyTorch).
+- ``qkv_attention(x, weight, num_heads, scale=None, bias=None, backend=None)``:
+  ``token_attention(F.linear(x, weight, bias), ...)`` with the qkv projection inside the
+  attention kernel (inference: no (N, L, 3C) qkv tensor, one launch instead of two);
+  ``qkv_attention_reference`` its PyTorch form.
 - ``TokenAttention``: drop-in multi-head self-attention module (qkv Linear -> op -> proj).
 - ``add_pos_layernorm(x, pos, weight, bias, eps=1e-5, backend=None, residual=None)``: the TDE's
   "sine-full" step fused: x_out = x [+ residual] with ``pos`` (or None) added to its last P
@@ -32,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._utils import annotate, check_same_device, check_tensor, lazy_module, select_triton_backend
+from ._utils import (agrees_at_dtype, annotate, check_same_device, check_tensor, fp32_dot_precision, lazy_module,
+                     select_triton_backend, timed_choice)
 
 #: dtypes the Triton kernels accept (the reference accepts any floating dtype).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -205,6 +210,110 @@ def token_attention(
     if torch.compiler.is_compiling():
         return _token_attention_fwd(qkv, num_heads, scale)[0]
     return _TokenAttentionFunction.apply(qkv, num_heads, scale)
+
+
+# ============================================================================ qkv projection + attention
+
+
+def _check_qkv_attention(x, weight, bias, num_heads) -> Tuple[int, int]:
+    check_tensor("x", x, ndim=3, floating=True)
+    c = x.shape[-1]
+    check_tensor("weight", weight, shape=(3 * c, c), floating=True)
+    if bias is not None:
+        check_tensor("bias", bias, shape=(3 * c,), floating=True)
+    check_same_device(x=x, weight=weight, **({} if bias is None else {"bias": bias}))
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+    if c % num_heads != 0:
+        raise ValueError(f"num_heads: {num_heads} does not divide the width C={c} of x")
+    return c, c // num_heads
+
+
+def qkv_attention_reference(x: torch.Tensor, weight: torch.Tensor, num_heads: int, scale: Optional[float] = None,
+                            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``token_attention_reference(F.linear(x, weight, bias), num_heads, scale)``."""
+    _check_qkv_attention(x, weight, bias, num_heads)
+    return token_attention_reference(F.linear(x, weight, bias), num_heads, scale)
+
+
+@torch.library.custom_op("distilpose::qkv_attention_fwd", mutates_args=())
+def _qkv_attention_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int,
+                       scale: float) -> torch.Tensor:
+    """The fused forward (no autograd: ``qkv_attention`` runs the two ops when a gradient is needed)."""
+    return _triton_module().qkv_attention_forward(x, weight, bias, num_heads, scale)
+
+
+@_qkv_attention_fwd.register_fake
+def _(x, weight, bias, num_heads, scale):
+    return x.new_empty(x.shape)
+
+
+#: "auto" decisions of qkv_attention (timed_choice cache)
+_QKV_CHOICES: dict = {}
+
+
+def _qkv_two_ops(x, weight, bias, num_heads, scale, backend):
+    from .mlp import linear  # the library's GEMM op (its own "auto": Triton or cuBLAS)
+
+    qkv = linear(x, weight, bias, backend=backend) if backend != "reference" else F.linear(x, weight, bias)
+    return token_attention(qkv, num_heads, scale, backend=backend)
+
+
+@annotate("distilpose.qkv_attention")
+def qkv_attention(
+    x: torch.Tensor, weight: torch.Tensor, num_heads: int, scale: Optional[float] = None,
+    bias: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``token_attention(F.linear(x, weight, bias), num_heads, scale)``: the qkv projection and
+    the attention in one kernel, for inference.
+
+    x: (N, L, C) any strides; weight (3C, C) and bias (3C,) or None: a qkv ``nn.Linear``'s
+    parameters; C = num_heads * D; scale default D ** -0.5. Returns (N, L, C) in x's dtype.
+    Each program of the kernel makes its head's q for its query rows and k, v for every key
+    block from x: no (N, L, 3C) tensor is written and read back, and the projection is no
+    launch of its own, for k / v recomputed once per query block (FLOPs on the tensor cores;
+    what pays at batch 1). The kernel has no backward: when a gradient is needed (grad mode on
+    and x, weight or bias requiring it) the two ops run (``linear``, then ``token_attention``).
+    backend: None/"auto": on CUDA the kernel where it was timed faster than the two ops (once
+    per shape, dtype and dot precision; ``auto_choices`` records it), else the two ops;
+    "triton": the kernel (CPU tensors under TRITON_INTERPRET=1); "reference":
+    ``qkv_attention_reference``. Under autocast x, weight and bias (unless float64) are first
+    cast to the autocast dtype, as F.linear is.
+    """
+    c, d = _check_qkv_attention(x, weight, bias, num_heads)
+    scale = _resolve_scale(scale, d)
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    which = select_triton_backend("qkv_attention", (x, weight), backend)
+    if which == "reference":
+        return qkv_attention_reference(x, weight, num_heads, scale, bias)
+    why = _triton_supports(x.dtype, d)
+    if why is None and (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
+        why = f"weight / bias of dtype {weight.dtype} with x of dtype {x.dtype}"
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if why is not None or needs_grad:
+        if backend == "triton" and why is not None:
+            raise TypeError(f"x: backend='triton' does not support {why}; use backend='reference'")
+        return _qkv_two_ops(x, weight, bias, num_heads, scale, backend)
+
+    def fused():
+        if torch.compiler.is_compiling():
+            return _qkv_attention_fwd(x, weight, bias, num_heads, scale)
+        return _triton_module().qkv_attention_forward(x, weight, bias, num_heads, scale)
+
+    if backend in (None, "auto") and not torch.compiler.is_compiling():
+        precision = fp32_dot_precision(x.device) if x.dtype == torch.float32 else "16bit"
+        key = ("qkv_attention", tuple(x.shape), num_heads, x.dtype, bias is None, x.device.index, precision)
+        tol32 = 1e-3 if precision == "tf32" else 1e-5
+        if not timed_choice(_QKV_CHOICES, key, fused,
+                            lambda: _qkv_two_ops(x, weight, bias, num_heads, scale, None),
+                            lambda a, b: agrees_at_dtype(a, b, 2e-2, tol32),
+                            "qkv_attention: the fused projection + attention kernel"):
+            return _qkv_two_ops(x, weight, bias, num_heads, scale, backend)
+    return fused()
 
 
 class TokenAttention(nn.Module):

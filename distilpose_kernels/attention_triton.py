@@ -137,6 +137,142 @@ def _attn_fwd_kernel(
             tl.store(cnt, 0)
 
 
+# ============================================================================ qkv projection + attention (inference)
+
+
+@triton.jit
+def _xw_tile(X, Wt, rows, r_ok, w_rows, w_ok, C, sxl, sxc, swo, swc, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+             ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(ROWS, BLOCK_D) fp32 tile of X[rows] @ Wt[w_rows]^T over the C input columns (zero in
+    masked rows / columns)."""
+    offs_c = tl.arange(0, BLOCK_C)
+    acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        c_ok = cc < C
+        x = tl.load(X + rows[:, None] * sxl + cc[None, :] * sxc, mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+        w = tl.load(Wt + w_rows[None, :] * swo + cc[:, None] * swc, mask=c_ok[:, None] & w_ok[None, :], other=0.0)
+        acc += _dot(x, w, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _qkv_attn_fwd_kernel(
+    X, Wt, Bias, Out,
+    stride_xn, stride_xl, stride_xc,
+    stride_wo, stride_wc,
+    stride_on, stride_ol, stride_oc,
+    L, H, C, qk_scale,  # qk_scale = softmax scale * log2(e)
+    HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """token_attention(x @ Wt^T + bias) without the (N, L, 3C) qkv tensor: one program per
+    (query block, sequence x head) makes its head's q for its query rows, then, key block by
+    key block, that block's k and v (from x and the head's rows of Wt) and folds them into an
+    online softmax. k and v are recomputed by each query block of the head: a batch-1 trade of
+    FLOPs (cheap on the tensor cores) for one launch and one (N, L, 3C) round trip less.
+    q, k and v are rounded to x's dtype before the attention products, as the two-op path
+    stores them."""
+    pid_m = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    n = (pid_nh // H).to(tl.int64)
+    h = pid_nh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < L
+    w_q = h * HEAD_DIM + offs_d  # this head's rows of Wt (k: + C, v: + 2C)
+    xb = X + n * stride_xn
+    q = _xw_tile(xb, Wt, offs_m, m_ok, w_q, d_ok, C, stride_xl, stride_xc, stride_wo, stride_wc, PRECISION, UPCAST,
+                 BLOCK_M, BLOCK_D, BLOCK_C)
+    if HAS_BIAS:
+        q += tl.load(Bias + w_q, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    q = q.to(X.dtype.element_ty)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < L
+        k = _xw_tile(xb, Wt, cols, n_ok, w_q + C, d_ok, C, stride_xl, stride_xc, stride_wo, stride_wc, PRECISION,
+                     UPCAST, BLOCK_N, BLOCK_D, BLOCK_C)
+        v = _xw_tile(xb, Wt, cols, n_ok, w_q + 2 * C, d_ok, C, stride_xl, stride_xc, stride_wo, stride_wc, PRECISION,
+                     UPCAST, BLOCK_N, BLOCK_D, BLOCK_C)
+        if HAS_BIAS:
+            k += tl.load(Bias + C + w_q, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+            v += tl.load(Bias + 2 * C + w_q, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        k = k.to(X.dtype.element_ty)
+        v = v.to(X.dtype.element_ty)
+        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    col = h * HEAD_DIM + offs_d
+    out_ptrs = Out + n * stride_on + offs_m[:, None] * stride_ol + col[None, :] * stride_oc
+    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+#: (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages) of the fused qkv + attention forward. Small query
+#: blocks give more programs (batch 1 with the flip test: 2 x 8 heads) at the price of more k / v
+#: recomputation per head; the GPU autotuner times them per (L, C, head dim, dtype). One stage:
+#: with two, every fp32 3xTF32 candidate spilled (255 registers and a 112-664 byte stack frame
+#: for sm_90); these use none in fp32 (3xTF32 and FMA dots) or bf16 (tests/test_qkv_attention.py).
+QKV_ATTN_CONFIGS = ((16, 32, 32, 4, 1), (32, 32, 32, 4, 1), (32, 32, 16, 4, 1), (64, 32, 32, 8, 1),
+                    (16, 64, 32, 4, 1), (32, 16, 32, 4, 1), (64, 64, 32, 8, 1))
+#: the heuristic config (interpreter, autotuning off)
+QKV_ATTN_DEFAULT = (32, 32, 32, 4, 1)
+#: tests set this to one of QKV_ATTN_CONFIGS to run it
+QKV_ATTN_OVERRIDE: Optional[tuple] = None
+
+
+def _qkv_attn_prune(configs, named_args, **kwargs):
+    cap = _pow2_at_least(named_args["L"], 16)
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, cap) and c.kwargs["BLOCK_N"] <= max(32, cap)]
+    return kept or configs[:1]
+
+
+_QKV_ATTN_TUNED = (
+    triton.autotune([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc}, num_warps=w, num_stages=s)
+                     for bm, bn, bc, w, s in QKV_ATTN_CONFIGS],
+                    key=["L", "C", "HEAD_DIM", "BLOCK_D", "HAS_BIAS", "PRECISION", "UPCAST"],
+                    prune_configs_by={"early_config_prune": _qkv_attn_prune})(_qkv_attn_fwd_kernel)
+    if not _INTERPRET else None
+)
+
+
+def qkv_attention_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int,
+                          scale: float) -> torch.Tensor:
+    """x (N, L, C) any strides, weight (3C, C) any strides, bias (3C,) or None -> (N, L, C) in
+    x's dtype: token_attention(x @ weight^T + bias, num_heads, scale) without the qkv tensor."""
+    n, L, c = x.shape
+    d = c // num_heads
+    block_d = _pow2_at_least(d, 16)
+    out = _new_output((n, L, c), x.device, x.dtype)
+    if n == 0 or L == 0 or c == 0:
+        return out
+    (bias,) = contiguous_vectors(bias)
+    precision = _precision(x.dtype, x.device)
+    args = (x, weight, bias if bias is not None else weight, out, *x.stride(), *weight.stride(), *out.stride(),
+            L, num_heads, c, scale * _LOG2E)
+    meta = dict(HAS_BIAS=bias is not None, HEAD_DIM=d, BLOCK_D=block_d, PRECISION=precision,
+                UPCAST=_upcast(x.dtype))
+    nh = n * num_heads
+    if QKV_ATTN_OVERRIDE is None and AUTOTUNE and _QKV_ATTN_TUNED is not None:
+        _QKV_ATTN_TUNED[lambda m: (cdiv(L, m["BLOCK_M"]), nh)](*args, **meta)
+        return out
+    bm, bn, bc, warps, stages = QKV_ATTN_OVERRIDE or QKV_ATTN_DEFAULT
+    _qkv_attn_fwd_kernel[(cdiv(L, bm), nh)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps,
+                                            num_stages=stages)
+    return out
+
+
 # ============================================================================ attention backward
 
 

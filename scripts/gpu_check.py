@@ -66,6 +66,7 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
     # MLP / attention at 546 rows, the Bottleneck convs at batch 2 (the missed b1 goal's evidence)
     "bench-b1-graphs": (["bench/bench_attention.py", "bench/bench_conv.py"],
                         "test_add_norm_fp32_b1_graph_gpu or test_attention_fp32_b1_graph_gpu or "
+                        "test_qkv_attention_b1_graph_gpu or "
                         "(test_conv2d_relu_gpu and b2_fp32 and graph)"),
     # Reg2HM + score loss fwd+bwd N=256 (fused / eager / compile, fp32 teacher); targets N=64
     # (per call and in CUDA graphs: after the build, so "fused" is the extension's path when it built)
@@ -941,6 +942,10 @@ def evaluate_goals(benchmarks: List[dict], ceilings: Dict[str, float]) -> List[D
                         select(an, op=f"{op}_add_norm", batch=n), "eager", ("fused", "auto", "split", "gemms"))
     ab = [b for b in benchmarks if "test_attention_fp32_b1_graph_gpu" in b["_file"]]
     vs_baseline("TDE attention B=2 fp32 graph vs einsum", ab, "eager", ("plain", "tuned"))
+    qa = [b for b in benchmarks if "test_qkv_attention_b1_graph_gpu" in b["_file"]]
+    for dtype in ("fp32", "bf16"):
+        vs_baseline(f"TDE qkv + attention B=2 {dtype} graph: one kernel vs linear + attention",
+                    select(qa, dtype=dtype), "two_ops", ("fused", "auto"))
     a1 = [b for b in benchmarks if "test_add_norm_fp32_b1_graph_gpu" in b["_file"]]
     for case in ("proj", "fc2", "mlp"):
         vs_baseline(f"TDE {case} + add + LayerNorm B=2 fp32 graph vs eager", select(a1, op=f"{case}_add_norm_b1"),

@@ -781,6 +781,10 @@ def test_engine_fuses_the_pos_norm_step_by_default_and_not_under_compile():
     assert on.model.tde.fuse_add_norm and bf16.model.tde.fuse_add_norm and "fuse_add_norm=True" in repr(on)
     assert not compiled.model.tde.fuse_add_norm and not model.tde.fuse_add_norm
     assert not InferenceEngine(model, fuse_add_norm=False).model.tde.fuse_add_norm
+    # the qkv projection inside the attention kernel (qkv_attention): on unless compile
+    assert all(layer.attn.fuse_qkv for e in (on, bf16) for layer in e.model.tde.layers) and "fuse_qkv=True" in repr(on)
+    assert not any(layer.attn.fuse_qkv for e in (compiled, InferenceEngine(model, fuse_qkv=False), model)
+                   for layer in (e.model.tde.layers if hasattr(e, "model") else e.tde.layers))
     from distilpose.fuse import set_tde_fusions
 
     with pytest.raises(ValueError, match=r"set_tde_fusions: unknown switches \['fuse_foo'\]"):

@@ -387,6 +387,8 @@ def test_gpu_check_goal_table_from_results():
         _fake_bench("s[eager-fc2]", 27e-6, impl="eager", op="fc2_add_norm_b1"),
         _fake_bench("s[tuned-fc2]", 9e-6, impl="tuned", op="fc2_add_norm_b1", tile="BLOCK_M: 32, TILE_N: 64"),
         _fake_bench("s[rows-fc2]", 54e-6, impl="rows", op="fc2_add_norm_b1"),
+        _fake_bench("q[two_ops-fp32]", 24e-6, impl="two_ops", dtype="fp32", op="qkv_attention_b1"),
+        _fake_bench("q[fused-fp32]", 12e-6, impl="fused", dtype="fp32", op="qkv_attention_b1"),
         # the loss: the default path (its "auto" forward kernel) counts, the forced kernels are listed
         _fake_bench("h[fused_cudagraph-256-fp32]", 27e-6, impl="fused_cudagraph", n=256, teacher_dtype="fp32",
                     gbps=2000.0, fwd_kernel="pipelined"),
@@ -405,7 +407,8 @@ def test_gpu_check_goal_table_from_results():
                  "m": "attention-x.json bench/bench_attention.py::test_fused_mlp_gpu",
                  "n": "attention-x.json bench/bench_attention.py::test_add_norm_gpu",
                  "s": "attention-x.json bench/bench_attention.py::test_add_norm_fp32_b1_graph_gpu",
-                 "h": "heatmap-x.json bench/bench_heatmap.py::test_loss_fwd_bwd_gpu"}
+                 "h": "heatmap-x.json bench/bench_heatmap.py::test_loss_fwd_bwd_gpu",
+                 "q": "attention-x.json bench/bench_attention.py::test_qkv_attention_b1_graph_gpu"}
         b["_file"] = suite.get(b["name"][0], "e2e-x.json")
     rows = {r["goal"]: r for r in gc.evaluate_goals(benches, {"fp32_tflops": 50.0, "copy_gbps": 3000.0})}
     att = rows["attention B=64 bf16 fwd+bwd vs best SDPA (per call)"]
@@ -434,6 +437,9 @@ def test_gpu_check_goal_table_from_results():
     split = rows["TDE fc2 + add + LayerNorm B=2 fp32 graph vs eager"]
     assert split["status"] == "info" and "tuned 3.00x (9.0 us" in split["measured"] and "rows 0.50x" in split["measured"]
     assert "TDE proj + add + LayerNorm B=2 fp32 graph vs eager" not in rows
+    qa = rows["TDE qkv + attention B=2 fp32 graph: one kernel vs linear + attention"]
+    assert qa["status"] == "info" and qa["measured"] == "two_ops 24.0 us; fused 2.00x (12.0 us)", qa
+    assert "TDE qkv + attention B=2 bf16 graph: one kernel vs linear + attention" not in rows
     bw = rows["sim. heatmap loss N=256 bandwidth"]
     assert bw["status"] == "PASS" and bw["measured"].startswith("2000 GB/s = 67% of 3000 GB/s copy (fused_cudagraph, "
                                                                 "forward: pipelined)"), bw

@@ -43,9 +43,12 @@ def _linear(layer: nn.Linear, x: torch.Tensor, triton: bool) -> torch.Tensor:
 
 class TokenAttentionBlock(nn.Module):
     """Multi-head self-attention on (N, L, C): qkv Linear (no bias) -> token_attention -> proj.
-    ``triton_linears``: qkv and proj through ``distilpose_kernels.linear`` (set by InferenceEngine)."""
+    ``triton_linears``: qkv and proj through ``distilpose_kernels.linear``; ``fuse_qkv``: the qkv
+    projection inside the attention kernel (``distilpose_kernels.qkv_attention``, used on CUDA
+    where it is timed faster than the two ops). Both set by InferenceEngine; same math."""
 
     triton_linears = False
+    fuse_qkv = False
 
     def __init__(self, dim: int, num_heads: int, backend: Optional[str] = None):
         super().__init__()
@@ -57,10 +60,16 @@ class TokenAttentionBlock(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.backend = backend
 
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """``token_attention(qkv(x))``, before the output projection."""
+        if self.fuse_qkv:
+            return dk.qkv_attention(x, self.qkv.weight, self.num_heads, self.scale, bias=self.qkv.bias,
+                                    backend=self.backend)
+        return dk.token_attention(_linear(self.qkv, x, self.triton_linears), self.num_heads, self.scale,
+                                  backend=self.backend)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tl = self.triton_linears
-        out = dk.token_attention(_linear(self.qkv, x, tl), self.num_heads, self.scale, backend=self.backend)
-        return _linear(self.proj, out, tl)
+        return _linear(self.proj, self.attend(x), self.triton_linears)
 
 
 class Mlp(nn.Module):
@@ -141,8 +150,7 @@ class TransformerLayer(nn.Module):
         ``next_norm(x)``; for the last layer (``next_norm`` None) ``(x, None)``.
         """
         attn, mlp = self.attn, self.mlp
-        a = dk.token_attention(_linear(attn.qkv, h, attn.triton_linears), attn.num_heads, attn.scale,
-                               backend=attn.backend)
+        a = attn.attend(h)
         x, h = dk.linear_add_norm(a, attn.proj.weight, attn.proj.bias, x, self.norm2.weight, self.norm2.bias,
                                   self.norm2.eps)
         if next_norm is None:
