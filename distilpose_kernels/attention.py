@@ -248,6 +248,9 @@ def _(x, weight, bias, num_heads, scale):
     return x.new_empty(x.shape)
 
 
+#: largest head dim of the fused qkv + attention kernel (its tiles hold q, k, v and the
+#: accumulator of a head in registers; checked for spills at 24); wider heads run the two ops
+QKV_ATTENTION_MAX_HEAD_DIM = 64
 #: "auto" decisions of qkv_attention (timed_choice cache)
 _QKV_CHOICES: dict = {}
 
@@ -290,6 +293,8 @@ def qkv_attention(
     if which == "reference":
         return qkv_attention_reference(x, weight, num_heads, scale, bias)
     why = _triton_supports(x.dtype, d)
+    if why is None and d > QKV_ATTENTION_MAX_HEAD_DIM:
+        why = f"head dim {d} (the fused qkv kernel takes at most {QKV_ATTENTION_MAX_HEAD_DIM})"
     if why is None and (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
         why = f"weight / bias of dtype {weight.dtype} with x of dtype {x.dtype}"
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad

@@ -162,7 +162,7 @@ def _qkv_attn_fwd_kernel(
     stride_xn, stride_xl, stride_xc,
     stride_wo, stride_wc,
     stride_on, stride_ol, stride_oc,
-    L, H, C, qk_scale,  # qk_scale = softmax scale * log2(e)
+    L, H, C, NH, qk_scale,  # NH = N * H (the grid's second axis: in the autotuner's key); qk_scale = scale * log2(e)
     HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -241,7 +241,7 @@ def _qkv_attn_prune(configs, named_args, **kwargs):
 _QKV_ATTN_TUNED = (
     triton.autotune([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc}, num_warps=w, num_stages=s)
                      for bm, bn, bc, w, s in QKV_ATTN_CONFIGS],
-                    key=["L", "C", "HEAD_DIM", "BLOCK_D", "HAS_BIAS", "PRECISION", "UPCAST"],
+                    key=["L", "C", "NH", "HEAD_DIM", "BLOCK_D", "HAS_BIAS", "PRECISION", "UPCAST"],
                     prune_configs_by={"early_config_prune": _qkv_attn_prune})(_qkv_attn_fwd_kernel)
     if not _INTERPRET else None
 )
@@ -259,11 +259,11 @@ def qkv_attention_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         return out
     (bias,) = contiguous_vectors(bias)
     precision = _precision(x.dtype, x.device)
+    nh = n * num_heads
     args = (x, weight, bias if bias is not None else weight, out, *x.stride(), *weight.stride(), *out.stride(),
-            L, num_heads, c, scale * _LOG2E)
+            L, num_heads, c, nh, scale * _LOG2E)
     meta = dict(HAS_BIAS=bias is not None, HEAD_DIM=d, BLOCK_D=block_d, PRECISION=precision,
                 UPCAST=_upcast(x.dtype))
-    nh = n * num_heads
     if QKV_ATTN_OVERRIDE is None and AUTOTUNE and _QKV_ATTN_TUNED is not None:
         _QKV_ATTN_TUNED[lambda m: (cdiv(L, m["BLOCK_M"]), nh)](*args, **meta)
         return out

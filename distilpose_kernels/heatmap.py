@@ -347,6 +347,7 @@ def _ext_loss():
 #: blocks streaming maps through shared memory with asynchronous copies
 SIMHM_FWD_KERNELS = ("blocks", "persistent", "pipelined")
 SIMHM_FWD_ENV = "DISTILPOSE_SIMHM_FWD"
+_FWD_TIMED_DEVICES = ("cuda",)  # where the CUDA forwards exist (tests add "cpu")
 _FWD_KERNEL_CHOICES: dict = {}  # timed_choice cache: (N*K, H, W, dtype, device, candidate, incumbent) -> bool
 
 
@@ -357,13 +358,16 @@ def _ext_fwd_kernel(coords, sigma, score, teacher_heatmaps, kw, released: bool) 
     times them once per (N*K, H, W, teacher dtype, device), outside CUDA-graph capture, on this
     call's inputs: persistent against blocks, then pipelined against the winner, each kept only
     if its statistics agree (``timed_choice``; ``auto_choices`` records the decisions). Before a
-    decision exists inside a capture, "blocks" runs. The CPU kernels ignore the choice."""
+    decision exists inside a capture, "blocks" runs. Under torch.compile "blocks" runs (nothing
+    is timed or looked up while tracing). The CPU kernels ignore the choice."""
+    if torch.compiler.is_compiling():
+        return 0
     choice = _os.environ.get(SIMHM_FWD_ENV, "auto").strip().lower() or "auto"
     if choice != "auto":
         if choice not in SIMHM_FWD_KERNELS:
             raise ValueError(f"{SIMHM_FWD_ENV}: expected one of auto, {', '.join(SIMHM_FWD_KERNELS)}, got {choice!r}")
         return SIMHM_FWD_KERNELS.index(choice)
-    if not teacher_heatmaps.is_cuda:
+    if teacher_heatmaps.device.type not in _FWD_TIMED_DEVICES:
         return 0
     return _timed_fwd_kernel((coords.detach(), sigma.detach(), score.detach(), teacher_heatmaps, kw, released))
 

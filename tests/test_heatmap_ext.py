@@ -276,6 +276,27 @@ def test_fwd_kernel_tournament_keeps_the_fastest_agreeing_kernel(monkeypatch):
         assert hm._timed_fwd_kernel(args, op) == 0
 
 
+def test_ext_loss_compiles_fullgraph(monkeypatch):
+    """torch.compile(fullgraph=True) traces the extension's op: the forward kernel choice neither
+    times nor looks anything up while tracing (timed_choice's ContextVar read broke the graph).
+    The CPU tensors stand in for CUDA ones in the choice."""
+    from distilpose_kernels import _utils
+
+    monkeypatch.setattr(hm, "_FWD_TIMED_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(hm, "_FWD_KERNEL_CHOICES", {})
+    monkeypatch.setattr(_utils, "cuda_time_ms", lambda *a, **k: 1.0)  # every kernel equally fast: blocks
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    inputs = _inputs(2, 17, 8, 6, seed=9)
+
+    def f(c, s, sc, t, w):
+        reg, sl = dk.simulated_heatmap_loss(c, s, sc, t, w, backend="cpp")
+        return reg + 0.01 * sl
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="eager")(*inputs)
+    torch.testing.assert_close(got, f(*inputs))
+
+
 def test_auto_uses_the_extension_only_on_cuda(monkeypatch):
     """"auto" on CPU tensors stays on the reference; the extension's CPU kernels are opt-in."""
     inputs = _inputs(1, 17, 5, 4)
@@ -350,7 +371,7 @@ def test_gpu_ext_statistics_equal_the_triton_kernels(released):
 @_cuda_ext
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(256, 17, 64, 48), (3, 5, 64, 48), (1, 133, 37, 32), (4, 17, 128, 96),
-                                   (2, 9, 64, 50)], ids=str)
+                                   (2, 9, 64, 50), (2, 9, 64, 64), (2, 9, 64, 128)], ids=str)
 @pytest.mark.parametrize("kernel", ["persistent", "pipelined"])
 def test_gpu_ext_forward_kernels_match_and_repeat(shape, teacher_dtype, kernel, monkeypatch):
     """The persistent (blocks walk the maps, the next map's loads issued before this map's math)
@@ -358,7 +379,9 @@ def test_gpu_ext_forward_kernels_match_and_repeat(shape, teacher_dtype, kernel, 
     the same per-map arithmetic as the one-block-per-map kernel, so the statistics and losses
     equal its own (persistent: the same pixel split, 1e-6; pipelined: another split, fp32
     summation order, 1e-5) and repeat bit for bit. Maps wider than one pass (128 x 96 fp32: the
-    persistent form falls back; the pipelined one needs 147 KB of shared memory, opted in) and
+    persistent form falls back; the pipelined one needs 147 KB of shared memory, opted in; 64 x 64
+    fp32 / 64 x 128 16-bit: exactly 48 KB of stages, over the limit without the opt-in once the
+    reduction's static scratch is counted) and
     scalar-load widths (50: both fall back); fewer maps than blocks (15). The public op with
     DISTILPOSE_SIMHM_FWD set to the kernel agrees with float64."""
     c, s, sc, t, w = _cuda(_inputs(*shape, seed=sum(shape), teacher_dtype=teacher_dtype))

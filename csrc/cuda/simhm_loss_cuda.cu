@@ -412,7 +412,7 @@ int fwd_threads(int nvec) {
 }
 
 // Blocks of the persistent / pipelined forward: as many as are resident at once on the current
-// device (never more than the maps).
+// device (never more than the maps); 0 when not even one block fits (the caller falls back).
 template <typename Kernel>
 cudaError_t resident_grid(Kernel kernel, int threads, size_t smem, int64_t nk, int* grid) {
   int dev = 0, sms = 0, per_sm = 0;
@@ -420,7 +420,7 @@ cudaError_t resident_grid(Kernel kernel, int threads, size_t smem, int64_t nk, i
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
   if (err != cudaSuccess) return err;
-  const int64_t g = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  const int64_t g = static_cast<int64_t>(sms) * per_sm;
   *grid = static_cast<int>(g < nk ? g : nk);
   return cudaSuccess;
 }
@@ -431,14 +431,18 @@ template <typename T, int V>
 size_t pipelined_smem(int hw) {
   const size_t bytes = static_cast<size_t>(kPipeStages) * static_cast<size_t>(hw / V) * 16;
   int dev = 0, optin = 0;
+  cudaFuncAttributes attr;
   if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+      cudaFuncGetAttributes(&attr, simhm_loss_fwd_pipelined_kernel<T, V>) != cudaSuccess) {
     cudaGetLastError();  // clear the error: the fallback kernel runs instead
     return 0;
   }
-  // 5 * 32 floats of static shared memory for the block reduction
-  if (bytes + 5 * 32 * sizeof(float) > static_cast<size_t>(optin)) return 0;
-  if (bytes > 48 * 1024 &&
+  // static (the block reduction's scratch) + dynamic shared memory: beyond 48 KB a block needs
+  // the opt-in, and never more than the device's opt-in maximum
+  const size_t total = bytes + attr.sharedSizeBytes;
+  if (total > static_cast<size_t>(optin)) return 0;
+  if (total > 48 * 1024 &&
       cudaFuncSetAttribute(simhm_loss_fwd_pipelined_kernel<T, V>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(bytes)) != cudaSuccess) {
     cudaGetLastError();
@@ -461,20 +465,26 @@ cudaError_t launch_fwd_t(const float* coords, const float* sigma, const float* s
     int grid = 0;
     const cudaError_t err = resident_grid(simhm_loss_fwd_persistent_kernel<T, V>, threads, 0, nk, &grid);
     if (err != cudaSuccess) return err;
-    simhm_loss_fwd_persistent_kernel<T, V><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
-        coords, sigma, score, kw, tp, stats, static_cast<int>(nk), static_cast<int>(H), static_cast<int>(W));
-    return cudaGetLastError();
+    if (grid > 0) {  // else: the one-block-per-map kernel below
+      simhm_loss_fwd_persistent_kernel<T, V><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+          coords, sigma, score, kw, tp, stats, static_cast<int>(nk), static_cast<int>(H), static_cast<int>(W));
+      return cudaGetLastError();
+    }
   }
   if (vec && fwd_kernel == kSimHMFwdPipelined) {
     const size_t smem = pipelined_smem<T, V>(hw);
     int grid = 0;
-    if (smem > 0 &&
-        resident_grid(simhm_loss_fwd_pipelined_kernel<T, V>, kPipeThreads, smem, nk, &grid) == cudaSuccess) {
+    if (smem > 0) {
+      if (resident_grid(simhm_loss_fwd_pipelined_kernel<T, V>, kPipeThreads, smem, nk, &grid) != cudaSuccess) {
+        cudaGetLastError();  // the query failed: the one-block-per-map kernel below
+        grid = 0;
+      }
+    }
+    if (grid > 0) {
       simhm_loss_fwd_pipelined_kernel<T, V><<<static_cast<unsigned>(grid), kPipeThreads, smem, stream>>>(
           coords, sigma, score, kw, tp, stats, static_cast<int>(nk), static_cast<int>(H), static_cast<int>(W));
       return cudaGetLastError();
     }
-    cudaGetLastError();  // not resident on this device: the one-block-per-map kernel below
   }
   if (vec) {
     simhm_loss_fwd_kernel<T, V><<<static_cast<unsigned>(nk), fwd_threads(hw / V), 0, stream>>>(
