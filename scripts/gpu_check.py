@@ -66,8 +66,10 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
     # MLP / attention at 546 rows, the Bottleneck convs at batch 2 (the missed b1 goal's evidence)
     "bench-b1-graphs": (["bench/bench_attention.py", "bench/bench_conv.py"],
                         "test_add_norm_fp32_b1_graph_gpu or test_attention_fp32_b1_graph_gpu or "
-                        "test_qkv_attention_b1_graph_gpu or "
                         "(test_conv2d_relu_gpu and b2_fp32 and graph)"),
+    # the qkv projection inside the attention kernel vs linear + attention at the b1 flip shape, in
+    # CUDA graphs (its own stage: 7 tiles x 2 dtypes to autotune; a stage cut short loses its JSON)
+    "bench-qkv": ("bench/bench_attention.py", "test_qkv_attention_b1_graph_gpu"),
     # Reg2HM + score loss fwd+bwd N=256 (fused / eager / compile, fp32 teacher); targets N=64
     # (per call and in CUDA graphs: after the build, so "fused" is the extension's path when it built)
     "bench-heatmap": ("bench/bench_heatmap.py",
@@ -645,6 +647,8 @@ STAGES: List[Stage] = [
           run=make_bench_stage("bench-e2e")),
     Stage("bench-e2e-train", "distillation step b64 bf16: reference, fused, frozen-teacher variants", 120, 30,
           run=make_bench_stage("bench-e2e-train")),
+    Stage("bench-qkv", "qkv projection + attention at batch 1 (2 x 273 tokens) in CUDA graphs: one kernel vs "
+          "linear + attention, fp32 and bf16", 60, 15, run=make_bench_stage("bench-qkv")),
     Stage("bench-b1-graphs", "batch-1 building blocks in CUDA graphs: add-norm / MLP / attention (546 rows), "
           "Bottleneck convs (batch 2)", 75, 15, run=make_bench_stage("bench-b1-graphs")),
     Stage("profile", "tools/profile_ops.py on the missed goals' cases (PROFILE_CASES): wall vs kernel time, "
