@@ -5,7 +5,9 @@ Loss, shapes of the spec (K = 17, 64 x 48 heatmaps), N in {32, 256}:
   extra_info "path" says which), fused_triton (the Triton kernels) vs eager reference vs
   torch.compile of the reference;
   "*_cudagraph" variants replay forward + backward from a CUDA graph (kernel time without the
-  Python and launch overhead, which is of the order of the fused kernels' ~20 us at N = 256).
+  Python and launch overhead, which is of the order of the fused kernels' ~20 us at N = 256);
+  "*_opgrad_*" variants take the op's own forward + backward with the upstream gradients given
+  (no caller-side add / multiply / ones-fill kernels in the graph).
   Bytes = the unavoidable traffic: the teacher heatmaps read once, plus coords, sigma, score and
   weights read and their gradients written; "gbps" in extra_info is that over the median time.
 Targets, N = 64: Triton kernel (GPU) vs the vectorised PyTorch path vs a per-sample numpy loop
@@ -72,7 +74,21 @@ def _loss_fn(impl: str):
     raise ValueError(impl)
 
 
-def _fwd_bwd(fn, coords, sigma, score, teacher, weight):
+def _fwd_bwd(fn, coords, sigma, score, teacher, weight, given: bool = False):
+    """One forward + backward. The caller's form: the gradient of reg2hm + 0.01 * score (an add,
+    a multiply and a ones-fill of PyTorch's around the op). ``given`` (the "_opgrad" rows): the
+    op's own forward and backward only, with the upstream gradients (1 and 0.01, the spec's
+    weights) preallocated, as attention benchmarks pass a fixed dout."""
+    if given:
+        g = (torch.ones((), device=coords.device, dtype=coords.dtype),
+             torch.full((), 0.01, device=coords.device, dtype=score.dtype))
+
+        def step():
+            reg, sl = fn(coords, sigma, score, teacher, weight)
+            return torch.autograd.grad((reg, sl), (coords, sigma, score), g)
+
+        return step
+
     def step():
         reg, sl = fn(coords, sigma, score, teacher, weight)
         return torch.autograd.grad(reg + 0.01 * sl, (coords, sigma, score))
@@ -85,14 +101,17 @@ def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32", label=None):
     nbytes = loss_bytes(n, K, H, W, elt)
     copies = input_copies(nbytes, device)  # fresh teacher maps each call: HBM, not L2
     graphed = impl.endswith("_cudagraph")
+    base = impl.removesuffix("_cudagraph")
+    given = base.endswith("_opgrad")
     steps = []
     for _ in range(copies):
-        step = _fwd_bwd(_loss_fn(impl.removesuffix("_cudagraph")), *_loss_inputs(n, device, TEACHER_DTYPES[teacher_dtype]))
+        step = _fwd_bwd(_loss_fn(base.removesuffix("_opgrad")), *_loss_inputs(n, device, TEACHER_DTYPES[teacher_dtype]),
+                        given=given)
         steps.append(cuda_graph(step) if graphed else step)
     run_benchmark(
         benchmark, rotate(steps), device=device, bytes_moved=nbytes,
         op="simulated_heatmap_loss fwd+bwd", impl=label or impl, n=n, teacher_dtype=teacher_dtype,
-        input_copies=copies,
+        input_copies=copies, upstream_grads="given" if given else "reg2hm + 0.01 * score",
     )
     if impl.startswith("fused") and device == "cuda":
         from distilpose_kernels import heatmap_triton as hmt
@@ -113,7 +132,8 @@ def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32", label=None):
 @pytest.mark.parametrize("teacher_dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("impl", ["fused", "fused_triton", "eager", "compile", "fused_cudagraph",
                                   "fused_triton_cudagraph", "compile_cudagraph", "fused_blocks_cudagraph",
-                                  "fused_persistent_cudagraph", "fused_pipelined_cudagraph"])
+                                  "fused_persistent_cudagraph", "fused_pipelined_cudagraph",
+                                  "fused_opgrad_cudagraph", "compile_opgrad_cudagraph"])
 @pytest.mark.parametrize("n", [32, 256])
 def test_loss_fwd_bwd_gpu(benchmark, impl, n, teacher_dtype, monkeypatch):
     """``fused`` runs the default: the extension's forward kernel chosen by "auto" (timed once
@@ -135,7 +155,7 @@ def test_loss_fwd_bwd_gpu(benchmark, impl, n, teacher_dtype, monkeypatch):
     _bench_loss(benchmark, impl_run, n, "cuda", teacher_dtype, label=impl)
 
 
-@pytest.mark.parametrize("impl", ["eager", "compile"])
+@pytest.mark.parametrize("impl", ["eager", "compile", "eager_opgrad"])
 def test_loss_fwd_bwd_cpu(benchmark, impl):
     _bench_loss(benchmark, impl, 32, "cpu")
 

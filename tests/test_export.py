@@ -442,7 +442,7 @@ def test_gpu_check_goal_table_from_results():
     assert "TDE qkv + attention B=2 bf16 graph: one kernel vs linear + attention" not in rows
     bw = rows["sim. heatmap loss N=256 bandwidth"]
     assert bw["status"] == "PASS" and bw["measured"].startswith("2000 GB/s = 67% of 3000 GB/s copy (fused_cudagraph, "
-                                                                "forward: pipelined)"), bw
+                                                                "27.0 us, forward: pipelined)"), bw
     assert "forced forwards: blocks 47% (38.0 us), persistent 50% (36.0 us)" in bw["measured"], bw
     ups = rows["HRNet fusion sum b64 bf16 cl vs eager"]
     assert ups["status"] == "info" and "fused 3.00x (0.100 ms, 10000 GB/s)" in ups["measured"]
@@ -524,3 +524,30 @@ def test_perf_table_says_when_there_are_no_gpu_results(tmp_path):
     (tmp_path / "e2e-gpu.json").write_text(json.dumps({"benchmarks": [gpu], "datetime": "2026-01-02"}))
     md = pt.build_markdown(tmp_path)
     assert "No GPU results yet" not in md and "NVIDIA H100 80GB HBM3" in md and "1,000" in md
+
+
+def test_gpu_check_loss_bandwidth_counts_the_ops_own_fwd_bwd():
+    """The bandwidth goal counts the op's own forward + backward in a CUDA graph (upstream
+    gradients given: "fused_opgrad_cudagraph") and shows the caller's form (the gradient of
+    reg2hm + 0.01 * score, three more PyTorch kernels) beside it."""
+    gc = _load_script("gpu_check")
+    suite = "heatmap-x.json bench/bench_heatmap.py::test_loss_fwd_bwd_gpu"
+    benches = [
+        _fake_bench("h[fused_cudagraph]", 38e-6, impl="fused_cudagraph", n=256, teacher_dtype="fp32", gbps=1412.0,
+                    fwd_kernel="blocks"),
+        _fake_bench("h[fused_opgrad_cudagraph]", 20e-6, impl="fused_opgrad_cudagraph", n=256, teacher_dtype="fp32",
+                    gbps=2683.0, fwd_kernel="pipelined"),
+        _fake_bench("h[fused_opgrad_cudagraph-n32]", 5e-6, impl="fused_opgrad_cudagraph", n=32, teacher_dtype="fp32",
+                    gbps=9999.0),  # another N: not this goal's
+    ]
+    for b in benches:
+        b["_file"] = suite
+    rows = {r["goal"]: r for r in gc.evaluate_goals(benches, {"fp32_tflops": 50.0, "copy_gbps": 4176.0})}
+    bw = rows["sim. heatmap loss N=256 bandwidth"]
+    assert bw["status"] == "PASS", bw
+    assert bw["measured"].startswith("2683 GB/s = 64% of 4176 GB/s copy (fused_opgrad_cudagraph, 20.0 us, "
+                                     "forward: pipelined)"), bw
+    assert "with the caller's reg2hm + 0.01 * score: 34% (38.0 us)" in bw["measured"], bw
+    only_caller = [b for b in benches if b["extra_info"]["impl"] == "fused_cudagraph"]
+    bw_old = {r["goal"]: r for r in gc.evaluate_goals(only_caller, {"fp32_tflops": 50.0, "copy_gbps": 4176.0})}
+    assert bw_old["sim. heatmap loss N=256 bandwidth"]["status"] == "MISS"  # older results: the caller's form
