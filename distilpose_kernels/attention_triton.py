@@ -221,20 +221,30 @@ def _qkv_attn_fwd_kernel(
 
 #: (BLOCK_M, BLOCK_N, BLOCK_C, warps, stages) of the fused qkv + attention forward. Small query
 #: blocks give more programs (batch 1 with the flip test: 2 x 8 heads) at the price of more k / v
-#: recomputation per head; the GPU autotuner times them per (L, C, head dim, dtype). One stage:
-#: with two, every fp32 3xTF32 candidate spilled (255 registers and a 112-664 byte stack frame
-#: for sm_90); these use none in fp32 (3xTF32 and FMA dots) or bf16 (tests/test_qkv_attention.py).
+#: recomputation per head; the GPU autotuner times them per (L, C, N * H, head dim, dtype). With
+#: two stages every fp32 candidate with 3xTF32 or FMA dots spilled for sm_90 (255 registers and a
+#: 24-664 byte stack frame), so fp32-accurate dots get the one-stage tiles only (the prune below);
+#: 16-bit operands (and plain TF32) may also take the two-stage ones. None of the candidates a
+#: precision keeps spills (tests/test_qkv_attention.py).
 QKV_ATTN_CONFIGS = ((16, 32, 32, 4, 1), (32, 32, 32, 4, 1), (32, 32, 16, 4, 1), (64, 32, 32, 8, 1),
-                    (16, 64, 32, 4, 1), (32, 16, 32, 4, 1), (64, 64, 32, 8, 1))
+                    (16, 64, 32, 4, 1), (32, 16, 32, 4, 1), (64, 64, 32, 8, 1),
+                    (64, 64, 32, 4, 2), (32, 64, 32, 4, 2), (16, 64, 64, 4, 2))
 #: the heuristic config (interpreter, autotuning off)
 QKV_ATTN_DEFAULT = (32, 32, 32, 4, 1)
 #: tests set this to one of QKV_ATTN_CONFIGS to run it
 QKV_ATTN_OVERRIDE: Optional[tuple] = None
 
 
+def qkv_attn_config_ok(cfg: tuple, precision: str) -> bool:
+    """Whether the autotuner times ``cfg`` (a QKV_ATTN_CONFIGS entry) for dots of ``precision``."""
+    return cfg[4] == 1 or precision not in ("tf32x3", "ieee")
+
+
 def _qkv_attn_prune(configs, named_args, **kwargs):
     cap = _pow2_at_least(named_args["L"], 16)
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, cap) and c.kwargs["BLOCK_N"] <= max(32, cap)]
+    precision = kwargs.get("PRECISION", named_args.get("PRECISION"))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, cap) and c.kwargs["BLOCK_N"] <= max(32, cap)
+            and qkv_attn_config_ok((0, 0, 0, 0, c.num_stages), precision)]
     return kept or configs[:1]
 
 

@@ -51,7 +51,7 @@ def test_qkv_attention_matches_float64(n, L, h, d, bias):
     torch.testing.assert_close(got, two, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("config", range(7))
+@pytest.mark.parametrize("config", range(10))
 def test_qkv_attention_every_config(config, monkeypatch):
     """Each autotune candidate (forced), at a shape with several query and key blocks."""
     at = _at()
@@ -149,8 +149,10 @@ from gemm_resources import _compile
 from kernel_resources import resources
 import distilpose_kernels.attention_triton as at
 rows = []
-for ptr, prec in (("*fp32", "tf32x3"), ("*bf16", "tf32")):
+for ptr, prec in (("*fp32", "tf32x3"), ("*fp32", "ieee"), ("*bf16", "tf32")):
     for cfg in at.QKV_ATTN_CONFIGS:
+        if not at.qkv_attn_config_ok(cfg, prec):
+            continue
         bm, bn, bc, w, s = cfg
         k = _compile(at._qkv_attn_fwd_kernel, ptr, {"X", "Wt", "Bias", "Out"}, {"qk_scale": "fp32"},
                      dict(HAS_BIAS=False, HEAD_DIM=24, BLOCK_D=32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PRECISION=prec,
@@ -163,8 +165,9 @@ print("ROWS" + json.dumps(rows))
 
 @pytest.mark.slow
 def test_qkv_attention_configs_compile_for_sm90_without_spills():
-    """Every autotune candidate compiles for sm_90 at the TDE's shape (C = 192, head dim 24) in
-    fp32 (3xTF32 dots, the GPU default) and bf16 with no stack frame (no register spills)."""
+    """Every autotune candidate a precision keeps compiles for sm_90 at the TDE's shape (C = 192,
+    head dim 24) with no stack frame (no register spills): fp32 with 3xTF32 dots (the GPU
+    default) and FMA dots (the one-stage tiles), bf16 (all of them)."""
     import json
     import os
     import pathlib
@@ -181,7 +184,9 @@ def test_qkv_attention_configs_compile_for_sm90_without_spills():
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(r.stdout.split("ROWS", 1)[1])
-    assert len(rows) == 2 * len(_at().QKV_ATTN_CONFIGS)
+    at = _at()
+    one_stage = [c for c in at.QKV_ATTN_CONFIGS if c[4] == 1]
+    assert len(rows) == 2 * len(one_stage) + len(at.QKV_ATTN_CONFIGS) > len(at.QKV_ATTN_CONFIGS) + 2 * 6
     for row in rows:
         assert row["stack"] == 0 and 0 < row["regs"] <= 255 and row["shared"] <= 227 * 1024, row
 
@@ -209,6 +214,19 @@ def test_engine_with_the_fused_qkv_attention_kernel_matches_the_two_ops():
     assert n_fused == len(model.tde.layers) and len(calls) == n_fused  # one per layer, none in the other
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-3)
+
+
+def test_qkv_attention_prune_keeps_fp32_accurate_dots_on_one_stage():
+    """The autotuner's prune: fp32-accurate dots (3xTF32, FMA) time only the one-stage tiles (two
+    stages spilled); 16-bit / TF32 dots time all; blocks much larger than L are dropped."""
+    at = _at()
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_C": bc}, num_warps=w, num_stages=s)
+               for bm, bn, bc, w, s in at.QKV_ATTN_CONFIGS]
+    for prec, stages in (("tf32x3", {1}), ("ieee", {1}), ("tf32", {1, 2})):
+        kept = at._qkv_attn_prune(configs, {"L": 273}, PRECISION=prec)
+        assert {c.num_stages for c in kept} == stages, prec
+    small = at._qkv_attn_prune(configs, {"L": 9}, PRECISION="tf32")
+    assert all(c.kwargs["BLOCK_M"] <= 16 and c.kwargs["BLOCK_N"] <= 32 for c in small) and small
 
 
 def test_qkv_attention_opcheck():
