@@ -157,6 +157,29 @@ def _xw_tile(X, Wt, rows, r_ok, w_rows, w_ok, C, sxl, sxc, swo, swc, PRECISION: 
 
 
 @triton.jit
+def _xw2_tile(X, Wt, rows, r_ok, w_rows, w_ok, C, sxl, sxc, swo, swc, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+              ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The k and v tiles of a key block: X[rows] @ Wt[C + w_rows]^T and X[rows] @ Wt[2C + w_rows]^T,
+    (ROWS, BLOCK_D) fp32 each, in one pass over the C input columns (each x chunk loaded once
+    for both: half the loop trips, whose load latency the batch-1 launch cannot hide)."""
+    offs_c = tl.arange(0, BLOCK_C)
+    k = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    v = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    wk_rows = C + w_rows
+    wv_rows = 2 * C + w_rows
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        c_ok = cc < C
+        x = tl.load(X + rows[:, None] * sxl + cc[None, :] * sxc, mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+        w_mask = c_ok[:, None] & w_ok[None, :]
+        wk = tl.load(Wt + wk_rows[None, :] * swo + cc[:, None] * swc, mask=w_mask, other=0.0)
+        wv = tl.load(Wt + wv_rows[None, :] * swo + cc[:, None] * swc, mask=w_mask, other=0.0)
+        k += _dot(x, wk, PRECISION, UPCAST)
+        v += _dot(x, wv, PRECISION, UPCAST)
+    return k, v
+
+
+@triton.jit
 def _qkv_attn_fwd_kernel(
     X, Wt, Bias, Out,
     stride_xn, stride_xl, stride_xc,
@@ -196,10 +219,8 @@ def _qkv_attn_fwd_kernel(
     for start_n in range(0, L, BLOCK_N):
         cols = start_n + offs_n
         n_ok = cols < L
-        k = _xw_tile(xb, Wt, cols, n_ok, w_q + C, d_ok, C, stride_xl, stride_xc, stride_wo, stride_wc, PRECISION,
-                     UPCAST, BLOCK_N, BLOCK_D, BLOCK_C)
-        v = _xw_tile(xb, Wt, cols, n_ok, w_q + 2 * C, d_ok, C, stride_xl, stride_xc, stride_wo, stride_wc, PRECISION,
-                     UPCAST, BLOCK_N, BLOCK_D, BLOCK_C)
+        k, v = _xw2_tile(xb, Wt, cols, n_ok, w_q, d_ok, C, stride_xl, stride_xc, stride_wo, stride_wc, PRECISION,
+                         UPCAST, BLOCK_N, BLOCK_D, BLOCK_C)
         if HAS_BIAS:
             k += tl.load(Bias + C + w_q, mask=d_ok, other=0.0).to(tl.float32)[None, :]
             v += tl.load(Bias + 2 * C + w_q, mask=d_ok, other=0.0).to(tl.float32)[None, :]
