@@ -23,6 +23,7 @@ from ._utils import (FORCE_REFERENCE_ENV, FP32_DOT_ENV, force_reference, fp32_do
 #: Triton-backed ops of the library (dispatch: distilpose_kernels._utils.select_triton_backend).
 TRITON_OPS = (
     "token_attention",
+    "qkv_attention",
     "add_pos_layernorm",
     "simulated_heatmap_loss",
     "render_gaussian_heatmaps",
@@ -34,6 +35,7 @@ TRITON_OPS = (
     "linear_add_norm",
     "fused_mlp_add_norm",
     "regression_to_image",
+    "regression_head",
 )
 #: Ops backed by the compiled extension (distilpose_kernels/decode.py).
 EXTENSION_OPS = ("soft_argmax", "decode_heatmaps")

@@ -65,6 +65,15 @@ def test_info_cli_reports_every_op():
     for op in ("soft_argmax", "decode_heatmaps", "flip_heatmaps", "token_attention", "add_pos_layernorm",
                "simulated_heatmap_loss", "render_gaussian_heatmaps", "gaussian_heatmap_targets"):
         assert op in cpu and cpu[op]["why"], op
+    # every public op with a dispatch is reported (a new op missing from info.py fails here)
+    import distilpose_kernels as dk
+
+    helpers = {"agrees_at_dtype", "annotate", "auto_choices", "capture_cuda_graph", "fp32_dot_precision", "info",
+               "split_counters", "timed_choice", "timing_for_cuda_graphs", "tuned_configs",
+               "joint_mse_loss", "teacher_value_at_prediction"}  # utilities; plain PyTorch losses
+    ops = {n for n in dk._LAZY if n[0].islower() and not n.endswith("_reference")} - helpers
+    assert ops <= set(cpu), sorted(ops - set(cpu))
+    assert {"qkv_attention", "regression_head"} <= set(cpu)
     assert cpu["soft_argmax"]["backend"] == ("cpp" if rep["extension"]["loaded"] else "reference")
     assert cpu["token_attention"]["backend"] == "reference"  # Triton needs CUDA tensors
     r = _run([sys.executable, "-c", "import sys, importlib, distilpose_kernels as dk; dk.info(); "
