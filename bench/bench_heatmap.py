@@ -79,18 +79,13 @@ def _fwd_bwd(fn, coords, sigma, score, teacher, weight, given: bool = False):
     a multiply and a ones-fill of PyTorch's around the op). ``given`` (the "_opgrad" rows): the
     op's own forward and backward only, with the upstream gradients (1 and 0.01, the spec's
     weights) preallocated, as attention benchmarks pass a fixed dout."""
-    if given:
-        g = (torch.ones((), device=coords.device, dtype=coords.dtype),
-             torch.full((), 0.01, device=coords.device, dtype=score.dtype))
-
-        def step():
-            reg, sl = fn(coords, sigma, score, teacher, weight)
-            return torch.autograd.grad((reg, sl), (coords, sigma, score), g)
-
-        return step
+    g = (torch.ones((), device=coords.device, dtype=coords.dtype),
+         torch.full((), 0.01, device=coords.device, dtype=score.dtype)) if given else None
 
     def step():
         reg, sl = fn(coords, sigma, score, teacher, weight)
+        if given:
+            return torch.autograd.grad((reg, sl), (coords, sigma, score), g)
         return torch.autograd.grad(reg + 0.01 * sl, (coords, sigma, score))
 
     return step

@@ -352,6 +352,12 @@ def _record(what: str, key, choice: bool, why: str, fused_ms=None, reference_ms=
                        "fused_ms": fused_ms, "reference_ms": reference_ms, "timing": timing})
 
 
+def decision_key(key: tuple, device_time: bool) -> tuple:
+    """The key under which ``timed_choice`` caches a decision for ``key``: decisions timed on
+    device time (inside ``timing_for_cuda_graphs()``) are kept apart from per-call ones."""
+    return (key, "device time") if device_time else key
+
+
 def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], reference: Callable[[], torch.Tensor],
                  agrees: Callable[[torch.Tensor, torch.Tensor], bool], what: str) -> bool:
     """Whether an op's "auto" backend runs its fused path for ``key`` (cached in ``cache``).
@@ -366,8 +372,7 @@ def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], ref
     under its own key (``(key, "device time")``).
     """
     device_timing = _GRAPH_TIMING.get()
-    if device_timing:
-        key = (key, "device time")
+    key = decision_key(key, device_timing)
     choice = cache.get(key)
     if choice is not None:
         return choice

@@ -47,6 +47,20 @@ def _new_output(shape, device, dtype) -> torch.Tensor:
 
 
 @triton.jit
+def _online_softmax_step(q, k, v, n_ok, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One key block of the online softmax (log2 units): folds softmax(q k^T * scale) v over the
+    keys ``n_ok`` into the running max ``m_i``, sum ``l_i`` and accumulator ``acc``."""
+    s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+    s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_fwd_kernel(
     QKV, Out, LSE, WS, WML, CNT,
     stride_qn, stride_ql, stride_qc,
@@ -93,14 +107,7 @@ def _attn_fwd_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * stride_ql, mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_ql, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, n_ok, m_i, l_i, acc, qk_scale, PRECISION, UPCAST)
 
     out_ptrs = Out + n * stride_on + offs_m[:, None] * stride_ol + col[None, :] * stride_oc
     if SPLIT == 1:
@@ -226,14 +233,7 @@ def _qkv_attn_fwd_kernel(
             v += tl.load(Bias + 2 * C + w_q, mask=d_ok, other=0.0).to(tl.float32)[None, :]
         k = k.to(X.dtype.element_ty)
         v = v.to(X.dtype.element_ty)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, n_ok, m_i, l_i, acc, qk_scale, PRECISION, UPCAST)
     acc = acc / l_i[:, None]
     col = h * HEAD_DIM + offs_d
     out_ptrs = Out + n * stride_on + offs_m[:, None] * stride_ol + col[None, :] * stride_oc

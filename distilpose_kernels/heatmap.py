@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import _ext
-from ._utils import (agrees_at_dtype, annotate, check_same_device, check_tensor, force_reference, lazy_module,
+from ._utils import (agrees_at_dtype, annotate, decision_key, check_same_device, check_tensor, force_reference, lazy_module,
                      select_triton_backend, timed_choice)
 
 REG2HM_MODES = ("released", "per_sample")
@@ -362,14 +362,23 @@ def _ext_fwd_kernel(coords, sigma, score, teacher_heatmaps, kw, released: bool) 
     is timed or looked up while tracing). The CPU kernels ignore the choice."""
     if torch.compiler.is_compiling():
         return 0
-    choice = _os.environ.get(SIMHM_FWD_ENV, "auto").strip().lower() or "auto"
-    if choice != "auto":
-        if choice not in SIMHM_FWD_KERNELS:
-            raise ValueError(f"{SIMHM_FWD_ENV}: expected one of auto, {', '.join(SIMHM_FWD_KERNELS)}, got {choice!r}")
-        return SIMHM_FWD_KERNELS.index(choice)
+    forced = _forced_fwd_kernel()
+    if forced is not None:
+        return forced
     if teacher_heatmaps.device.type not in _FWD_TIMED_DEVICES:
         return 0
     return _timed_fwd_kernel((coords.detach(), sigma.detach(), score.detach(), teacher_heatmaps, kw, released))
+
+
+def _forced_fwd_kernel() -> Optional[int]:
+    """The forward kernel DISTILPOSE_SIMHM_FWD names (an index into SIMHM_FWD_KERNELS), None for
+    "auto"; any other value is an error naming the variable."""
+    choice = _os.environ.get(SIMHM_FWD_ENV, "auto").strip().lower() or "auto"
+    if choice == "auto":
+        return None
+    if choice not in SIMHM_FWD_KERNELS:
+        raise ValueError(f"{SIMHM_FWD_ENV}: expected one of auto, {', '.join(SIMHM_FWD_KERNELS)}, got {choice!r}")
+    return SIMHM_FWD_KERNELS.index(choice)
 
 
 def _fwd_kernel_key(teacher: torch.Tensor) -> tuple:
@@ -382,15 +391,15 @@ def chosen_fwd_kernel(teacher_heatmaps: torch.Tensor) -> Optional[str]:
     dtype and device: the one DISTILPOSE_SIMHM_FWD names, else the "auto" decision already made
     (per call, or on device time for CUDA graphs, the latter preferred); None when undecided.
     Times nothing (for reports)."""
-    forced = _os.environ.get(SIMHM_FWD_ENV, "auto").strip().lower() or "auto"
-    if forced in SIMHM_FWD_KERNELS:
-        return forced
+    forced = _forced_fwd_kernel()
+    if forced is not None:
+        return SIMHM_FWD_KERNELS[forced]
     key = _fwd_kernel_key(teacher_heatmaps)
     for device_time in (True, False):
         best = 0
         for cand in (1, 2):
             k = key + (cand, best)
-            decided = _FWD_KERNEL_CHOICES.get((k, "device time") if device_time else k)
+            decided = _FWD_KERNEL_CHOICES.get(decision_key(k, device_time))
             if decided is None:
                 best = None
                 break

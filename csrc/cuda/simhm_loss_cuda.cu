@@ -81,6 +81,30 @@ __device__ __forceinline__ void load_vectors(const T* __restrict__ map, int j0, 
   }
 }
 
+// Adds one vector of V teacher pixels x, at (row, col .. col + V - 1), to the five sums S, X1,
+// X2, Y1, Y2 (one exp2 per pixel): the per-map math of every forward kernel.
+template <int V>
+__device__ __forceinline__ void accumulate_vector(const SimHMMap& m, float kx, float ky, int row, int col,
+                                                  const float (&x)[V], float (&acc)[5]) {
+  const float dy = static_cast<float>(row) - m.muy;
+  const float ey = ky * dy * dy;
+  float q_row = 0.f;
+#pragma unroll
+  for (int c = 0; c < V; ++c) {
+    const float dx = static_cast<float>(col + c) - m.mux;
+    const float g = vec_exp2(fmaf(kx * dx, dx, ey)) * m.in_grid;
+    const float r = g - x[c];
+    acc[0] = fmaf(r, r, acc[0]);
+    const float q = r * g;
+    const float qd = q * dx;
+    acc[1] += qd;
+    acc[2] = fmaf(qd, dx, acc[2]);
+    q_row += q;
+  }
+  acc[3] = fmaf(q_row, dy, acc[3]);
+  acc[4] = fmaf(q_row * dy, dy, acc[4]);
+}
+
 // Adds the vectors loaded by load_vectors(j0) to the five sums S, X1, X2, Y1, Y2.
 template <int V>
 __device__ __forceinline__ void accumulate_vectors(const SimHMMap& m, float kx, float ky, int j0, int nvec, int W,
@@ -91,23 +115,7 @@ __device__ __forceinline__ void accumulate_vectors(const SimHMMap& m, float kx, 
     if (j < nvec) {
       const int e0 = j * V;
       const int row = e0 / W, col = e0 - row * W;  // V divides W: the vector is in one row
-      const float dy = static_cast<float>(row) - m.muy;
-      const float ey = ky * dy * dy;
-      float q_row = 0.f;
-#pragma unroll
-      for (int c = 0; c < V; ++c) {
-        const float dx = static_cast<float>(col + c) - m.mux;
-        const float g = vec_exp2(fmaf(kx * dx, dx, ey)) * m.in_grid;
-        const float r = g - x[k][c];
-        acc[0] = fmaf(r, r, acc[0]);
-        const float q = r * g;
-        const float qd = q * dx;
-        acc[1] += qd;
-        acc[2] = fmaf(qd, dx, acc[2]);
-        q_row += q;
-      }
-      acc[3] = fmaf(q_row, dy, acc[3]);
-      acc[4] = fmaf(q_row * dy, dy, acc[4]);
+      accumulate_vector<V>(m, kx, ky, row, col, x[k], acc);
     }
   }
 }
@@ -283,23 +291,10 @@ __global__ void __launch_bounds__(kPipeThreads) simhm_loss_fwd_pipelined_kernel(
     for (int j = threadIdx.x; j < nvec; j += blockDim.x) {
       T tmp[V];
       *reinterpret_cast<uint4*>(tmp) = cur[j];
-      const float dy = static_cast<float>(row) - m.muy;
-      const float ey = ky * dy * dy;
-      float q_row = 0.f;
+      float x[V];
 #pragma unroll
-      for (int c = 0; c < V; ++c) {
-        const float dx = static_cast<float>(col + c) - m.mux;
-        const float g = vec_exp2(fmaf(kx * dx, dx, ey)) * m.in_grid;
-        const float r = g - vec_widen(tmp[c]);
-        acc[0] = fmaf(r, r, acc[0]);
-        const float q = r * g;
-        const float qd = q * dx;
-        acc[1] += qd;
-        acc[2] = fmaf(qd, dx, acc[2]);
-        q_row += q;
-      }
-      acc[3] = fmaf(q_row, dy, acc[3]);
-      acc[4] = fmaf(q_row * dy, dy, acc[4]);
+      for (int c = 0; c < V; ++c) x[c] = vec_widen(tmp[c]);
+      accumulate_vector<V>(m, kx, ky, row, col, x, acc);
       col += dcol;
       row += drow;
       if (col >= W) {
