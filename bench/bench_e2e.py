@@ -25,9 +25,13 @@ ends in a sync). Paths compared (``path`` in the test id and ``extra_info["path"
   (``InferenceEngine(fuse_epilogues=...)``, on by default with folding, off under compile);
   ``*_noepi`` is the same path without that, to show what it buys; ``*_plain`` also without
   the TDE fusions (``fuse_pos_norm``, ``fuse_mlp``, ``triton_linears``, ``mlp_kernel``,
-  ``fuse_add_norm``); ``compile_cudagraph_ops``
+  ``fuse_add_norm``) and without PDL (below); ``compile_cudagraph_ops``
   (DistilPose-S, batch 1 fp32) keeps our fused epilogue / norm / HRNet-sum ops under
   ``torch.compile`` (opaque custom ops) instead of leaving those fusions to Inductor;
+- CUDA-graph paths capture each graph with and without programmatic dependent launch of the
+  Triton kernels (sm_90+) and keep the faster if both agree bit for bit
+  (``InferenceEngine(pdl=None)``; the decision is in ``extra_info["auto_choices"]``);
+  ``cudagraph_nopdl`` never uses it;
 - ``fused_cast`` / ``cudagraph_cast`` (bf16 only): the model stored in bf16 and run without
   autocast (``InferenceEngine(cast_model=True)``): no per-op casts, bf16 LayerNorm storage;
   ``cudagraph_cast_cl`` also channels-last (cuDNN's preferred layout for bf16 convolutions);
@@ -103,6 +107,7 @@ def _engine(model, device, path: str, flip: str, precision: str) -> InferenceEng
         mlp_kernel=False if path.endswith(("_plain", "_nomlpk")) else (True if path.endswith("_mlpk") else None),
         fuse_add_norm=False if path.endswith("_plain") else None,
         fuse_qkv=False if path.endswith(("_plain", "_noqkv")) else None,
+        pdl=False if path.endswith(("_plain", "_nopdl")) else None,
         cast_model="_cast" in path,
         channels_last="_cl" in path,
         compile="compile" in path,
@@ -208,6 +213,7 @@ def cuda_device():
 @pytest.mark.parametrize(
     "preset,flip,path",
     _cases(GPU_PRESETS) + [("distilpose_s", f, p) for f in ("withflip", "noflip") for p in ("cudagraph_cl", "cudagraph_tf32", "cudagraph_ieee", "cudagraph_nomlpk", "cudagraph_noqkv",
+                                                                    "cudagraph_nopdl",
                                                                     "cudagraph_noepi", "cudagraph_plain",
                                                                     "compile_cudagraph_ops")],
 )

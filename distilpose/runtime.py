@@ -192,6 +192,12 @@ class InferenceEngine:
             (``distilpose_kernels.qkv_attention``: no (N, L, 3C) qkv tensor, one launch instead
             of two; used on CUDA where it is timed faster than the Linear + attention ops).
             Default: on unless ``compile``.
+        pdl: programmatic dependent launch of the fused ops' Triton kernels (sm_90+;
+            ``distilpose_kernels.programmatic_launch``): each kernel may be scheduled while the
+            previous one finishes, which hides the launch gaps of batch-1 inference. None: with
+            ``cuda_graph``, each graph is captured with and without it and the faster is kept if
+            both give bit-identical outputs (``capture_cuda_graph(pdl="auto")``, recorded in
+            ``auto_choices``); without, ``DISTILPOSE_PDL`` decides. True / False: on / off.
         attention_backend: set on every module with a ``backend`` attribute (the TDE's
             attention): None/"auto", "reference" or "triton".
         compile: ``torch.compile`` the step (``compile_mode``, e.g. "default", "max-autotune-no-cudagraphs").
@@ -222,6 +228,7 @@ class InferenceEngine:
         fuse_add_norm: Optional[bool] = None,
         mlp_kernel: Optional[bool] = None,
         fuse_qkv: Optional[bool] = None,
+        pdl: Optional[bool] = None,
         attention_backend: Optional[str] = None,
         compile: bool = False,
         compile_mode: Optional[str] = None,
@@ -246,6 +253,8 @@ class InferenceEngine:
             raise RuntimeError(f"device: {device!r} requested but CUDA is not available")
         if attention_backend not in (None, "auto", "reference", "triton"):
             raise ValueError(f"attention_backend: expected None, 'auto', 'reference' or 'triton', got {attention_backend!r}")
+        if pdl not in (None, True, False):
+            raise ValueError(f"pdl: expected None, True or False, got {pdl!r}")
         if compile_mode is not None and not compile:
             raise ValueError("compile_mode: only used with compile=True")
         if cuda_graph and self.device.type != "cuda":
@@ -317,6 +326,7 @@ class InferenceEngine:
         self.fold_bn = fold_bn
         self.fuse_epilogues = bool(fuse_epilogues)
         self.cuda_graph = cuda_graph
+        self.pdl = pdl
         self.clone_outputs = clone_outputs
         self.compiled = bool(compile)
         self._step: Callable = self._forward_decode
@@ -473,7 +483,8 @@ class InferenceEngine:
     # ------------------------------------------------------------------ CUDA graphs
 
     def _run_step(self, img, c, s, r):
-        with dk.split_counters(self._split_counts):
+        pdl = contextlib.nullcontext() if self.pdl is None else dk.programmatic_launch(self.pdl)
+        with dk.split_counters(self._split_counts), pdl:
             return self._step(img, c, s, r)
 
     def _replay(self, img, c, s, r, clone: bool = True):
@@ -502,7 +513,7 @@ class InferenceEngine:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph, static_out = dk.capture_cuda_graph(lambda: self._run_step(*static_in), warmup=3, pool=self._pool,
-                                                  device=self.device)
+                                                  device=self.device, pdl="auto" if self.pdl is None else None)
         return graph, static_in, static_out
 
     def reset_graphs(self) -> None:
@@ -515,7 +526,7 @@ class InferenceEngine:
             f"precision={self.precision}, cast_model={self.cast_model}, flip_test={self.flip_test}, fold_bn={self.fold_bn}, "
             f"fuse_epilogues={self.fuse_epilogues}, fuse_pos_norm={self.fuse_pos_norm}, fuse_mlp={self.fuse_mlp}, "
             f"triton_linears={self.triton_linears}, fuse_add_norm={self.fuse_add_norm}, mlp_kernel={self.mlp_kernel}, "
-            f"fuse_qkv={self.fuse_qkv}, "
+            f"fuse_qkv={self.fuse_qkv}, pdl={self.pdl}, "
             f"compile={self.compiled}, cuda_graph={self.cuda_graph})"
         )
 

@@ -51,3 +51,14 @@ def last_to_arrive(count_ptr, expected):
     tl.debug_barrier()
     arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
     return arrived == expected - 1
+
+
+@triton.jit
+def pdl_enter(USE_PDL: tl.constexpr):
+    """A PDL-capable kernel's first step (``_utils.pdl_launch``), before any load or store. With
+    USE_PDL (launched with ``launch_pdl=True``): wait until the previous kernel in the stream has
+    completed and its writes are visible, then let the next kernel launch (its programs wait the
+    same way, so starting early only hides its launch). Without: nothing."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

@@ -231,14 +231,29 @@ def timing_for_cuda_graphs():
 
 
 def capture_cuda_graph(fn: Callable[[], object], warmup: int = 3, pool=None,
-                       device: Optional[torch.device] = None) -> tuple:
+                       device: Optional[torch.device] = None, pdl: Optional[object] = None) -> tuple:
     """``fn()`` captured in a CUDA graph -> (graph, the captured output).
 
     ``warmup`` calls first run on a side stream (compilation, autotuning, cuDNN/cuBLAS handles,
     the ops' "auto" choices); warm-up and capture run inside ``timing_for_cuda_graphs()``, so
     those choices are made on device time, as the graph will run. ``pool``: a graph memory
-    pool to share (``torch.cuda.graph_pool_handle()``). Replaying overwrites the output."""
-    with timing_for_cuda_graphs():
+    pool to share (``torch.cuda.graph_pool_handle()``). Replaying overwrites the output.
+
+    ``pdl``: programmatic dependent launch of this library's Triton kernels in the graph
+    (``programmatic_launch``). None: as the caller's context or ``DISTILPOSE_PDL`` says;
+    True / False: on / off; "auto": where ``pdl_supported``, the graph is captured both ways,
+    replayed once each, and the PDL graph is kept only if its outputs are bit-identical to the
+    other's and its replay is faster (device time); the decision is recorded (``auto_choices``).
+    """
+    if pdl == "auto":
+        dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        if pdl_supported(dev):
+            return _capture_pdl_auto(fn, warmup, pool, device)
+        pdl = False
+    elif pdl not in (None, True, False):
+        raise ValueError(f"pdl: expected None, True, False or 'auto', got {pdl!r}")
+    ctx = contextlib.nullcontext() if pdl is None else programmatic_launch(pdl)
+    with timing_for_cuda_graphs(), ctx:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -250,6 +265,43 @@ def capture_cuda_graph(fn: Callable[[], object], warmup: int = 3, pool=None,
         with torch.cuda.graph(graph, pool=pool):
             out = fn()
     return graph, out
+
+
+#: ``auto_choices``' name of the graph-level PDL decision
+PDL_DECISION = "capture_cuda_graph: programmatic dependent launch"
+
+
+def _capture_pdl_auto(fn: Callable[[], object], warmup: int, pool, device) -> tuple:
+    """``capture_cuda_graph(pdl="auto")`` on a PDL-capable device."""
+    graph, out = capture_cuda_graph(fn, warmup, pool, device, pdl=False)
+    outs = _as_tuple(out)
+    key = tuple(tuple(o.shape) for o in outs if isinstance(o, torch.Tensor))
+    try:
+        graph_pdl, out_pdl = capture_cuda_graph(fn, 1, pool, device, pdl=True)
+        graph.replay()
+        ref = [o.clone() if isinstance(o, torch.Tensor) else o for o in outs]
+        graph_pdl.replay()
+        torch.cuda.synchronize(device)
+        got = _as_tuple(out_pdl)
+        same = len(got) == len(ref) and all(
+            torch.equal(g, r) if isinstance(r, torch.Tensor) else g == r for g, r in zip(got, ref))
+        if not same:
+            warnings.warn("capture_cuda_graph: the graph with programmatic dependent launch gave other outputs "
+                          "than without it; keeping the graph without it")
+            _record(PDL_DECISION, key, False, "disagrees", timing="device")
+            return graph, out
+        t_off = t_on = float("inf")
+        for _ in range(2):  # alternated: clock or thermal drift does not favour one
+            t_off = min(t_off, cuda_time_ms(graph.replay, device_only=True))
+            t_on = min(t_on, cuda_time_ms(graph_pdl.replay, device_only=True))
+    except Exception as e:  # noqa: BLE001 - PDL is an optimisation: never fail the capture for it
+        warnings.warn(f"capture_cuda_graph: programmatic dependent launch failed ({type(e).__name__}: {e}); "
+                      "keeping the graph without it")
+        _record(PDL_DECISION, key, False, f"failed: {type(e).__name__}: {str(e)[:200]}", timing="device")
+        return graph, out
+    choice = t_on < t_off
+    _record(PDL_DECISION, key, choice, "faster" if choice else "slower", t_on, t_off, timing="device")
+    return (graph_pdl, out_pdl) if choice else (graph, out)
 
 
 def _spin_cycles_per_ms() -> float:
@@ -439,6 +491,83 @@ def zeroed_counts(n: int, device: torch.device) -> torch.Tensor:
     if shared is not None and shared.device == torch.device(device) and shared.numel() >= n:
         return shared[:n]
     return torch.zeros(n, device=device, dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------- programmatic dependent launch
+
+#: on/off: launch the forward Triton kernels with programmatic dependent launch (sm_90+) where no
+#: ``programmatic_launch`` block says otherwise; read once, at the first launch. Default off:
+#: ``InferenceEngine`` decides per CUDA graph, by timing and comparing the graph with and without it.
+PDL_ENV = "DISTILPOSE_PDL"
+_PDL: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("distilpose_pdl", default=None)
+_PDL_DEFAULT: Optional[bool] = None  # DISTILPOSE_PDL once read
+_PDL_SUPPORTED: dict = {}  # torch.device -> pdl_supported (a dict lookup: this runs on every launch)
+#: the launch arguments of a PDL-capable kernel, on and off (shared: never mutate)
+_PDL_ON = {"USE_PDL": True, "launch_pdl": True}
+_PDL_OFF = {"USE_PDL": False}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_has_pdl() -> bool:
+    """Triton 3.3+: ``launch_pdl`` among the CUDA launch options and ``tl.extra.cuda.gdc_wait``."""
+    try:
+        import dataclasses
+
+        import triton.language.extra.cuda as tl_cuda
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return (hasattr(tl_cuda, "gdc_wait") and hasattr(tl_cuda, "gdc_launch_dependents")
+                and "launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)})
+    except Exception:  # noqa: BLE001 - no (NVIDIA) Triton: no PDL
+        return False
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can use programmatic dependent launch: a CUDA device of
+    compute capability 9.0+ (Hopper), compiled kernels (not TRITON_INTERPRET) and a Triton with
+    ``launch_pdl`` (3.3+). Decided once per device."""
+    ok = _PDL_SUPPORTED.get(device)
+    if ok is None:
+        ok = device.type == "cuda" and not triton_interpret() and _triton_has_pdl()
+        if ok:
+            idx = device.index if device.index is not None else torch.cuda.current_device()
+            ok = torch.cuda.get_device_capability(idx)[0] >= 9
+        _PDL_SUPPORTED[device] = ok
+    return ok
+
+
+@contextlib.contextmanager
+def programmatic_launch(enabled: bool = True) -> Iterator[None]:
+    """Inside, the forward Triton kernels (``linear`` / ``linear_gelu`` / ``linear_add_norm`` /
+    ``fused_mlp(_add_norm)``, ``token_attention`` / ``qkv_attention`` / ``add_pos_layernorm``,
+    ``conv2d_relu``'s Triton kernel, ``regression_head``, ``regression_to_image``,
+    ``upsample_sum``) launch with programmatic dependent launch where ``pdl_supported``
+    (``enabled=False``: without it, whatever ``DISTILPOSE_PDL`` says).
+
+    Each such kernel may then be scheduled while the previous kernel in the stream still runs;
+    its programs first wait for that kernel's completion and memory (``griddepcontrol.wait``),
+    before any load or store, and then let the next kernel launch. What it saves is the launch
+    gap between small dependent kernels (batch-1 inference); a CUDA graph captured inside keeps
+    the programmatic edges. Kernels of other libraries launch as before.
+    """
+    token = _PDL.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _PDL.reset(token)
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch keywords of a PDL-capable Triton kernel on ``device``: its ``USE_PDL`` constexpr
+    and, when on (``programmatic_launch``, else ``DISTILPOSE_PDL``; and ``pdl_supported``),
+    Triton's ``launch_pdl=True``."""
+    global _PDL_DEFAULT
+    on = _PDL.get()
+    if on is None:
+        on = _PDL_DEFAULT
+        if on is None:
+            on = _PDL_DEFAULT = env_switch(PDL_ENV, False)
+    return _PDL_ON if on and pdl_supported(device) else _PDL_OFF
 
 
 # ----------------------------------------------------------------------------- checks

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ._triton_helpers import dot as _dot
-from ._triton_helpers import last_to_arrive, layernorm_rows, split_bounds
-from ._utils import (cdiv, contiguous_vectors, env_switch, fp32_dot_precision, next_pow2, triton_interpret,
+from ._triton_helpers import last_to_arrive, layernorm_rows, pdl_enter, split_bounds
+from ._utils import (cdiv, contiguous_vectors, env_switch, fp32_dot_precision, next_pow2, pdl_launch, triton_interpret,
                      zeroed_counts)
 
 _LOG2E = 1.4426950408889634
@@ -69,6 +69,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program per (query block, sequence x head); online softmax over the keys.
 
@@ -79,6 +80,7 @@ def _attn_fwd_kernel(
     one merges the slices in slice order (the same result whichever came last), stores the
     output and the log-sum-exp, and resets the count.
     """
+    pdl_enter(USE_PDL)
     pid_m = tl.program_id(0)
     pid_nh = tl.program_id(1)
     n = (pid_nh // H).to(tl.int64)
@@ -196,6 +198,7 @@ def _qkv_attn_fwd_kernel(
     HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """token_attention(x @ Wt^T + bias) without the (N, L, 3C) qkv tensor: one program per
     (query block, sequence x head) makes its head's q for its query rows, then, key block by
@@ -204,6 +207,7 @@ def _qkv_attn_fwd_kernel(
     FLOPs (cheap on the tensor cores) for one launch and one (N, L, 3C) round trip less.
     q, k and v are rounded to x's dtype before the attention products, as the two-op path
     stores them."""
+    pdl_enter(USE_PDL)
     pid_m = tl.program_id(0)
     pid_nh = tl.program_id(1)
     n = (pid_nh // H).to(tl.int64)
@@ -294,7 +298,7 @@ def qkv_attention_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     args = (x, weight, bias if bias is not None else weight, out, *x.stride(), *weight.stride(), *out.stride(),
             L, num_heads, c, nh, scale * _LOG2E)
     meta = dict(HAS_BIAS=bias is not None, HEAD_DIM=d, BLOCK_D=block_d, PRECISION=precision,
-                UPCAST=_upcast(x.dtype))
+                UPCAST=_upcast(x.dtype), **pdl_launch(x.device))
     if QKV_ATTN_OVERRIDE is None and AUTOTUNE and _QKV_ATTN_TUNED is not None:
         _QKV_ATTN_TUNED[lambda m: (cdiv(L, m["BLOCK_M"]), nh)](*args, **meta)
         return out
@@ -538,6 +542,8 @@ def _launch(which: str, L: int, nh: int, block_d: int, dtype: torch.dtype, *args
     axis); BLOCK_OVERRIDE may set it (a Config's "SPLIT", or a third tuple entry)."""
     gb = _GRID_BLOCK[which]
     forward = which.startswith("fwd")
+    if forward:
+        kw.update(pdl_launch(args[0].device))
     cfg = BLOCK_OVERRIDE if isinstance(BLOCK_OVERRIDE, triton.Config) else None
     if BLOCK_OVERRIDE is None and AUTOTUNE and which in _TUNED:
         if which == "fwd":
@@ -680,8 +686,10 @@ def _apln_fwd_kernel(
     R, L, C, P_START, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_POS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """BLOCK_R rows per program: x_out = x [+ residual] [+ pos (rows l >= P_START)], y = LN(x_out)."""
+    pdl_enter(USE_PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     r_ok = rows < R
@@ -792,7 +800,7 @@ def add_pos_layernorm_forward(
         res.stride(0), res.stride(1), res.stride(2),
         R, L, c, L - p, eps,
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_POS=pos is not None, HAS_RES=residual is not None,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps, **pdl_launch(x.device),
     )
     return x_out, y, mean, rstd
 

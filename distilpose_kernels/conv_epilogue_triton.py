@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from ._triton_helpers import dot as _dot
-from ._utils import cdiv, contiguous_vectors, fp32_dot_precision, triton_interpret
+from ._triton_helpers import pdl_enter
+from ._utils import cdiv, contiguous_vectors, fp32_dot_precision, pdl_launch, triton_interpret
 
 _INTERPRET = triton_interpret()
 #: tests pin a small tile (BLOCK_P, BLOCK_CO, num_warps)
@@ -43,9 +44,11 @@ def _small_conv_relu_kernel(
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, HAS_B: tl.constexpr, HAS_R: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """relu(conv2d(x, w) + b [+ r]) for BLOCK_P output pixels (flat over N x HO x WO) and
     BLOCK_CO output channels."""
+    pdl_enter(USE_PDL)
     rp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = rp < N * HO * WO
     n = (rp // (HO * WO)).to(tl.int64)
@@ -113,7 +116,7 @@ def small_conv_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     args = (x, weight, bias if bias is not None else weight, res, y, n, cin, x.shape[2], x.shape[3], cout, ho, wo,
             *x.stride(), *weight.stride(), *res.stride(), *y.stride(), *stride, *padding, *dilation)
     meta = dict(KH=kh, KW=kw, HAS_B=bias is not None, HAS_R=residual is not None, PRECISION=precision,
-                UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_K=block_k)
+                UPCAST=_INTERPRET and x.dtype == torch.bfloat16, BLOCK_K=block_k, **pdl_launch(x.device))
     pixels = n * ho * wo
     if _TUNED is not None and TILE_OVERRIDE is None and x.is_cuda:
         _TUNED[lambda c: (cdiv(pixels, c["BLOCK_P"]), cdiv(cout, c["BLOCK_CO"]))](*args, **meta)

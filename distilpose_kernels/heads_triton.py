@@ -5,7 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, next_pow2
+from ._triton_helpers import pdl_enter
+from ._utils import cdiv, next_pow2, pdl_launch
 
 #: output allocator, torch.empty's signature (tests swap in a NaN-filled one)
 _new_output = torch.empty
@@ -16,10 +17,12 @@ BLOCK_R = 16
 def _regression_head_kernel(
     X, LNW, LNB, FW, FB, Y, R, K, D, sxb, sxk, sxd, sfo, sfd, eps,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """BLOCK_R tokens (row r = b * K + k of X (B, K, D), any strides): LayerNorm (fp32
     statistics) -> Linear(D, 5) -> per column sigmoid, sigmoid, identity, softplus, softplus;
     Y (R, 5) contiguous fp32."""
+    pdl_enter(USE_PDL)
     rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rd = tl.arange(0, BLOCK_D)
     r_ok = rr < R
@@ -60,6 +63,6 @@ def regression_head(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, fc_
     block_d = max(16, next_pow2(d))
     _regression_head_kernel[(cdiv(r, BLOCK_R),)](
         x, ln_w, ln_b, fc_w, fc_b, y, r, max(k, 1), d, *x.stride(), *fc_w.stride(), float(eps),
-        BLOCK_R=BLOCK_R, BLOCK_D=block_d, num_warps=4,
+        BLOCK_R=BLOCK_R, BLOCK_D=block_d, num_warps=4, **pdl_launch(x.device),
     )
     return y

@@ -17,8 +17,8 @@ from typing import Any, Optional
 import torch
 
 from . import _ext
-from ._utils import (FORCE_REFERENCE_ENV, FP32_DOT_ENV, force_reference, fp32_dot_precision, select_triton_backend,
-                     triton_available, triton_interpret)
+from ._utils import (FORCE_REFERENCE_ENV, FP32_DOT_ENV, force_reference, fp32_dot_precision, pdl_supported,
+                     select_triton_backend, triton_available, triton_interpret)
 
 #: Triton-backed ops of the library (dispatch: distilpose_kernels._utils.select_triton_backend).
 TRITON_OPS = (
@@ -103,6 +103,8 @@ SWITCHES = (
     ("DISTILPOSE_SOFTARGMAX_VEC", "1", "vectorised CUDA soft-argmax forward (0: the scalar kernels)"),
     ("DISTILPOSE_SIMHM_FWD", "auto", "the CUDA loss forward: auto (the fastest, timed once per shape), blocks (one block per map), persistent, pipelined"),
     ("DISTILPOSE_NVTX", "0", "NVTX ranges around ops and model stages (read at import)"),
+    ("DISTILPOSE_PDL", "0", "programmatic dependent launch of the forward Triton kernels on sm_90+ (read at the first "
+                            "launch; InferenceEngine's CUDA graphs decide by timing)"),
 )
 
 
@@ -140,6 +142,7 @@ def info(verbose: bool = False) -> dict[str, Any]:
         "dispatch": {},
         "switches": _switches(),
         "fp32_dot": {},
+        "pdl": {},
     }
     for dev in _devices():
         table = {}
@@ -165,6 +168,7 @@ def info(verbose: bool = False) -> dict[str, Any]:
             report["fp32_dot"][dev] = fp32_dot_precision(torch.device(dev))
         except ValueError as e:  # a bad DISTILPOSE_FP32_DOT: report it, the ops will raise it
             report["fp32_dot"][dev] = f"error: {e}"
+        report["pdl"][dev] = pdl_supported(torch.device(dev))
     if verbose:
         print(format_info(report))
     return report
@@ -189,6 +193,9 @@ def format_info(report: dict[str, Any]) -> str:
     if report.get("fp32_dot"):
         lines.append("float32 dots in the Triton kernels (tl.dot input_precision): "
                      + ", ".join(f"{dev} {p}" for dev, p in report["fp32_dot"].items()))
+    if report.get("pdl"):
+        lines.append("programmatic dependent launch supported: "
+                     + ", ".join(f"{dev} {'yes' if ok else 'no'}" for dev, ok in report["pdl"].items()))
     for dev, table in report["dispatch"].items():
         lines.append(f"dispatch for {dev} tensors:")
         width = max(len(op) for op in table)

@@ -7,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv
+from ._triton_helpers import pdl_enter
+from ._utils import cdiv, pdl_launch
 
 #: output allocator (tests swap in a NaN-filled one)
 _new_output = torch.empty
@@ -20,8 +21,10 @@ def _regression_to_image_kernel(
     NK, K, crop_w, crop_h,
     scn, sck, scd, ssn, ssk, sfn, sfk, sfd, sgn, sgk, spk, sen, sed, san, sad, srn,
     FLIP: tl.constexpr, HAS_ROT: tl.constexpr, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One lane per (n, k): flip-test merge, crop pixels, inverse affine (fp32)."""
+    pdl_enter(USE_PDL)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < NK
     n = (i // K).to(tl.int64)
@@ -80,6 +83,6 @@ def regression_to_image(coords, scores, center, scale, crop_size: Tuple[int, int
         n * k, k, int(crop_size[1]), int(crop_size[0]),
         *coords.stride(), *scores.stride(), *fc.stride(), *fs.stride(), perm.stride(0), *center.stride(),
         *scale.stride(), rot.stride(0),
-        FLIP=flip, HAS_ROT=rotation is not None, BLOCK=BLOCK,
+        FLIP=flip, HAS_ROT=rotation is not None, BLOCK=BLOCK, **pdl_launch(coords.device),
     )
     return kp, sc

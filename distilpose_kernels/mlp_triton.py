@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from ._triton_helpers import dot as _dot
-from ._triton_helpers import last_to_arrive, layernorm_rows, split_bounds
-from ._utils import cdiv, contiguous_vectors, fp32_dot_precision, triton_interpret, zeroed_counts
+from ._triton_helpers import last_to_arrive, layernorm_rows, pdl_enter, split_bounds
+from ._utils import cdiv, contiguous_vectors, fp32_dot_precision, pdl_launch, triton_interpret, zeroed_counts
 
 _INTERPRET = triton_interpret()
 
@@ -100,12 +100,14 @@ def _linear_gelu_kernel(
     HAS_B: tl.constexpr, GELU: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) output tile per program_id(0) (grouped order). SPLIT_K > 1: the
     tile's K is cut in SPLIT_K slices (program_id(1)); each stores its fp32 partial to WS
     (SPLIT_K, M, N) and counts itself in CNT[tile] (zero before the launch); the tile's last
     program sums the partials in slice order, applies the bias and GELU, stores, and resets the
     count (as ``_linear_add_norm_kernel``)."""
+    pdl_enter(USE_PDL)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -224,12 +226,15 @@ def _split_workspace(fam: _Family, tiles: tuple, m: int, n: int, device, dummy: 
 
 
 def _launch_family(fam: _Family, tuned, tiles: tuple, grid: Callable[[dict], tuple], args: tuple, meta: dict) -> None:
+    """Launch ``fam``'s kernel on ``args`` (its first argument the input, whose device decides
+    programmatic dependent launch): through the autotuner, or with the one tile in ``tiles``."""
+    pdl = pdl_launch(args[0].device)
     if tuned is not None:
-        tuned[grid](*args, **meta)
+        tuned[grid](*args, **meta, **pdl)
         return
     t = tiles[0]
     c = fam.config(t)
-    fam.kernel()[grid(c)](*args, **meta, **c, num_warps=t.num_warps, num_stages=t.num_stages)
+    fam.kernel()[grid(c)](*args, **meta, **c, **pdl, num_warps=t.num_warps, num_stages=t.num_stages)
 
 
 def _gemm_config(t: GemmTile) -> dict:
@@ -317,6 +322,7 @@ def _linear_add_norm_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr,
     SPLIT_K: tl.constexpr, EPI_M: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """The GEMM, its bias, then the residual / position add and the LayerNorm of the result
     (``_add_norm_store``) for BLOCK_M rows and all N columns (N <= BLOCK_N).
@@ -329,6 +335,7 @@ def _linear_add_norm_kernel(
     hundred rows (batch-1 inference) whole-row programs fill few SMs; this spreads the GEMM over
     ~10x as many programs and still needs no second kernel for the LayerNorm.
     """
+    pdl_enter(USE_PDL)
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
@@ -502,6 +509,7 @@ def _mlp_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_H: tl.constexpr, EPI_M: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """fc2(gelu(fc1(x))) for BLOCK_M rows and all N outputs; the hidden activation made and
     consumed BLOCK_H columns at a time, never stored.
@@ -513,6 +521,7 @@ def _mlp_kernel(
     result whichever program came last), EPI_M rows at a time, runs the epilogue and resets the
     count. See ``_linear_add_norm_kernel``.
     """
+    pdl_enter(USE_PDL)
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rh = tl.arange(0, BLOCK_H)

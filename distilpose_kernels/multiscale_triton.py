@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, next_pow2
+from ._triton_helpers import pdl_enter
+from ._utils import cdiv, next_pow2, pdl_launch
 
 MAX_TERMS = 3
 #: int32 offsets (64-bit math is slow): larger tensors take the reference path
@@ -42,7 +43,9 @@ def _upsample_sum_kernel(
     t1n, t1c, t1h, t1w, S1,
     t2n, t2c, t2h, t2w, S2,
     NT: tl.constexpr, CL: tl.constexpr, RELU: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     p0 = tl.program_id(0)
     a = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
     b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -104,6 +107,6 @@ def upsample_sum_forward(base: torch.Tensor, terms: Sequence[torch.Tensor], scal
         grid = (n * c, cdiv(h, block_a), cdiv(w, block_b))
     _upsample_sum_kernel[grid](
         base, out, *ptrs, c, h, w, *base.stride(), *out.stride(), *args,
-        NT=len(terms), CL=cl, RELU=bool(relu), BLOCK_A=block_a, BLOCK_B=block_b, num_warps=4,
+        NT=len(terms), CL=cl, RELU=bool(relu), BLOCK_A=block_a, BLOCK_B=block_b, num_warps=4, **pdl_launch(base.device),
     )
     return out

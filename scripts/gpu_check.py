@@ -84,10 +84,12 @@ BENCH_SELECTIONS: Dict[str, tuple] = {
     # end to end: S batch 1 fp32 with/without flip; S batch 256 bf16; the distillation step
     "bench-e2e": ("bench/bench_e2e.py",
                   "(test_e2e_infer_b1_fp32 and distilpose_s and not cudagraph_ and not compile) or "
+                  # channels-last at batch 1 (-38 us in run 5): a candidate for the goal, not a diagnostic
+                  "(test_e2e_infer_b1_fp32 and distilpose_s and cudagraph_cl) or "
                   "(test_e2e_infer_b256_bf16 and distilpose_s and noflip and not compile)"),
     # the batch-1 diagnostic paths (what each fusion / layout / precision choice buys), after the goals
     "bench-e2e-variants": ("bench/bench_e2e.py",
-                           "test_e2e_infer_b1_fp32 and distilpose_s and cudagraph_ and not compile"),
+                           "test_e2e_infer_b1_fp32 and distilpose_s and cudagraph_ and not compile and not cudagraph_cl"),
     # the distillation step (its own stage and JSON: a stage cut short loses only its own cases)
     "bench-e2e-train": ("bench/bench_e2e.py", "test_e2e_train_distill"),
     # fused conv epilogue (conv + bias [+ residual] + ReLU) at DistilPose-S's Bottleneck shapes

@@ -17,7 +17,10 @@ SM90_SHARED_MAX = 227 * 1024
 
 
 def compile_(fn, ptrs, scalars, consts, **opts):
-    """ptrs / scalars: argument -> Triton type ("*bf16", "fp32"); others i32; consts: constexprs."""
+    """ptrs / scalars: argument -> Triton type ("*bf16", "fp32"); others i32; consts: constexprs
+    (a kernel's USE_PDL, programmatic dependent launch, is False unless given)."""
+    if "USE_PDL" in fn.arg_names:
+        consts = {"USE_PDL": False, **consts}
     sig = {n: ("constexpr" if n in consts else ptrs.get(n) or scalars.get(n) or "i32") for n in fn.arg_names}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET, options=opts)
     # an H100/H200 block may use at most 227 KiB of shared memory; more fails only at launch

@@ -42,6 +42,8 @@ def _compile(fn, ptr_type: str, ptr_names, scalar_types: Dict[str, str], consts:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if "USE_PDL" in fn.arg_names:  # programmatic dependent launch: off unless given
+        consts = {"USE_PDL": False, **consts}
     sig = {n: ("constexpr" if n in consts else (ptr_type if n in ptr_names else scalar_types.get(n, "i32")))
            for n in fn.arg_names}
     # Triton's launcher specialises 16-byte aligned pointers and ints divisible by 16 at run time

@@ -182,6 +182,7 @@ def cases(dev: torch.device, want: Callable[[str], bool] = lambda name: True) ->
     for batch, prec, flip, kw in ((256, "bf16", False, {}), (256, "bf16", False, {"cast_model": True}),
                                   (256, "bf16", False, cast_cl), (256, "bf16", False, {**cast_cl, "fuse_epilogues": False}),
                                   (1, "fp32", True, {"cuda_graph": True}),
+                                  (1, "fp32", True, {"cuda_graph": True, "pdl": False}),
                                   (1, "fp32", True, {"cuda_graph": True, "fuse_epilogues": False, "fuse_pos_norm": False,
                                                      "fuse_mlp": False, "triton_linears": False,
                                                      "fuse_add_norm": False})):
