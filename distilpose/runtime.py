@@ -192,12 +192,6 @@ class InferenceEngine:
             (``distilpose_kernels.qkv_attention``: no (N, L, 3C) qkv tensor, one launch instead
             of two; used on CUDA where it is timed faster than the Linear + attention ops).
             Default: on unless ``compile``.
-        pdl: programmatic dependent launch of the fused ops' Triton kernels (sm_90+;
-            ``distilpose_kernels.programmatic_launch``): each kernel may be scheduled while the
-            previous one finishes, which hides the launch gaps of batch-1 inference. None: with
-            ``cuda_graph``, each graph is captured with and without it and the faster is kept if
-            both give bit-identical outputs (``capture_cuda_graph(pdl="auto")``, recorded in
-            ``auto_choices``); without, ``DISTILPOSE_PDL`` decides. True / False: on / off.
         attention_backend: set on every module with a ``backend`` attribute (the TDE's
             attention): None/"auto", "reference" or "triton".
         compile: ``torch.compile`` the step (``compile_mode``, e.g. "default", "max-autotune-no-cudagraphs").
@@ -208,6 +202,12 @@ class InferenceEngine:
         heatmap_shift: the one-pixel shift of flipped heatmaps (teacher flip test).
         clone_outputs: copy graph outputs out of the static buffers (set False to save a
             copy when each result is consumed before the next call).
+        pdl: programmatic dependent launch of the fused ops' Triton kernels (sm_90+;
+            ``distilpose_kernels.programmatic_launch``): each kernel may be scheduled while the
+            previous one finishes, which hides the launch gaps of batch-1 inference. None: with
+            ``cuda_graph``, each graph is captured with and without it and the faster is kept if
+            both give bit-identical outputs (``capture_cuda_graph(pdl="auto")``, recorded in
+            ``auto_choices``); without, ``DISTILPOSE_PDL`` decides. True / False: on / off.
     """
 
     def __init__(
@@ -228,7 +228,6 @@ class InferenceEngine:
         fuse_add_norm: Optional[bool] = None,
         mlp_kernel: Optional[bool] = None,
         fuse_qkv: Optional[bool] = None,
-        pdl: Optional[bool] = None,
         attention_backend: Optional[str] = None,
         compile: bool = False,
         compile_mode: Optional[str] = None,
@@ -237,6 +236,7 @@ class InferenceEngine:
         dark_kernel: int = 11,
         heatmap_shift: bool = True,
         clone_outputs: bool = True,
+        pdl: Optional[bool] = None,
     ):
         if precision not in _DTYPES:
             raise ValueError(f"precision: expected one of {sorted(_DTYPES)}, got {precision!r}")

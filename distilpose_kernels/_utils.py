@@ -241,14 +241,15 @@ def capture_cuda_graph(fn: Callable[[], object], warmup: int = 3, pool=None,
 
     ``pdl``: programmatic dependent launch of this library's Triton kernels in the graph
     (``programmatic_launch``). None: as the caller's context or ``DISTILPOSE_PDL`` says;
-    True / False: on / off; "auto": where ``pdl_supported``, the graph is captured both ways,
-    replayed once each, and the PDL graph is kept only if its outputs are bit-identical to the
-    other's and its replay is faster (device time); the decision is recorded (``auto_choices``).
+    True / False: on / off; "auto": where ``pdl_supported``, the graph is captured both ways and
+    the PDL graph is kept only if its outputs are bit-identical to the other's (which must repeat
+    itself bit for bit) and its replay is faster (device time); any failure of the PDL capture
+    keeps the other graph. The decision is recorded (``auto_choices``).
     """
     if pdl == "auto":
         dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
         if pdl_supported(dev):
-            return _capture_pdl_auto(fn, warmup, pool, device)
+            return _capture_pdl_auto(fn, warmup, pool, dev)
         pdl = False
     elif pdl not in (None, True, False):
         raise ValueError(f"pdl: expected None, True, False or 'auto', got {pdl!r}")
@@ -256,10 +257,12 @@ def capture_cuda_graph(fn: Callable[[], object], warmup: int = 3, pool=None,
     with timing_for_cuda_graphs(), ctx:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    fn()
+        finally:  # a warm-up that raises leaves no kernels running unordered with the caller's stream
+            torch.cuda.current_stream(device).wait_stream(side)
         torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
@@ -271,34 +274,50 @@ def capture_cuda_graph(fn: Callable[[], object], warmup: int = 3, pool=None,
 PDL_DECISION = "capture_cuda_graph: programmatic dependent launch"
 
 
+def _bits(t: object) -> object:
+    """A tensor's bytes (NaNs compare equal to themselves, -0.0 differs from 0.0)."""
+    return t.contiguous().view(torch.uint8) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def _same_outputs(a: Sequence, b: Sequence) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(_bits(x), _bits(y)) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
 def _capture_pdl_auto(fn: Callable[[], object], warmup: int, pool, device) -> tuple:
     """``capture_cuda_graph(pdl="auto")`` on a PDL-capable device."""
     graph, out = capture_cuda_graph(fn, warmup, pool, device, pdl=False)
     outs = _as_tuple(out)
     key = tuple(tuple(o.shape) for o in outs if isinstance(o, torch.Tensor))
-    try:
-        graph_pdl, out_pdl = capture_cuda_graph(fn, 1, pool, device, pdl=True)
+    with torch.cuda.device(device):
+        caller_stream = torch.cuda.current_stream()
         graph.replay()
         ref = [o.clone() if isinstance(o, torch.Tensor) else o for o in outs]
-        graph_pdl.replay()
-        torch.cuda.synchronize(device)
-        got = _as_tuple(out_pdl)
-        same = len(got) == len(ref) and all(
-            torch.equal(g, r) if isinstance(r, torch.Tensor) else g == r for g, r in zip(got, ref))
-        if not same:
-            warnings.warn("capture_cuda_graph: the graph with programmatic dependent launch gave other outputs "
-                          "than without it; keeping the graph without it")
-            _record(PDL_DECISION, key, False, "disagrees", timing="device")
+        graph.replay()
+        if not _same_outputs(outs, ref):  # nothing to compare the PDL graph with
+            _record(PDL_DECISION, key, False, "not deterministic without it", timing="device")
             return graph, out
-        t_off = t_on = float("inf")
-        for _ in range(2):  # alternated: clock or thermal drift does not favour one
-            t_off = min(t_off, cuda_time_ms(graph.replay, device_only=True))
-            t_on = min(t_on, cuda_time_ms(graph_pdl.replay, device_only=True))
-    except Exception as e:  # noqa: BLE001 - PDL is an optimisation: never fail the capture for it
-        warnings.warn(f"capture_cuda_graph: programmatic dependent launch failed ({type(e).__name__}: {e}); "
-                      "keeping the graph without it")
-        _record(PDL_DECISION, key, False, f"failed: {type(e).__name__}: {str(e)[:200]}", timing="device")
-        return graph, out
+        try:
+            graph_pdl, out_pdl = capture_cuda_graph(fn, 1, pool, device, pdl=True)
+            graph_pdl.replay()
+            torch.cuda.synchronize()
+            if not _same_outputs(_as_tuple(out_pdl), ref):
+                warnings.warn("capture_cuda_graph: the graph with programmatic dependent launch gave other outputs "
+                              "than without it; keeping the graph without it")
+                _record(PDL_DECISION, key, False, "disagrees", timing="device")
+                return graph, out
+            t_off = t_on = float("inf")
+            for _ in range(2):  # alternated: clock or thermal drift does not favour one
+                t_off = min(t_off, cuda_time_ms(graph.replay, device_only=True))
+                t_on = min(t_on, cuda_time_ms(graph_pdl.replay, device_only=True))
+        except Exception as e:  # noqa: BLE001 - PDL is an optimisation: never fail the capture for it
+            # torch.cuda.graph leaves its capture stream current when ending a capture fails
+            torch.cuda.set_stream(caller_stream)
+            torch.cuda.synchronize()
+            warnings.warn(f"capture_cuda_graph: programmatic dependent launch failed ({type(e).__name__}: {e}); "
+                          "keeping the graph without it")
+            _record(PDL_DECISION, key, False, f"failed: {type(e).__name__}: {str(e)[:200]}", timing="device")
+            return graph, out
     choice = t_on < t_off
     _record(PDL_DECISION, key, choice, "faster" if choice else "slower", t_on, t_off, timing="device")
     return (graph_pdl, out_pdl) if choice else (graph, out)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from . import _ext
-from ._utils import (FORCE_REFERENCE_ENV, FP32_DOT_ENV, force_reference, fp32_dot_precision, pdl_supported,
+from ._utils import (FORCE_REFERENCE_ENV, FP32_DOT_ENV, force_reference, fp32_dot_precision,
                      select_triton_backend, triton_available, triton_interpret)
 
 #: Triton-backed ops of the library (dispatch: distilpose_kernels._utils.select_triton_backend).
@@ -168,7 +168,8 @@ def info(verbose: bool = False) -> dict[str, Any]:
             report["fp32_dot"][dev] = fp32_dot_precision(torch.device(dev))
         except ValueError as e:  # a bad DISTILPOSE_FP32_DOT: report it, the ops will raise it
             report["fp32_dot"][dev] = f"error: {e}"
-        report["pdl"][dev] = pdl_supported(torch.device(dev))
+        # the device's side only: checking Triton's launch_pdl would import Triton here
+        report["pdl"][dev] = dev == "cuda" and torch.cuda.get_device_capability()[0] >= 9
     if verbose:
         print(format_info(report))
     return report
@@ -194,7 +195,7 @@ def format_info(report: dict[str, Any]) -> str:
         lines.append("float32 dots in the Triton kernels (tl.dot input_precision): "
                      + ", ".join(f"{dev} {p}" for dev, p in report["fp32_dot"].items()))
     if report.get("pdl"):
-        lines.append("programmatic dependent launch supported: "
+        lines.append("programmatic dependent launch (sm_90+ GPUs): "
                      + ", ".join(f"{dev} {'yes' if ok else 'no'}" for dev, ok in report["pdl"].items()))
     for dev, table in report["dispatch"].items():
         lines.append(f"dispatch for {dev} tensors:")

@@ -70,12 +70,14 @@ def test_info_cli_reports_every_op():
 
     helpers = {"agrees_at_dtype", "annotate", "auto_choices", "capture_cuda_graph", "fp32_dot_precision", "info",
                "split_counters", "timed_choice", "timing_for_cuda_graphs", "tuned_configs",
+               "programmatic_launch", "pdl_supported",
                "joint_mse_loss", "teacher_value_at_prediction"}  # utilities; plain PyTorch losses
     ops = {n for n in dk._LAZY if n[0].islower() and not n.endswith("_reference")} - helpers
     assert ops <= set(cpu), sorted(ops - set(cpu))
     assert {"qkv_attention", "regression_head"} <= set(cpu)
     assert cpu["soft_argmax"]["backend"] == ("cpp" if rep["extension"]["loaded"] else "reference")
     assert cpu["token_attention"]["backend"] == "reference"  # Triton needs CUDA tensors
+    assert rep["pdl"]["cpu"] is False
     r = _run([sys.executable, "-c", "import sys, importlib, distilpose_kernels as dk; dk.info(); "
                                     "importlib.import_module('distilpose_kernels.info').info(); dk.info(); "
                                     "assert 'triton' not in sys.modules, 'info() imported triton'"])

@@ -5,6 +5,8 @@ graphs, the engine option; on a Hopper GPU, the kernels with and without PDL giv
 results, eagerly and in CUDA graphs, and the engine's timed choice."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -165,21 +167,22 @@ def test_gpu_this_triton_waits_before_any_memory_access():
 
 
 class _FakeGraph:
-    """A stand-in CUDA graph: replay() writes ``value`` into its output."""
+    """A stand-in CUDA graph: each replay() writes the next of ``values`` into its output."""
 
-    def __init__(self, out: torch.Tensor, value: float, pdl: bool):
-        self.out, self.value, self.pdl, self.replays = out, value, pdl, 0
+    def __init__(self, out: torch.Tensor, values, pdl: bool):
+        self.out, self.values, self.pdl, self.replays = out, values, pdl, 0
 
     def replay(self):
-        self.out.fill_(self.value)
+        self.out.fill_(self.values[self.replays % len(self.values)])
         self.replays += 1
 
 
 @pytest.fixture
 def fake_graphs(monkeypatch):
-    """``set(values, times, fail)``: captures give _FakeGraphs whose outputs are ``values[pdl]``
-    and whose replays take ``times[pdl]`` ms; ``fail``: the PDL capture raises."""
-    state = {}
+    """``set(values, times, fail)``: captures give _FakeGraphs whose replays write
+    ``values[pdl]`` (a sequence, cycled) and take ``times[pdl]`` ms; ``fail``: the PDL capture
+    raises. ``state["streams"]``: the streams ``torch.cuda.set_stream`` was given."""
+    state = {"streams": []}
 
     def capture(fn, warmup=3, pool=None, device=None, pdl=None):
         if pdl and state["fail"]:
@@ -187,37 +190,48 @@ def fake_graphs(monkeypatch):
         out = torch.zeros(2, 3)
         return _FakeGraph(out, state["values"][bool(pdl)], bool(pdl)), out
 
-    def set_(values=(1.0, 1.0), times=(2.0, 1.0), fail=False):
+    def set_(values=((1.0,), (1.0,)), times=(2.0, 1.0), fail=False):
         state.update(values=values, times=times, fail=fail)
+        return state
 
     monkeypatch.setattr(_utils, "capture_cuda_graph", capture)
     monkeypatch.setattr(_utils, "cuda_time_ms",
                         lambda fn, rounds=3, reps=5, device_only=False: state["times"][fn.__self__.pdl])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "caller stream")
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: state["streams"].append(stream))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(_utils, "_DECISIONS", [])
     return set_
 
 
+NAN = float("nan")
+
+
 @pytest.mark.parametrize("values,times,fail,pdl_kept,why", [
-    ((1.0, 1.0), (2.0, 1.0), False, True, "faster"),
-    ((1.0, 1.0), (1.0, 2.0), False, False, "slower"),
-    ((1.0, 1.5), (2.0, 1.0), False, False, "disagrees"),
-    ((1.0, 1.0), (2.0, 1.0), True, False, "failed: RuntimeError"),
-], ids=["faster", "slower", "disagrees", "fails"])
+    (((1.0,), (1.0,)), (2.0, 1.0), False, True, "faster"),
+    (((1.0,), (1.0,)), (1.0, 2.0), False, False, "slower"),
+    (((NAN,), (NAN,)), (2.0, 1.0), False, True, "faster"),  # NaN outputs: the same bits
+    (((1.0,), (1.5,)), (2.0, 1.0), False, False, "disagrees"),
+    (((1.0, 2.0), (1.0,)), (2.0, 1.0), False, False, "not deterministic without it"),
+    (((1.0,), (1.0,)), (2.0, 1.0), True, False, "failed: RuntimeError"),
+], ids=["faster", "slower", "nan", "disagrees", "nondeterministic", "fails"])
 def test_capture_pdl_auto_keeps_the_pdl_graph_only_when_identical_and_faster(fake_graphs, values, times, fail,
                                                                              pdl_kept, why):
-    fake_graphs(values, times, fail)
-    if why in ("faster", "slower"):
-        graph, out = _utils._capture_pdl_auto(lambda: None, 3, None, None)
-    else:
+    state = fake_graphs(values, times, fail)
+    if why in ("disagrees",) or why.startswith("failed"):
         with pytest.warns(UserWarning, match="programmatic dependent launch"):
             graph, out = _utils._capture_pdl_auto(lambda: None, 3, None, None)
+    else:
+        graph, out = _utils._capture_pdl_auto(lambda: None, 3, None, None)
     assert graph.pdl is pdl_kept and out is graph.out
     (d,) = dk.auto_choices()
     assert d["op"] == _utils.PDL_DECISION and d["key"] == str(((2, 3),)) and d["timing"] == "device"
     assert d["use"] == ("fused" if pdl_kept else "reference") and d["why"].startswith(why)
     if why in ("faster", "slower"):
         assert (d["fused_ms"], d["reference_ms"]) == (times[1], times[0])
+    # a failed capture leaves torch's capture stream current: the caller's is restored
+    assert state["streams"] == (["caller stream"] if fail else [])
 
 
 def test_capture_cuda_graph_pdl_argument(monkeypatch):
@@ -227,7 +241,9 @@ def test_capture_cuda_graph_pdl_argument(monkeypatch):
     monkeypatch.setattr(_utils, "pdl_supported", lambda device: True)
     monkeypatch.setattr(_utils, "_capture_pdl_auto", lambda *a: seen.append(a) or ("graph", "out"))
     assert dk.capture_cuda_graph(len, 2, "pool", CUDA0, pdl="auto") == ("graph", "out")
-    assert seen == [(len, 2, "pool", CUDA0)]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert dk.capture_cuda_graph(len, 2, "pool", pdl="auto") == ("graph", "out")  # the current device
+    assert seen == [(len, 2, "pool", CUDA0)] * 2
 
 
 # ----------------------------------------------------------------------------- the engine option
