@@ -702,6 +702,20 @@ def _info(b: dict, *keys: str):
     return None
 
 
+#: ``auto_choices``' name of the graph-level PDL decision (distilpose_kernels._utils.PDL_DECISION)
+PDL_DECISION = "capture_cuda_graph: programmatic dependent launch"
+
+
+def _pdl_note(b: dict) -> str:
+    """", PDL <kept|not kept> (<why>, graph <on> vs <off> ms)" from a case's recorded decisions."""
+    for d in _info(b, "auto_choices") or []:
+        if d.get("op") == PDL_DECISION:
+            times = (f", graph {d['fused_ms']:.3f} vs {d['reference_ms']:.3f} ms"
+                     if d.get("fused_ms") is not None and d.get("reference_ms") is not None else "")
+            return f", PDL {'kept' if d.get('use') == 'fused' else 'not kept'} ({d.get('why')}{times})"
+    return ""
+
+
 def _median(b: dict) -> Optional[float]:
     m = _info(b, "median_s")
     if m is None:
@@ -887,7 +901,8 @@ def evaluate_goals(benchmarks: List[dict], ceilings: Dict[str, float]) -> List[D
         if best:
             fps = 1.0 / _median(best)
             others = ", ".join(f"{_info(b, 'path')} {1.0 / _median(b):.0f}" for b in sorted(cases, key=_median) if b is not best)
-            detail = f"{fps:.0f} FPS via {_info(best, 'path')}" + (f" (others: {others})" if others else "")
+            detail = (f"{fps:.0f} FPS via {_info(best, 'path')}" + _pdl_note(best)
+                      + (f" (others: {others})" if others else ""))
             row(goal, tgt, detail, (fps >= target) if target else "info", floor=floor_of(best, "fp32_tflops"))
         else:
             row(goal, tgt, "-", None)

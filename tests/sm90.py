@@ -22,7 +22,9 @@ def compile_(fn, ptrs, scalars, consts, **opts):
     if "USE_PDL" in fn.arg_names:
         consts = {"USE_PDL": False, **consts}
     sig = {n: ("constexpr" if n in consts else ptrs.get(n) or scalars.get(n) or "i32") for n in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET, options=opts)
+    # constexprs keyed by argument index (what every Triton 3.x takes; newer ones also take names)
+    constexprs = {(fn.arg_names.index(n),): v for n, v in consts.items()}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET, options=opts)
     # an H100/H200 block may use at most 227 KiB of shared memory; more fails only at launch
     assert kernel.metadata.shared <= SM90_SHARED_MAX, (fn.__name__, consts, opts, kernel.metadata.shared)
     return kernel

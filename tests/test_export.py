@@ -353,7 +353,9 @@ def test_gpu_check_goal_table_from_results():
         _fake_bench("a[sdpa_flash-64-bf16-fwdbwd]", 1.2e-3, impl="sdpa_flash", batch=64, dtype="bf16", mode="fwdbwd"),
         _fake_bench("a[sdpa_cudnn-64-bf16-fwdbwd]", 3.0e-3, impl="sdpa_cudnn", batch=64, dtype="bf16", mode="fwdbwd"),
         _fake_bench("e[s-withflip-cudagraph]", 0.5e-3, preset="distilpose_s", batch=1, precision="fp32",
-                    flip_test=True, path="cudagraph", flops=1e10),
+                    flip_test=True, path="cudagraph", flops=1e10,
+                    auto_choices=[{"op": "capture_cuda_graph: programmatic dependent launch", "use": "fused",
+                                   "why": "faster", "fused_ms": 0.48, "reference_ms": 0.52}]),
         _fake_bench("e[s-withflip-reference]", 20e-3, preset="distilpose_s", batch=1, precision="fp32",
                     flip_test=True, path="reference"),
         # faster, but TF32 matmuls: listed, not counted for the fp32 goal
@@ -417,6 +419,10 @@ def test_gpu_check_goal_table_from_results():
     assert att_g["status"] == "PASS" and att_g["measured"].startswith("2.00x")  # graph vs graph only
     e2e = rows["DistilPose-S b1 fp32 flip test FPS"]
     assert e2e["status"] == "PASS" and e2e["measured"].startswith("2000 FPS via cudagraph")
+    assert ", PDL kept (faster, graph 0.480 vs 0.520 ms)" in e2e["measured"]  # the graph-level decision
+    from distilpose_kernels._utils import PDL_DECISION
+
+    assert gc.PDL_DECISION == PDL_DECISION
     assert "reference 50" in e2e["measured"] and "floor" not in e2e["measured"] and e2e["floor"]
     assert "cudagraph_tf32 4000" in e2e["measured"]
     assert rows["distillation step b64 bf16 vs reference"]["status"] == "NOT RUN"

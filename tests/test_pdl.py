@@ -278,11 +278,12 @@ def _needs_hopper():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset,precision", [("distilpose_s", "fp32"), ("tokenpose_teacher", "fp32")])
+@pytest.mark.parametrize("preset,precision", [("distilpose_s", "fp32"), ("tokenpose_tiny", "bf16")])
 def test_gpu_engine_with_pdl_is_bit_identical_eager_and_in_graphs(preset, precision):
     """The batch-1 flip-test step with every forward Triton kernel launched with PDL equals the
     step without, bit for bit: eagerly, and in CUDA graphs replayed on changing inputs (a kernel
-    reading before the previous one finished would differ somewhere)."""
+    reading before the previous one finished would differ somewhere). DistilPose-S as the
+    benchmark runs it; a small teacher for the HRNet kernels (multi-resolution sum) in bf16."""
     _needs_hopper()
     from distilpose.models import build_model
     from distilpose.runtime import InferenceEngine
@@ -293,7 +294,7 @@ def test_gpu_engine_with_pdl_is_bit_identical_eager_and_in_graphs(preset, precis
     for graph in (False, True):
         engines = {pdl: InferenceEngine(model, device="cuda", precision=precision, fold_bn=True, cuda_graph=graph,
                                         pdl=pdl) for pdl in (False, True)}
-        for i in range(6 if graph else 2):
+        for i in range(4 if graph else 2):
             x = torch.randn(1, 3, *model.input_size, device="cuda") * (1 + i)
             a, b = (engines[p](x, center, scale) for p in (False, True))
             torch.testing.assert_close(b["keypoints"], a["keypoints"], rtol=0, atol=0)
