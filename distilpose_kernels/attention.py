@@ -278,10 +278,11 @@ def qkv_attention(
     what pays at batch 1). The kernel has no backward: when a gradient is needed (grad mode on
     and x, weight or bias requiring it) the two ops run (``linear``, then ``token_attention``).
     backend: None/"auto": on CUDA the kernel where it was timed faster than the two ops (once
-    per shape, dtype and dot precision; ``auto_choices`` records it), else the two ops;
-    "triton": the kernel (CPU tensors under TRITON_INTERPRET=1); "reference":
-    ``qkv_attention_reference``. Under autocast x, weight and bias (unless float64) are first
-    cast to the autocast dtype, as F.linear is.
+    per shape, dtype and dot precision; ``auto_choices`` records it), else the two ops; under
+    ``torch.compile`` (nothing is timed while tracing) the two ops; "triton": the kernel (CPU
+    tensors under TRITON_INTERPRET=1), or for head dims over ``QKV_ATTENTION_MAX_HEAD_DIM`` the
+    two ops on their Triton kernels; "reference": ``qkv_attention_reference``. Under autocast
+    x, weight and bias (unless float64) are first cast to the autocast dtype, as F.linear is.
     """
     c, d = _check_qkv_attention(x, weight, bias, num_heads)
     scale = _resolve_scale(scale, d)
@@ -292,16 +293,17 @@ def qkv_attention(
     which = select_triton_backend("qkv_attention", (x, weight), backend)
     if which == "reference":
         return qkv_attention_reference(x, weight, num_heads, scale, bias)
-    why = _triton_supports(x.dtype, d)
-    if why is None and d > QKV_ATTENTION_MAX_HEAD_DIM:
-        why = f"head dim {d} (the fused qkv kernel takes at most {QKV_ATTENTION_MAX_HEAD_DIM})"
+    why = _triton_supports(x.dtype, d)  # the Triton kernels' limits (token_attention's too)
     if why is None and (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
         why = f"weight / bias of dtype {weight.dtype} with x of dtype {x.dtype}"
+    if backend == "triton" and why is not None:
+        raise TypeError(f"x: backend='triton' does not support {why}; use backend='reference'")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))
-    if why is not None or needs_grad:
-        if backend == "triton" and why is not None:
-            raise TypeError(f"x: backend='triton' does not support {why}; use backend='reference'")
+    # the fused kernel's own limit (wider heads: the two ops, on Triton for backend="triton"); and
+    # "auto" under torch.compile, where nothing can be timed
+    if (why is not None or needs_grad or d > QKV_ATTENTION_MAX_HEAD_DIM
+            or (backend in (None, "auto") and torch.compiler.is_compiling())):
         return _qkv_two_ops(x, weight, bias, num_heads, scale, backend)
 
     def fused():
@@ -309,7 +311,7 @@ def qkv_attention(
             return _qkv_attention_fwd(x, weight, bias, num_heads, scale)
         return _triton_module().qkv_attention_forward(x, weight, bias, num_heads, scale)
 
-    if backend in (None, "auto") and not torch.compiler.is_compiling():
+    if backend in (None, "auto") and x.numel() > 0:  # (nothing to time or compare when empty)
         precision = fp32_dot_precision(x.device) if x.dtype == torch.float32 else "16bit"
         key = ("qkv_attention", tuple(x.shape), num_heads, x.dtype, bias is None, x.device.index, precision)
         tol32 = 1e-3 if precision == "tf32" else 1e-5

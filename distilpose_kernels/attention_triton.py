@@ -287,12 +287,19 @@ def qkv_attention_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     """x (N, L, C) any strides, weight (3C, C) any strides, bias (3C,) or None -> (N, L, C) in
     x's dtype: token_attention(x @ weight^T + bias, num_heads, scale) without the qkv tensor."""
     n, L, c = x.shape
-    d = c // num_heads
-    block_d = _pow2_at_least(d, 16)
     out = _new_output((n, L, c), x.device, x.dtype)
     if n == 0 or L == 0 or c == 0:
         return out
     (bias,) = contiguous_vectors(bias)
+    per_batch_chunk(num_heads, lambda xs, o: _qkv_attention_into(xs, weight, bias, o, num_heads, scale), x, out)
+    return out
+
+
+def _qkv_attention_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
+                        num_heads: int, scale: float) -> None:
+    n, L, c = x.shape
+    d = c // num_heads
+    block_d = _pow2_at_least(d, 16)
     precision = _precision(x.dtype, x.device)
     nh = n * num_heads
     args = (x, weight, bias if bias is not None else weight, out, *x.stride(), *weight.stride(), *out.stride(),
@@ -301,11 +308,10 @@ def qkv_attention_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
                 UPCAST=_upcast(x.dtype), **pdl_launch(x.device))
     if QKV_ATTN_OVERRIDE is None and AUTOTUNE and _QKV_ATTN_TUNED is not None:
         _QKV_ATTN_TUNED[lambda m: (cdiv(L, m["BLOCK_M"]), nh)](*args, **meta)
-        return out
+        return
     bm, bn, bc, warps, stages = QKV_ATTN_OVERRIDE or QKV_ATTN_DEFAULT
     _qkv_attn_fwd_kernel[(cdiv(L, bm), nh)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, num_warps=warps,
                                             num_stages=stages)
-    return out
 
 
 # ============================================================================ attention backward
@@ -611,16 +617,42 @@ def _new_counts(n: int, device: torch.device) -> torch.Tensor:
 # ============================================================================ host wrappers
 
 
+#: CUDA's limit on a grid's second axis, where the attention kernels put sequence x head
+MAX_GRID_Y = 65535
+
+
+def per_batch_chunk(num_heads: int, launch, *batched: Optional[torch.Tensor]) -> None:
+    """``launch(*batched)``, or, when N * num_heads exceeds ``MAX_GRID_Y``, once per slice of the
+    batch (dim 0 of every tensor in ``batched``; None stays None) that fits."""
+    n = batched[0].shape[0]
+    if n * num_heads <= MAX_GRID_Y:
+        launch(*batched)
+        return
+    per = MAX_GRID_Y // num_heads
+    if per < 1:
+        raise ValueError(f"num_heads: {num_heads} heads exceed the {MAX_GRID_Y} programs a CUDA grid axis holds")
+    for i in range(0, n, per):
+        launch(*(None if t is None else t[i:i + per] for t in batched))
+
+
 def attention_forward(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """qkv (N, L, 3C) -> (out (N, L, C) in qkv's dtype, lse (N, H, L) float32)."""
     n, L, three_c = qkv.shape
     c = three_c // 3
-    d = c // num_heads
-    block_d = _pow2_at_least(d, 16)
     out = _new_output((n, L, c), qkv.device, qkv.dtype)
     lse = _new_output((n, num_heads, L), qkv.device, torch.float32)
     if n == 0 or L == 0:
         return out, lse
+    per_batch_chunk(num_heads, lambda q, o, s: _attention_forward_into(q, o, s, num_heads, scale), qkv, out, lse)
+    return out, lse
+
+
+def _attention_forward_into(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
+                            scale: float) -> None:
+    n, L, three_c = qkv.shape
+    c = three_c // 3
+    d = c // num_heads
+    block_d = _pow2_at_least(d, 16)
     nh = n * num_heads
     which = "fwd_small" if nh * L <= SPLIT_MAX_ROWS else "fwd"
     precision = _precision(qkv.dtype, qkv.device)
@@ -633,7 +665,6 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[
         L, num_heads, c, scale * _LOG2E,
         HEAD_DIM=d, BLOCK_D=block_d, PRECISION=precision, UPCAST=_upcast(qkv.dtype),
     )
-    return out, lse
 
 
 def attention_backward(
@@ -647,12 +678,20 @@ def attention_backward(
 ) -> torch.Tensor:
     """Gradient of (out, lse) w.r.t. qkv, packed like qkv: (N, L, 3C)."""
     n, L, three_c = qkv.shape
-    c = three_c // 3
-    d = c // num_heads
-    block_d = _pow2_at_least(d, 16)
     dqkv = _new_output((n, L, three_c), qkv.device, qkv.dtype)
     if n == 0 or L == 0:
         return dqkv
+    per_batch_chunk(num_heads, lambda *t: _attention_backward_into(*t, num_heads, scale),
+                    dout, dlse, qkv, out, lse, dqkv)
+    return dqkv
+
+
+def _attention_backward_into(dout: torch.Tensor, dlse: Optional[torch.Tensor], qkv: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, dqkv: torch.Tensor, num_heads: int, scale: float) -> None:
+    n, L, three_c = qkv.shape
+    c = three_c // 3
+    d = c // num_heads
+    block_d = _pow2_at_least(d, 16)
     nh = n * num_heads
     delta = _new_output((n, num_heads, L), qkv.device, torch.float32)
     bm_delta = min(64, _pow2_at_least(L, 16))
@@ -671,7 +710,6 @@ def attention_backward(
     meta = dict(HEAD_DIM=d, BLOCK_D=block_d, PRECISION=prec, UPCAST=_upcast(qkv.dtype))
     _launch("dkdv", L, nh, block_d, qkv.dtype, *common, **meta)
     _launch("dq", L, nh, block_d, qkv.dtype, *common, **meta)
-    return dqkv
 
 
 # ============================================================================ add position + LayerNorm

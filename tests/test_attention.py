@@ -660,3 +660,26 @@ def test_split_key_workspace_only_while_a_split_config_may_run(monkeypatch):
     ws, _, cnt = at._split_workspace("fwd_small", 273, 16, 32, torch.device("cpu"), bucket)
     assert ws.shape[0] == 3 and cnt.numel() == 16 * 9
     assert at._split_workspace("fwd", 273, 64 * 8, 32, torch.device("cpu"), bucket) is None
+
+
+@pytest.mark.interpreter  # bit-for-bit: on a GPU the slices' shapes may autotune other tiles
+def test_attention_batches_beyond_the_grid_limit_launch_in_slices(monkeypatch):
+    """N * heads over CUDA's 65,535 programs on a grid's second axis (e.g. 8,192 crops x 8
+    heads): the kernels launch once per slice of the batch, with the same results as one launch
+    (here the limit is lowered to 5: 3 sequences x 2 heads)."""
+    at = _at()
+    qkv = _rand_qkv(3, 21, 2, 8)
+    dout = torch.randn(3, 21, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(qkv)
+    x, w, b = qkv[..., :16].contiguous(), qkv[0, :16, :48].T.contiguous() * 0.2, qkv[0, 0, :48].contiguous()
+    whole = (*_triton_fwd_bwd(qkv, 2, dout), dk.qkv_attention(x, w, 2, bias=b, backend="triton"))
+    launches = []
+    real = at._attention_forward_into
+    monkeypatch.setattr(at, "_attention_forward_into", lambda q, *a: launches.append(q.shape[0]) or real(q, *a))
+    monkeypatch.setattr(at, "MAX_GRID_Y", 5)
+    sliced = (*_triton_fwd_bwd(qkv, 2, dout), dk.qkv_attention(x, w, 2, bias=b, backend="triton"))
+    assert launches == [2, 1]
+    for got, want in zip(sliced, whole):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    monkeypatch.setattr(at, "MAX_GRID_Y", 1)
+    with pytest.raises(ValueError, match="num_heads: 2 heads exceed"):
+        dk.token_attention(qkv, 2, backend="triton")

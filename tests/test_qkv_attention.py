@@ -135,11 +135,41 @@ def test_qkv_attention_errors_name_the_argument():
         dk.qkv_attention(x[0], w, 2)
     with pytest.raises(TypeError, match="x: backend='triton' does not support weight / bias of dtype"):
         dk.qkv_attention(x, w.double(), 2, backend="triton")
-    xw, ww, _ = _inputs(1, 5, 1, 80)  # head dim 80: over the fused kernel's limit
-    with pytest.raises(TypeError, match="x: backend='triton' does not support head dim 80"):
-        dk.qkv_attention(xw, ww, 1, backend="triton")
-    with torch.enable_grad():  # "auto" on CPU: the reference; the limit only concerns the kernel
+    with pytest.raises(TypeError, match="x: backend='triton' does not support dtype torch.float64"):
+        dk.qkv_attention(x.double(), w.double(), 2, backend="triton")
+    with torch.enable_grad():  # "auto" on CPU: the reference
+        xw, ww, _ = _inputs(1, 5, 1, 80)
         torch.testing.assert_close(dk.qkv_attention(xw, ww, 1), dk.qkv_attention_reference(xw, ww, 1))
+
+
+def test_qkv_attention_wide_heads_run_the_two_triton_ops(monkeypatch):
+    """Head dim 80 (over the fused kernel's 64, within token_attention's Triton kernels): backend
+    "triton" runs linear + token_attention on Triton instead of failing, so a model with wide
+    heads still runs with the engine's attention_backend="triton"."""
+    monkeypatch.setattr(_at(), "qkv_attention_forward", lambda *a: pytest.fail("the fused kernel ran"))
+    seen = []
+    real = attn_mod.token_attention
+    monkeypatch.setattr(attn_mod, "token_attention", lambda *a, **k: seen.append(k.get("backend")) or real(*a, **k))
+    x, w, b = _inputs(1, 5, 1, 80, True)
+    got = dk.qkv_attention(x, w, 1, bias=b, backend="triton")
+    assert seen == ["triton"]
+    torch.testing.assert_close(got.double(), _ref64(x, w, b, 1), atol=2e-5, rtol=2e-5)
+
+
+def test_qkv_attention_auto_empty_and_under_compile(monkeypatch, stub_cuda_timer):
+    """"auto" on the kernel's path: an empty input is not timed (comparing empty outputs would
+    fail and cache a false "failed"); while torch.compile traces, nothing can be timed and the
+    two ops run."""
+    monkeypatch.setattr(attn_mod, "select_triton_backend", lambda *a, **k: "triton")
+    monkeypatch.setattr(attn_mod, "_QKV_CHOICES", {})
+    monkeypatch.setattr(attn_mod, "timed_choice", lambda *a, **k: pytest.fail("timed"))
+    x, w, _ = _inputs(1, 5, 2, 8)
+    assert dk.qkv_attention(x[:0], w, 2).shape == (0, 5, 16)
+    assert dk.qkv_attention(x[:, :0], w, 2).shape == (1, 0, 16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    two_ops = []
+    monkeypatch.setattr(attn_mod, "_qkv_two_ops", lambda *a: two_ops.append(a[-1]) or "two ops")
+    assert dk.qkv_attention(x, w, 2) == "two ops" and two_ops == [None]
 
 
 _SM90_SCRIPT = r"""
