@@ -278,12 +278,13 @@ def _needs_hopper():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset,precision", [("distilpose_s", "fp32"), ("tokenpose_tiny", "bf16")])
+@pytest.mark.parametrize("preset,precision", [("distilpose_tiny", "fp32"), ("tokenpose_tiny", "bf16")])
 def test_gpu_engine_with_pdl_is_bit_identical_eager_and_in_graphs(preset, precision):
     """The batch-1 flip-test step with every forward Triton kernel launched with PDL equals the
     step without, bit for bit: eagerly, and in CUDA graphs replayed on changing inputs (a kernel
-    reading before the previous one finished would differ somewhere). DistilPose-S as the
-    benchmark runs it; a small teacher for the HRNet kernels (multi-resolution sum) in bf16."""
+    reading before the previous one finished would differ somewhere). Small models (every
+    kernel, the teacher's multi-resolution sum in bf16); DistilPose-S at the benchmark's shape
+    is the next test."""
     _needs_hopper()
     from distilpose.models import build_model
     from distilpose.runtime import InferenceEngine
