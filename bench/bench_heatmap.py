@@ -7,7 +7,9 @@ Loss, shapes of the spec (K = 17, 64 x 48 heatmaps), N in {32, 256}:
   "*_cudagraph" variants replay forward + backward from a CUDA graph (kernel time without the
   Python and launch overhead, which is of the order of the fused kernels' ~20 us at N = 256);
   "*_opgrad_*" variants take the op's own forward + backward with the upstream gradients given
-  (no caller-side add / multiply / ones-fill kernels in the graph).
+  (no caller-side add / multiply / ones-fill kernels in the graph); "fused_pdl_opgrad_cudagraph"
+  is that graph captured with programmatic dependent launch (``capture_cuda_graph(pdl=True)``:
+  the extension's finalize and backward kernels scheduled before their predecessor ends).
   Bytes = the unavoidable traffic: the teacher heatmaps read once, plus coords, sigma, score and
   weights read and their gradients written; "gbps" in extra_info is that over the median time.
 Targets, N = 64: Triton kernel (GPU) vs the vectorised PyTorch path vs a per-sample numpy loop
@@ -98,15 +100,17 @@ def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32", label=None):
     graphed = impl.endswith("_cudagraph")
     base = impl.removesuffix("_cudagraph")
     given = base.endswith("_opgrad")
+    base = base.removesuffix("_opgrad")
+    pdl = base.endswith("_pdl")  # the graph captured with programmatic dependent launch
     steps = []
     for _ in range(copies):
-        step = _fwd_bwd(_loss_fn(base.removesuffix("_opgrad")), *_loss_inputs(n, device, TEACHER_DTYPES[teacher_dtype]),
+        step = _fwd_bwd(_loss_fn(base.removesuffix("_pdl")), *_loss_inputs(n, device, TEACHER_DTYPES[teacher_dtype]),
                         given=given)
-        steps.append(cuda_graph(step) if graphed else step)
+        steps.append(cuda_graph(step, pdl=pdl) if graphed else step)
     run_benchmark(
         benchmark, rotate(steps), device=device, bytes_moved=nbytes,
         op="simulated_heatmap_loss fwd+bwd", impl=label or impl, n=n, teacher_dtype=teacher_dtype,
-        input_copies=copies, upstream_grads="given" if given else "reg2hm + 0.01 * score",
+        input_copies=copies, upstream_grads="given" if given else "reg2hm + 0.01 * score", pdl=pdl,
     )
     if impl.startswith("fused") and device == "cuda":
         from distilpose_kernels import heatmap_triton as hmt
@@ -128,7 +132,7 @@ def _bench_loss(benchmark, impl, n, device, teacher_dtype="fp32", label=None):
 @pytest.mark.parametrize("impl", ["fused", "fused_triton", "eager", "compile", "fused_cudagraph",
                                   "fused_triton_cudagraph", "compile_cudagraph", "fused_blocks_cudagraph",
                                   "fused_persistent_cudagraph", "fused_pipelined_cudagraph",
-                                  "fused_opgrad_cudagraph", "compile_opgrad_cudagraph"])
+                                  "fused_opgrad_cudagraph", "fused_pdl_opgrad_cudagraph", "compile_opgrad_cudagraph"])
 @pytest.mark.parametrize("n", [32, 256])
 def test_loss_fwd_bwd_gpu(benchmark, impl, n, teacher_dtype, monkeypatch):
     """``fused`` runs the default: the extension's forward kernel chosen by "auto" (timed once

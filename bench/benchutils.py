@@ -179,13 +179,15 @@ def run_benchmark(
 # ----------------------------------------------------------------------------- CUDA graphs
 
 
-def cuda_graph(fn: Callable[[], Any], warmup: int = 3) -> Callable[[], Any]:
+def cuda_graph(fn: Callable[[], Any], warmup: int = 3, pdl: Any = None) -> Callable[[], Any]:
     """Capture ``fn()`` in a CUDA graph (``distilpose_kernels.capture_cuda_graph``: ``warmup``
     calls on a side stream first, "auto" choices on device time) and return a callable that replays it and returns the captured output
     (static buffers that each replay overwrites). Timing the replays leaves device time: no
     per-call Python or launch overhead. The replay keeps ``fn`` (and so every buffer it closes
-    over) alive: freed, those buffers would be unmapped by the next capture's empty_cache()."""
-    graph, out = dk.capture_cuda_graph(fn, warmup=warmup)
+    over) alive: freed, those buffers would be unmapped by the next capture's empty_cache().
+    ``pdl``: programmatic dependent launch of the library's kernels in the graph (as
+    ``capture_cuda_graph``'s: None as the environment says, True, False or "auto")."""
+    graph, out = dk.capture_cuda_graph(fn, warmup=warmup, pdl=pdl)
 
     def replay(graph=graph, fn=fn, out=out):
         graph.replay()

@@ -576,17 +576,23 @@ def programmatic_launch(enabled: bool = True) -> Iterator[None]:
         _PDL.reset(token)
 
 
-def pdl_launch(device: torch.device) -> dict:
-    """Launch keywords of a PDL-capable Triton kernel on ``device``: its ``USE_PDL`` constexpr
-    and, when on (``programmatic_launch``, else ``DISTILPOSE_PDL``; and ``pdl_supported``),
-    Triton's ``launch_pdl=True``."""
+def pdl_requested() -> bool:
+    """Whether programmatic dependent launch is asked for here: the innermost
+    ``programmatic_launch`` block, else ``DISTILPOSE_PDL`` (read once). The compiled extension's
+    loss kernels take this as their ``pdl`` argument and check the device themselves."""
     global _PDL_DEFAULT
     on = _PDL.get()
     if on is None:
         on = _PDL_DEFAULT
         if on is None:
             on = _PDL_DEFAULT = env_switch(PDL_ENV, False)
-    return _PDL_ON if on and pdl_supported(device) else _PDL_OFF
+    return on
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch keywords of a PDL-capable Triton kernel on ``device``: its ``USE_PDL`` constexpr
+    and, when on (``pdl_requested`` and ``pdl_supported``), Triton's ``launch_pdl=True``."""
+    return _PDL_ON if pdl_requested() and pdl_supported(device) else _PDL_OFF
 
 
 # ----------------------------------------------------------------------------- checks

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import _ext
 from ._utils import (agrees_at_dtype, annotate, decision_key, check_same_device, check_tensor, force_reference, lazy_module,
-                     select_triton_backend, timed_choice)
+                     pdl_requested, select_triton_backend, timed_choice)
 
 REG2HM_MODES = ("released", "per_sample")
 
@@ -228,7 +228,8 @@ def _simhm_loss_bwd(
 
 
 @_simhm_loss_bwd.register_fake
-def _loss_bwd_fake(grad_reg2hm, grad_score_loss, stats, joint_w2, coords_dtype, sigma_dtype, score_dtype, hw, released):
+def _loss_bwd_fake(grad_reg2hm, grad_score_loss, stats, joint_w2, coords_dtype, sigma_dtype, score_dtype, hw, released,
+                   pdl=False):
     _, n, k = stats.shape
     return (
         stats.new_empty((n, k, 2), dtype=coords_dtype),
@@ -297,23 +298,23 @@ class _SimHMLossFunction(torch.autograd.Function):
 _ext_lib = torch.library.Library("distilpose", "FRAGMENT")
 _ext_lib.define(
     "simhm_loss_ext_fwd(Tensor coords, Tensor sigma, Tensor score, Tensor teacher_heatmaps, "
-    "Tensor keypoint_weight, bool released, int fwd_kernel=0) "
+    "Tensor keypoint_weight, bool released, int fwd_kernel=0, bool pdl=False) "
     "-> (Tensor reg2hm, Tensor score_loss, Tensor stats, Tensor joint_w2)"
 )
 _ext_lib.define(
     "simhm_loss_ext_bwd(Tensor grad_reg2hm, Tensor grad_score_loss, Tensor stats, Tensor joint_w2, "
-    "ScalarType coords_dtype, ScalarType sigma_dtype, ScalarType score_dtype, int hw, bool released) "
-    "-> (Tensor grad_coords, Tensor grad_sigma, Tensor grad_score)"
+    "ScalarType coords_dtype, ScalarType sigma_dtype, ScalarType score_dtype, int hw, bool released, "
+    "bool pdl=False) -> (Tensor grad_coords, Tensor grad_sigma, Tensor grad_score)"
 )
 _ext_lib.define(
     "simhm_loss_ext(Tensor coords, Tensor sigma, Tensor score, Tensor teacher_heatmaps, "
-    "Tensor keypoint_weight, bool released, int fwd_kernel=0) -> (Tensor reg2hm, Tensor score_loss)"
+    "Tensor keypoint_weight, bool released, int fwd_kernel=0, bool pdl=False) -> (Tensor reg2hm, Tensor score_loss)"
 )
 
 
 # the same contract as the Triton ops: the same fake kernels
 @torch.library.register_fake("distilpose::simhm_loss_ext_fwd", lib=_ext_lib)
-def _(coords, sigma, score, teacher_heatmaps, keypoint_weight, released, fwd_kernel=0):
+def _(coords, sigma, score, teacher_heatmaps, keypoint_weight, released, fwd_kernel=0, pdl=False):
     return _loss_fwd_fake(coords, sigma, score, teacher_heatmaps, keypoint_weight, released)
 
 
@@ -321,7 +322,7 @@ torch.library.register_fake("distilpose::simhm_loss_ext_bwd", _loss_bwd_fake, li
 
 
 @torch.library.register_fake("distilpose::simhm_loss_ext", lib=_ext_lib)
-def _(coords, sigma, score, teacher_heatmaps, keypoint_weight, released, fwd_kernel=0):
+def _(coords, sigma, score, teacher_heatmaps, keypoint_weight, released, fwd_kernel=0, pdl=False):
     return coords.new_empty(()), score.new_empty(())
 
 
@@ -498,7 +499,8 @@ def simulated_heatmap_loss(
         teacher = teacher_heatmaps.detach()
         released = mode == "released"
         return _ext_loss()(coords, sigma, score, teacher, kw, released,
-                           _ext_fwd_kernel(coords, sigma, score, teacher, kw, released))
+                           _ext_fwd_kernel(coords, sigma, score, teacher, kw, released),
+                           not torch.compiler.is_compiling() and pdl_requested())
     args = (
         coords.contiguous(),
         sigma.contiguous(),

@@ -557,3 +557,10 @@ def test_gpu_check_loss_bandwidth_counts_the_ops_own_fwd_bwd():
     only_caller = [b for b in benches if b["extra_info"]["impl"] == "fused_cudagraph"]
     bw_old = {r["goal"]: r for r in gc.evaluate_goals(only_caller, {"fp32_tflops": 50.0, "copy_gbps": 4176.0})}
     assert bw_old["sim. heatmap loss N=256 bandwidth"]["status"] == "MISS"  # older results: the caller's form
+    # the same graph captured with programmatic dependent launch counts when it is the faster
+    pdl = _fake_bench("h[fused_pdl_opgrad_cudagraph]", 19e-6, impl="fused_pdl_opgrad_cudagraph", n=256,
+                      teacher_dtype="fp32", gbps=2824.0, fwd_kernel="pipelined", pdl=True)
+    pdl["_file"] = suite
+    bw_pdl = {r["goal"]: r for r in gc.evaluate_goals(benches + [pdl], {"fp32_tflops": 50.0, "copy_gbps": 4176.0})}
+    assert bw_pdl["sim. heatmap loss N=256 bandwidth"]["measured"].startswith(
+        "2824 GB/s = 68% of 4176 GB/s copy (fused_pdl_opgrad_cudagraph, 19.0 us"), bw_pdl

@@ -452,6 +452,72 @@ def test_gpu_ext_is_the_default_on_cuda_and_deterministic(monkeypatch):
         assert torch.equal(x, y)
 
 
+def test_ext_pdl_argument_follows_programmatic_launch_and_reaches_the_backward(monkeypatch):
+    """The extension's ``pdl`` argument (programmatic dependent launch of its CUDA kernels) is
+    what ``programmatic_launch`` / DISTILPOSE_PDL ask for, False while compiling; the C++
+    autograd hands it to the backward op. The CPU kernels ignore it: the same losses and
+    gradients either way."""
+    from distilpose_kernels import _utils
+
+    monkeypatch.setattr(_utils, "_PDL_DEFAULT", False)
+    c, s, sc, t, w = _inputs(2, 9, 6, 4, seed=8)
+    seen = []
+    op = hm._ext_loss()
+    monkeypatch.setattr(hm, "_ext_loss", lambda: lambda *a: seen.append(a[-1]) or op(*a))
+    results = []
+    for on in (False, True):
+        leaves = [x.clone().requires_grad_() for x in (c, s, sc)]
+        with _utils.programmatic_launch(on):
+            reg, sl = dk.simulated_heatmap_loss(*leaves, t, w, backend="cpp")
+            results.append((reg, sl, *torch.autograd.grad(reg + 0.3 * sl, leaves)))
+    assert seen == [False, True]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    reg, sl, stats, wk = torch.ops.distilpose.simhm_loss_ext_fwd(c, s, sc, t, w, True, 0, True)
+    torch.library.opcheck(torch.ops.distilpose.simhm_loss_ext_fwd.default, (c, s, sc, t, w, True, 0, True))
+    torch.library.opcheck(torch.ops.distilpose.simhm_loss_ext_bwd.default,
+                          (torch.tensor(1.3), torch.tensor(0.7), stats, wk, torch.float32, torch.float32,
+                           torch.float32, 24, True, True))
+    leaves = [x.clone().requires_grad_() for x in (c, s, sc)]
+    torch.library.opcheck(torch.ops.distilpose.simhm_loss_ext.default, (*leaves, t, w, True, 0, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_ext_loss_with_pdl_is_bit_identical_in_graphs():
+    """The extension's kernels launched with programmatic dependent launch (the finalize and the
+    backward scheduled early, waiting in griddepcontrol.wait), captured in a CUDA graph and
+    replayed on new inputs: bit-identical to the graph without it, for every forward kernel."""
+    if not hm.extension_loss_available("cuda"):
+        pytest.skip("the extension is not built with CUDA")
+    static = [t.clone() for t in _cuda(_inputs(64, 17, 64, 48, seed=5))]
+    leaves = [t.requires_grad_() for t in static[:3]]
+    for kernel in hm.SIMHM_FWD_KERNELS:
+        graphs = {}
+        for pdl in (False, True):
+            def step(pdl=pdl):
+                reg, sl, _, _ = torch.ops.distilpose.simhm_loss_ext_fwd(*[x.detach() for x in static], True,
+                                                                        hm.SIMHM_FWD_KERNELS.index(kernel), pdl)
+                reg2, sl2 = torch.ops.distilpose.simhm_loss_ext(*leaves, static[3], static[4], True,
+                                                                hm.SIMHM_FWD_KERNELS.index(kernel), pdl)
+                upstream = (torch.ones_like(reg2), 0.3 * torch.ones_like(sl2))
+                return (reg, sl, *torch.autograd.grad((reg2, sl2), leaves, upstream))
+
+            graphs[pdl] = dk.capture_cuda_graph(step, warmup=2)
+        for seed in (6, 7, 8):
+            fresh = _cuda(_inputs(64, 17, 64, 48, seed=seed))
+            with torch.no_grad():
+                for dst, src in zip(static, fresh):
+                    dst.copy_(src)
+            outs = []
+            for pdl in (False, True):
+                graphs[pdl][0].replay()
+                outs.append([o.clone() for o in graphs[pdl][1]])
+            torch.cuda.synchronize()
+            for a, b in zip(*outs):
+                torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"{kernel}: {m}")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

@@ -88,7 +88,7 @@ void simhm_finalize(const float* stats, int64_t N, int64_t K, int64_t HW, bool r
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_fwd_cpu(
     const at::Tensor& coords, const at::Tensor& sigma, const at::Tensor& score, const at::Tensor& teacher_heatmaps,
-    const at::Tensor& keypoint_weight, bool released, int64_t fwd_kernel) {
+    const at::Tensor& keypoint_weight, bool released, int64_t fwd_kernel, bool /*pdl: a CUDA launch option*/) {
   const char* op = "simhm_loss_ext_fwd";
   check_simhm_inputs(coords, sigma, score, teacher_heatmaps, keypoint_weight, c10::DeviceType::CPU, op);
   check_simhm_fwd_kernel(fwd_kernel, op);  // a CUDA choice: one CPU kernel serves them all
@@ -108,7 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_fwd_cp
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_bwd_cpu(
     const at::Tensor& grad_reg, const at::Tensor& grad_score_loss, const at::Tensor& stats, const at::Tensor& joint_w2,
-    at::ScalarType coords_dtype, at::ScalarType sigma_dtype, at::ScalarType score_dtype, int64_t hw, bool released) {
+    at::ScalarType coords_dtype, at::ScalarType sigma_dtype, at::ScalarType score_dtype, int64_t hw, bool released,
+    bool /*pdl*/) {
   const SimHMBwdInputs in = prepare_simhm_bwd(grad_reg, grad_score_loss, stats, joint_w2, hw, c10::DeviceType::CPU,
                                               "simhm_loss_ext_bwd");
   const int64_t N = in.stats.size(1), K = in.stats.size(2), NK = N * K;

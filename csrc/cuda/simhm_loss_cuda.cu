@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "../simhm_math.h"
 #include "simhm_loss_cuda.h"
@@ -34,6 +35,50 @@ constexpr int kMaxThreads = 256;    // forward block size cap
 constexpr int kFinalizeThreads = 1024;
 constexpr int kFinalizeUnroll = 4;     // samples per finalize thread whose loads are in flight together
 constexpr float kLog2e = 1.4426950408889634f;
+
+// Programmatic dependent launch (sm_90+), every kernel's first step: wait until the previous
+// kernel in the stream has completed and its writes are visible (returns at once when this grid
+// was not launched with PDL), then let the next kernel, if launched with PDL, be scheduled (its
+// blocks wait here in turn, so starting early only hides its launch).
+__device__ __forceinline__ void pdl_enter() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Whether the current device takes programmatic dependent launch (compute capability 9.0+).
+bool pdl_device() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    cudaGetLastError();  // clear it: PDL is an option, not a reason to fail the launch
+    return false;
+  }
+  return major >= 9;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...); with pdl on a device that takes it, with
+// programmatic stream serialization (the kernel may be scheduled before its predecessor ends).
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          bool pdl, Args&&... args) {
+  if (!pdl || !pdl_device()) {
+    kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
 
 template <typename T>
 __device__ __forceinline__ float load1(const T* p, int i) {
@@ -128,6 +173,7 @@ __global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_kernel(const float
                                                                       const float* __restrict__ kw,
                                                                       const T* __restrict__ teacher,
                                                                       float* __restrict__ stats, int NK, int H, int W) {
+  pdl_enter();
   __shared__ float smem[5][32];
   const int i = blockIdx.x;
   const int HW = H * W, nvec = HW / V;
@@ -176,6 +222,7 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_persistent_kernel(
     const float* __restrict__ coords, const float* __restrict__ sigma, const float* __restrict__ score,
     const float* __restrict__ kw, const T* __restrict__ teacher, float* __restrict__ stats, int NK, int H, int W) {
+  pdl_enter();
   __shared__ float smem[2][5][32];  // alternate per map: one barrier per map suffices
   const int HW = H * W, nvec = HW / V;
   float x[kItems][V], xn[kItems][V];
@@ -248,6 +295,7 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kPipeThreads) simhm_loss_fwd_pipelined_kernel(
     const float* __restrict__ coords, const float* __restrict__ sigma, const float* __restrict__ score,
     const float* __restrict__ kw, const T* __restrict__ teacher, float* __restrict__ stats, int NK, int H, int W) {
+  pdl_enter();
   extern __shared__ uint4 pipe_stage[];  // kPipeStages maps of nvec vectors each
   __shared__ float red[5][32];
   const int HW = H * W, nvec = HW / V;
@@ -323,6 +371,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) simhm_loss_finalize_kernel(c
                                                                                float* __restrict__ wk,
                                                                                float* __restrict__ reg,
                                                                                float* __restrict__ sl) {
+  pdl_enter();
   __shared__ float part[3][kFinalizeThreads];
   __shared__ float red[2][32];
   const int64_t NK = static_cast<int64_t>(N) * K;
@@ -387,6 +436,7 @@ __global__ void simhm_loss_bwd_kernel(const float* __restrict__ stats, const flo
                                       const float* __restrict__ grad_reg, const float* __restrict__ grad_score, int N,
                                       int K, int HW, bool released, float* __restrict__ gcoords,
                                       float* __restrict__ gsigma, float* __restrict__ gscore) {
+  pdl_enter();
   const int64_t NK = static_cast<int64_t>(N) * K;
   const float gr = *grad_reg, gs = *grad_score;
   const float Nf = static_cast<float>(N), Kf = static_cast<float>(K), HWf = static_cast<float>(HW);
@@ -495,7 +545,7 @@ cudaError_t launch_fwd_t(const float* coords, const float* sigma, const float* s
 
 cudaError_t launch_simhm_loss_fwd(DType teacher_dtype, const float* coords, const float* sigma, const float* score,
                                   const float* kw, const void* teacher, int64_t N, int64_t K, int64_t H, int64_t W,
-                                  bool released, int fwd_kernel, float* stats, float* wk, float* reg,
+                                  bool released, int fwd_kernel, bool pdl, float* stats, float* wk, float* reg,
                                   float* sl, cudaStream_t stream) {
   const int64_t nk = N * K;
   cudaError_t err;
@@ -513,22 +563,21 @@ cudaError_t launch_simhm_loss_fwd(DType teacher_dtype, const float* coords, cons
       return cudaErrorInvalidValue;  // float64 teachers are converted by the caller
   }
   if (err != cudaSuccess) return err;
-  simhm_loss_finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(stats, static_cast<int>(N), static_cast<int>(K),
-                                                                  static_cast<int>(H * W), released, wk, reg, sl);
-  return cudaGetLastError();
+  return launch_kernel(simhm_loss_finalize_kernel, dim3(1), dim3(kFinalizeThreads), 0, stream, pdl,
+                       static_cast<const float*>(stats), static_cast<int>(N), static_cast<int>(K),
+                       static_cast<int>(H * W), released, wk, reg, sl);
 }
 
 cudaError_t launch_simhm_loss_bwd(const float* stats, const float* wk, const float* grad_reg, const float* grad_score,
-                                  int64_t N, int64_t K, int64_t hw, bool released, float* gcoords, float* gsigma,
-                                  float* gscore, cudaStream_t stream) {
+                                  int64_t N, int64_t K, int64_t hw, bool released, bool pdl, float* gcoords,
+                                  float* gsigma, float* gscore, cudaStream_t stream) {
   const int64_t nk = N * K;
   const int threads = 256;
   int64_t blocks = (nk + threads - 1) / threads;
   if (blocks > 65535) blocks = 65535;  // grid-stride loop covers the rest
-  simhm_loss_bwd_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-      stats, wk, grad_reg, grad_score, static_cast<int>(N), static_cast<int>(K), static_cast<int>(hw), released,
-      gcoords, gsigma, gscore);
-  return cudaGetLastError();
+  return launch_kernel(simhm_loss_bwd_kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream, pdl,
+                       stats, wk, grad_reg, grad_score, static_cast<int>(N), static_cast<int>(K), static_cast<int>(hw),
+                       released, gcoords, gsigma, gscore);
 }
 
 }  // namespace cuda
