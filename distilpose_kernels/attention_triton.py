@@ -291,12 +291,12 @@ def qkv_attention_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     if n == 0 or L == 0 or c == 0:
         return out
     (bias,) = contiguous_vectors(bias)
-    per_batch_chunk(num_heads, lambda xs, o: _qkv_attention_into(xs, weight, bias, o, num_heads, scale), x, out)
+    per_batch_chunk(_qkv_attention_into, (x, out), num_heads, scale, weight, bias)
     return out
 
 
-def _qkv_attention_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
-                        num_heads: int, scale: float) -> None:
+def _qkv_attention_into(x: torch.Tensor, out: torch.Tensor, num_heads: int, scale: float, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor]) -> None:
     n, L, c = x.shape
     d = c // num_heads
     block_d = _pow2_at_least(d, 16)
@@ -621,18 +621,18 @@ def _new_counts(n: int, device: torch.device) -> torch.Tensor:
 MAX_GRID_Y = 65535
 
 
-def per_batch_chunk(num_heads: int, launch, *batched: Optional[torch.Tensor]) -> None:
-    """``launch(*batched)``, or, when N * num_heads exceeds ``MAX_GRID_Y``, once per slice of the
-    batch (dim 0 of every tensor in ``batched``; None stays None) that fits."""
+def per_batch_chunk(launch, batched: tuple, num_heads: int, *rest) -> None:
+    """``launch(*batched, num_heads, *rest)``, or, when N * num_heads exceeds ``MAX_GRID_Y``, once
+    per slice of the batch (dim 0 of every tensor in ``batched``; None stays None) that fits."""
     n = batched[0].shape[0]
     if n * num_heads <= MAX_GRID_Y:
-        launch(*batched)
+        launch(*batched, num_heads, *rest)
         return
     per = MAX_GRID_Y // num_heads
     if per < 1:
         raise ValueError(f"num_heads: {num_heads} heads exceed the {MAX_GRID_Y} programs a CUDA grid axis holds")
     for i in range(0, n, per):
-        launch(*(None if t is None else t[i:i + per] for t in batched))
+        launch(*(None if t is None else t[i:i + per] for t in batched), num_heads, *rest)
 
 
 def attention_forward(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -643,7 +643,7 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, scale: float) -> Tuple[
     lse = _new_output((n, num_heads, L), qkv.device, torch.float32)
     if n == 0 or L == 0:
         return out, lse
-    per_batch_chunk(num_heads, lambda q, o, s: _attention_forward_into(q, o, s, num_heads, scale), qkv, out, lse)
+    per_batch_chunk(_attention_forward_into, (qkv, out, lse), num_heads, scale)
     return out, lse
 
 
@@ -681,8 +681,7 @@ def attention_backward(
     dqkv = _new_output((n, L, three_c), qkv.device, qkv.dtype)
     if n == 0 or L == 0:
         return dqkv
-    per_batch_chunk(num_heads, lambda *t: _attention_backward_into(*t, num_heads, scale),
-                    dout, dlse, qkv, out, lse, dqkv)
+    per_batch_chunk(_attention_backward_into, (dout, dlse, qkv, out, lse, dqkv), num_heads, scale)
     return dqkv
 
 

@@ -165,6 +165,19 @@ __device__ __forceinline__ void accumulate_vectors(const SimHMMap& m, float kx, 
   }
 }
 
+// A map's five per-thread sums reduced over the block (``smem``: block_sum's scratch), then its
+// statistics stored by thread 0 as column ``i`` of stats (kSimHMNumStats, NK).
+__device__ __forceinline__ void store_map_stats(const SimHMMap& m, float (&acc)[5], float tv, int H, int W, int NK,
+                                                int i, float (*smem)[32], float* __restrict__ stats) {
+  block_sum<5>(acc, smem);
+  if (threadIdx.x == 0) {
+    float out[kSimHMNumStats];
+    simhm_map_stats(m, acc[0], acc[1], acc[3], acc[2], acc[4], tv, H, W, out);
+#pragma unroll
+    for (int s = 0; s < kSimHMNumStats; ++s) stats[static_cast<int64_t>(s) * NK + i] = out[s];
+  }
+}
+
 // V pixels per vector (V == VecTraits<T>::kElems: 16-byte loads; V == 1: scalar loads).
 template <typename T, int V>
 __global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_kernel(const float* __restrict__ coords,
@@ -200,13 +213,7 @@ __global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_kernel(const float
     if (j0 != static_cast<int>(threadIdx.x)) load_vectors<T, V>(map, j0, nvec, x);
     accumulate_vectors<V>(m, kx, ky, j0, nvec, W, x, acc);
   }
-  block_sum<5>(acc, smem);
-  if (threadIdx.x == 0) {
-    float out[kSimHMNumStats];
-    simhm_map_stats(m, acc[0], acc[1], acc[3], acc[2], acc[4], tv, H, W, out);
-#pragma unroll
-    for (int s = 0; s < kSimHMNumStats; ++s) stats[static_cast<int64_t>(s) * NK + i] = out[s];
-  }
+  store_map_stats(m, acc, tv, H, W, NK, i, smem, stats);
 }
 
 // The persistent form of the forward, for maps read in one pass (H*W <= blockDim * kItems * V):
@@ -249,13 +256,7 @@ __global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_persistent_kernel(
     }
     float acc[5] = {0.f, 0.f, 0.f, 0.f, 0.f};
     accumulate_vectors<V>(m, kx, ky, threadIdx.x, nvec, W, x, acc);
-    block_sum<5>(acc, smem[it & 1]);
-    if (threadIdx.x == 0) {
-      float out[kSimHMNumStats];
-      simhm_map_stats(m, acc[0], acc[1], acc[3], acc[2], acc[4], tv, H, W, out);
-#pragma unroll
-      for (int s = 0; s < kSimHMNumStats; ++s) stats[static_cast<int64_t>(s) * NK + i] = out[s];
-    }
+    store_map_stats(m, acc, tv, H, W, NK, i, smem[it & 1], stats);
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
 #pragma unroll
@@ -350,14 +351,8 @@ __global__ void __launch_bounds__(kPipeThreads) simhm_loss_fwd_pipelined_kernel(
         ++row;
       }
     }
-    // its barrier also orders this map's reads of `cur` before the next iteration's copies into it
-    block_sum<5>(acc, red);
-    if (threadIdx.x == 0) {
-      float out[kSimHMNumStats];
-      simhm_map_stats(m, acc[0], acc[1], acc[3], acc[2], acc[4], tv, H, W, out);
-#pragma unroll
-      for (int s = 0; s < kSimHMNumStats; ++s) stats[static_cast<int64_t>(s) * NK + i] = out[s];
-    }
+    // the block reduction's barrier also orders this map's reads of `cur` before the next copies into it
+    store_map_stats(m, acc, tv, H, W, NK, i, red, stats);
 #pragma unroll
     for (int q = 0; q < 6; ++q) p[q] = pn[q];
   }
