@@ -9,7 +9,7 @@ import torch
 
 from distilpose.data import BadSampleError, TopDownCocoDataset, build_dataloader, student_targets
 from distilpose.data import transforms as T
-from distilpose.data.targets import _gaussian_heatmap_targets_shim, teacher_targets
+from distilpose.data.targets import teacher_targets
 
 MEAN = np.array(T.IMAGENET_MEAN)
 STD = np.array(T.IMAGENET_STD)
@@ -103,19 +103,22 @@ def test_student_targets_boundaries():
     assert w[:, 0].tolist() == [1, 1, 0, 0, 0, 0, 1]
 
 
-def test_heatmap_shim_matches_kernels_op():
+def test_teacher_targets_per_sample_match_the_batched_op():
+    """The dataset's per-sample helper: labelled means v > 0 (mmpose: min(1, v)), rows of the op."""
     import distilpose_kernels
 
     rng = np.random.default_rng(1)
-    kp = torch.tensor(rng.uniform(-20, 210, (3, 17, 2)), dtype=torch.float32)
-    vis = torch.tensor(rng.integers(0, 3, (3, 17)) > 0, dtype=torch.float32)  # mmpose: min(1, v)
+    kp = rng.uniform(-20, 210, (3, 17, 2)).astype(np.float32)
+    v = rng.integers(0, 3, (3, 17))
     for enc in ("msra", "unbiased", "udp"):
-        a = _gaussian_heatmap_targets_shim(kp, vis, (256, 192), (64, 48), 2.0, enc)
-        try:
-            b = distilpose_kernels.gaussian_heatmap_targets(kp, vis, (256, 192), (64, 48), sigma=2.0, encoding=enc)
-        except AttributeError:
-            pytest.skip("distilpose_kernels.gaussian_heatmap_targets not available")
-        assert torch.allclose(a[1], b[1]) and torch.allclose(a[0], b[0], atol=1e-6), enc
+        hm, w = distilpose_kernels.gaussian_heatmap_targets(
+            torch.from_numpy(kp), torch.from_numpy((v > 0).astype(np.float32)), (256, 192), (64, 48), 2.0, enc)
+        assert float(hm.sum()) > 0
+        for i in range(3):
+            hi, wi = teacher_targets(kp[i], v[i], (256, 192), (64, 48), 2.0, enc)
+            assert hi.shape == (17, 64, 48) and wi.shape == (17, 1) and hi.dtype == np.float32
+            np.testing.assert_array_equal(hi, hm[i].numpy(), err_msg=enc)
+            np.testing.assert_array_equal(wi, w[i].numpy(), err_msg=enc)
 
 
 def test_dataset_test_mode_targets_hit_the_drawn_keypoints(tmp_path):

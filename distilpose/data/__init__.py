@@ -2,7 +2,7 @@
 from .coco import BadSampleError, TopDownCocoDataset, load_coco, read_image_rgb
 from .demo import default_demo_root, ensure_demo_dataset, generate_demo_dataset
 from .loader import build_dataloader, set_epoch
-from .targets import heatmap_targets_backend, student_targets, teacher_targets
+from .targets import student_targets, teacher_targets
 from .transforms import (
     COCO_FLIP_PAIRS,
     COCO_KEYPOINTS,
@@ -15,6 +15,6 @@ from .transforms import (
 __all__ = [
     "TopDownCocoDataset", "BadSampleError", "load_coco", "read_image_rgb", "build_dataloader", "set_epoch",
     "generate_demo_dataset", "ensure_demo_dataset", "default_demo_root", "student_targets", "teacher_targets",
-    "heatmap_targets_backend", "COCO_FLIP_PAIRS", "COCO_KEYPOINTS", "COCO_SIGMAS", "COCO_SKELETON",
+    "COCO_FLIP_PAIRS", "COCO_KEYPOINTS", "COCO_SIGMAS", "COCO_SKELETON",
     "box_to_center_scale", "flip_permutation",
 ]
