@@ -302,3 +302,69 @@ def test_teacher_targets_helper_shapes():
     hm, w = teacher_targets(np.array([[10.0, 20.0]] * 17), np.array([2] * 16 + [0]))
     assert hm.shape == (17, 64, 48) and w.shape == (17, 1) and w[-1, 0] == 0 and hm[-1].max() == 0
     assert hm[0].max() == pytest.approx(np.exp(-((2.5 - 2) ** 2) / 8), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- teacher targets per batch
+
+
+def test_heatmap_keypoints_rebuild_the_worker_targets_exactly(tmp_path):
+    """``heatmap_keypoints``: the samples carry the targets' inputs; one batched call on them gives
+    the per-sample worker targets bit for bit, through flips (the visibility follows the swapped
+    joints), rotations and half-body crops."""
+    import distilpose_kernels as dk
+
+    ann, img = _write_fixture(str(tmp_path))
+    ds = TopDownCocoDataset(ann, img, train=True, aug="teacher", with_heatmaps=True, heatmap_keypoints=True,
+                            heatmap_encoding="udp", seed=5)
+    samples = [ds[i % 2] for i in range(12)]
+    assert any(bool(s["meta"]["flipped"]) for s in samples)
+    batch = torch.utils.data.default_collate(samples)
+    assert batch["heatmap_keypoints"].shape == (12, 17, 2) and batch["heatmap_keypoints"].dtype == torch.float32
+    assert batch["heatmap_visibility"].shape == (12, 17) and batch["heatmap_visibility"].dtype == torch.float32
+    assert batch["heatmap_visibility"].sum() > 0
+    hm, w = dk.gaussian_heatmap_targets(batch["heatmap_keypoints"], batch["heatmap_visibility"], (256, 192), (64, 48),
+                                        2.0, "udp")
+    assert float(hm.sum()) > 0
+    assert torch.equal(hm, batch["heatmaps"]) and torch.equal(w, batch["heatmap_weight"])
+    plain = TopDownCocoDataset(ann, img, train=False, with_heatmaps=True)[0]
+    assert "heatmap_keypoints" not in plain and "heatmap_visibility" not in plain
+
+
+def test_teacher_training_builds_heatmap_targets_on_the_device(tmp_path):
+    """data.heatmap_targets="device" (the default): the workers send keypoints, the objective builds
+    the batch's heatmaps in one call; the loss equals the one on worker-built targets. "worker"
+    keeps the per-sample targets."""
+    from distilpose.training import Trainer, apply_overrides, get_preset
+    from distilpose.training.trainer import TeacherObjective
+
+    ann, img = _write_fixture(str(tmp_path))
+    sets = {
+        "data.kind": "coco", "data.root": str(tmp_path), "data.train_ann": ann, "data.train_img": img,
+        "data.val_ann": ann, "data.val_img": img, "data.batch_size": 2, "data.num_workers": 0,
+        "optim.epochs": 1, "work_dir": str(tmp_path / "run"), "progress": False, "final_eval": False,
+        "device": "cpu",
+    }
+    tr = Trainer(apply_overrides(get_preset("tiny_teacher"), sets))
+    assert tr.train_dataset.heatmap_keypoints and not tr.train_dataset.with_heatmaps
+    assert isinstance(tr.objective, TeacherObjective) and tr.objective.targets is not None
+    assert tr.objective.targets.heatmap_size == tuple(tr.model.heatmap_size)
+    torch.manual_seed(0)
+    batch = torch.utils.data.default_collate([tr.train_dataset[i] for i in range(2)])
+    assert "heatmaps" not in batch
+    hm, w = tr.objective.targets(batch["heatmap_keypoints"], batch["heatmap_visibility"])
+    assert float(hm.sum()) > 0
+    with torch.no_grad():
+        on_device = tr.objective(batch)["loss"]
+        given = tr.objective({**batch, "heatmaps": hm, "heatmap_weight": w})["loss"]
+        assert torch.equal(on_device, given) and float(on_device) > 0
+        with pytest.raises(KeyError, match="heatmap_keypoints"):
+            TeacherObjective(tr.model)(batch)
+    out = tr.train_step(batch)
+    assert np.isfinite(out["loss"])
+
+    worker = Trainer(apply_overrides(get_preset("tiny_teacher"), {
+        **sets, "data.heatmap_targets": "worker", "work_dir": str(tmp_path / "run2")}))
+    assert worker.train_dataset.with_heatmaps and not worker.train_dataset.heatmap_keypoints
+    assert worker.objective.targets is None
+    with pytest.raises(ValueError, match="data.heatmap_targets"):
+        Trainer(apply_overrides(get_preset("tiny_teacher"), {**sets, "data.heatmap_targets": "gpu"}))

@@ -69,6 +69,9 @@ class TopDownCocoDataset(Dataset):
         train: training mode (augmentation when ``aug`` is set; GT boxes always).
         aug: "student" (scale 0.35, rotation 45), "teacher" (0.5, 40) or None (no augmentation).
         with_heatmaps: also return teacher targets "heatmaps" (K, 64, 48) and "heatmap_weight" (K, 1).
+        heatmap_keypoints: also return the targets' inputs, "heatmap_keypoints" (K, 2) float32 crop
+            px and "heatmap_visibility" (K,) float32 (1 where labelled): the trainer then builds a
+            batch's heatmaps on its device in one call (``data.heatmap_targets="device"``).
         heatmap_encoding: "msra", "unbiased" or "udp". heatmap_sigma: Gaussian sigma (heatmap px).
         det_file: COCO results JSON of person detections (image_id, bbox xywh, score) used
             instead of GT boxes (evaluation); ``det_score_thr`` drops lower-scored boxes.
@@ -88,6 +91,7 @@ class TopDownCocoDataset(Dataset):
         aug: Optional[str] = None,
         with_heatmaps: bool = False,
         heatmap_encoding: str = "unbiased",
+        heatmap_keypoints: bool = False,
         det_file: Optional[str] = None,
         det_score_thr: float = 0.0,
         bad_sample: str = "raise",
@@ -113,6 +117,7 @@ class TopDownCocoDataset(Dataset):
         self.aug = aug if train else None
         self.aug_cfg = T.AUG_PRESETS[self.aug] if self.aug else None
         self.with_heatmaps = with_heatmaps
+        self.heatmap_keypoints = bool(heatmap_keypoints)
         self.heatmap_encoding = heatmap_encoding
         self.heatmap_sigma = heatmap_sigma
         self.bad_sample = bad_sample
@@ -329,6 +334,9 @@ class TopDownCocoDataset(Dataset):
             )
             out["heatmaps"] = torch.from_numpy(np.ascontiguousarray(hm, dtype=np.float32))
             out["heatmap_weight"] = torch.from_numpy(np.ascontiguousarray(hw, dtype=np.float32))
+        if self.heatmap_keypoints:  # what teacher_targets takes, for targets built per batch
+            out["heatmap_keypoints"] = torch.from_numpy(np.ascontiguousarray(kp_crop, dtype=np.float32))
+            out["heatmap_visibility"] = torch.from_numpy((vis > 0).astype(np.float32))
         out["meta"] = {
             "center": torch.tensor(center, dtype=torch.float64),
             "scale": torch.tensor(scale, dtype=torch.float64),
@@ -346,7 +354,7 @@ class TopDownCocoDataset(Dataset):
         src = f"det_file={self.det_file!r}" if self.det_file else "gt boxes"
         return (
             f"TopDownCocoDataset({len(self)} samples, {self.ann_file!r}, {src}, train={self.train}, "
-            f"aug={self.aug!r}, with_heatmaps={self.with_heatmaps})"
+            f"aug={self.aug!r}, with_heatmaps={self.with_heatmaps}, heatmap_keypoints={self.heatmap_keypoints})"
         )
 
 

@@ -69,6 +69,9 @@ class DataConfig:
     aug: Optional[str] = None  # "student" / "teacher" / "none" (no augmentation) / None: from the training mode
     heatmap_encoding: str = "unbiased"
     heatmap_sigma: Optional[float] = None  # teacher target sigma in heatmap px; None: 2 x (heatmap H / 64)
+    # teacher training targets: "device" (one gaussian_heatmap_targets call per batch on the
+    # training device; the workers send keypoints) or "worker" (per sample in the data workers)
+    heatmap_targets: str = "device"
     batch_size: int = 32  # per process
     val_batch_size: int = 64
     num_workers: int = 4
@@ -442,6 +445,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"amp: expected 'none', 'auto', 'bf16' or 'fp16', got {cfg.amp!r}")
     if cfg.data.kind not in ("coco", "demo", "synthetic"):
         raise ValueError(f"data.kind: expected 'coco', 'demo' or 'synthetic', got {cfg.data.kind!r}")
+    if cfg.data.heatmap_targets not in ("device", "worker"):
+        raise ValueError(f"data.heatmap_targets: expected 'device' or 'worker', got {cfg.data.heatmap_targets!r}")
     bad = set(cfg.loss.disable) - {"token", "reg2hm", "score"}
     if bad:
         raise ValueError(f"loss.disable: unknown parts {sorted(bad)}; choose from ['reg2hm', 'score', 'token']")

@@ -30,6 +30,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+import distilpose_kernels as dk
+
 from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from ..losses import teacher_loss
 from ..models import build_model
@@ -177,8 +179,23 @@ def _topdown_kwargs(cls: Any, input_size: Tuple[int, int]) -> Dict[str, Any]:
     return {}
 
 
-def build_datasets(cfg: TrainConfig, with_heatmaps: bool) -> Tuple[Dataset, Optional[Dataset]]:
-    """(train, val) datasets for ``cfg.data``."""
+def teacher_target_sigma(cfg: TrainConfig) -> float:
+    """The teacher targets' sigma in heatmap px: ``data.heatmap_sigma``, or the spec's 2 for 64 x 48
+    heatmaps scaled with the crop (smaller crops keep the Gaussians as sharp)."""
+    d = cfg.data
+    return float(d.heatmap_sigma) if d.heatmap_sigma is not None else 2.0 * cfg.model.input_size[0] / 256
+
+
+def device_heatmap_targets(cfg: TrainConfig) -> bool:
+    """Whether a teacher run builds its heatmap targets per batch on the device (the COCO and demo
+    datasets; the synthetic test set draws its own)."""
+    return cfg.mode == "teacher" and cfg.data.heatmap_targets == "device" and cfg.data.kind != "synthetic"
+
+
+def build_datasets(cfg: TrainConfig, with_heatmaps: bool,
+                   heatmap_keypoints: bool = False) -> Tuple[Dataset, Optional[Dataset]]:
+    """(train, val) datasets for ``cfg.data``; ``heatmap_keypoints``: training samples carry the
+    heatmap targets' inputs (see ``TopDownCocoDataset``)."""
     d = cfg.data
     if d.kind == "synthetic":
         from .synthetic import SyntheticPoseDataset
@@ -204,11 +221,10 @@ def build_datasets(cfg: TrainConfig, with_heatmaps: bool) -> Tuple[Dataset, Opti
     aug = d.aug or ("teacher" if cfg.mode == "teacher" else "student")
     aug = None if aug == "none" else aug
     kw = _topdown_kwargs(TopDownCocoDataset, cfg.model.input_size)
-    # the spec's sigma 2 is for 64 x 48 heatmaps; smaller crops scale it so the Gaussians stay as sharp
-    sigma = d.heatmap_sigma if d.heatmap_sigma is not None else 2.0 * cfg.model.input_size[0] / 256
     train = TopDownCocoDataset(
         train_ann, train_img, train=True, aug=aug, with_heatmaps=with_heatmaps,
-        heatmap_encoding=d.heatmap_encoding, heatmap_sigma=sigma, bad_sample=d.bad_sample, **kw,
+        heatmap_encoding=d.heatmap_encoding, heatmap_sigma=teacher_target_sigma(cfg),
+        heatmap_keypoints=heatmap_keypoints, bad_sample=d.bad_sample, **kw,
     )
     val = TopDownCocoDataset(
         val_ann, val_img, train=False, aug=None, with_heatmaps=False, det_file=d.det_file,
@@ -254,13 +270,27 @@ def model_meta(model: nn.Module, cfg_model: Any) -> Dict[str, Any]:
 
 
 class TeacherObjective(nn.Module):
-    """Wraps a heatmap model so forward(batch) returns the loss dict, like the Distiller."""
+    """Wraps a heatmap model so forward(batch) returns the loss dict, like the Distiller.
 
-    def __init__(self, model: nn.Module):
+    targets: a ``distilpose_kernels.GaussianHeatmapTargets``; a batch without "heatmaps" then gets
+    them from its "heatmap_keypoints" (N, K, 2) crop px and "heatmap_visibility" (N, K), on the
+    batch's device, in one call (a kernel on the GPU) instead of one per sample in the workers.
+    """
+
+    def __init__(self, model: nn.Module, targets: Optional[nn.Module] = None):
         super().__init__()
         self.model = model
+        self.targets = targets
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if "heatmaps" not in batch:
+            if self.targets is None or "heatmap_keypoints" not in batch:
+                raise KeyError(
+                    "batch: a teacher batch needs 'heatmaps' and 'heatmap_weight', or 'heatmap_keypoints' and "
+                    "'heatmap_visibility' with TeacherObjective(targets=...) (data.heatmap_targets='device')"
+                )
+            heatmaps, weight = self.targets(batch["heatmap_keypoints"], batch["heatmap_visibility"])
+            batch = {**batch, "heatmaps": heatmaps, "heatmap_weight": weight}
         return teacher_loss(self.model(batch["img"]), batch)
 
 
@@ -344,7 +374,14 @@ class Trainer:
             if self.model.kind != "teacher":
                 raise ValueError(f"model.preset {cfg.model.preset!r} is a student; mode 'teacher' needs a heatmap model")
             self.teacher = None
-            self.objective: nn.Module = TeacherObjective(self.model)
+            targets = None
+            if device_heatmap_targets(cfg):
+                h, w = cfg.model.input_size
+                targets = dk.GaussianHeatmapTargets(
+                    (h, w), tuple(getattr(self.model, "heatmap_size", (h // 4, w // 4))),
+                    teacher_target_sigma(cfg), cfg.data.heatmap_encoding,
+                )
+            self.objective: nn.Module = TeacherObjective(self.model, targets)
         else:
             if self.model.kind != "student":
                 raise ValueError(f"model.preset {cfg.model.preset!r} is a teacher; mode 'distill' needs a student")
@@ -372,7 +409,9 @@ class Trainer:
 
         # data
         if train_dataset is None:
-            train_dataset, built_val = build_datasets(cfg, with_heatmaps=cfg.mode == "teacher")
+            on_device = device_heatmap_targets(cfg)
+            train_dataset, built_val = build_datasets(
+                cfg, with_heatmaps=cfg.mode == "teacher" and not on_device, heatmap_keypoints=on_device)
             val_dataset = val_dataset if val_dataset is not None else built_val
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
