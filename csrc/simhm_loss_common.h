@@ -76,7 +76,9 @@ inline SimHMBwdInputs prepare_simhm_bwd(const at::Tensor& grad_reg, const at::Te
   TORCH_CHECK(grad_reg.numel() == 1 && grad_score.numel() == 1, op,
               ": grad_reg, grad_score_loss: expected one-element tensors, got ", grad_reg.sizes(), " and ",
               grad_score.sizes());
-  TORCH_CHECK(hw > 0, op, ": hw: expected H*W > 0, got ", hw);
+  TORCH_CHECK(hw > 0 && hw < (int64_t(1) << 24), op, ": hw: expected 0 < H*W < 2^24 (as the forward), got ", hw);
+  TORCH_CHECK(stats.size(1) * stats.size(2) < (int64_t(1) << 31), op, ": stats: N*K must be < 2^31, got ",
+              stats.sizes());
   check_simhm_device(stats, "stats", device, op);
   for (const at::Tensor* t : {&grad_reg, &grad_score, &wk}) {
     TORCH_CHECK(t->device() == stats.device(), op, ": expected every tensor on ", stats.device(), ", got one on ",

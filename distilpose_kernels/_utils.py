@@ -460,8 +460,11 @@ def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], ref
             choice = False
             _record(what, key, choice, "disagrees", timing=timing)
         else:
-            t_fused = cuda_time_ms(fused, device_only=device_timing)
-            t_ref = cuda_time_ms(reference, device_only=device_timing)
+            # timed on the outputs' device: its current stream and events (not the current device's)
+            dev = next((r.device for r in ref if r.is_cuda), None)
+            with torch.cuda.device(dev) if dev is not None else contextlib.nullcontext():
+                t_fused = cuda_time_ms(fused, device_only=device_timing)
+                t_ref = cuda_time_ms(reference, device_only=device_timing)
             choice = t_fused < t_ref
             _record(what, key, choice, "faster" if choice else "slower", t_fused, t_ref, timing=timing)
     except Exception as e:  # noqa: BLE001 - the fused path is an optimisation: never fail the call for it

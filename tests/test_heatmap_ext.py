@@ -183,6 +183,14 @@ def test_ext_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="stats: expected a float32 \\(8, N, K\\)"):
         torch.ops.distilpose.simhm_loss_ext_bwd(reg, sl, stats[:7], wk, torch.float32, torch.float32,
                                                 torch.float32, 63, True)
+    for bad_hw in (0, 2**24):  # the forward's bound on H*W (pixel indices in float32)
+        with pytest.raises(RuntimeError, match=f"hw: expected 0 < H\\*W < 2\\^24 \\(as the forward\\), got {bad_hw}"):
+            torch.ops.distilpose.simhm_loss_ext_bwd(reg, sl, stats, wk, torch.float32, torch.float32,
+                                                    torch.float32, bad_hw, True)
+    # an empty backward (no maps) returns empty gradients
+    g = torch.ops.distilpose.simhm_loss_ext_bwd(reg, sl, stats[:, :0], wk, torch.float32, torch.float32,
+                                                torch.float32, 72, True)
+    assert [tuple(x.shape) for x in g] == [(0, 17, 2), (0, 17, 2), (0, 17, 1)]
 
 
 def test_ext_fwd_kernel_argument_is_checked_and_ignored_on_cpu():
@@ -338,6 +346,18 @@ def test_gpu_ext_loss_vs_float64(shape, teacher_dtype, mode):
         assert a.is_cuda and torch.isfinite(a).all(), name
         assert _rel_err(a, b) < 1e-5, f"{name}: rel err {_rel_err(a, b):.3g}"
     assert (got[2][want[2] == 0] == 0).all()
+
+
+@pytest.mark.gpu
+@_cuda_ext
+def test_gpu_ext_empty_backward_launches_nothing():
+    """No maps: empty gradients (a launch of 0 blocks would be a CUDA configuration error)."""
+    reg, sl, stats, wk = torch.ops.distilpose.simhm_loss_ext_fwd(*_cuda(_inputs(2, 17, 9, 8, seed=4)), True)
+    g = torch.ops.distilpose.simhm_loss_ext_bwd(reg, sl, stats[:, :0], wk, torch.float32, torch.float32,
+                                                torch.float32, 72, True)
+    torch.cuda.synchronize()
+    assert [tuple(x.shape) for x in g] == [(0, 17, 2), (0, 17, 2), (0, 17, 1)]
+    assert all(x.is_cuda for x in g)
 
 
 @pytest.mark.gpu

@@ -20,6 +20,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <utility>
 
 #include "../simhm_math.h"
@@ -47,37 +49,56 @@ __device__ __forceinline__ void pdl_enter() {
 #endif
 }
 
-// Whether the current device takes programmatic dependent launch (compute capability 9.0+).
-bool pdl_device() {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+// Whether `kernel` may be launched with programmatic dependent launch on the current device: a
+// device of compute capability 9.0+ running code compiled for a 9.0+ virtual architecture. (Code
+// JIT-compiled from older PTX, e.g. a "8.0+PTX" build on an H100, has no griddepcontrol.wait: it
+// could read its predecessor's outputs before they are written.) Cached per (device, kernel).
+bool pdl_ok(const void* kernel) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
     cudaGetLastError();  // clear it: PDL is an option, not a reason to fail the launch
     return false;
   }
-  return major >= 9;
+  static std::mutex mu;
+  static std::map<std::pair<int, const void*>, bool> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(dev, kernel);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int major = 0;
+  cudaFuncAttributes attr;
+  bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+            cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && major >= 9 && attr.ptxVersion >= 90;
+  if (!ok) cudaGetLastError();
+  cache[key] = ok;
+  return ok;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...); with pdl on a device that takes it, with
-// programmatic stream serialization (the kernel may be scheduled before its predecessor ends).
+// kernel<<<grid, block, smem, stream>>>(args...); with pdl where pdl_ok, with programmatic stream
+// serialization (the kernel may be scheduled before its predecessor ends). A launch the runtime
+// refuses with the attribute (an older driver) is retried without it.
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                           bool pdl, Args&&... args) {
-  if (!pdl || !pdl_device()) {
-    kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
-    return cudaGetLastError();
+#if CUDART_VERSION >= 11080
+  if (pdl && pdl_ok(reinterpret_cast<const void*>(kernel))) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
+    if (err != cudaErrorNotSupported && err != cudaErrorInvalidValue) return err;
+    cudaGetLastError();  // refused: the plain launch below
   }
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+#endif
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
 }
 
 template <typename T>
@@ -86,6 +107,8 @@ __device__ __forceinline__ float load1(const T* p, int i) {
 }
 
 // Block-wide sum of NV values per thread (deterministic: fixed shuffle tree, then warp 0).
+// Preconditions: blockDim.x a multiple of 32 and every thread of the block calls it (full-mask
+// shuffles and a __syncthreads); every launch below meets them (fwd_threads rounds up to warps).
 template <int NV>
 __device__ __forceinline__ void block_sum(float (&v)[NV], float (*smem)[32]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
@@ -165,10 +188,19 @@ __device__ __forceinline__ void accumulate_vectors(const SimHMMap& m, float kx, 
   }
 }
 
+// The prediction of map i: cx, cy, sx, sy, keypoint weight, score (int64 offsets: N*K may
+// reach 2^31 - 1, and 2i must not wrap).
+__device__ __forceinline__ void load_prediction(const float* __restrict__ coords, const float* __restrict__ sigma,
+                                                const float* __restrict__ score, const float* __restrict__ kw,
+                                                int64_t i, float (&p)[6]) {
+  p[0] = coords[2 * i], p[1] = coords[2 * i + 1], p[2] = sigma[2 * i], p[3] = sigma[2 * i + 1], p[4] = kw[i];
+  p[5] = score[i];
+}
+
 // A map's five per-thread sums reduced over the block (``smem``: block_sum's scratch), then its
 // statistics stored by thread 0 as column ``i`` of stats (kSimHMNumStats, NK).
 __device__ __forceinline__ void store_map_stats(const SimHMMap& m, float (&acc)[5], float tv, int H, int W, int NK,
-                                                int i, float (*smem)[32], float* __restrict__ stats) {
+                                                int64_t i, float (*smem)[32], float* __restrict__ stats) {
   block_sum<5>(acc, smem);
   if (threadIdx.x == 0) {
     float out[kSimHMNumStats];
@@ -197,7 +229,9 @@ __global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_kernel(const float
   // memory round trips per map, one after the other.)
   float x[kItems][V];
   load_vectors<T, V>(map, threadIdx.x, nvec, x);
-  const SimHMMap m = simhm_map(coords[2 * i], coords[2 * i + 1], sigma[2 * i], sigma[2 * i + 1], kw[i], score[i], H, W);
+  float p[6];
+  load_prediction(coords, sigma, score, kw, i, p);
+  const SimHMMap m = simhm_map(p[0], p[1], p[2], p[3], p[4], p[5], H, W);
   // g = in_grid * 2^(kx dx^2 + ky dy^2), the Gaussian of the spec with exp -> exp2
   const float kx = -0.5f * kLog2e * m.inv_ax, ky = -0.5f * kLog2e * m.inv_ay;
   // the score target, loaded by the thread that stores the statistics: its latency overlaps
@@ -234,19 +268,17 @@ __global__ void __launch_bounds__(kMaxThreads) simhm_loss_fwd_persistent_kernel(
   const int HW = H * W, nvec = HW / V;
   float x[kItems][V], xn[kItems][V];
   float p[6], pn[6];  // cx, cy, sx, sy, kw, score of the current / next map
-  int i = blockIdx.x;
-  if (i >= NK) return;
-  load_vectors<T, V>(teacher + static_cast<int64_t>(i) * HW, threadIdx.x, nvec, x);
-  p[0] = coords[2 * i], p[1] = coords[2 * i + 1], p[2] = sigma[2 * i], p[3] = sigma[2 * i + 1], p[4] = kw[i];
-  p[5] = score[i];
+  int64_t i = blockIdx.x;  // int64: i + gridDim.x must not wrap when N*K is near 2^31
+  if (i >= NK) return;       // the whole block: the grid never exceeds the maps anyway
+  load_vectors<T, V>(teacher + i * HW, threadIdx.x, nvec, x);
+  load_prediction(coords, sigma, score, kw, i, p);
   for (int it = 0; i < NK; i += gridDim.x, ++it) {
-    const int inext = i + static_cast<int>(gridDim.x);
+    const int64_t inext = i + gridDim.x;
     if (inext < NK) {  // the next map's requests go out before this map's math
-      load_vectors<T, V>(teacher + static_cast<int64_t>(inext) * HW, threadIdx.x, nvec, xn);
-      pn[0] = coords[2 * inext], pn[1] = coords[2 * inext + 1], pn[2] = sigma[2 * inext];
-      pn[3] = sigma[2 * inext + 1], pn[4] = kw[inext], pn[5] = score[inext];
+      load_vectors<T, V>(teacher + inext * HW, threadIdx.x, nvec, xn);
+      load_prediction(coords, sigma, score, kw, inext, pn);
     }
-    const T* map = teacher + static_cast<int64_t>(i) * HW;
+    const T* map = teacher + i * HW;
     const SimHMMap m = simhm_map(p[0], p[1], p[2], p[3], p[4], p[5], H, W);
     const float kx = -0.5f * kLog2e * m.inv_ax, ky = -0.5f * kLog2e * m.inv_ay;
     float tv = 0.f;
@@ -274,14 +306,6 @@ constexpr int kPipeThreads = 256;
 // (asynchronous copies: cp.async on sm_80+, plain copies before that).
 __device__ __forceinline__ void stage_map_async(uint4* dst, const uint4* __restrict__ src, int nvec) {
   for (int j = threadIdx.x; j < nvec; j += blockDim.x) __pipeline_memcpy_async(dst + j, src + j, sizeof(uint4));
-}
-
-// The prediction of map i: cx, cy, sx, sy, keypoint weight, score.
-__device__ __forceinline__ void load_prediction(const float* __restrict__ coords, const float* __restrict__ sigma,
-                                                const float* __restrict__ score, const float* __restrict__ kw, int i,
-                                                float (&p)[6]) {
-  p[0] = coords[2 * i], p[1] = coords[2 * i + 1], p[2] = sigma[2 * i], p[3] = sigma[2 * i + 1], p[4] = kw[i];
-  p[5] = score[i];
 }
 
 // The pipelined form of the forward (fwd_kernel 2). Each block takes a contiguous range of maps
@@ -503,8 +527,10 @@ cudaError_t launch_fwd_t(const float* coords, const float* sigma, const float* s
   if (vec && fwd_kernel == kSimHMFwdPersistent && hw / V <= kMaxThreads * kItems) {
     const int threads = fwd_threads(hw / V);
     int grid = 0;
-    const cudaError_t err = resident_grid(simhm_loss_fwd_persistent_kernel<T, V>, threads, 0, nk, &grid);
-    if (err != cudaSuccess) return err;
+    if (resident_grid(simhm_loss_fwd_persistent_kernel<T, V>, threads, 0, nk, &grid) != cudaSuccess) {
+      cudaGetLastError();  // the query failed: the one-block-per-map kernel below, as for the pipelined one
+      grid = 0;
+    }
     if (grid > 0) {  // else: the one-block-per-map kernel below
       simhm_loss_fwd_persistent_kernel<T, V><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
           coords, sigma, score, kw, tp, stats, static_cast<int>(nk), static_cast<int>(H), static_cast<int>(W));

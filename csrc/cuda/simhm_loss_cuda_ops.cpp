@@ -44,6 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> simhm_loss_ext_bwd_cuda(
                                               c10::DeviceType::CUDA, "simhm_loss_ext_bwd");
   const c10::cuda::CUDAGuard guard(in.stats.device());
   const SimHMGrads g(in.stats);
+  if (in.stats.size(1) * in.stats.size(2) == 0) return g.result(coords_dtype, sigma_dtype, score_dtype);  // no launch
   C10_CUDA_CHECK(cuda::launch_simhm_loss_bwd(in.stats.const_data_ptr<float>(), in.wk.const_data_ptr<float>(),
                                              in.grad_reg.const_data_ptr<float>(), in.grad_score.const_data_ptr<float>(),
                                              in.stats.size(1), in.stats.size(2), hw, released, pdl,
