@@ -17,11 +17,11 @@ Conventions (mmpose 0.x ``TopDownGenerateTarget``, reproduced exactly, quirks in
 - optional ``joint_weights`` (K,) multiply the weights (mmpose ``use_different_joint_weights``).
 
 Paths (``backend``): "cuda" / "cpp", the compiled extension's kernel (csrc/cuda/targets_cuda.cu,
-csrc/cpu/targets_cpu.cpp; the default on each device the extension is built for: one dispatcher
-call, no Triton launch path on the host); "triton", the Triton kernel (the default on CUDA
-otherwise); "reference", a vectorised PyTorch path in float64 (no Python loop over samples or
-keypoints; the default elsewhere, and under DISTILPOSE_FORCE_REFERENCE). The kernels write every
-output element and share one float32 arithmetic, so CPU and GPU targets agree.
+csrc/cpu/targets_cpu.cpp; the default on CUDA when the extension is built with CUDA: one
+dispatcher call, no Triton launch path on the host); "triton", the Triton kernel (the default on
+CUDA otherwise); "reference", a vectorised PyTorch path (no Python loop over samples or
+keypoints; the default elsewhere). The kernels write every output element and share one float32
+arithmetic.
 """
 from __future__ import annotations
 
@@ -225,11 +225,9 @@ def _targets_backend(keypoints: torch.Tensor, visibility: torch.Tensor, backend:
         _ext.require("gaussian_heatmap_targets", backend, {"keypoints": keypoints, "visibility": visibility},
                      _EXT_TARGETS_OPS)
         return "extension"
-    if backend in (None, "auto") and not force_reference() and \
-            extension_targets_available(keypoints.device.type):
-        # one dispatcher call: no Triton launch path on the host (CUDA); on the CPU about 7x
-        # faster than the vectorised reference for one sample (a data worker's call)
-        return "extension"
+    if backend in (None, "auto") and keypoints.is_cuda and not force_reference() and \
+            extension_targets_available("cuda"):
+        return "extension"  # one dispatcher call: no Triton launch path on the host
     if backend is not None and backend not in TARGET_BACKENDS:
         raise ValueError(f"backend: expected None or one of {TARGET_BACKENDS}, got {backend!r}")
     return select_triton_backend("gaussian_heatmap_targets", (keypoints, visibility), backend)
