@@ -8,10 +8,9 @@ makes the batch's maps in one ``gaussian_heatmap_targets`` call.
 
 - ``test_teacher_sample_cpu``: one augmented 256 x 192 sample of the embedded demo set (JPEG read,
   affine warp, normalisation, targets) per mode: "keypoints" (device targets: no maps in the
-  worker), "heatmaps" (the extension's CPU kernel, the worker default), "heatmaps_reference"
-  (the vectorised PyTorch path).
+  worker) and "heatmaps" (the maps built in the worker: the op's CPU path).
 - ``test_batch_targets``: one batch's targets (N = 64) where the trainer makes them: CPU (the
-  extension's kernel) and CUDA (the extension's kernel; ``bench_heatmap.py`` has the
+  vectorised PyTorch path) and CUDA (the extension's kernel; ``bench_heatmap.py`` has the
   kernel-vs-numpy-loop goal).
 
     pytest bench/bench_data.py --benchmark-only
@@ -27,7 +26,7 @@ from distilpose.data import TopDownCocoDataset, generate_demo_dataset
 from benchutils import run_benchmark
 
 SAMPLES = 16  # per timed round (the demo images differ in size and people)
-MODES = ("keypoints", "heatmaps", "heatmaps_reference")
+MODES = ("keypoints", "heatmaps")
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,7 @@ def demo_paths(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_teacher_sample_cpu(benchmark, monkeypatch, demo_paths, mode):
-    if mode == "heatmaps_reference":
-        monkeypatch.setenv("DISTILPOSE_FORCE_REFERENCE", "1")
+def test_teacher_sample_cpu(benchmark, demo_paths, mode):
     ds = TopDownCocoDataset(demo_paths["train_ann"], demo_paths["train_images"], train=True, aug="teacher",
                             with_heatmaps=mode != "keypoints", heatmap_keypoints=mode == "keypoints", seed=0)
     n = min(SAMPLES, len(ds))

@@ -151,19 +151,17 @@ def info(verbose: bool = False) -> dict[str, Any]:
         table["flip_heatmaps"] = {"backend": "pytorch", "why": "indexing only (no kernel needed)"}
         for op in TRITON_OPS:
             table[op] = dict(zip(("backend", "why"), _triton_dispatch(op, dev)))
-        if not force_reference():  # as the ops' "auto": the extension wherever it is built
+        if dev == "cuda" and not force_reference():
             from .heatmap import extension_loss_available
+
+            if extension_loss_available("cuda"):
+                table["simulated_heatmap_loss"] = {
+                    "backend": "cuda", "why": "the extension's kernels with C++ autograd (backend='triton': Triton)"}
             from .targets import extension_targets_available
 
-            be = "cuda" if dev == "cuda" else "cpp"
-            alt = " (backend='triton': Triton)" if dev == "cuda" else ""
-            if extension_loss_available(dev):
-                table["simulated_heatmap_loss"] = {
-                    "backend": be, "why": f"the extension's kernels with C++ autograd (float64 predictions: the "
-                                          f"reference){alt}"}
-            if extension_targets_available(dev):
+            if extension_targets_available("cuda"):
                 table["gaussian_heatmap_targets"] = {
-                    "backend": be, "why": f"the extension's kernel: one dispatcher call{alt}"}
+                    "backend": "cuda", "why": "the extension's kernel: one dispatcher call (backend='triton': Triton)"}
         table["conv2d_relu"] = dict(zip(("backend", "why"), _conv_epilogue_dispatch(dev)))
         report["dispatch"][dev] = table
         try:

@@ -305,22 +305,15 @@ def test_ext_loss_compiles_fullgraph(monkeypatch):
     torch.testing.assert_close(got, f(*inputs))
 
 
-def test_auto_uses_the_extension_on_cpu(monkeypatch):
-    """"auto" on CPU tensors takes the extension's CPU kernels when built; the reference for
-    float64 predictions (the kernels compute in float32) and under DISTILPOSE_FORCE_REFERENCE."""
+def test_auto_uses_the_extension_only_on_cuda(monkeypatch):
+    """"auto" on CPU tensors stays on the reference (the issue's dispatch: kernel on CUDA,
+    reference elsewhere); the extension's CPU kernels are opt-in (``backend="cpp"``)."""
     inputs = _inputs(1, 17, 5, 4)
     calls = spy_calls(monkeypatch, hm, "_ext_loss")
     dk.simulated_heatmap_loss(*inputs)
-    assert len(calls) == 1
-    dk.simulated_heatmap_loss(*inputs, backend="reference")
-    assert len(calls) == 1
-    dk.simulated_heatmap_loss(*(t.double() for t in inputs))
-    assert len(calls) == 1
-    monkeypatch.setenv("DISTILPOSE_FORCE_REFERENCE", "1")
-    dk.simulated_heatmap_loss(*inputs)
-    assert len(calls) == 1
+    assert not calls
     dk.simulated_heatmap_loss(*inputs, backend="cpp")
-    assert len(calls) == 2
+    assert calls
 
 
 # ----------------------------------------------------------------------------- CUDA (marked gpu)
