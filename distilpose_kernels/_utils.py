@@ -461,7 +461,7 @@ def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], ref
             _record(what, key, choice, "disagrees", timing=timing)
         else:
             # timed on the outputs' device: its current stream and events (not the current device's)
-            dev = next((r.device for r in ref if r.is_cuda), None)
+            dev = next((r.device for r in ref if r.device.type == "cuda"), None)
             with torch.cuda.device(dev) if dev is not None else contextlib.nullcontext():
                 t_fused = cuda_time_ms(fused, device_only=device_timing)
                 t_ref = cuda_time_ms(reference, device_only=device_timing)

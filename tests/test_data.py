@@ -26,7 +26,8 @@ def _person(cx, cy, s):
     return xy * s + np.array([cx, cy])
 
 
-def _write_fixture(root, anns_extra=None, n_images=2, corrupt=False, missing=False):
+def _write_fixture(root, anns_extra=None, n_images=2, corrupt=False, missing=False, unlabelled=()):
+    """COCO-format fixture; ``unlabelled``: keypoint indices written with v=0 (still drawn)."""
     os.makedirs(os.path.join(root, "img"), exist_ok=True)
     images, anns = [], []
     for i in range(n_images):
@@ -40,6 +41,7 @@ def _write_fixture(root, anns_extra=None, n_images=2, corrupt=False, missing=Fal
         images.append(dict(id=i + 1, file_name=name, width=w, height=h))
         vis = np.full(17, 2)
         vis[3] = 1
+        vis[list(unlabelled)] = 0
         kps = np.concatenate([np.round(kp), vis[:, None]], 1).reshape(-1).tolist()
         x0, y0 = kp.min(0) - 8
         x1, y1 = kp.max(0) + 8
@@ -310,20 +312,24 @@ def test_teacher_targets_helper_shapes():
 def test_heatmap_keypoints_rebuild_the_worker_targets_exactly(tmp_path):
     """``heatmap_keypoints``: the samples carry the targets' inputs; one batched call on them gives
     the per-sample worker targets bit for bit, through flips (the visibility follows the swapped
-    joints), rotations and half-body crops."""
+    joints: the left shoulder and elbow are unlabelled), rotations and half-body crops."""
     import distilpose_kernels as dk
 
-    ann, img = _write_fixture(str(tmp_path))
+    ann, img = _write_fixture(str(tmp_path), unlabelled=(5, 7))
     ds = TopDownCocoDataset(ann, img, train=True, aug="teacher", with_heatmaps=True, heatmap_keypoints=True,
                             heatmap_encoding="udp", seed=5)
     samples = [ds[i % 2] for i in range(12)]
-    assert any(bool(s["meta"]["flipped"]) for s in samples)
+    flipped = torch.tensor([bool(s["meta"]["flipped"]) for s in samples])
+    assert flipped.any() and not flipped.all()
     batch = torch.utils.data.default_collate(samples)
     assert batch["heatmap_keypoints"].shape == (12, 17, 2) and batch["heatmap_keypoints"].dtype == torch.float32
-    assert batch["heatmap_visibility"].shape == (12, 17) and batch["heatmap_visibility"].dtype == torch.float32
-    assert batch["heatmap_visibility"].sum() > 0
-    hm, w = dk.gaussian_heatmap_targets(batch["heatmap_keypoints"], batch["heatmap_visibility"], (256, 192), (64, 48),
-                                        2.0, "udp")
+    vis = batch["heatmap_visibility"]
+    assert vis.shape == (12, 17) and vis.dtype == torch.float32
+    # unflipped samples: joints 5 and 7 unlabelled; flipped ones: their mirrored partners 6 and 8
+    unl = torch.tensor([5, 7]), torch.tensor([6, 8])
+    assert (vis[~flipped][:, unl[0]] == 0).all() and (vis[~flipped][:, unl[1]] == 1).all()
+    assert (vis[flipped][:, unl[1]] == 0).all() and (vis[flipped][:, unl[0]] == 1).all()
+    hm, w = dk.gaussian_heatmap_targets(batch["heatmap_keypoints"], vis, (256, 192), (64, 48), 2.0, "udp")
     assert float(hm.sum()) > 0
     assert torch.equal(hm, batch["heatmaps"]) and torch.equal(w, batch["heatmap_weight"])
     plain = TopDownCocoDataset(ann, img, train=False, with_heatmaps=True)[0]
@@ -331,40 +337,63 @@ def test_heatmap_keypoints_rebuild_the_worker_targets_exactly(tmp_path):
 
 
 def test_teacher_training_builds_heatmap_targets_on_the_device(tmp_path):
-    """data.heatmap_targets="device" (the default): the workers send keypoints, the objective builds
-    the batch's heatmaps in one call; the loss equals the one on worker-built targets. "worker"
-    keeps the per-sample targets."""
+    """data.heatmap_targets="device" (the default): the workers send keypoints and the objective
+    builds the batch's heatmaps in one call, with the run's input size, sigma and encoding (not
+    the defaults here): the same maps and loss as the "worker" mode's per-sample targets."""
     from distilpose.training import Trainer, apply_overrides, get_preset
     from distilpose.training.trainer import TeacherObjective
 
-    ann, img = _write_fixture(str(tmp_path))
+    ann, img = _write_fixture(str(tmp_path), unlabelled=(2,))
     sets = {
         "data.kind": "coco", "data.root": str(tmp_path), "data.train_ann": ann, "data.train_img": img,
-        "data.val_ann": ann, "data.val_img": img, "data.batch_size": 2, "data.num_workers": 0,
+        "data.val_ann": ann, "data.val_img": img, "data.batch_size": 2, "data.num_workers": 0, "data.aug": "none",
+        "data.heatmap_encoding": "msra", "data.heatmap_sigma": 1.5, "model.input_size": [128, 96],
         "optim.epochs": 1, "work_dir": str(tmp_path / "run"), "progress": False, "final_eval": False,
         "device": "cpu",
     }
     tr = Trainer(apply_overrides(get_preset("tiny_teacher"), sets))
     assert tr.train_dataset.heatmap_keypoints and not tr.train_dataset.with_heatmaps
     assert isinstance(tr.objective, TeacherObjective) and tr.objective.targets is not None
-    assert tr.objective.targets.heatmap_size == tuple(tr.model.heatmap_size)
-    torch.manual_seed(0)
-    batch = torch.utils.data.default_collate([tr.train_dataset[i] for i in range(2)])
-    assert "heatmaps" not in batch
-    hm, w = tr.objective.targets(batch["heatmap_keypoints"], batch["heatmap_visibility"])
-    assert float(hm.sum()) > 0
-    with torch.no_grad():
-        on_device = tr.objective(batch)["loss"]
-        given = tr.objective({**batch, "heatmaps": hm, "heatmap_weight": w})["loss"]
-        assert torch.equal(on_device, given) and float(on_device) > 0
-        with pytest.raises(KeyError, match="heatmap_keypoints"):
-            TeacherObjective(tr.model)(batch)
-    out = tr.train_step(batch)
-    assert np.isfinite(out["loss"])
-
+    t = tr.objective.targets
+    assert (t.input_size, t.heatmap_size, t.sigma, t.encoding) == ((128, 96), (32, 24), 1.5, "msra")
     worker = Trainer(apply_overrides(get_preset("tiny_teacher"), {
         **sets, "data.heatmap_targets": "worker", "work_dir": str(tmp_path / "run2")}))
     assert worker.train_dataset.with_heatmaps and not worker.train_dataset.heatmap_keypoints
     assert worker.objective.targets is None
-    with pytest.raises(ValueError, match="data.heatmap_targets"):
-        Trainer(apply_overrides(get_preset("tiny_teacher"), {**sets, "data.heatmap_targets": "gpu"}))
+    batch = torch.utils.data.default_collate([tr.train_dataset[i] for i in range(2)])
+    wbatch = torch.utils.data.default_collate([worker.train_dataset[i] for i in range(2)])
+    assert "heatmaps" not in batch and torch.equal(batch["img"], wbatch["img"])
+    hm, w = t(batch["heatmap_keypoints"], batch["heatmap_visibility"])
+    assert float(hm.sum()) > 0 and (w == 0).any()
+    assert torch.equal(hm, wbatch["heatmaps"]) and torch.equal(w, wbatch["heatmap_weight"])
+    worker.model.load_state_dict(tr.model.state_dict())
+    with torch.no_grad():
+        loss = tr.objective(batch)["loss"]
+        assert float(loss) > 0 and torch.equal(loss, worker.objective(wbatch)["loss"])
+        with pytest.raises(KeyError, match="heatmap_keypoints"):
+            TeacherObjective(tr.model)(batch)
+    assert np.isfinite(tr.train_step(batch)["loss"])
+    for bad, match in ((("data.heatmap_targets", "gpu"), "data.heatmap_targets"),
+                       (("data.heatmap_encoding", "dark"), "data.heatmap_encoding"),
+                       (("data.heatmap_sigma", 0.0), "data.heatmap_sigma")):
+        with pytest.raises(ValueError, match=match):
+            Trainer(apply_overrides(get_preset("tiny_teacher"), {**sets, bad[0]: bad[1]}))
+
+
+def test_teacher_training_takes_a_keypoint_datasets_own_target_settings(tmp_path):
+    """A train dataset given to the Trainer that sends keypoints: its heatmaps follow its own
+    sizes, sigma and encoding; heatmaps of another size than the model's are refused."""
+    from distilpose.training import Trainer, apply_overrides, get_preset
+
+    ann, img = _write_fixture(str(tmp_path))
+    cfg = apply_overrides(get_preset("tiny_teacher"), {
+        "data.kind": "synthetic", "data.batch_size": 2, "data.num_workers": 0, "optim.epochs": 1,
+        "work_dir": str(tmp_path / "run"), "progress": False, "final_eval": False, "device": "cpu"})
+    ds = TopDownCocoDataset(ann, img, train=False, heatmap_keypoints=True, heatmap_encoding="udp", heatmap_sigma=0.75,
+                            input_size=(64, 48))
+    tr = Trainer(cfg, train_dataset=ds)
+    t = tr.objective.targets
+    assert (t.input_size, t.heatmap_size, t.sigma, t.encoding) == ((64, 48), (16, 12), 0.75, "udp")
+    wrong = TopDownCocoDataset(ann, img, train=False, heatmap_keypoints=True, input_size=(128, 96))
+    with pytest.raises(ValueError, match="heatmap_size \\(32, 24\\) does not match"):
+        Trainer(apply_overrides(cfg, {"work_dir": str(tmp_path / "run2")}), train_dataset=wrong)

@@ -52,31 +52,35 @@ __device__ __forceinline__ void pdl_enter() {
 // Whether `kernel` may be launched with programmatic dependent launch on the current device: a
 // device of compute capability 9.0+ running code compiled for a 9.0+ virtual architecture. (Code
 // JIT-compiled from older PTX, e.g. a "8.0+PTX" build on an H100, has no griddepcontrol.wait: it
-// could read its predecessor's outputs before they are written.) Cached per (device, kernel).
-bool pdl_ok(const void* kernel) {
+// could read its predecessor's outputs before they are written.) Cached per (device, kernel);
+// `refused` records a launch the runtime refused, so later launches go plain at once.
+bool pdl_ok(const void* kernel, bool refused = false) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) {
     cudaGetLastError();  // clear it: PDL is an option, not a reason to fail the launch
     return false;
   }
-  static std::mutex mu;
-  static std::map<std::pair<int, const void*>, bool> cache;
-  const std::lock_guard<std::mutex> lock(mu);
+  // never destroyed: a launch from another thread during static destruction stays safe
+  static std::mutex* mu = new std::mutex;
+  static auto* cache = new std::map<std::pair<int, const void*>, bool>;
+  const std::lock_guard<std::mutex> lock(*mu);
   const auto key = std::make_pair(dev, kernel);
-  const auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
+  if (refused) return (*cache)[key] = false;
+  const auto it = cache->find(key);
+  if (it != cache->end()) return it->second;
   int major = 0;
   cudaFuncAttributes attr;
   bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
             cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && major >= 9 && attr.ptxVersion >= 90;
   if (!ok) cudaGetLastError();
-  cache[key] = ok;
+  (*cache)[key] = ok;
   return ok;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...); with pdl where pdl_ok, with programmatic stream
 // serialization (the kernel may be scheduled before its predecessor ends). A launch the runtime
-// refuses with the attribute (an older driver) is retried without it.
+// refuses with the attribute (an older driver) is retried without it, except during a CUDA-graph
+// capture, which the refusal has already invalidated (the error is returned).
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                           bool pdl, Args&&... args) {
@@ -94,7 +98,10 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
     cfg.numAttrs = 1;
     const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
     if (err != cudaErrorNotSupported && err != cudaErrorInvalidValue) return err;
-    cudaGetLastError();  // refused: the plain launch below
+    pdl_ok(reinterpret_cast<const void*>(kernel), /*refused=*/true);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) return err;
+    cudaGetLastError();  // refused outside a capture: the plain launch below
   }
 #endif
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);

@@ -445,6 +445,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"amp: expected 'none', 'auto', 'bf16' or 'fp16', got {cfg.amp!r}")
     if cfg.data.kind not in ("coco", "demo", "synthetic"):
         raise ValueError(f"data.kind: expected 'coco', 'demo' or 'synthetic', got {cfg.data.kind!r}")
+    if cfg.data.heatmap_encoding not in ("msra", "unbiased", "udp"):
+        raise ValueError(f"data.heatmap_encoding: expected 'msra', 'unbiased' or 'udp', got {cfg.data.heatmap_encoding!r}")
+    if cfg.data.heatmap_sigma is not None and not cfg.data.heatmap_sigma > 0:
+        raise ValueError(f"data.heatmap_sigma: expected a positive sigma (heatmap px) or null, got {cfg.data.heatmap_sigma}")
     if cfg.data.heatmap_targets not in ("device", "worker"):
         raise ValueError(f"data.heatmap_targets: expected 'device' or 'worker', got {cfg.data.heatmap_targets!r}")
     bad = set(cfg.loss.disable) - {"token", "reg2hm", "score"}

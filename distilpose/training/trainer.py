@@ -192,6 +192,17 @@ def device_heatmap_targets(cfg: TrainConfig) -> bool:
     return cfg.mode == "teacher" and cfg.data.heatmap_targets == "device" and cfg.data.kind != "synthetic"
 
 
+def heatmap_targets_for(dataset: Any, model: nn.Module) -> nn.Module:
+    """``GaussianHeatmapTargets`` for a dataset that sends keypoints (``heatmap_keypoints=True``):
+    its input and heatmap sizes, sigma and encoding. ValueError when its heatmaps would not be
+    the model's size."""
+    hs = tuple(int(v) for v in dataset.heatmap_size)
+    model_hs = tuple(getattr(model, "heatmap_size", hs))
+    if hs != model_hs:
+        raise ValueError(f"train dataset: heatmap_size {hs} does not match the model's heatmaps {model_hs}")
+    return dk.GaussianHeatmapTargets(tuple(dataset.input_size), hs, dataset.heatmap_sigma, dataset.heatmap_encoding)
+
+
 def build_datasets(cfg: TrainConfig, with_heatmaps: bool,
                    heatmap_keypoints: bool = False) -> Tuple[Dataset, Optional[Dataset]]:
     """(train, val) datasets for ``cfg.data``; ``heatmap_keypoints``: training samples carry the
@@ -374,14 +385,7 @@ class Trainer:
             if self.model.kind != "teacher":
                 raise ValueError(f"model.preset {cfg.model.preset!r} is a student; mode 'teacher' needs a heatmap model")
             self.teacher = None
-            targets = None
-            if device_heatmap_targets(cfg):
-                h, w = cfg.model.input_size
-                targets = dk.GaussianHeatmapTargets(
-                    (h, w), tuple(getattr(self.model, "heatmap_size", (h // 4, w // 4))),
-                    teacher_target_sigma(cfg), cfg.data.heatmap_encoding,
-                )
-            self.objective: nn.Module = TeacherObjective(self.model, targets)
+            self.objective: nn.Module = TeacherObjective(self.model)  # targets: set with the data below
         else:
             if self.model.kind != "student":
                 raise ValueError(f"model.preset {cfg.model.preset!r} is a teacher; mode 'distill' needs a student")
@@ -400,12 +404,6 @@ class Trainer:
             self.model = self.objective.model if cfg.mode == "teacher" else self.objective.student
         mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.objective.to(self.device, memory_format=mf)
-        self.ddp: nn.Module = self.objective
-        if self.info.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DDP(self.objective, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters)
 
         # data
         if train_dataset is None:
@@ -413,6 +411,16 @@ class Trainer:
             train_dataset, built_val = build_datasets(
                 cfg, with_heatmaps=cfg.mode == "teacher" and not on_device, heatmap_keypoints=on_device)
             val_dataset = val_dataset if val_dataset is not None else built_val
+        if cfg.mode == "teacher" and getattr(train_dataset, "heatmap_keypoints", False):
+            # the batch's heatmaps are made in the step, with the dataset's own target settings
+            self.objective.targets = heatmap_targets_for(train_dataset, self.model)
+
+        self.ddp: nn.Module = self.objective
+        if self.info.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(self.objective, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters)
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         self.sampler = ResumableSampler(
