@@ -397,3 +397,6 @@ def test_teacher_training_takes_a_keypoint_datasets_own_target_settings(tmp_path
     wrong = TopDownCocoDataset(ann, img, train=False, heatmap_keypoints=True, input_size=(128, 96))
     with pytest.raises(ValueError, match="heatmap_size \\(32, 24\\) does not match"):
         Trainer(apply_overrides(cfg, {"work_dir": str(tmp_path / "run2")}), train_dataset=wrong)
+    neither = TopDownCocoDataset(ann, img, train=False, input_size=(64, 48))
+    with pytest.raises(ValueError, match="a teacher run needs heatmap targets"):
+        Trainer(apply_overrides(cfg, {"work_dir": str(tmp_path / "run3")}), train_dataset=neither)

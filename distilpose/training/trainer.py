@@ -414,6 +414,11 @@ class Trainer:
         if cfg.mode == "teacher" and getattr(train_dataset, "heatmap_keypoints", False):
             # the batch's heatmaps are made in the step, with the dataset's own target settings
             self.objective.targets = heatmap_targets_for(train_dataset, self.model)
+        elif cfg.mode == "teacher" and getattr(train_dataset, "with_heatmaps", None) is False:
+            raise ValueError(
+                "train dataset: a teacher run needs heatmap targets: a dataset with with_heatmaps=True, or "
+                "heatmap_keypoints=True (the step then builds them on the device)"
+            )
 
         self.ddp: nn.Module = self.objective
         if self.info.distributed:
