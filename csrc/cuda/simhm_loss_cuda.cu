@@ -22,6 +22,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 
 #include "../simhm_math.h"
@@ -482,17 +483,40 @@ int fwd_threads(int nvec) {
   return t < 32 ? 32 : (t > kMaxThreads ? kMaxThreads : t);
 }
 
+// Launch facts of the persistent / pipelined forwards, queried once per device and kernel: the
+// CUDA queries behind them cost microseconds each, and an eager call of the loss is host-bound.
+// Never destroyed (a launch from another thread during static destruction stays safe).
+struct LaunchFacts {
+  std::mutex mu;
+  std::map<std::tuple<int, const void*, int, size_t>, int64_t> resident;  // (dev, kernel, threads, smem)
+  std::map<std::pair<int, const void*>, std::pair<int, size_t>> smem;     // (optin max, static bytes)
+  std::map<std::pair<int, const void*>, size_t> dyn_max;                  // dynamic smem opted in so far
+};
+
+LaunchFacts& launch_facts() {
+  static LaunchFacts* facts = new LaunchFacts;
+  return *facts;
+}
+
 // Blocks of the persistent / pipelined forward: as many as are resident at once on the current
 // device (never more than the maps); 0 when not even one block fits (the caller falls back).
 template <typename Kernel>
 cudaError_t resident_grid(Kernel kernel, int threads, size_t smem, int64_t nk, int* grid) {
-  int dev = 0, sms = 0, per_sm = 0;
+  int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
   if (err != cudaSuccess) return err;
-  const int64_t g = static_cast<int64_t>(sms) * per_sm;
-  *grid = static_cast<int>(g < nk ? g : nk);
+  LaunchFacts& f = launch_facts();
+  const std::lock_guard<std::mutex> lock(f.mu);
+  const auto key = std::make_tuple(dev, reinterpret_cast<const void*>(kernel), threads, smem);
+  auto it = f.resident.find(key);
+  if (it == f.resident.end()) {
+    int sms = 0, per_sm = 0;
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+    if (err != cudaSuccess) return err;
+    it = f.resident.emplace(key, static_cast<int64_t>(sms) * per_sm).first;
+  }
+  *grid = static_cast<int>(it->second < nk ? it->second : nk);
   return cudaSuccess;
 }
 
@@ -501,23 +525,38 @@ cudaError_t resident_grid(Kernel kernel, int threads, size_t smem, int64_t nk, i
 template <typename T, int V>
 size_t pipelined_smem(int hw) {
   const size_t bytes = static_cast<size_t>(kPipeStages) * static_cast<size_t>(hw / V) * 16;
-  int dev = 0, optin = 0;
-  cudaFuncAttributes attr;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-      cudaFuncGetAttributes(&attr, simhm_loss_fwd_pipelined_kernel<T, V>) != cudaSuccess) {
+  const void* kernel = reinterpret_cast<const void*>(simhm_loss_fwd_pipelined_kernel<T, V>);
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
     cudaGetLastError();  // clear the error: the fallback kernel runs instead
     return 0;
   }
+  LaunchFacts& f = launch_facts();
+  const std::lock_guard<std::mutex> lock(f.mu);
+  const auto key = std::make_pair(dev, kernel);
+  auto it = f.smem.find(key);
+  if (it == f.smem.end()) {
+    int optin = 0;
+    cudaFuncAttributes attr;
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+        cudaFuncGetAttributes(&attr, simhm_loss_fwd_pipelined_kernel<T, V>) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    it = f.smem.emplace(key, std::make_pair(optin, attr.sharedSizeBytes)).first;
+  }
   // static (the block reduction's scratch) + dynamic shared memory: beyond 48 KB a block needs
   // the opt-in, and never more than the device's opt-in maximum
-  const size_t total = bytes + attr.sharedSizeBytes;
-  if (total > static_cast<size_t>(optin)) return 0;
-  if (total > 48 * 1024 &&
-      cudaFuncSetAttribute(simhm_loss_fwd_pipelined_kernel<T, V>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(bytes)) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
+  const size_t total = bytes + it->second.second;
+  if (total > static_cast<size_t>(it->second.first)) return 0;
+  // the opt-in only grows, so every size allowed before stays allowed
+  if (total > 48 * 1024 && f.dyn_max[key] < bytes) {
+    if (cudaFuncSetAttribute(simhm_loss_fwd_pipelined_kernel<T, V>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(bytes)) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    f.dyn_max[key] = bytes;
   }
   return bytes;
 }
