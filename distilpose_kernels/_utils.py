@@ -423,6 +423,11 @@ def _record(what: str, key, choice: bool, why: str, fused_ms=None, reference_ms=
                        "fused_ms": fused_ms, "reference_ms": reference_ms, "timing": timing})
 
 
+def graph_timing() -> bool:
+    """Whether the caller is inside ``timing_for_cuda_graphs()`` (decisions on device time)."""
+    return _GRAPH_TIMING.get()
+
+
 def decision_key(key: tuple, device_time: bool) -> tuple:
     """The key under which ``timed_choice`` caches a decision for ``key``: decisions timed on
     device time (inside ``timing_for_cuda_graphs()``) are kept apart from per-call ones."""
@@ -442,7 +447,7 @@ def timed_choice(cache: dict, key: tuple, fused: Callable[[], torch.Tensor], ref
     ``timing_for_cuda_graphs()`` the paths are timed on device time and the decision is cached
     under its own key (``(key, "device time")``).
     """
-    device_timing = _GRAPH_TIMING.get()
+    device_timing = graph_timing()
     key = decision_key(key, device_timing)
     choice = cache.get(key)
     if choice is not None:

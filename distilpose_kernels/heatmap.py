@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from . import _ext
-from ._utils import (agrees_at_dtype, annotate, decision_key, check_same_device, check_tensor, force_reference, lazy_module,
-                     pdl_requested, select_triton_backend, timed_choice)
+from ._utils import (agrees_at_dtype, annotate, decision_key, check_same_device, check_tensor, force_reference,
+                     graph_timing, lazy_module, pdl_requested, select_triton_backend, timed_choice)
 
 REG2HM_MODES = ("released", "per_sample")
 
@@ -368,6 +368,9 @@ def _ext_fwd_kernel(coords, sigma, score, teacher_heatmaps, kw, released: bool) 
         return forced
     if teacher_heatmaps.device.type not in _FWD_TIMED_DEVICES:
         return 0
+    decided = _decided_fwd_kernel(_fwd_kernel_key(teacher_heatmaps), graph_timing())
+    if decided is not None:  # the common case: lookups only (an eager call's time is host time)
+        return decided
     return _timed_fwd_kernel((coords.detach(), sigma.detach(), score.detach(), teacher_heatmaps, kw, released))
 
 
@@ -397,17 +400,22 @@ def chosen_fwd_kernel(teacher_heatmaps: torch.Tensor) -> Optional[str]:
         return SIMHM_FWD_KERNELS[forced]
     key = _fwd_kernel_key(teacher_heatmaps)
     for device_time in (True, False):
-        best = 0
-        for cand in (1, 2):
-            k = key + (cand, best)
-            decided = _FWD_KERNEL_CHOICES.get(decision_key(k, device_time))
-            if decided is None:
-                best = None
-                break
-            best = cand if decided else best
+        best = _decided_fwd_kernel(key, device_time)
         if best is not None:
             return SIMHM_FWD_KERNELS[best]
     return None
+
+
+def _decided_fwd_kernel(key: tuple, device_time: bool) -> Optional[int]:
+    """The tournament's winner for ``key`` (``_fwd_kernel_key``) from the cached decisions of one
+    timing mode, None while a round is undecided. Times nothing."""
+    best = 0
+    for cand in (1, 2):
+        decided = _FWD_KERNEL_CHOICES.get(decision_key(key + (cand, best), device_time))
+        if decided is None:
+            return None
+        best = cand if decided else best
+    return best
 
 
 def _timed_fwd_kernel(args: tuple, op=None) -> int:
