@@ -17,8 +17,8 @@ from typing import Any, Optional
 import torch
 
 from . import _ext
-from ._utils import (FORCE_REFERENCE_ENV, FP32_DOT_ENV, force_reference, fp32_dot_precision,
-                     select_triton_backend, triton_available, triton_interpret)
+from ._utils import (FORCE_REFERENCE_ENV, FP32_DOT_ENV, force_reference, fp32_dot_precision, select_triton_backend,
+                     triton_available, triton_interpret)
 
 #: Triton-backed ops of the library (dispatch: distilpose_kernels._utils.select_triton_backend).
 TRITON_OPS = (

@@ -50,31 +50,45 @@ __device__ __forceinline__ void pdl_enter() {
 #endif
 }
 
+// Launch facts of this file's kernels, queried once per device and kernel: the CUDA queries
+// behind them cost microseconds each, and an eager call of the loss is host-bound. Never
+// destroyed (a launch from another thread during static destruction stays safe).
+struct LaunchFacts {
+  std::mutex mu;
+  std::map<std::pair<int, const void*>, bool> pdl;                        // pdl_ok
+  std::map<std::tuple<int, const void*, int, size_t>, int64_t> resident;  // (dev, kernel, threads, smem)
+  std::map<std::pair<int, const void*>, std::pair<int, size_t>> smem;     // (optin max, static bytes)
+  std::map<std::pair<int, const void*>, size_t> dyn_max;                  // dynamic smem opted in so far
+};
+
+LaunchFacts& launch_facts() {
+  static LaunchFacts* facts = new LaunchFacts;
+  return *facts;
+}
+
 // Whether `kernel` may be launched with programmatic dependent launch on the current device: a
 // device of compute capability 9.0+ running code compiled for a 9.0+ virtual architecture. (Code
 // JIT-compiled from older PTX, e.g. a "8.0+PTX" build on an H100, has no griddepcontrol.wait: it
-// could read its predecessor's outputs before they are written.) Cached per (device, kernel);
-// `refused` records a launch the runtime refused, so later launches go plain at once.
+// could read its predecessor's outputs before they are written.) `refused` records a launch the
+// runtime refused, so later launches go plain at once.
 bool pdl_ok(const void* kernel, bool refused = false) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) {
     cudaGetLastError();  // clear it: PDL is an option, not a reason to fail the launch
     return false;
   }
-  // never destroyed: a launch from another thread during static destruction stays safe
-  static std::mutex* mu = new std::mutex;
-  static auto* cache = new std::map<std::pair<int, const void*>, bool>;
-  const std::lock_guard<std::mutex> lock(*mu);
+  LaunchFacts& f = launch_facts();
+  const std::lock_guard<std::mutex> lock(f.mu);
   const auto key = std::make_pair(dev, kernel);
-  if (refused) return (*cache)[key] = false;
-  const auto it = cache->find(key);
-  if (it != cache->end()) return it->second;
+  if (refused) return f.pdl[key] = false;
+  const auto it = f.pdl.find(key);
+  if (it != f.pdl.end()) return it->second;
   int major = 0;
   cudaFuncAttributes attr;
-  bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-            cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && major >= 9 && attr.ptxVersion >= 90;
+  const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                  cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && major >= 9 && attr.ptxVersion >= 90;
   if (!ok) cudaGetLastError();
-  (*cache)[key] = ok;
+  f.pdl[key] = ok;
   return ok;
 }
 
@@ -481,21 +495,6 @@ int fwd_threads(int nvec) {
   int t = (nvec + kItems - 1) / kItems;
   t = (t + 31) / 32 * 32;
   return t < 32 ? 32 : (t > kMaxThreads ? kMaxThreads : t);
-}
-
-// Launch facts of the persistent / pipelined forwards, queried once per device and kernel: the
-// CUDA queries behind them cost microseconds each, and an eager call of the loss is host-bound.
-// Never destroyed (a launch from another thread during static destruction stays safe).
-struct LaunchFacts {
-  std::mutex mu;
-  std::map<std::tuple<int, const void*, int, size_t>, int64_t> resident;  // (dev, kernel, threads, smem)
-  std::map<std::pair<int, const void*>, std::pair<int, size_t>> smem;     // (optin max, static bytes)
-  std::map<std::pair<int, const void*>, size_t> dyn_max;                  // dynamic smem opted in so far
-};
-
-LaunchFacts& launch_facts() {
-  static LaunchFacts* facts = new LaunchFacts;
-  return *facts;
 }
 
 // Blocks of the persistent / pipelined forward: as many as are resident at once on the current
